@@ -1,0 +1,328 @@
+"""Range calibration: min-max, percentile, MSE (Lp) search and entropy (KL), over the caller's batches.
+
+Activation statistics are gathered by observers attached to every enabled activation quantizer while the
+batches run through the model (quantizers pass their input through unchanged meanwhile). Each observer
+keeps the exact min/max and a fixed-size random subsample of the values; ranges are computed from those.
+Under ``torch.distributed`` the min/max are all-reduced and the subsamples all-gathered, and the final
+ranges are broadcast from rank 0, so every rank ends with identical scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .quantizers import FakeQuantizer, iter_quantizers, quant_range
+from .recipe import CALIBRATORS, CalibrationSection, load_recipe
+
+
+class CalibrationError(RuntimeError):
+    """Calibration could not produce valid ranges (no batches, NaN/inf activations, ...). The model's
+    quantizers were restored to their state before the call."""
+
+
+MAX_SEARCH_SAMPLES = 1 << 15
+
+# ------------------------------------------------------------------------------------------ range search
+def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, p: float) -> torch.Tensor:
+    """Lp quantization error of the values ``x`` (shape [n]) for each candidate range (shape [k]) -> [k]."""
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-12)[:, None]
+    zp = torch.round(qmin - lo[:, None] / scale).clamp(qmin, qmax)
+    q = torch.clamp(torch.round(x[None, :] / scale) + zp, qmin, qmax)
+    return ((q - zp) * scale - x[None, :]).abs().pow(p).mean(1)
+
+
+def mse_range(
+    x: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool, p: float = 2.4, steps: int = 40
+) -> tuple[float, float]:
+    """Clipping range minimising the Lp error over shrunken versions of ``[lo, hi]`` (QDrop/BRECQ style).
+
+    Symmetric ranges shrink ``max|x|``; asymmetric ranges search the two ends on a grid, because SiLU
+    activations have a short bounded negative tail and a long positive one.
+    """
+    qmin, qmax = quant_range(bits, symmetric)
+    x = x.float().reshape(-1)
+    factors = torch.linspace(1.0 / steps, 1.0, steps)
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        cand = factors * amax
+        err = torch.cat([_lp_error(x, -c, c, qmin, qmax, p) for c in cand.split(8)])
+        best = cand[int(err.argmin())].item()
+        return -best, best
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    fl = torch.linspace(0.5, 1.0, 6)  # the negative end matters less; a coarser grid suffices
+    los = (fl[:, None] * lo).expand(len(fl), steps).reshape(-1)
+    his = (factors[None, :] * hi).expand(len(fl), steps).reshape(-1)
+    err = torch.cat([_lp_error(x, a, b, qmin, qmax, p) for a, b in zip(los.split(32), his.split(32))])
+    i = int(err.argmin())
+    return los[i].item(), his[i].item()
+
+
+def percentile_range(x: torch.Tensor, pct: float, symmetric: bool) -> tuple[float, float]:
+    x = x.float().reshape(-1)
+    if symmetric:
+        a = torch.quantile(x.abs(), pct / 100.0).item()
+        return -a, a
+    return torch.quantile(x, 1 - pct / 100.0).item(), torch.quantile(x, pct / 100.0).item()
+
+
+def entropy_range(x: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool, bins: int = 2048) -> tuple[float, float]:
+    """KL-divergence calibration (TensorRT's entropy method) on a 2048-bin histogram.
+
+    Symmetric ranges use the histogram of ``|x|``; asymmetric ranges keep the lower end at ``min(x)`` (the
+    bounded side) and search the upper clipping threshold.
+    """
+    x = x.float().reshape(-1)
+    if symmetric:
+        v, base = x.abs(), 0.0
+        top = max(abs(lo), abs(hi))
+    else:
+        base = min(lo, 0.0)
+        v, top = x - base, max(hi, 0.0) - base
+    if top <= 0:
+        return (lo, hi)
+    hist = torch.histc(v, bins=bins, min=0.0, max=top).double()
+    levels = 2 ** (bits - 1) if symmetric else 2**bits
+    best_i, best_kl = bins, math.inf
+    start = max(levels, bins // 16)
+    for i in range(start, bins + 1, max(1, bins // 128)):
+        ref = hist[:i].clone()
+        ref[i - 1] += hist[i:].sum()  # clipped mass goes to the last bin
+        # Quantize the first i bins into `levels` groups, spread each group's mass over its non-empty bins.
+        idx = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+        nz = (hist[:i] > 0).double()
+        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, hist[:i])
+        count = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, nz)
+        cand = torch.where(nz > 0, mass[idx] / count[idx].clamp_min(1), torch.zeros_like(nz))
+        p = ref / ref.sum().clamp_min(1e-12)
+        q = cand / cand.sum().clamp_min(1e-12)
+        mask = p > 0
+        kl = torch.sum(p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).item()
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    thr = best_i / bins * top
+    if symmetric:
+        return -thr, thr
+    return base, base + thr
+
+
+@torch.no_grad()
+def calibrate_weight_quantizer(q: FakeQuantizer, weight: torch.Tensor, method: str = "mse", p: float = 2.4) -> None:
+    """Per-channel (or per-tensor) weight range: ``minmax`` or an Lp search over shrink factors, vectorised."""
+    w = weight.detach().float()
+    if q.per_channel:
+        flat = w.transpose(0, q.channel_axis).reshape(w.shape[q.channel_axis], -1)
+    else:
+        flat = w.reshape(1, -1)
+    lo, hi = flat.amin(1), flat.amax(1)
+    if method == "mse":
+        qmin, qmax = q.qmin, q.qmax
+        best_err = torch.full_like(lo, math.inf)
+        best_lo, best_hi = lo.clone(), hi.clone()
+        amax = torch.maximum(lo.abs(), hi.abs())
+        for f in torch.linspace(0.3, 1.0, 36):
+            if q.symmetric:
+                c_lo, c_hi = -f * amax, f * amax
+            else:
+                c_lo, c_hi = f * torch.minimum(lo, torch.zeros_like(lo)), f * torch.maximum(hi, torch.zeros_like(hi))
+            scale = ((c_hi - c_lo) / (qmax - qmin)).clamp_min(1e-12)[:, None]
+            zp = torch.round(qmin - c_lo[:, None] / scale).clamp(qmin, qmax)
+            deq = (torch.clamp(torch.round(flat / scale) + zp, qmin, qmax) - zp) * scale
+            err = (deq - flat).abs().pow(p).mean(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, c_lo, best_lo)
+            best_hi = torch.where(better, c_hi, best_hi)
+        lo, hi = best_lo, best_hi
+    elif method != "minmax":
+        raise ValueError(f"weight calibration method {method!r} is not one of ['minmax', 'mse']")
+    q.set_range(lo, hi)
+
+
+# ------------------------------------------------------------------------------------------ observers
+class RangeObserver:
+    """Collects the exact min/max of what a quantizer sees and a random subsample of its values."""
+
+    def __init__(self, name: str, samples_per_batch: int, generator: torch.Generator) -> None:
+        self.name = name
+        self.samples_per_batch = samples_per_batch
+        self.generator = generator
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.samples: list[torch.Tensor] = []
+        self.batch_index = 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
+        if not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "inf"
+            raise CalibrationError(f"{bad} in the input of quantizer {self.name!r} during calibration batch {self.batch_index}")
+        self.lo = min(self.lo, x.min().item())
+        self.hi = max(self.hi, x.max().item())
+        if x.numel() > self.samples_per_batch:
+            idx = torch.randint(x.numel(), (self.samples_per_batch,), generator=self.generator).to(x.device)
+            x = x[idx]
+        self.samples.append(x.cpu())
+
+    def gathered(self) -> tuple[float, float, torch.Tensor]:
+        lo = torch.tensor([self.lo], dtype=torch.float64)
+        hi = torch.tensor([self.hi], dtype=torch.float64)
+        dist_utils.all_reduce_(lo, "min")
+        dist_utils.all_reduce_(hi, "max")
+        values = torch.cat(self.samples) if self.samples else torch.zeros(0)
+        values = dist_utils.all_gather_cat(values)
+        return lo.item(), hi.item(), values
+
+
+def compute_range(obs: RangeObserver, q: FakeQuantizer, cfg: CalibrationSection) -> tuple[float, float]:
+    lo, hi, values = obs.gathered()
+    if not math.isfinite(lo) or not math.isfinite(hi) or values.numel() == 0:
+        raise CalibrationError(
+            f"quantizer {obs.name!r} saw no data during calibration; is the layer used by the forward you gave?"
+        )
+    if values.numel() > MAX_SEARCH_SAMPLES:  # the searches cost O(candidates x samples): bound them
+        g = torch.Generator().manual_seed(0)
+        values = values[torch.randperm(values.numel(), generator=g)[:MAX_SEARCH_SAMPLES]]
+    if cfg.method == "minmax":
+        return (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) if q.symmetric else (lo, hi)
+    if cfg.method == "percentile":
+        return percentile_range(values, cfg.percentile, q.symmetric)
+    if cfg.method == "mse":
+        return mse_range(values, lo, hi, q.bits, q.symmetric, cfg.mse_norm)
+    if cfg.method == "entropy":
+        return entropy_range(values, lo, hi, q.bits, q.symmetric)
+    raise ValueError(f"calibration method {cfg.method!r} is not one of {list(CALIBRATORS)}")
+
+
+# ------------------------------------------------------------------------------------------ entry point
+@dataclass
+class CalibrationResult:
+    num_batches: int
+    method: str
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch)
+
+
+def _snapshot(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().clone() for k, v in q.state_dict().items()} for n, q in iter_quantizers(model)}
+
+
+def _restore(model: nn.Module, snap) -> None:
+    for n, q in iter_quantizers(model):
+        q.load_state_dict(snap[n])
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    recipe=None,
+    method: Optional[str] = None,
+    num_batches: Optional[int] = None,
+    progress: bool = False,
+) -> CalibrationResult:
+    """Calibrate the activation ranges of a quantized model (and re-fit its weight ranges).
+
+    Args:
+        model: a model converted by :func:`detq_hooks.quantize`.
+        batches: any iterable of batches (the user's own dataloader).
+        forward_fn: ``forward_fn(model, batch)`` runs one batch (default: ``model(batch)``, unpacking
+            tuples/dicts). Adapters pass their trainer's way of running a batch.
+        recipe: overrides the recipe the model was converted with.
+        method / num_batches: override ``calibration.method`` / ``calibration.num_batches``.
+        progress: show a progress bar.
+
+    Raises:
+        CalibrationError: no batches, NaN/inf activations, unused quantizers. The quantizers are restored.
+    """
+    from .surgery import is_quantized, recipe_of
+
+    if not is_quantized(model):
+        raise CalibrationError("calibrate() needs a model converted by detq_hooks.quantize(); this one has no quantizers")
+    rec = load_recipe(recipe) if recipe is not None else (recipe_of(model) or load_recipe("w8a8"))
+    cfg = rec.calibration
+    if method is not None or num_batches is not None:
+        cfg = CalibrationSection.from_dict({**cfg.to_dict(), **({"method": method} if method else {}),
+                                            **({"num_batches": num_batches} if num_batches else {})})
+    forward_fn = forward_fn or _default_forward
+    snapshot = _snapshot(model)
+    generator = torch.Generator().manual_seed(1234 + dist_utils.rank())
+    act_quantizers = [(n, q) for n, q in iter_quantizers(model) if q.role == "activation" and q.enabled]
+    observers = {}
+    for n, q in act_quantizers:
+        q.observer = observers[n] = RangeObserver(n, cfg.samples_per_batch, generator)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    result = CalibrationResult(0, cfg.method)
+    try:
+        it = iter(batches)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=cfg.num_batches, desc=f"calibrate ({cfg.method})", leave=False)
+        for batch in it:
+            if seen >= cfg.num_batches:
+                break
+            for obs in observers.values():
+                obs.batch_index = seen
+            forward_fn(model, batch)
+            seen += 1
+        # Every rank must agree that calibration had data before collectives start.
+        seen_t = torch.tensor([float(seen)])
+        dist_utils.all_reduce_(seen_t, "min")
+        if seen_t.item() == 0:
+            raise CalibrationError("calibration got no batches: the iterable given to calibrate() is empty")
+        for n, q in act_quantizers:
+            q.observer = None
+            lo, hi = compute_range(observers[n], q, cfg)
+            q.set_range(torch.tensor([lo]), torch.tensor([hi]))
+            result.ranges[n] = (lo, hi)
+        for n, q in iter_quantizers(model):
+            if q.role == "weight":
+                owner = _owner_of(model, n)
+                calibrate_weight_quantizer(q, owner.weight, cfg.weight_method, cfg.mse_norm)
+            dist_utils.broadcast_(q.scale.data)
+            dist_utils.broadcast_(q.zero_point.data)
+    except BaseException:
+        for _, q in act_quantizers:
+            q.observer = None
+        _restore(model, snapshot)
+        raise
+    finally:
+        model.train(was_training)
+    result.num_batches = seen
+    return result
+
+
+def _owner_of(model: nn.Module, quantizer_name: str) -> nn.Module:
+    parent = quantizer_name.rsplit(".", 1)[0] if "." in quantizer_name else ""
+    return model.get_submodule(parent)
+
+
+__all__ = [
+    "calibrate",
+    "CalibrationError",
+    "CalibrationResult",
+    "calibrate_weight_quantizer",
+    "mse_range",
+    "percentile_range",
+    "entropy_range",
+]

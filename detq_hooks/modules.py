@@ -1,0 +1,146 @@
+"""Fake-quant versions of the layers detectors are made of.
+
+Each class subclasses the float layer it replaces, so ``isinstance(m, nn.Conv2d)`` stays true for the
+trainer's own code (weight init, BN fusing, parameter grouping) and the parameter names (``weight``,
+``bias``) do not change. Two submodules are added: ``weight_quantizer`` (sees the weight the layer really
+uses, e.g. after BN folding) and ``input_quantizer`` (the layer's input activation).
+
+Swaps are reversible: ``QuantConv2d.from_float(conv, ...)`` and ``q.to_float()`` keep device, dtype,
+parameters (shared, not copied), hooks and any attributes the host framework set on the module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import FakeQuantizer
+
+
+def _clone_into(cls, module: nn.Module) -> nn.Module:
+    # Re-class a module without re-initialising it: same parameters, buffers, hooks and attributes.
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if key in new.__dict__:
+            new.__dict__[key] = new.__dict__[key].copy()
+    return new
+
+
+class QuantModuleMixin:
+    """Shared behaviour of the fake-quant layers."""
+
+    float_class: type[nn.Module]
+    weight_channel_axis: int = 0
+    weight_quantizer: FakeQuantizer
+    input_quantizer: Optional[FakeQuantizer]
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        *,
+        weight_spec: dict,
+        input_spec: Optional[dict],
+    ) -> "QuantModuleMixin":
+        """Build the fake-quant twin of ``module``.
+
+        Args:
+            module: the float layer (exactly of type ``cls.float_class``).
+            weight_spec: keyword arguments of :class:`FakeQuantizer` for the weight (bits, symmetric, ...).
+            input_spec: same for the input activation, or ``None`` to keep the input float.
+        """
+        if type(module) is not cls.float_class:
+            raise TypeError(f"{cls.__name__}.from_float expects exactly {cls.float_class.__name__}, got {type(module).__name__}")
+        weight = module.weight
+        axis = cls.weight_channel_axis
+        wq = FakeQuantizer(
+            per_channel=weight_spec.get("per_channel", True),
+            num_channels=weight.shape[axis],
+            channel_axis=axis,
+            role="weight",
+            **{k: v for k, v in weight_spec.items() if k != "per_channel"},
+        )
+        aq = FakeQuantizer(role="activation", per_channel=False, **input_spec) if input_spec is not None else None
+        device = weight.device
+        wq.to(device)
+        if aq is not None:
+            aq.to(device)
+        new = _clone_into(cls, module)
+        new.weight_quantizer = wq
+        new.input_quantizer = aq
+        return new
+
+    def to_float(self) -> nn.Module:
+        """The float layer back: same parameters, quantizers dropped."""
+        plain = _clone_into(self.float_class, self)  # type: ignore[arg-type]
+        plain._modules.pop("weight_quantizer", None)
+        plain._modules.pop("input_quantizer", None)
+        return plain
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)  # type: ignore[attr-defined]
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+class QuantConv2d(QuantModuleMixin, nn.Conv2d):
+    float_class = nn.Conv2d
+    weight_channel_axis = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_input(input), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantModuleMixin, nn.Linear):
+    float_class = nn.Linear
+    weight_channel_axis = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quantize_input(input), self.quantized_weight(), self.bias)
+
+
+class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):
+    float_class = nn.ConvTranspose2d
+    weight_channel_axis = 1  # weight is (in, out/groups, kh, kw)
+
+    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation  # type: ignore[arg-type]
+        )
+        return F.conv_transpose2d(
+            self._quantize_input(input),
+            self.quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
+
+
+QUANT_MODULES: dict[type[nn.Module], type[QuantModuleMixin]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+}
+FLOAT_TYPE_NAMES = {cls.__name__: cls for cls in QUANT_MODULES}
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    return isinstance(module, QuantModuleMixin)
+
+
+__all__ = [
+    "QuantModuleMixin",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantConvTranspose2d",
+    "QUANT_MODULES",
+    "is_quantized_module",
+]

@@ -1,0 +1,353 @@
+"""Fake quantizers: uniform integer quantization simulated in floating point.
+
+``q = clamp(round(x / s) + z, qmin, qmax)``, ``x̂ = (q - z) · s``, with a straight-through estimator for
+``round``. ``lsq`` learns ``s`` (gradient scaled by ``g = 1/sqrt(N · qmax)``), ``lsq_plus`` also learns ``z``,
+``fixed`` keeps the calibrated range. The training path uses PyTorch's fused learnable fake-quant
+kernels; :func:`fake_quantize_reference` is the plain autograd formula they are tested against (and the
+path used when a double backward is needed).
+
+Everything a checkpoint needs (scale, zero point, bit width, enabled and initialised flags) is a registered
+parameter or buffer, so ``state_dict()`` round trips, EMA copies, pickling and DDP broadcasts carry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+from torch import nn
+
+_state = threading.local()
+
+
+def _mode() -> str:
+    return getattr(_state, "mode", "fused")
+
+
+@contextlib.contextmanager
+def quantizer_mode(mode: str):
+    """Switch every :class:`FakeQuantizer` to ``"fused"`` (default), ``"reference"`` (plain autograd,
+    supports double backward) or ``"export"`` (ONNX QuantizeLinear/DequantizeLinear friendly ops)."""
+    if mode not in ("fused", "reference", "export"):
+        raise ValueError(f"quantizer mode {mode!r} is not one of ['fused', 'reference', 'export']")
+    previous = _mode()
+    _state.mode = mode
+    try:
+        yield
+    finally:
+        _state.mode = previous
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range: symmetric uses the narrow signed range (±(2^(b-1)-1)) so 0 is exact and the grid is
+    symmetric; asymmetric uses the unsigned range [0, 2^b - 1] with a zero point."""
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_quantize_reference(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """LSQ/LSQ+ fake quantization written with plain autograd ops (the formula of METHODS.md).
+
+    ``axis`` selects per-channel parameters along that dimension of ``x``; ``None`` is per-tensor.
+    """
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero_point = zero_point.reshape(shape)
+    s = _grad_scale(scale, grad_factor)
+    z = _grad_scale(zero_point, grad_factor)
+    z = _round_ste(z).clamp(qmin, qmax)
+    q = torch.clamp(_round_ste(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+class FakeQuantizer(nn.Module):
+    """Integer fake quantization of a weight or an activation tensor.
+
+    Args:
+        bits: bit width (2..8).
+        symmetric: symmetric signed range with zero point 0, else unsigned with a zero point.
+        per_channel: one (scale, zero point) per slice along ``channel_axis``.
+        num_channels: number of those slices (1 for per-tensor).
+        channel_axis: the channel dimension of the quantized tensor.
+        kind: ``lsq``, ``lsq_plus`` or ``fixed``.
+        role: ``weight`` or ``activation`` (for reports and calibration).
+
+    Example:
+        >>> q = FakeQuantizer(bits=4, symmetric=True, role="weight")
+        >>> q.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
+        >>> q(torch.tensor([0.33, 2.0]))
+        tensor([0.2857, 1.0000], grad_fn=<...>)
+    """
+
+    def __init__(
+        self,
+        *,
+        bits: int,
+        symmetric: bool,
+        per_channel: bool = False,
+        num_channels: int = 1,
+        channel_axis: int = 0,
+        kind: str = "lsq",
+        role: str = "activation",
+    ) -> None:
+        super().__init__()
+        if kind not in ("lsq", "lsq_plus", "fixed"):
+            raise ValueError(f"`kind` = {kind!r} is not one of ['lsq', 'lsq_plus', 'fixed']")
+        if not 2 <= int(bits) <= 8:
+            raise ValueError(f"`bits` = {bits!r} must be in [2, 8]")
+        if kind == "lsq_plus" and symmetric:
+            raise ValueError("`kind` = 'lsq_plus' learns an offset and needs symmetric=False")
+        n = num_channels if per_channel else 1
+        self.symmetric = bool(symmetric)
+        self.per_channel = bool(per_channel)
+        self.channel_axis = int(channel_axis)
+        self.kind = kind
+        self.role = role
+        scale = torch.ones(n)
+        zero_point = torch.zeros(n)
+        if kind == "fixed":
+            self.register_buffer("scale", scale)
+        else:
+            self.scale = nn.Parameter(scale)
+        if kind == "lsq_plus":
+            self.zero_point = nn.Parameter(zero_point)
+        else:
+            self.register_buffer("zero_point", zero_point)
+        # Integer/bool buffers: saved in checkpoints, skipped by float-only EMA updates, kept by .half().
+        self.register_buffer("bits_state", torch.tensor(int(bits), dtype=torch.int16))
+        self.register_buffer("enabled_state", torch.tensor(True))
+        self.register_buffer("initialized_state", torch.tensor(False))
+        # Python mirrors of the buffers: read in every forward without a device sync.
+        self._bits = int(bits)
+        self._enabled = True
+        self._initialized = False
+        self.observer = None  # set only while calibrating
+
+    # ----------------------------------------------------------------- state
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        if isinstance(value, bool) or not 2 <= int(value) <= 8:
+            raise ValueError(f"`bits` = {value!r} must be an integer in [2, 8]")
+        self._bits = int(value)
+        self.bits_state.fill_(int(value))
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.enabled_state.fill_(bool(value))
+
+    @property
+    def initialized(self) -> bool:
+        return self._initialized
+
+    @initialized.setter
+    def initialized(self, value: bool) -> None:
+        self._initialized = bool(value)
+        self.initialized_state.fill_(bool(value))
+
+    @property
+    def qmin(self) -> int:
+        return quant_range(self._bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return quant_range(self._bits, self.symmetric)[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "bits_state"
+        if key in state_dict and int(state_dict[key]) != self._bits:
+            error_msgs.append(
+                f"quantizer {prefix[:-1]!r}: the checkpoint was quantized with {int(state_dict[key])} bits but this "
+                f"model has {self._bits}; build the model with the recipe the checkpoint was trained with"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._bits = int(self.bits_state)
+        self._enabled = bool(self.enabled_state)
+        self._initialized = bool(self.initialized_state)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Pickles made by deepcopy/torch.save carry the mirrors; re-derive them from buffers to be safe.
+        if "_buffers" in state and "bits_state" in self._buffers:
+            self._bits = int(self._buffers["bits_state"])
+            self._enabled = bool(self._buffers["enabled_state"])
+            self._initialized = bool(self._buffers["initialized_state"])
+
+    # ----------------------------------------------------------------- ranges
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set scale and zero point from a real range ``[lo, hi]`` (per channel or per tensor)."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1).to(self.scale.device)
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).to(self.scale.device)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError(f"non-finite range [{lo.min().item()}, {hi.max().item()}] for a {self.role} quantizer")
+        qmin, qmax = self.qmin, self.qmax
+        if self.symmetric:
+            amax = torch.maximum(lo.abs(), hi.abs())
+            scale = amax / qmax
+            zp = torch.zeros_like(scale)
+        else:
+            lo = torch.minimum(lo, torch.zeros_like(lo))  # 0 must be representable (padding, ReLU)
+            hi = torch.maximum(hi, torch.zeros_like(hi))
+            scale = (hi - lo) / float(qmax - qmin)
+            zp = (qmin - lo / scale.clamp_min(1e-12)).round().clamp(qmin, qmax)
+        scale = scale.clamp_min(1e-8)
+        self.scale.data.copy_(scale.expand_as(self.scale).to(self.scale.dtype))
+        self.zero_point.data.copy_(zp.expand_as(self.zero_point).to(self.zero_point.dtype))
+        self.initialized = True
+
+    def current_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scale.detach().float()
+        z = self.zero_point.detach().float().round()
+        return (self.qmin - z) * s, (self.qmax - z) * s
+
+    @property
+    def amax(self) -> torch.Tensor:
+        """Largest representable magnitude per channel, shaped like the weight's channel dim.
+
+        Ultralytics' ``fuse_conv_and_bn`` rescales ``weight_quantizer.amax`` by the BatchNorm factor when it
+        folds BN into a quantized conv; with symmetric per-channel scales this keeps the integer codes, so the
+        fused model computes exactly the trained quantized function.
+        """
+        return self.scale.detach() * self.qmax
+
+    @amax.setter
+    def amax(self, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.data.copy_((value.reshape(-1) / self.qmax).to(self.scale.dtype).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def initialize_from(self, x: torch.Tensor) -> None:
+        """Range from one tensor when no calibration ran: min/max for asymmetric ranges, the LSQ rule
+        ``s = 2·mean(|x|)/sqrt(qmax)`` for symmetric ones. Averaged over ranks under torch.distributed."""
+        x = x.detach().float()
+        if self.per_channel:
+            flat = x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
+            lo, hi = flat.amin(1), flat.amax(1)
+            self.set_range(lo, hi)
+        elif self.symmetric:
+            s = 2 * x.abs().mean() / math.sqrt(self.qmax)
+            self.set_range(-s * self.qmax, s * self.qmax)
+        else:
+            self.set_range(x.amin(), x.amax())
+        from .distributed import all_reduce_mean_
+
+        all_reduce_mean_(self.scale.data)
+        all_reduce_mean_(self.zero_point.data)
+        self.zero_point.data.round_()
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._enabled:
+            return x
+        if self.observer is not None:  # calibration: observe the float tensor, pass it through unchanged
+            self.observer.observe(x)
+            return x
+        if not self._initialized:
+            self.initialize_from(x)
+        mode = _mode()
+        dtype = x.dtype
+        xf = x.float()
+        scale = self.scale.float().clamp_min(1e-8)
+        zero_point = self.zero_point.float()
+        qmin, qmax = self.qmin, self.qmax
+        if mode == "export":
+            out = self._export_forward(xf, scale, zero_point)
+        else:
+            n = max(1, xf.numel() // scale.numel())
+            grad_factor = 1.0 / math.sqrt(n * qmax)
+            axis = self.channel_axis if self.per_channel else None
+            if mode == "reference":
+                out = fake_quantize_reference(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
+            elif axis is not None:
+                out = torch._fake_quantize_learnable_per_channel_affine(
+                    xf, scale, zero_point, axis, qmin, qmax, grad_factor
+                )
+            else:
+                out = torch._fake_quantize_learnable_per_tensor_affine(xf, scale, zero_point, qmin, qmax, grad_factor)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def _export_forward(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        # ONNX has 8-bit containers: QuantizeLinear to int8/uint8. Lower bit widths (and the narrow symmetric
+        # range) are kept exact by clipping to the representable range before quantizing.
+        qmin, qmax = self.qmin, self.qmax
+        cmin, cmax = (-128, 127) if self.symmetric else (0, 255)
+        zp = zero_point.round().clamp(qmin, qmax)
+        if (qmin, qmax) != (cmin, cmax):
+            lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
+            if self.per_channel:
+                shape = [1] * x.dim()
+                shape[self.channel_axis] = -1
+                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            x = torch.maximum(torch.minimum(x, hi), lo)
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                x, scale, zp.to(torch.int32), self.channel_axis, cmin, cmax
+            )
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()).to(torch.int32), cmin, cmax)
+
+    def extra_repr(self) -> str:
+        return (
+            f"role={self.role}, bits={self._bits}, {'symmetric' if self.symmetric else 'asymmetric'}, "
+            f"{'per_channel(axis=%d)' % self.channel_axis if self.per_channel else 'per_tensor'}, kind={self.kind}, "
+            f"enabled={self._enabled}"
+        )
+
+
+def iter_quantizers(model: nn.Module):
+    """Yield ``(name, quantizer)`` for every :class:`FakeQuantizer` in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizer):
+            yield name, m
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned quantizer parameters (scales, LSQ+ offsets): they get their own optimizer group,
+    without weight decay and at ``quantizer_lr_scale`` × the base rate."""
+    params, seen = [], set()
+    for _, q in iter_quantizers(model):
+        for p in q.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+__all__ = [
+    "FakeQuantizer",
+    "fake_quantize_reference",
+    "quant_range",
+    "quantizer_mode",
+    "iter_quantizers",
+    "quantizer_parameters",
+]

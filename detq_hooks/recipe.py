@@ -1,0 +1,397 @@
+"""The recipe: one declarative, validated description of how to quantize a detector.
+
+All three trainer adapters read the same recipe. It is built from a preset name (``"w4a8"``),
+a YAML path or a plain dict, validated at construction (errors name the field, repeat the value and
+list what is allowed) and round-trips through :meth:`Recipe.to_dict` / :meth:`Recipe.from_dict`.
+
+Example:
+    >>> from detq_hooks.recipe import load_recipe
+    >>> r = load_recipe("w4a8")
+    >>> r.quantization.weight.bits, r.quantization.activation.bits
+    (4, 8)
+    >>> load_recipe({"preset": "w4a8", "quantization": {"activation": {"bits": 6}}}).quantization.activation.bits
+    6
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+RECIPE_VERSION = 1
+
+QUANTIZER_KINDS = ("lsq", "lsq_plus", "fixed")
+CALIBRATORS = ("minmax", "percentile", "mse", "entropy")
+WEIGHT_CALIBRATORS = ("minmax", "mse")
+MODES = ("qat", "ptq")
+MODULE_TYPES = ("Conv2d", "Linear", "ConvTranspose2d")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class RecipeError(ValueError):
+    """A recipe (or one of its fields) is invalid. The message names the field and the value."""
+
+
+def _check_choice(where: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise RecipeError(f"`{where}` = {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_bits(where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise RecipeError(f"`{where}` = {value!r} is out of range; bits must be an integer in [{MIN_BITS}, {MAX_BITS}]")
+
+
+def _check_type(where: str, value: Any, types: type | tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise RecipeError(f"`{where}` = {value!r} must be of type {types}")
+    if not isinstance(value, types):
+        raise RecipeError(f"`{where}` = {value!r} must be of type {getattr(types, '__name__', types)}")
+
+
+class _Section:
+    """Shared dict conversion for recipe sections (dataclasses with keyword-only fields)."""
+
+    _path: str = ""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, _Section):
+                v = v.to_dict()
+            elif isinstance(v, list):
+                v = [x.to_dict() if isinstance(x, _Section) else copy.deepcopy(x) for x in v]
+            else:
+                v = copy.deepcopy(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, path: str | None = None):
+        path = path or cls._path
+        if data is None:
+            return cls()
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"`{path}` must be a mapping, got {type(data).__name__}: {data!r}")
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RecipeError(f"unknown key(s) {unknown} in `{path}`; allowed keys: {sorted(known)}")
+        kwargs = {}
+        for name, value in data.items():
+            kwargs[name] = cls._convert_field(name, value, f"{path}.{name}" if path else name)
+        return cls(**kwargs)
+
+    @classmethod
+    def _convert_field(cls, name: str, value: Any, path: str) -> Any:
+        return value
+
+
+@dataclass(kw_only=True)
+class QuantizerSpec(_Section):
+    """How one tensor (weights or activations) is fake-quantized.
+
+    Attributes:
+        bits: integer bit width, 2..8.
+        symmetric: symmetric range (zero point 0). Weights are symmetric; activations usually not.
+        per_channel: one scale per output channel (weights only).
+        kind: ``lsq`` (learned step size), ``lsq_plus`` (also learns the offset) or ``fixed``
+            (range from calibration, not trained).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = True
+    kind: str = "lsq"
+
+    def __post_init__(self) -> None:
+        _check_bits(f"{self._path}.bits", self.bits)
+        _check_type(f"{self._path}.symmetric", self.symmetric, bool)
+        _check_type(f"{self._path}.per_channel", self.per_channel, bool)
+        _check_choice(f"{self._path}.kind", self.kind, QUANTIZER_KINDS)
+        if self.kind == "lsq_plus" and self.symmetric:
+            raise RecipeError(f"`{self._path}.kind` = 'lsq_plus' learns an offset and needs `symmetric: false`")
+
+
+@dataclass(kw_only=True)
+class LayerRule(_Section):
+    """A rule selecting modules by name and/or type.
+
+    ``name`` is a glob (``backbone.*``) or, prefixed with ``re:``, a regular expression matched against
+    the full module name. ``types`` restricts to module class names. A rule with ``quantize: false``
+    excludes what it matches; otherwise it may override the bits of what it matches. Rules apply in
+    order; later rules win. A rule that matches no module is an error (typos must not pass silently).
+    """
+
+    name: str | None = None
+    types: list[str] | None = None
+    quantize: bool = True
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    quantize_input: bool | None = None  # False keeps this layer's input activation float
+
+    _path = "quantization.rules[]"
+
+    def __post_init__(self) -> None:
+        if self.name is None and not self.types:
+            raise RecipeError(f"`{self._path}` needs `name` and/or `types`, got {self.to_dict()}")
+        if self.name is not None:
+            _check_type(f"{self._path}.name", self.name, str)
+            if self.name.startswith("re:"):
+                try:
+                    re.compile(self.name[3:])
+                except re.error as e:
+                    raise RecipeError(f"`{self._path}.name` = {self.name!r} is not a valid regular expression: {e}")
+        if self.types is not None:
+            if isinstance(self.types, str):
+                self.types = [self.types]
+            for t in self.types:
+                _check_choice(f"{self._path}.types", t, MODULE_TYPES)
+        _check_type(f"{self._path}.quantize", self.quantize, bool)
+        for k in ("weight_bits", "activation_bits"):
+            if getattr(self, k) is not None:
+                _check_bits(f"{self._path}.{k}", getattr(self, k))
+
+    def matches(self, module_name: str, type_name: str) -> bool:
+        if self.types and type_name not in self.types:
+            return False
+        if self.name is None:
+            return True
+        if self.name.startswith("re:"):
+            return re.fullmatch(self.name[3:], module_name) is not None
+        return fnmatch.fnmatchcase(module_name, self.name)
+
+
+@dataclass(kw_only=True)
+class QuantizationSection(_Section):
+    """What is quantized and how.
+
+    Attributes:
+        weight / activation: default quantizer specs.
+        module_types: module classes that are swapped for fake-quant versions.
+        rules: ordered :class:`LayerRule` list (include/exclude/per-rule bits).
+        first_layer_bits: bits (weights and input) of the first layer; ``None`` leaves it to the defaults.
+        prediction_layer_bits: bits of the final prediction layers (and their inputs); ``None`` likewise.
+        quantizer_lr_scale: learning rate of quantizer parameters as a multiple of the base rate.
+    """
+
+    weight: QuantizerSpec = field(default_factory=lambda: QuantizerSpec(bits=8, symmetric=True, per_channel=True))
+    activation: QuantizerSpec = field(
+        default_factory=lambda: QuantizerSpec(bits=8, symmetric=False, per_channel=False)
+    )
+    module_types: list[str] = field(default_factory=lambda: list(MODULE_TYPES))
+    rules: list[LayerRule] = field(default_factory=list)
+    first_layer_bits: int | None = 8
+    prediction_layer_bits: int | None = 8
+    quantizer_lr_scale: float = 0.1
+
+    _path = "quantization"
+
+    @classmethod
+    def _convert_field(cls, name, value, path):
+        if name in ("weight", "activation"):
+            if isinstance(value, QuantizerSpec):
+                return value
+            defaults = {"bits": 8, "symmetric": name == "weight", "per_channel": name == "weight"}
+            if value is not None and not isinstance(value, Mapping):
+                raise RecipeError(f"`{path}` must be a mapping, got {value!r}")
+            try:
+                return QuantizerSpec.from_dict({**defaults, **(value or {})}, path)
+            except RecipeError as e:  # spec messages start with "`.field`": give them their full path
+                raise RecipeError(str(e).replace("`.", f"`{path}.")) from None
+        if name == "rules":
+            if not isinstance(value, list):
+                raise RecipeError(f"`{path}` must be a list of rules, got {value!r}")
+            return [r if isinstance(r, LayerRule) else LayerRule.from_dict(r, f"{path}[{i}]") for i, r in enumerate(value)]
+        return value
+
+    def __post_init__(self) -> None:
+        if self.activation.per_channel:
+            raise RecipeError("`quantization.activation.per_channel` = True is not supported; activations use one range per tensor")
+        if not self.weight.symmetric and self.weight.kind != "fixed":
+            # Learned asymmetric weight ranges gain little and break exact BN folding.
+            pass
+        for t in self.module_types:
+            _check_choice("quantization.module_types", t, MODULE_TYPES)
+        for k in ("first_layer_bits", "prediction_layer_bits"):
+            if getattr(self, k) is not None:
+                _check_bits(f"quantization.{k}", getattr(self, k))
+        if not isinstance(self.quantizer_lr_scale, (int, float)) or self.quantizer_lr_scale <= 0:
+            raise RecipeError(f"`quantization.quantizer_lr_scale` = {self.quantizer_lr_scale!r} must be a positive number")
+
+
+@dataclass(kw_only=True)
+class CalibrationSection(_Section):
+    """Range initialisation before QAT, or the whole of PTQ.
+
+    Attributes:
+        method: activation calibrator: ``minmax``, ``percentile``, ``mse`` or ``entropy``.
+        weight_method: ``minmax`` or ``mse`` (per-channel Lp search).
+        num_batches: batches drawn from the user's loader.
+        percentile: for ``percentile`` (e.g. 99.99).
+        mse_norm: the Lp norm of the MSE search (2.4 as in QDrop/BRECQ).
+        samples_per_batch: activation values kept per quantizer per batch (a random subsample).
+    """
+
+    method: str = "mse"
+    weight_method: str = "mse"
+    num_batches: int = 8
+    percentile: float = 99.99
+    mse_norm: float = 2.4
+    samples_per_batch: int = 65536
+
+    _path = "calibration"
+
+    def __post_init__(self) -> None:
+        _check_choice("calibration.method", self.method, CALIBRATORS)
+        _check_choice("calibration.weight_method", self.weight_method, WEIGHT_CALIBRATORS)
+        if isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int) or self.num_batches < 1:
+            raise RecipeError(f"`calibration.num_batches` = {self.num_batches!r} must be a positive integer")
+        if not (isinstance(self.percentile, (int, float)) and 50.0 < self.percentile <= 100.0):
+            raise RecipeError(f"`calibration.percentile` = {self.percentile!r} must be in (50, 100]")
+        if not (isinstance(self.mse_norm, (int, float)) and self.mse_norm > 0):
+            raise RecipeError(f"`calibration.mse_norm` = {self.mse_norm!r} must be positive")
+        if not isinstance(self.samples_per_batch, int) or self.samples_per_batch < 256:
+            raise RecipeError(f"`calibration.samples_per_batch` = {self.samples_per_batch!r} must be an integer >= 256")
+
+
+@dataclass(kw_only=True)
+class Recipe(_Section):
+    """A complete detq-hooks recipe. Build it with :func:`load_recipe`.
+
+    Attributes:
+        version: recipe schema version (currently 1).
+        name: a label for reports and checkpoints.
+        mode: ``qat`` (calibrate, then train quantized) or ``ptq`` (calibrate only).
+        quantization / calibration: sections.
+    """
+
+    version: int = RECIPE_VERSION
+    name: str = "custom"
+    mode: str = "qat"
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+
+    _path = ""
+
+    @classmethod
+    def _convert_field(cls, name, value, path):
+        if name == "quantization":
+            return QuantizationSection.from_dict(value, "quantization")
+        if name == "calibration":
+            return CalibrationSection.from_dict(value, "calibration")
+        return value
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"`version` = {self.version!r} is not supported; this detq-hooks reads version {RECIPE_VERSION}")
+        _check_choice("mode", self.mode, MODES)
+        _check_type("name", self.name, str)
+
+    def fingerprint(self) -> dict:
+        """The part of the recipe that fixes the quantized model's structure (for checkpoint checks)."""
+        q = self.quantization
+        return {
+            "weight": q.weight.to_dict(),
+            "activation": q.activation.to_dict(),
+            "module_types": list(q.module_types),
+            "rules": [r.to_dict() for r in q.rules],
+            "first_layer_bits": q.first_layer_bits,
+            "prediction_layer_bits": q.prediction_layer_bits,
+        }
+
+
+def _preset(w: int, a: int, mode: str = "qat", **calib) -> dict:
+    return {
+        "name": f"{'ptq-' if mode == 'ptq' else ''}w{w}a{a}",
+        "mode": mode,
+        "quantization": {"weight": {"bits": w}, "activation": {"bits": a}},
+        "calibration": calib,
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "w8a8": _preset(8, 8),
+    "w4a8": _preset(4, 8),
+    "w4a4": _preset(4, 4),
+    "w8a8-ptq": _preset(8, 8, "ptq", num_batches=16),
+    "w4a8-ptq": _preset(4, 8, "ptq", num_batches=16),
+}
+
+
+def _deep_merge(base: dict, override: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_recipe(source: "str | Path | Mapping | Recipe | None") -> Recipe:
+    """Build a validated :class:`Recipe` from a preset name, a YAML file, a dict or a Recipe.
+
+    A dict (or YAML) may name ``preset: w4a8`` and override any field of it.
+
+    Raises:
+        RecipeError: unknown preset or key, out-of-range bits, bad choices; the message names the culprit.
+    """
+    if source is None:
+        raise RecipeError(f"no recipe given; pass a preset name {sorted(PRESETS)}, a YAML path or a dict")
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text in PRESETS:
+            return Recipe.from_dict(PRESETS[text])
+        path = Path(text).expanduser()
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            if not path.is_file():
+                raise RecipeError(f"recipe file {str(path)!r} does not exist")
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, Mapping):
+                raise RecipeError(f"recipe file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+            # Recipes shipped for a trainer may nest ours under a `detq` key next to trainer arguments.
+            data = data.get("detq", data) if isinstance(data.get("detq"), Mapping) else data
+            return load_recipe(data)
+        raise RecipeError(f"unknown recipe preset {text!r}; presets are {sorted(PRESETS)}, or give a YAML path or a dict")
+    if isinstance(source, Mapping):
+        data = dict(source)
+        preset = data.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise RecipeError(f"unknown recipe preset {preset!r} in `preset`; presets are {sorted(PRESETS)}")
+            data = _deep_merge(PRESETS[preset], data)
+        return Recipe.from_dict(data)
+    raise RecipeError(f"a recipe must be a preset name, a YAML path, a dict or a Recipe, got {type(source).__name__}")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+__all__ = [
+    "Recipe",
+    "QuantizationSection",
+    "CalibrationSection",
+    "QuantizerSpec",
+    "LayerRule",
+    "RecipeError",
+    "PRESETS",
+    "load_recipe",
+    "recipe_to_yaml",
+    "RECIPE_VERSION",
+]
