@@ -75,9 +75,13 @@ def fake_quantize_reference(
         scale = scale.reshape(shape)
         zero_point = zero_point.reshape(shape)
     s = _grad_scale(scale, grad_factor)
-    z = _grad_scale(zero_point, grad_factor)
-    z = _round_ste(z).clamp(qmin, qmax)
-    q = torch.clamp(_round_ste(x / s) + z, qmin, qmax)
+    z = _round_ste(_grad_scale(zero_point, grad_factor)).clamp(qmin, qmax)
+    v = x / s
+    code = torch.round(v).detach() + z.detach()
+    inside = (code >= qmin) & (code <= qmax)
+    # The in/out decision is taken on the exact integer code: an STE sum like (round(v) - v) + v can land a
+    # hair outside [qmin, qmax] in float arithmetic and wrongly cut the gradient at the boundary.
+    q = torch.where(inside, v + (torch.round(v) - v).detach() + z, code.clamp(qmin, qmax))
     return (q - z) * s
 
 

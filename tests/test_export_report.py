@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+
+import detq_hooks as dq
+from detq_hooks.export import compare_onnx, export_onnx
+from detq_hooks.report import quantization_report
+
+from core_models import TinyDetector
+
+HEADS = ["cls_head", "box_head", "pool_fc"]
+
+
+def _calibrated(preset):
+    torch.manual_seed(0)
+    m = dq.quantize(TinyDetector().eval(), preset, prediction_layers=HEADS)
+    dq.calibrate(m, [torch.randn(2, 3, 32, 32) for _ in range(3)])
+    return m
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4"])
+def test_onnx_qdq_export_agrees_with_fake_quant_model(tmp_path, preset):
+    m = _calibrated(preset)
+    res = export_onnx(m, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", input_names=["images"],
+                      dynamic_axes={"images": {0: "batch"}})
+    n_quantizers = sum(1 for _ in dq.iter_quantizers(m))
+    assert res.quantize_linear == n_quantizers and res.dequantize_linear == n_quantizers
+    if preset == "w4a4":
+        assert res.bits_histogram[4] > 0
+    x = torch.randn(3, 3, 32, 32)  # another batch size than the one traced
+    diff = compare_onnx(m, res.path, x)
+    # Stated tolerance: outputs agree to 1e-4 of the output range; rounding flips (when float summation order
+    # moves a value across a rounding boundary) may touch at most 0.1% of the elements.
+    assert diff["max_rel"] < 1e-4 or diff["mismatch_fraction"] < 1e-3, diff
+
+
+def test_report_table_json_and_plot(tmp_path):
+    m8, m4 = _calibrated("w8a8"), _calibrated("w4a4")
+    batches = [torch.randn(2, 3, 32, 32)]
+    r8, r4 = quantization_report(m8, batches), quantization_report(m4, batches)
+    assert len(r8.layers) == 8 and all(l.activation_sqnr_db is not None for l in r8.layers)
+    s8, s4 = r8.summary(), r4.summary()
+    # 8-bit weights: ~40 dB or more; 4 bits lose roughly 6 dB per bit
+    assert s8["mean_weight_sqnr_db"] > 30
+    assert s8["mean_weight_sqnr_db"] - s4["mean_weight_sqnr_db"] > 10
+    assert s8["mean_activation_sqnr_db"] > s4["mean_activation_sqnr_db"]
+    r4.print()
+    data = json.loads(r4.save_json(tmp_path / "r.json").read_text())
+    assert data["recipe"] == "w4a4" and len(data["layers"]) == 8
+    png = r4.save_plot(tmp_path / "r.png")
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
