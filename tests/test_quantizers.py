@@ -37,7 +37,7 @@ def test_known_values_and_clipping():
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric,per_channel,kind", [(True, True, "lsq"), (False, False, "lsq"), (False, False, "lsq_plus"), (True, False, "lsq")])
-def test_fused_kernels_match_reference_forward_and_gradients(bits, symmetric, per_channel, kind):
+def test_fast_kernels_match_reference_forward_and_gradients(bits, symmetric, per_channel, kind):
     q, x = _pair(bits, symmetric, per_channel, kind)
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)

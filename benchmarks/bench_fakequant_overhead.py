@@ -1,0 +1,115 @@
+"""Fake-quant training overhead: forward+backward time of a quantized YOLO-sized conv net as a ratio to
+the same float net, measured side by side in one run (interleaved repetitions, median of each).
+
+    python benchmarks/bench_fakequant_overhead.py [--imgsz 320] [--batch 8] [--reps 10] [--threads 2]
+
+Target (issue 2): at most 1.3x for W8A8 and W4A4 per-channel LSQ on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import detq_hooks as dq
+
+
+def conv_bn_silu(c1, c2, k=3, s=1):
+    return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+
+
+class C2fLike(nn.Module):
+    def __init__(self, c, n=1):
+        super().__init__()
+        self.cv1 = conv_bn_silu(c, c, 1)
+        self.m = nn.Sequential(*[nn.Sequential(conv_bn_silu(c // 2, c // 2), conv_bn_silu(c // 2, c // 2)) for _ in range(n)])
+        self.cv2 = conv_bn_silu(c + c // 2, c, 1)
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        return self.cv2(torch.cat([a, b, self.m(b)], 1))
+
+
+class YoloSizedNet(nn.Module):
+    """A YOLOv8n/11n-sized backbone + neck + head (about 3 M parameters, ~60 convolutions)."""
+
+    def __init__(self, w=(16, 32, 64, 128, 256), nc=8):
+        super().__init__()
+        self.stem = conv_bn_silu(3, w[0], 3, 2)
+        self.s2 = nn.Sequential(conv_bn_silu(w[0], w[1], 3, 2), C2fLike(w[1]))
+        self.s3 = nn.Sequential(conv_bn_silu(w[1], w[2], 3, 2), C2fLike(w[2], 2))
+        self.s4 = nn.Sequential(conv_bn_silu(w[2], w[3], 3, 2), C2fLike(w[3], 2))
+        self.s5 = nn.Sequential(conv_bn_silu(w[3], w[4], 3, 2), C2fLike(w[4]))
+        self.up = nn.Upsample(scale_factor=2)
+        self.n4 = C2fLike_in(w[4] + w[3], w[3])
+        self.n3 = C2fLike_in(w[3] + w[2], w[2])
+        self.heads = nn.ModuleList(
+            nn.Sequential(conv_bn_silu(c, 64), conv_bn_silu(64, 64), nn.Conv2d(64, 4 * 16 + nc, 1)) for c in (w[2], w[3], w[4])
+        )
+
+    def forward(self, x):
+        p3 = self.s3(self.s2(self.stem(x)))
+        p4 = self.s4(p3)
+        p5 = self.s5(p4)
+        n4 = self.n4(torch.cat([self.up(p5), p4], 1))
+        n3 = self.n3(torch.cat([self.up(n4), p3], 1))
+        return [h(f) for h, f in zip(self.heads, (n3, n4, p5))]
+
+
+class C2fLike_in(nn.Module):
+    def __init__(self, cin, c):
+        super().__init__()
+        self.reduce = conv_bn_silu(cin, c, 1)
+        self.block = C2fLike(c)
+
+    def forward(self, x):
+        return self.block(self.reduce(x))
+
+
+def step_time(model, x):
+    t = time.perf_counter()
+    out = model(x)
+    sum(o.float().square().mean() for o in out).backward()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.imgsz, args.imgsz)
+    base = YoloSizedNet().train()
+    models = {"float": base}
+    for preset in ("w8a8", "w4a4"):
+        m = dq.quantize(copy.deepcopy(base), preset)
+        dq.calibrate(m, [x[:2]], num_batches=1)
+        models[preset] = m.train()
+    params = sum(p.numel() for p in base.parameters())
+    print(f"model: {params / 1e6:.2f} M parameters, {len(dq.quantized_layers(models['w8a8']))} quantized layers; "
+          f"input {tuple(x.shape)}; threads {args.threads}")
+    times = {k: [] for k in models}
+    for k, m in models.items():  # warm-up
+        step_time(m, x)
+    for _ in range(args.reps):  # interleaved so that machine noise hits all variants alike
+        for k, m in models.items():
+            m.zero_grad(set_to_none=True)
+            times[k].append(step_time(m, x))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'variant':<8} {'median fwd+bwd [ms]':>20} {'ratio to float':>15}")
+    for k in models:
+        print(f"{k:<8} {med[k] * 1e3:>20.1f} {med[k] / med['float']:>15.3f}")
+    return med
+
+
+if __name__ == "__main__":
+    main()
