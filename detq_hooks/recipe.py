@@ -264,6 +264,112 @@ class CalibrationSection(_Section):
 
 
 @dataclass(kw_only=True)
+class StageSpec(_Section):
+    """One curriculum stage named in the recipe: ``modules`` are module-name globs (or ``re:`` regexes)."""
+
+    name: str
+    modules: list[str]
+    outputs: list[str] | None = None  # modules whose outputs are the stage's features (for PKD)
+
+    _path = "curriculum.stages[]"
+
+    def __post_init__(self) -> None:
+        _check_type(f"{self._path}.name", self.name, str)
+        if not isinstance(self.modules, list) or not self.modules or not all(isinstance(m, str) for m in self.modules):
+            raise RecipeError(f"`{self._path}.modules` = {self.modules!r} must be a non-empty list of module-name globs")
+        if self.outputs is not None and (not isinstance(self.outputs, list) or not all(isinstance(m, str) for m in self.outputs)):
+            raise RecipeError(f"`{self._path}.outputs` = {self.outputs!r} must be a list of module names")
+
+
+@dataclass(kw_only=True)
+class CurriculumSection(_Section):
+    """Curriculum QAT (CR-QAT's CQAT): stage k is quantized and trained, later stages stay float and frozen.
+
+    Attributes:
+        enabled: turn the curriculum on.
+        stages: override the adapter's automatic stages (data-flow order).
+        boundaries: fractions of the QAT budget at which stage 2, 3, ... start (default 1/3 for two stages,
+            the paper's 1/3 : 2/3 split). ``len(boundaries) == number of stages - 1``.
+        unit: ``epoch`` or ``iteration``: the granularity at which the stage may change.
+    """
+
+    enabled: bool = False
+    stages: list[StageSpec] | None = None
+    boundaries: list[float] | None = None
+    unit: str = "iteration"
+
+    _path = "curriculum"
+
+    @classmethod
+    def _convert_field(cls, name, value, path):
+        if name == "stages" and value is not None:
+            if not isinstance(value, list):
+                raise RecipeError(f"`{path}` must be a list of stages, got {value!r}")
+            return [v if isinstance(v, StageSpec) else StageSpec.from_dict(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    def __post_init__(self) -> None:
+        _check_type("curriculum.enabled", self.enabled, bool)
+        _check_choice("curriculum.unit", self.unit, ("epoch", "iteration"))
+        if self.boundaries is not None:
+            b = self.boundaries
+            if not isinstance(b, list) or not all(isinstance(x, (int, float)) and 0 < x < 1 for x in b) or sorted(b) != b:
+                raise RecipeError(f"`curriculum.boundaries` = {b!r} must be increasing fractions in (0, 1)")
+            if self.stages is not None and len(b) != len(self.stages) - 1:
+                raise RecipeError(
+                    f"`curriculum.boundaries` has {len(b)} entries but `curriculum.stages` has {len(self.stages)} stages; "
+                    "give one boundary fewer than stages"
+                )
+
+    def boundaries_for(self, num_stages: int) -> list[float]:
+        if self.boundaries is not None:
+            if len(self.boundaries) != num_stages - 1:
+                raise RecipeError(
+                    f"`curriculum.boundaries` = {self.boundaries} does not fit the model's {num_stages} stages"
+                )
+            return list(self.boundaries)
+        if num_stages == 2:
+            return [1.0 / 3.0]
+        return [i / num_stages for i in range(1, num_stages)]
+
+
+@dataclass(kw_only=True)
+class DistillationSection(_Section):
+    """Distillation from a frozen full-precision teacher (CR-QAT). Weights of 0 turn a term off.
+
+    Attributes:
+        enabled: turn distillation on.
+        teacher: path of the float teacher checkpoint; default: a frozen copy of the model before conversion.
+        feature_weight: PKD (Pearson) feature distillation on each non-final stage's outputs (λ = 6).
+        relational_weight: class-anchored relational distillation (TRKD/TPSD) on the head (λ = 6).
+        logit_weight: classification-logit distillation on the teacher's positives.
+        box_weight: box consistency, 1 − IoU between student and teacher boxes at the same anchor/query.
+        temperature: softening of the logit term.
+    """
+
+    enabled: bool = False
+    teacher: str | None = None
+    feature_weight: float = 6.0
+    relational_weight: float = 6.0
+    logit_weight: float = 1.0
+    box_weight: float = 1.0
+    temperature: float = 1.0
+
+    _path = "distillation"
+
+    def __post_init__(self) -> None:
+        _check_type("distillation.enabled", self.enabled, bool)
+        for k in ("feature_weight", "relational_weight", "logit_weight", "box_weight"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise RecipeError(f"`distillation.{k}` = {v!r} must be a number >= 0")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise RecipeError(f"`distillation.temperature` = {self.temperature!r} must be > 0")
+        if self.teacher is not None:
+            _check_type("distillation.teacher", self.teacher, str)
+
+
+@dataclass(kw_only=True)
 class Recipe(_Section):
     """A complete detq-hooks recipe. Build it with :func:`load_recipe`.
 
@@ -279,18 +385,26 @@ class Recipe(_Section):
     mode: str = "qat"
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    curriculum: CurriculumSection = field(default_factory=CurriculumSection)
+    distillation: DistillationSection = field(default_factory=DistillationSection)
 
     _path = ""
 
     @classmethod
     def _convert_field(cls, name, value, path):
-        if name == "quantization":
-            return QuantizationSection.from_dict(value, "quantization")
-        if name == "calibration":
-            return CalibrationSection.from_dict(value, "calibration")
+        sections = {
+            "quantization": QuantizationSection,
+            "calibration": CalibrationSection,
+            "curriculum": CurriculumSection,
+            "distillation": DistillationSection,
+        }
+        if name in sections:
+            return sections[name].from_dict(value, name)
         return value
 
     def __post_init__(self) -> None:
+        if self.mode == "ptq" and (self.curriculum.enabled or self.distillation.enabled):
+            raise RecipeError("`mode` = 'ptq' calibrates without training; `curriculum`/`distillation` need `mode: qat`")
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"`version` = {self.version!r} is not supported; this detq-hooks reads version {RECIPE_VERSION}")
         _check_choice("mode", self.mode, MODES)
@@ -323,6 +437,9 @@ PRESETS: dict[str, dict] = {
     "w4a8": _preset(4, 8),
     "w4a4": _preset(4, 4),
     "w8a8-ptq": _preset(8, 8, "ptq", num_batches=16),
+    # CR-QAT: two-stage curriculum (backbone, then neck + head) with distillation from the float model.
+    "w4a4-crqat": {**_preset(4, 4), "name": "w4a4-crqat", "curriculum": {"enabled": True}, "distillation": {"enabled": True}},
+    "w4a8-crqat": {**_preset(4, 8), "name": "w4a8-crqat", "curriculum": {"enabled": True}, "distillation": {"enabled": True}},
     "w4a8-ptq": _preset(4, 8, "ptq", num_batches=16),
 }
 
@@ -389,6 +506,9 @@ __all__ = [
     "CalibrationSection",
     "QuantizerSpec",
     "LayerRule",
+    "CurriculumSection",
+    "DistillationSection",
+    "StageSpec",
     "RecipeError",
     "PRESETS",
     "load_recipe",

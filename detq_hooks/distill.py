@@ -1,0 +1,344 @@
+"""Distillation from a frozen full-precision teacher (CR-QAT), written once for every trainer.
+
+The losses take plain tensors that the adapters extract from their detector:
+
+* :func:`pkd_loss`: Pearson-correlation feature distillation (normalise each channel to zero mean and unit
+  variance over batch and space, then MSE) on each stage's output features.
+* :func:`relational_loss`: class-anchored relational distillation (TRKD/TPSD). For each image and each
+  class c among the teacher's positives: ``X_c = [t_c; v_c,1..N]``, rows L2-normalised,
+  ``S_c = X̂ X̂ᵀ``; the loss is the mean over (image, class) of ``(1/(1+N)²)·Σ smoothL1(S^s_c − S^t_c)``.
+  ``t_c`` is the class anchor (the teacher's classifier weight row of that class for closed-set heads, or a
+  text embedding), fixed and shared by student and teacher.
+* :func:`logit_loss`: distillation of the classification scores on the teacher's positives (sigmoid heads:
+  BCE to the teacher's probabilities; softmax heads: KL at a temperature).
+* :func:`box_consistency_loss`: ``1 − IoU`` between student and teacher boxes at the same anchor/query,
+  weighted by the teacher's confidence.
+* :func:`hungarian_match`: student↔teacher query matching for DETR-style heads (scipy).
+
+:class:`Teacher` holds the frozen float model outside the student's module tree, so optimizers, EMA,
+checkpoints and DDP never see it. :class:`DistillationLoss` combines the terms per curriculum stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .recipe import DistillationSection
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def _channel_standardize(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    c = f.shape[1]
+    flat = f.transpose(0, 1).reshape(c, -1)
+    flat = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + eps)
+    return flat
+
+
+def pkd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Pearson-correlation (PKD) feature distillation averaged over the given feature maps (N, C, ...)."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"pkd_loss needs matching non-empty feature lists, got {len(student_feats)} and {len(teacher_feats)}")
+    total = 0.0
+    for s, t in zip(student_feats, teacher_feats):
+        if s.shape != t.shape:
+            raise ValueError(f"student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} differ in shape")
+        total = total + F.mse_loss(_channel_standardize(s.float()), _channel_standardize(t.detach().float())) / 2
+    return total / len(student_feats)
+
+
+def relational_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    class_anchors: torch.Tensor,
+    labels: torch.Tensor,
+    positives: torch.Tensor,
+    anchor_index: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Class-anchored relational distillation (TRKD/TPSD).
+
+    Args:
+        student_emb / teacher_emb: region embeddings, (B, A, D).
+        class_anchors: (C, D) anchors, or (L, C, D) when each group of anchors (e.g. a YOLO scale) has its own
+            classifier; then ``anchor_index`` (A,) gives each anchor's group.
+        labels: (B, A) class of each anchor (the teacher's assignment).
+        positives: (B, A) bool, the teacher's positive anchors/queries.
+    """
+    total, groups = student_emb.new_zeros(()), 0
+    s_emb, t_emb = student_emb.float(), teacher_emb.detach().float()
+    anchors = class_anchors.detach().float()
+    for b in range(student_emb.shape[0]):
+        pos = positives[b].nonzero().flatten()
+        if pos.numel() == 0:
+            continue
+        lab = labels[b, pos]
+        grp = anchor_index[pos] if anchor_index is not None else torch.zeros_like(lab)
+        keys = torch.stack([lab, grp], 1).unique(dim=0)
+        for c, g in keys.tolist():
+            sel = pos[(lab == c) & (grp == g)]
+            t_c = anchors[g, c] if anchors.dim() == 3 else anchors[c]
+            xs = F.normalize(torch.cat([t_c[None], s_emb[b, sel]]), dim=1)
+            xt = F.normalize(torch.cat([t_c[None], t_emb[b, sel]]), dim=1)
+            n = xs.shape[0]
+            total = total + F.smooth_l1_loss(xs @ xs.T, xt @ xt.T, reduction="sum") / (n * n)
+            groups += 1
+    return total / max(groups, 1)
+
+
+def logit_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    kind: str = "sigmoid",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Score distillation on (..., C) logits, averaged over the anchors selected by ``mask``."""
+    s, t = student_logits.float() / temperature, teacher_logits.detach().float() / temperature
+    if mask is not None:
+        s, t = s[mask], t[mask]
+    if s.numel() == 0:
+        return student_logits.sum() * 0.0
+    if kind == "sigmoid":
+        per = F.binary_cross_entropy_with_logits(s, torch.sigmoid(t), reduction="none").sum(-1)
+        per = per - F.binary_cross_entropy_with_logits(t, torch.sigmoid(t), reduction="none").sum(-1)  # KL, 0 at equality
+    elif kind == "softmax":
+        per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    else:
+        raise ValueError(f"logit_loss kind {kind!r} is not one of ['sigmoid', 'softmax']")
+    return per.mean() * temperature**2
+
+
+def elementwise_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """IoU of paired xyxy boxes (..., 4) -> (...)."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter + eps)
+
+
+def box_consistency_loss(
+    student_boxes: torch.Tensor,
+    teacher_boxes: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean of ``1 − IoU(student, teacher)`` over paired boxes, weighted (e.g. by the teacher's confidence)."""
+    loss = 1.0 - elementwise_iou(student_boxes.float(), teacher_boxes.detach().float())
+    w = torch.ones_like(loss) if weights is None else weights.detach().float()
+    if mask is not None:
+        loss, w = loss[mask], w[mask]
+    if loss.numel() == 0:
+        return student_boxes.sum() * 0.0
+    return (loss * w).sum() / w.sum().clamp_min(1e-6)
+
+
+@torch.no_grad()
+def hungarian_match(
+    student_boxes: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_boxes: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    box_weight: float = 5.0,
+    iou_weight: float = 2.0,
+    class_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match student queries to teacher queries of one image (Q, 4)/(Q, C) with scipy's assignment solver.
+
+    Returns ``(student_index, teacher_index)``: the student query paired with each teacher query.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    sb, tb = student_boxes.float(), teacher_boxes.float()
+    cost = box_weight * torch.cdist(sb, tb, p=1)
+    lt = torch.maximum(sb[:, None, :2], tb[None, :, :2])
+    rb = torch.minimum(sb[:, None, 2:], tb[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_s = (sb[:, 2:] - sb[:, :2]).clamp(min=0).prod(-1)
+    area_t = (tb[:, 2:] - tb[:, :2]).clamp(min=0).prod(-1)
+    iou = inter / (area_s[:, None] + area_t[None, :] - inter + 1e-7)
+    cost = cost - iou_weight * iou
+    cost = cost + class_weight * torch.cdist(student_logits.float().sigmoid(), teacher_logits.float().sigmoid(), p=1)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+class Teacher:
+    """A frozen full-precision copy of the detector, kept outside the student's module tree.
+
+    It is a plain Python object (not an ``nn.Module`` attribute of the student), so the student's
+    ``parameters()``, ``state_dict()``, EMA copies, checkpoints and DDP wrappers never include it.
+
+    Example:
+        >>> teacher = Teacher.from_model(float_model)  # before detq_hooks.quantize(float_model, ...)  # doctest: +SKIP
+        >>> with teacher.capture(["backbone"]) as feats:  # doctest: +SKIP
+        ...     out = teacher(images)
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Teacher":
+        from .surgery import is_quantized
+
+        if is_quantized(model):
+            raise ValueError("the teacher must be the float model: take it before detq_hooks.quantize()")
+        return cls(copy.deepcopy(model))
+
+    def to(self, device: Any = None, dtype: Optional[torch.dtype] = None) -> "Teacher":
+        self.module.to(device=device, dtype=dtype) if dtype is not None else self.module.to(device)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.module.eval()
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+    def __deepcopy__(self, memo):
+        return Teacher(copy.deepcopy(self.module, memo))
+
+    # A teacher must never be pickled into the student's checkpoint by accident.
+    def __reduce__(self):
+        raise TypeError("detq_hooks.distill.Teacher is not picklable: save teacher.state_dict() explicitly")
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, module_names: Sequence[str]):
+    """Collect the outputs of the named submodules during forwards inside the block (forward hooks).
+
+    Yields a dict ``name -> output`` (the last call's output of each module).
+    """
+    outputs: dict[str, Any] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    missing = [n for n in module_names if n not in modules]
+    if missing:
+        raise KeyError(f"no submodule named {missing} in {type(model).__name__}")
+    for n in module_names:
+        handles.append(modules[n].register_forward_hook(lambda m, i, o, _n=n: outputs.__setitem__(_n, o)))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------- combination
+@dataclass
+class HeadOutputs:
+    """What an adapter extracts from a detection head for one batch (student or teacher).
+
+    Attributes:
+        cls_logits: (B, A, C) raw class logits at each anchor point / query.
+        boxes: (B, A, 4) decoded xyxy boxes.
+        embeddings: (B, A, D) region embeddings (the classifier's input), for relational distillation.
+        class_anchors: (C, D) or (L, C, D) anchors t_c (teacher classifier rows or text embeddings).
+        anchor_index: (A,) group of each anchor when class_anchors is (L, C, D).
+        score_kind: ``sigmoid`` or ``softmax``.
+    """
+
+    cls_logits: torch.Tensor
+    boxes: torch.Tensor
+    embeddings: Optional[torch.Tensor] = None
+    class_anchors: Optional[torch.Tensor] = None
+    anchor_index: Optional[torch.Tensor] = None
+    score_kind: str = "sigmoid"
+
+
+@dataclass
+class Assignment:
+    """The teacher's positive anchors/queries for a batch: (B, A) bool and (B, A) class labels."""
+
+    positives: torch.Tensor
+    labels: torch.Tensor
+
+
+class DistillationLoss:
+    """Weighted CR-QAT distillation terms for the current curriculum stage.
+
+    Feature (PKD) terms belong to the non-final stages, head terms (relational, logit, box) to the final
+    stage; a term is active once its stage has started, and stays on afterwards ("earlier stages' terms
+    stay on"). Without a curriculum every term is active.
+    """
+
+    def __init__(self, cfg: DistillationSection, num_stages: int = 2) -> None:
+        self.cfg = cfg
+        self.num_stages = num_stages
+
+    def __call__(
+        self,
+        *,
+        stage: Optional[int],
+        student_feats: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+        teacher_feats: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+        student_head: Optional[HeadOutputs] = None,
+        teacher_head: Optional[HeadOutputs] = None,
+        assignment: Optional[Assignment] = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns ``(total, terms)``; ``terms`` has the unweighted value of each active term for logging.
+
+        ``student_feats[i]`` / ``teacher_feats[i]`` are the output features of stage i (non-final stages).
+        """
+        cfg = self.cfg
+        final = self.num_stages - 1
+        active = final if stage is None else stage
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.feature_weight > 0 and student_feats is not None and teacher_feats is not None:
+            for i in range(min(active + 1, final, len(student_feats))):
+                if student_feats[i]:
+                    terms[f"pkd_stage{i + 1}"] = pkd_loss(student_feats[i], teacher_feats[i])
+        if active >= final and student_head is not None and teacher_head is not None and assignment is not None:
+            pos, lab = assignment.positives, assignment.labels
+            if cfg.relational_weight > 0 and student_head.embeddings is not None and teacher_head.class_anchors is not None:
+                terms["relational"] = relational_loss(
+                    student_head.embeddings, teacher_head.embeddings, teacher_head.class_anchors, lab, pos,
+                    teacher_head.anchor_index,
+                )
+            if cfg.logit_weight > 0:
+                terms["logit"] = logit_loss(student_head.cls_logits, teacher_head.cls_logits, pos,
+                                            student_head.score_kind, cfg.temperature)
+            if cfg.box_weight > 0:
+                conf = teacher_head.cls_logits.detach().float()
+                conf = conf.sigmoid().amax(-1) if teacher_head.score_kind == "sigmoid" else conf.softmax(-1).amax(-1)
+                terms["box"] = box_consistency_loss(student_head.boxes, teacher_head.boxes, conf, pos)
+        weights = {"relational": cfg.relational_weight, "logit": cfg.logit_weight, "box": cfg.box_weight}
+        total = None
+        for k, v in terms.items():
+            w = cfg.feature_weight if k.startswith("pkd") else weights[k]
+            total = w * v if total is None else total + w * v
+        if total is None:
+            ref = student_head.cls_logits if student_head is not None else None
+            total = ref.sum() * 0.0 if ref is not None else torch.zeros(())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+__all__ = [
+    "pkd_loss",
+    "relational_loss",
+    "logit_loss",
+    "box_consistency_loss",
+    "elementwise_iou",
+    "hungarian_match",
+    "Teacher",
+    "capture_outputs",
+    "HeadOutputs",
+    "Assignment",
+    "DistillationLoss",
+]

@@ -1,0 +1,174 @@
+"""Core of CR-QAT: curriculum schedule and freezing, teacher, distillation losses (trainer-free)."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import detq_hooks as dq
+from detq_hooks.curriculum import CurriculumSchedule, Stage
+from detq_hooks.distill import (
+    Assignment, DistillationLoss, HeadOutputs, Teacher, box_consistency_loss, capture_outputs, elementwise_iou,
+    hungarian_match, logit_loss, pkd_loss, relational_loss,
+)
+from detq_hooks.recipe import RecipeError, load_recipe
+
+from core_models import TinyDetector
+
+STAGES = [Stage("backbone", ["backbone"], ["backbone"]), Stage("neck+head", ["neck", "cls_head", "box_head", "pool_fc"])]
+
+
+def _student_and_teacher():
+    torch.manual_seed(0)
+    model = TinyDetector()
+    teacher = Teacher.from_model(model)
+    dq.quantize(model, "w4a4", prediction_layers=["cls_head", "box_head", "pool_fc"])
+    dq.calibrate(model, [torch.randn(2, 3, 32, 32)])
+    return model, teacher
+
+
+def test_schedule_boundaries_and_recipe_defaults():
+    sched = CurriculumSchedule.from_recipe(load_recipe("w4a4-crqat").curriculum, STAGES)
+    assert sched.boundaries == [pytest.approx(1 / 3)]
+    assert [sched.stage_at(p) for p in (0.0, 0.3, 0.34, 1.0)] == [0, 0, 1, 1]
+    with pytest.raises(RecipeError, match="boundaries"):
+        load_recipe({"curriculum": {"enabled": True, "boundaries": [0.7, 0.2]}})
+    with pytest.raises(RecipeError, match="one boundary fewer than stages"):
+        load_recipe({"curriculum": {"stages": [{"name": "a", "modules": ["x"]}], "boundaries": [0.5]}})
+    with pytest.raises(RecipeError, match="ptq"):
+        load_recipe({"mode": "ptq", "distillation": {"enabled": True}})
+
+
+def test_stage_one_keeps_later_stage_float_and_frozen_then_stage_two_quantizes_it():
+    model, _ = _student_and_teacher()
+    sched = CurriculumSchedule(STAGES, [1 / 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    assert sched.update(model, 0.0) and sched.current == 0
+    assert model.backbone[0].weight_quantizer.enabled and not model.cls_head.weight_quantizer.enabled
+    assert not model.neck[2].input_quantizer.enabled
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("neck", "cls_head", "box_head"))}
+    bb_before = model.backbone[3].weight.detach().clone()
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(torch.randn(2, 3, 32, 32))
+        sum(o.square().mean() for o in out).backward()
+        assert model.cls_head.weight.grad.abs().sum() == 0  # frozen: gradient zeroed as it is produced
+        assert model.backbone[3].weight.grad.abs().sum() > 0  # gradient flows through the frozen float stage
+        opt.step()
+        sched.after_optimizer_step(model)
+    after = model.state_dict()
+    assert all(torch.equal(head_before[k], after[k]) for k in head_before)  # weight decay/momentum undone
+    assert not torch.equal(bb_before, model.backbone[3].weight)
+    assert not sched.update(model, 0.2)  # same stage: nothing to do
+    assert sched.update(model, 0.5) and sched.current == 1
+    assert model.cls_head.weight_quantizer.enabled and model.neck[2].input_quantizer.enabled
+    opt.zero_grad()
+    sum(o.square().mean() for o in model(torch.randn(2, 3, 32, 32))).backward()
+    assert model.cls_head.weight.grad.abs().sum() > 0
+
+
+def test_schedule_state_resumes_the_same_stage():
+    model, _ = _student_and_teacher()
+    sched = CurriculumSchedule(STAGES, [1 / 3])
+    sched.update(model, 0.0)
+    state = sched.state_dict()
+    model2 = copy.deepcopy(model)
+    dq.set_quantization_enabled(model2, weights=True, activations=True)
+    sched2 = CurriculumSchedule(STAGES, [1 / 3])
+    sched2.load_state_dict(state, model2)
+    assert sched2.current == 0 and not model2.cls_head.weight_quantizer.enabled
+    with pytest.raises(RecipeError, match="differs from this run"):
+        CurriculumSchedule(STAGES, [0.5]).load_state_dict(state, model2)
+
+
+def test_stage_matching_errors():
+    model, _ = _student_and_teacher()
+    with pytest.raises(RecipeError, match="matches no parameter"):
+        CurriculumSchedule([Stage("a", ["backbone"]), Stage("b", ["nothing_here"])], [0.5]).update(model, 0.0)
+    with pytest.raises(RecipeError, match="belong to no curriculum stage"):
+        CurriculumSchedule([Stage("a", ["backbone"]), Stage("b", ["neck"])], [0.5]).update(model, 0.0)
+
+
+def test_teacher_is_frozen_outside_the_student_and_not_picklable():
+    model, teacher = _student_and_teacher()
+    n_student = sum(1 for _ in model.parameters())
+    assert all(not p.requires_grad for p in teacher.module.parameters())
+    assert not dq.is_quantized(teacher.module)
+    assert sum(1 for _ in model.parameters()) == n_student
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(teacher)
+    assert isinstance(copy.deepcopy(teacher), Teacher)
+    with pytest.raises(ValueError, match="must be the float model"):
+        Teacher.from_model(model)
+
+
+def test_losses_are_zero_at_equality_and_positive_otherwise():
+    torch.manual_seed(0)
+    f = torch.randn(2, 8, 5, 5)
+    assert pkd_loss([f], [f]).item() == pytest.approx(0.0, abs=1e-6)
+    assert pkd_loss([f], [f * 3 + 1]).item() == pytest.approx(0.0, abs=1e-6)  # Pearson: scale/shift invariant
+    assert pkd_loss([f], [torch.randn_like(f)]).item() > 0.5
+    logits = torch.randn(2, 6, 4)
+    assert logit_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert logit_loss(logits, logits + 1).item() > 0
+    assert logit_loss(logits, logits.flip(-1), kind="softmax").item() > 0
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 15]])
+    assert elementwise_iou(boxes, boxes).tolist() == pytest.approx([1.0, 1.0])
+    assert elementwise_iou(boxes[:1], torch.tensor([[5.0, 0, 15, 10]])).item() == pytest.approx(1 / 3, rel=1e-4)
+    assert box_consistency_loss(boxes, boxes).item() == pytest.approx(0.0, abs=1e-6)
+    emb = torch.randn(1, 6, 8)
+    anchors = torch.randn(3, 8)
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    pos = torch.tensor([[True, True, True, False, True, True]])
+    assert relational_loss(emb, emb, anchors, labels, pos).item() == pytest.approx(0.0, abs=1e-6)
+    assert relational_loss(emb, torch.randn_like(emb), anchors, labels, pos).item() > 0
+    # one-element class groups still have the anchor-to-region relation
+    assert relational_loss(emb[:, :1], torch.randn(1, 1, 8), anchors, labels[:, :1], pos[:, :1]).item() > 0
+
+
+def test_hungarian_match_recovers_a_permutation():
+    torch.manual_seed(0)
+    xy = torch.rand(5, 2) * 50
+    tb = torch.cat([xy, xy + 10 + torch.rand(5, 2) * 10], 1)
+    tl = torch.randn(5, 3)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    rows, cols = hungarian_match(tb[perm] + 0.1, tl[perm], tb, tl)
+    assert torch.equal(perm[rows], cols)
+
+
+def test_distillation_terms_follow_the_stage_and_give_gradients_only_to_the_student():
+    model, teacher = _student_and_teacher()
+    x = torch.randn(2, 3, 32, 32)
+    with capture_outputs(teacher.module, ["backbone", "neck"]) as t_out:
+        t_cls, t_box, _ = teacher(x)
+    with capture_outputs(model, ["backbone", "neck"]) as s_out:
+        s_cls, s_box, _ = model(x)
+
+    def head(cls, box, neck, anchors):
+        B, C = cls.shape[:2]
+        logits = cls.flatten(2).transpose(1, 2)
+        boxes = box.flatten(2).transpose(1, 2).abs().cumsum(-1)  # any xyxy-shaped boxes
+        emb = neck.flatten(2).transpose(1, 2)
+        return HeadOutputs(logits, boxes, emb, anchors)
+
+    anchors = teacher.module.cls_head.weight[:, :, 0, 0]
+    sh = head(s_cls, s_box, s_out["neck"], anchors)
+    th = head(t_cls, t_box, t_out["neck"], anchors)
+    labels = th.cls_logits.argmax(-1)
+    assign = Assignment(th.cls_logits.sigmoid().amax(-1) > 0.5, labels)
+    assert assign.positives.any()
+    loss_fn = DistillationLoss(load_recipe("w4a4-crqat").distillation, num_stages=2)
+    feats = dict(student_feats=[[s_out["backbone"]]], teacher_feats=[[t_out["backbone"]]])
+    total0, terms0 = loss_fn(stage=0, student_head=sh, teacher_head=th, assignment=assign, **feats)
+    assert set(terms0) == {"pkd_stage1"}
+    total1, terms1 = loss_fn(stage=1, student_head=sh, teacher_head=th, assignment=assign, **feats)
+    assert set(terms1) == {"pkd_stage1", "relational", "logit", "box"}  # stage-1 term stays on
+    assert all(v > 0 for v in terms1.values()), terms1
+    model.zero_grad()
+    total1.backward()
+    assert model.backbone[0].weight.grad.abs().sum() > 0 and model.cls_head.weight.grad.abs().sum() > 0
+    assert model.backbone[3].weight_quantizer.scale.grad is not None
+    assert all(p.grad is None for p in teacher.module.parameters())
