@@ -179,10 +179,11 @@ class FakeQuantizer(nn.Module):
             self.zero_point = nn.Parameter(zero_point)
         else:
             self.register_buffer("zero_point", zero_point)
-        # Integer/bool buffers: saved in checkpoints, skipped by float-only EMA updates, kept by .half().
-        self.register_buffer("bits_state", torch.tensor(int(bits), dtype=torch.int16))
-        self.register_buffer("enabled_state", torch.tensor(True))
-        self.register_buffer("initialized_state", torch.tensor(False))
+        # Integer buffers: saved in checkpoints, skipped by float-only EMA updates, kept by .half(), and of
+        # dtypes every DDP backend can broadcast (gloo has no bool or int16).
+        self.register_buffer("bits_state", torch.tensor(int(bits), dtype=torch.int32))
+        self.register_buffer("enabled_state", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("initialized_state", torch.tensor(0, dtype=torch.uint8))
         # Python mirrors of the buffers: read in every forward without a device sync.
         self._bits = int(bits)
         self._enabled = True
@@ -208,7 +209,7 @@ class FakeQuantizer(nn.Module):
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._enabled = bool(value)
-        self.enabled_state.fill_(bool(value))
+        self.enabled_state.fill_(int(bool(value)))
 
     @property
     def initialized(self) -> bool:
@@ -217,7 +218,7 @@ class FakeQuantizer(nn.Module):
     @initialized.setter
     def initialized(self, value: bool) -> None:
         self._initialized = bool(value)
-        self.initialized_state.fill_(bool(value))
+        self.initialized_state.fill_(int(bool(value)))
 
     @property
     def qmin(self) -> int:
