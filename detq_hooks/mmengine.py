@@ -217,6 +217,12 @@ class DetQHook(Hook):
         num = self.calibration_batches or self.recipe.calibration.num_batches
         result = calibrate(model, runner.train_dataloader, forward_fn=mmdet_forward, num_batches=num)
         runner.logger.info(f"DetQHook: calibrated {len(result.ranges)} activation ranges on {result.num_batches} batches ({result.method})")
+        # EMAHook copied the model in its before_run, before calibration: without this its copy keeps the
+        # uncalibrated ranges, which a small EMA momentum would take thousands of steps to forget.
+        for hook in runner.hooks:
+            ema = getattr(hook, "ema_model", None)
+            if isinstance(ema, nn.Module) and hasattr(ema, "module"):
+                ema.module.load_state_dict(model.state_dict())
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.log_interval and self.every_n_train_iters(runner, self.log_interval):

@@ -146,6 +146,16 @@ def test_ema_hook_averages_the_quantized_model(tmp_path):
     assert not torch.equal(s_model, s_ema)  # averaged, not copied
 
 
+def test_ema_copy_starts_from_the_calibrated_ranges(tmp_path):
+    # EMAHook copies the model before calibration; with a tiny momentum its ranges must still be calibrated.
+    runner = _train(tmp_path, max_iters=2, hooks=[dict(HOOK), dict(type="EMAHook", momentum=0.0002)])
+    ema = [h for h in runner.hooks if type(h).__name__ == "EMAHook"][0].ema_model.module
+    for name, q in dq.iter_quantizers(runner.model):
+        if q.role == "activation":
+            q_ema = ema.get_submodule(name)
+            assert torch.allclose(q_ema.scale, q.scale, rtol=0.05), name
+
+
 @pytest.mark.parametrize(
     "hook, match",
     [
