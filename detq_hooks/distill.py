@@ -170,6 +170,52 @@ def hungarian_match(
     return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
+@torch.no_grad()
+def task_aligned_positives(
+    teacher_logits: torch.Tensor,
+    teacher_boxes: torch.Tensor,
+    prior_centers: torch.Tensor,
+    gt_boxes: Sequence[torch.Tensor],
+    gt_labels: Sequence[torch.Tensor],
+    topk: int = 9,
+    alpha: float = 1.0,
+    beta: float = 6.0,
+    score_kind: str = "sigmoid",
+) -> Assignment:
+    """The teacher's positive anchors for a dense head: task-aligned assignment (TOOD / YOLOv8's TAL).
+
+    For every ground-truth box, among the anchors whose prior centre lies inside it, the ``topk`` with the
+    highest alignment ``score^alpha * IoU^beta`` of the *teacher's* prediction become positives of that
+    box's class; an anchor claimed by several boxes goes to the one it is best aligned with.
+
+    Args:
+        teacher_logits: (B, A, C) class logits; teacher_boxes: (B, A, 4) decoded xyxy boxes.
+        prior_centers: (A, 2) anchor/point centres in the same coordinates as the boxes.
+        gt_boxes / gt_labels: per image (M, 4) xyxy and (M,) class indices.
+    """
+    b, a, _ = teacher_logits.shape
+    scores = teacher_logits.float().sigmoid() if score_kind == "sigmoid" else teacher_logits.float().softmax(-1)
+    positives = torch.zeros(b, a, dtype=torch.bool, device=teacher_logits.device)
+    labels = torch.zeros(b, a, dtype=torch.long, device=teacher_logits.device)
+    for i in range(b):
+        boxes, lab = gt_boxes[i].to(teacher_boxes.device).float(), gt_labels[i].to(teacher_boxes.device).long()
+        if boxes.numel() == 0:
+            continue
+        inside = ((prior_centers[None, :, 0] > boxes[:, None, 0]) & (prior_centers[None, :, 0] < boxes[:, None, 2])
+                  & (prior_centers[None, :, 1] > boxes[:, None, 1]) & (prior_centers[None, :, 1] < boxes[:, None, 3]))
+        iou = elementwise_iou(teacher_boxes[i].float()[None], boxes[:, None])  # (M, A)
+        align = scores[i].T[lab].pow(alpha) * iou.pow(beta) * inside  # (M, A)
+        k = min(topk, a)
+        top = align.topk(k, dim=1).indices
+        chosen = torch.zeros_like(align, dtype=torch.bool).scatter_(1, top, True) & inside
+        align = torch.where(chosen, align, torch.full_like(align, -1.0))
+        best_val, best_gt = align.max(0)
+        pos = best_val >= 0
+        positives[i] = pos
+        labels[i, pos] = lab[best_gt[pos]]
+    return Assignment(positives, labels)
+
+
 # ----------------------------------------------------------------------------------------------- teacher
 class Teacher:
     """A frozen full-precision copy of the detector, kept outside the student's module tree.
@@ -336,6 +382,7 @@ __all__ = [
     "box_consistency_loss",
     "elementwise_iou",
     "hungarian_match",
+    "task_aligned_positives",
     "Teacher",
     "capture_outputs",
     "HeadOutputs",

@@ -1,0 +1,9 @@
+# RTMDet-tiny, W4A8 QAT from a float checkpoint (set `load_from`), with the COCO recipe's EMAHook kept.
+#   mim train / python tools/train.py integrations/mmdet/rtmdet_tiny_synthetic_w4a8.py --cfg-options load_from=float.pth
+_base_ = './rtmdet_tiny_synthetic.py'
+
+custom_imports = dict(imports=['detq_hooks.mmengine'], allow_failed_imports=False)
+custom_hooks = [
+    dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002, update_buffers=True, priority=49),
+    dict(type='DetQHook', recipe='w4a8'),
+]

@@ -1,0 +1,164 @@
+"""DetQHook in real MMDetection runs: RTMDet-tiny, RetinaNet-R18 and a slim DETR-R18, from the configs under
+integrations/mmdet, shrunk to 96 px images on the synthetic COCO data."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mmdet")
+pytest.importorskip("mmcv.ops")
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import detq_hooks as dq  # noqa: E402
+from detq_hooks.data import make_synthetic_dataset  # noqa: E402
+from detq_hooks.recipe import RecipeError  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=8, num_val=4, imgsz=SIZE, seed=0)
+
+
+def _shrink(node):
+    """Image scales of the configs' pipelines -> SIZE; random flips off (so resumed runs are comparable)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("scale", "size", "img_scale") and isinstance(v, (tuple, list)) and len(v) == 2:
+                node[k] = (SIZE, SIZE)
+            elif k == "type" and v == "RandomFlip":
+                node["prob"] = 0.0
+            else:
+                _shrink(v)
+    elif isinstance(node, list):
+        for v in node:
+            _shrink(v)
+
+
+def load_cfg(name, synth, work_dir, epochs=1, batch=4, **options):
+    os.environ["DETQ_SYNTH_ROOT"] = str(synth.root) + "/"
+    cfg = Config.fromfile(str(CONFIGS / name))
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        cfg[loader]["batch_size"] = batch
+        _shrink(cfg[loader]["dataset"]["pipeline"])
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=epochs)
+    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.5, by_epoch=False, begin=0, end=2)]
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, max_keep_ckpts=3)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.default_hooks.visualization = dict(type="DetVisualizationHook", draw=False)
+    cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[])
+    cfg.work_dir = str(work_dir)
+    cfg.randomness = dict(seed=0)
+    cfg.log_level = "WARNING"
+    cfg.merge_from_dict(options)
+    return cfg
+
+
+def hook_recipe(cfg, recipe, **kw):
+    for h in cfg.custom_hooks:
+        if h["type"] == "DetQHook":
+            h.update(recipe=recipe, calibration_batches=1, **kw)
+    return cfg
+
+
+def quantizer_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "_quantizer." in k}
+
+
+@pytest.fixture(scope="module")
+def rtmdet_run(synth, tmp_path_factory):
+    work = tmp_path_factory.mktemp("rtmdet")
+    runner = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, work, epochs=2), "w4a8"))
+    calibrated = {}
+    runner.register_hook(_Snapshot(calibrated), priority="LOWEST")
+    runner.train()
+    return runner, work, calibrated
+
+
+class _Snapshot(Hook):
+    """Records the quantizer state right after calibration (before the first iteration)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if not self.out:
+            self.out.update(quantizer_state(runner.model))
+
+
+def test_rtmdet_quantized_scales_learn_and_ema_keeps_quantizers(rtmdet_run):
+    runner, work, calibrated = rtmdet_run
+    model = runner.model
+    layers = dq.quantized_layers(model)
+    assert len(layers) > 50
+    bits = {n: m.weight_quantizer.bits for n, m in layers}
+    assert bits["backbone.stem.0.conv"] == 8  # the first layer stays at 8 bits
+    assert all(bits[n] == 8 for n in bits if n.startswith("bbox_head.rtm_cls") or n.startswith("bbox_head.rtm_reg"))
+    assert sum(b == 4 for b in bits.values()) > 40
+    now = quantizer_state(model)
+    changed = [k for k in calibrated if k.endswith(".scale") and not torch.allclose(calibrated[k], now[k])]
+    assert len(changed) > 20, "learned scales did not move during training"
+    ckpt = torch.load(work / "epoch_2.pth")
+    assert ckpt["meta"]["detq"]["recipe"]["name"] == "w4a8"
+    assert any(".input_quantizer.scale" in k for k in ckpt["ema_state_dict"])
+
+
+def test_rtmdet_resume_and_test_reproduce(rtmdet_run, synth, tmp_path):
+    runner, work, _ = rtmdet_run
+    final = torch.load(work / "epoch_2.pth")["state_dict"]
+    # resume from the end of epoch 1 and train epoch 2 again: the same quantizer state as the uninterrupted run
+    resumed = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "resume", epochs=2,
+                                                   resume=True, load_from=str(work / "epoch_1.pth")), "w4a8"))
+    resumed.train()
+    again = resumed.model.state_dict()
+    for k, v in final.items():
+        if "_quantizer." in k and v.is_floating_point():
+            assert torch.allclose(again[k], v, rtol=1e-4, atol=1e-6), k
+    # Runner.test() of the saved quantized checkpoint gives the validation mAP of the end of training
+    val_map = runner.val()["coco/bbox_mAP"]
+    tester = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "test",
+                                                  load_from=str(work / "epoch_2.pth")), "w4a8"))
+    res = tester.test()
+    assert dq.is_quantized(tester.model)
+    assert res["coco/bbox_mAP"] == pytest.approx(val_map, abs=1e-4)
+
+
+@pytest.mark.parametrize("config, quantized_min", [("retinanet_r18_synthetic_w4a8.py", 25), ("detr_r18_synthetic_w4a8.py", 30)])
+def test_model_trains_quantized_and_test_reproduces_val(config, quantized_min, synth, tmp_path):
+    cfg = hook_recipe(load_cfg(config, synth, tmp_path, epochs=1), "w4a8")
+    runner = Runner.from_cfg(cfg)
+    before = {}
+    runner.register_hook(_Snapshot(before), priority="LOWEST")
+    runner.train()
+    assert len(dq.quantized_layers(runner.model)) >= quantized_min
+    now = quantizer_state(runner.model)
+    assert any(k.endswith(".scale") and not torch.allclose(before[k], now[k]) for k in before)
+    if "detr" in config:
+        # nn.MultiheadAttention reads out_proj.weight itself: those stay float (and the report says so)
+        assert not any(n.endswith("out_proj") for n, _ in dq.quantized_layers(runner.model))
+    val_map = runner.val()["coco/bbox_mAP"]
+    tester = Runner.from_cfg(hook_recipe(load_cfg(config, synth, tmp_path / "test", load_from=str(tmp_path / "epoch_1.pth")), "w4a8"))
+    assert tester.test()["coco/bbox_mAP"] == pytest.approx(val_map, abs=1e-4)
+
+
+def test_float_checkpoint_resumed_into_quantized_config_and_unmatched_rule_fail_early(synth, tmp_path):
+    float_cfg = load_cfg("retinanet_r18_synthetic.py", synth, tmp_path / "float", epochs=1)
+    float_cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=1, val_interval=100)
+    float_cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=False)
+    Runner.from_cfg(float_cfg).train()
+    ckpt = tmp_path / "float" / "iter_1.pth"
+    cfg = hook_recipe(load_cfg("retinanet_r18_synthetic_w4a8.py", synth, tmp_path / "q", resume=True, load_from=str(ckpt)), "w4a8")
+    with pytest.raises(dq.checkpoint.CheckpointMismatchError, match="written by a float run"):
+        Runner.from_cfg(cfg).train()
+    bad = {"preset": "w4a8", "quantization": {"rules": [{"name": "roi_head.*", "quantize": False}]}}
+    runner = Runner.from_cfg(hook_recipe(load_cfg("retinanet_r18_synthetic_w4a8.py", synth, tmp_path / "r"), bad))
+    with pytest.raises(RecipeError, match="matches no quantizable module"):
+        runner.train()
+    assert not dq.is_quantized(runner.model)
