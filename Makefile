@@ -8,7 +8,7 @@ export DETQ_VENV := $(VENV)
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := false
 export PYTHONUNBUFFERED := 1
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --timeout=1200 --durations=15
 
 .PHONY: demo test env env-mmdet bench
 
