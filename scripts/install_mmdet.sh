@@ -2,7 +2,8 @@
 # Installs MMDetection 3.3 with a compiled mmcv 2.1 (CPU ops) into the given virtual environment.
 #   scripts/install_mmdet.sh VENV
 # PyPI carries only mmcv's source, and compiling its ops takes 20-35 minutes on 2 cores, so the
-# wheel is built once into DETQ_WHEEL_CACHE (default ~/.cache/detq-hooks/wheels) and reused.
+# wheel is built once into DETQ_WHEEL_CACHE (default ~/.cache/detq-hooks/wheels) and reused; a wheel for
+# this Python and machine under third_party/wheels/ (committed) is used first.
 # The build runs in its own throwaway venv because it needs setuptools<70 (pkg_resources) and
 # --no-build-isolation (it imports torch), which we do not want to impose on the main venv.
 set -euo pipefail
@@ -14,7 +15,11 @@ if "$venv/bin/python" -c "import mmcv, mmcv.ops, mmdet, mmengine; from mmcv.ops 
   exit 0
 fi
 
-wheel="$(ls "$cache"/mmcv-2.1.0-*.whl 2>/dev/null | head -1 || true)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The repository ships the wheel built on this platform (third_party/wheels), so a fresh clone skips the build.
+py_tag="cp$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+wheel="$(ls "$here"/third_party/wheels/mmcv-2.1.0-"$py_tag"-*-linux_"$(uname -m)".whl 2>/dev/null | head -1 || true)"
+[[ -z "$wheel" ]] && wheel="$(ls "$cache"/mmcv-2.1.0-*.whl 2>/dev/null | head -1 || true)"
 if [[ -z "$wheel" ]]; then
   echo "[mmdet] building mmcv 2.1.0 with compiled ops (once; 20-35 min on 2 cores) into $cache" >&2
   build_venv="$(mktemp -d)/mmcv-build"

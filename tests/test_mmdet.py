@@ -162,3 +162,81 @@ def test_float_checkpoint_resumed_into_quantized_config_and_unmatched_rule_fail_
     with pytest.raises(RecipeError, match="matches no quantizable module"):
         runner.train()
     assert not dq.is_quantized(runner.model)
+
+
+class _CurriculumProbe(Hook):
+    """Per iteration: the curriculum stage, whether the head is quantized, the head weights after the step,
+    and the distillation terms the hook logged."""
+
+    def __init__(self):
+        self.rows = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        model = runner.model
+        head = [m for n, m in dq.quantized_layers(model) if n.startswith("bbox_head.")]
+        self.rows.append(dict(iter=runner.iter, head_quantized=all(m.weight_quantizer.enabled for m in head),
+                              head_weight=model.bbox_head.retina_cls.weight.detach().clone()))
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        detq = [h for h in runner.hooks if type(h).__name__ == "DetQHook"][0]
+        self.rows[-1].update(stage=detq.schedule.current, terms=dict(detq.distiller.last_terms),
+                             head_weight_after=runner.model.bbox_head.retina_cls.weight.detach().clone(),
+                             loss_distill=float(outputs["loss_distill"]) if "loss_distill" in outputs else None)
+
+
+CRQAT = {"preset": "w4a4-crqat", "curriculum": {"boundaries": [0.3, 0.6]}}
+
+
+def _crqat_cfg(synth, work, float_ckpt, **options):
+    cfg = hook_recipe(load_cfg("retinanet_r18_synthetic_w4a8.py", synth, work, load_from=str(float_ckpt), **options), CRQAT)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=3, by_epoch=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def float_retinanet(synth, tmp_path_factory):
+    work = tmp_path_factory.mktemp("float_retina")
+    cfg = load_cfg("retinanet_r18_synthetic.py", synth, work)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=2, val_interval=100)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=2, by_epoch=False)
+    Runner.from_cfg(cfg).train()
+    return work / "iter_2.pth"
+
+
+def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retinanet):
+    runner = Runner.from_cfg(_crqat_cfg(synth, tmp_path, float_retinanet))
+    probe = _CurriculumProbe()
+    runner.register_hook(probe, priority="LOWEST")
+    runner.train()
+    detq = [h for h in runner.hooks if type(h).__name__ == "DetQHook"][0]
+    assert [s.name for s in detq.schedule.stages] == ["backbone", "neck", "head"]
+    stages = [r["stage"] for r in probe.rows]
+    assert stages == [0, 0, 1, 1, 2, 2]
+    for r in probe.rows:
+        if r["stage"] < 2:  # the head: float and frozen while earlier stages train
+            assert not r["head_quantized"]
+            assert torch.equal(r["head_weight"], r["head_weight_after"])
+        else:
+            assert r["head_quantized"]
+        assert r["loss_distill"] is not None and r["loss_distill"] > 0
+    assert probe.rows[0]["terms"].keys() == {"pkd_stage1"} and probe.rows[0]["terms"]["pkd_stage1"] > 0
+    assert {"pkd_stage1", "pkd_stage2"} <= probe.rows[2]["terms"].keys()
+    last = probe.rows[-1]["terms"]
+    assert all(last[k] > 0 for k in ("pkd_stage1", "pkd_stage2", "relational", "logit", "box")), last
+    assert not torch.equal(probe.rows[-1]["head_weight"], probe.rows[-1]["head_weight_after"])
+    teacher = detq.teacher.module
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not any("teacher" in k for k in runner.model.state_dict())
+    assert not dq.is_quantized(teacher)
+
+    # resume in the middle of the curriculum (after iteration 3, in stage "neck"): same end state
+    resumed = Runner.from_cfg(_crqat_cfg(synth, tmp_path / "resume", tmp_path / "iter_3.pth", resume=True))
+    resumed.train()
+    rdetq = [h for h in resumed.hooks if type(h).__name__ == "DetQHook"][0]
+    assert rdetq.teacher_source == str(float_retinanet)
+    expected = torch.load(tmp_path / "iter_6.pth")["state_dict"]
+    got = resumed.model.state_dict()
+    for k, v in expected.items():
+        if v.is_floating_point():
+            assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-5), k

@@ -1,0 +1,138 @@
+"""CR-QAT ablation in MMDetection: plain LSQ QAT vs curriculum only vs distillation only vs both, W4A4 and W4A8,
+from the same float checkpoint with the same iteration budget, on the synthetic COCO data.
+
+    python benchmarks/bench_crqat_mmdet.py [--config retinanet_r18_synthetic] [--float-epochs 12] [--qat-iters 150]
+
+The float model is trained once and cached in ~/.cache/detq-hooks/float_refs/mmdet/<key>/ (delete it to retrain).
+Prints mAP50-95, the fraction of float mAP retained, and the mean training step time relative to plain QAT
+(the teacher's cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
+
+
+def _cfg(name, work, imgsz, batch, **options):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        cfg[loader]["batch_size"] = batch
+        for step in cfg[loader]["dataset"]["pipeline"]:
+            for k in ("scale", "size"):
+                if k in step:
+                    step[k] = (imgsz, imgsz)
+    cfg.work_dir = str(work)
+    cfg.log_level = "WARNING"
+    cfg.randomness = dict(seed=0)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=50)
+    cfg.default_hooks.visualization = dict(type="DetVisualizationHook", draw=False)
+    cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[])
+    cfg.merge_from_dict(options)
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="retinanet_r18_synthetic", help="float config under integrations/mmdet")
+    ap.add_argument("--imgsz", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--num-train", type=int, default=256)
+    ap.add_argument("--num-val", type=int, default=64)
+    ap.add_argument("--float-epochs", type=int, default=12)
+    ap.add_argument("--qat-iters", type=int, default=150)
+    ap.add_argument("--bits", default="w4a4,w4a8")
+    ap.add_argument("--variants", default="plain,curriculum,distillation,both")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.zoo import float_refs_dir
+
+    torch.set_num_threads(args.threads)
+    data_root = Path(tempfile.gettempdir()) / f"detq_crqat_synth_{args.imgsz}_{args.num_train}"
+    ds = make_synthetic_dataset(data_root, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz, seed=0)
+    os.environ["DETQ_SYNTH_ROOT"] = str(ds.root) + "/"
+
+    key = hashlib.sha256(json.dumps([args.config, args.imgsz, args.batch, args.float_epochs, ds.params()]).encode()).hexdigest()[:16]
+    float_dir = float_refs_dir() / "mmdet" / key
+    float_ckpt = float_dir / "float.pth"
+    if not float_ckpt.exists():
+        work = Path(tempfile.mkdtemp(prefix="detq_float_"))
+        cfg = _cfg(args.config, work, args.imgsz, args.batch)
+        cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=args.float_epochs, val_interval=args.float_epochs)
+        cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=100),
+                               dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=args.float_epochs,
+                                    T_max=args.float_epochs, eta_min_ratio=0.05, convert_to_iter_based=True)]
+        cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=args.float_epochs, max_keep_ckpts=1)
+        t = time.time()
+        Runner.from_cfg(cfg).train()
+        float_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / f"epoch_{args.float_epochs}.pth", float_ckpt)
+        print(f"float model trained in {time.time() - t:.0f} s")
+
+    class StepTimer(Hook):
+        def __init__(self):
+            self.times, self._t = [], 0.0
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            self._t = time.perf_counter()
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self.times.append(time.perf_counter() - self._t)
+
+    def evaluate(cfg):
+        return Runner.from_cfg(cfg).test()["coco/bbox_mAP"]
+
+    float_map = evaluate(_cfg(args.config, tempfile.mkdtemp(), args.imgsz, args.batch, load_from=str(float_ckpt)))
+    rows = []
+    for bits in args.bits.split(","):
+        for variant in args.variants.split(","):
+            recipe = {"preset": bits,
+                      "curriculum": {"enabled": variant in ("curriculum", "both")},
+                      "distillation": {"enabled": variant in ("distillation", "both")}}
+            work = Path(tempfile.mkdtemp(prefix=f"detq_{bits}_{variant}_"))
+            cfg = _cfg(f"{args.config}_w4a8", work, args.imgsz, args.batch, load_from=str(float_ckpt))
+            for h in cfg.custom_hooks:
+                if h["type"] == "DetQHook":
+                    h.update(recipe=recipe, calibration_batches=4)
+            cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=args.qat_iters, val_interval=args.qat_iters)
+            lr = cfg.optim_wrapper.optimizer.lr
+            cfg.optim_wrapper.optimizer.lr = lr * 0.1  # fine-tuning from float weights
+            cfg.param_scheduler = [dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=args.qat_iters,
+                                        T_max=args.qat_iters, eta_min_ratio=0.05)]
+            cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=args.qat_iters, by_epoch=False)
+            runner = Runner.from_cfg(cfg)
+            timer = StepTimer()
+            runner.register_hook(timer, priority="LOWEST")
+            runner.train()
+            m = runner.val()["coco/bbox_mAP"]
+            step = statistics.median(timer.times[5:] or timer.times)
+            rows.append((bits, variant, m, step))
+            print(f"{bits} {variant}: mAP50-95 {m:.3f} step {step * 1000:.0f} ms", flush=True)
+
+    print(f"\n{args.config} at {args.imgsz}px, float start mAP50-95 {float_map:.3f}, {args.qat_iters} QAT iterations of batch {args.batch}")
+    print(f"| recipe | variant | mAP50-95 | % of float | step time vs plain |")
+    print(f"|---|---|---|---|---|")
+    for bits, variant, m, step in rows:
+        plain = next(s for b, v, _, s in rows if b == bits and v == "plain") if any(v == "plain" for _, v, _, _ in rows) else step
+        print(f"| {bits} | {variant} | {m:.3f} | {100 * m / max(float_map, 1e-9):.0f}% | {step / plain:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Step time of the Lightning FCOS example, quantized (DetQCallback) vs float, side by side in one run.
+
+Each configuration trains the example's ``FCOSModule`` for a few steps with ``Trainer.fit`` on in-memory
+synthetic batches (data loading is not what is measured); the median time from ``on_train_batch_start`` to
+``on_train_batch_end`` (forward, backward, optimizer step) after warm-up is reported, and the rounds are
+interleaved (float, W8A8, W4A8, float, ...) so that load from other processes hits every configuration alike.
+
+    python benchmarks/bench_lightning.py                      # 128 px, batch 4, ResNet-18 FCOS
+    python benchmarks/bench_lightning.py --imgsz 96 --steps 6 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning_fcos import FCOSModule, StepTimer, collate  # noqa: E402
+
+from detq_hooks.lightning import DetQCallback  # noqa: E402
+
+
+class RandomBoxes(Dataset):
+    def __init__(self, n: int, imgsz: int, num_classes: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            img = torch.rand(3, imgsz, imgsz, generator=g)
+            k = 4
+            xy = torch.rand(k, 2, generator=g) * imgsz * 0.7
+            wh = torch.rand(k, 2, generator=g) * imgsz * 0.25 + 6
+            boxes = torch.cat([xy, (xy + wh).clamp(max=imgsz - 1)], 1)
+            labels = torch.randint(1, num_classes + 1, (k,), generator=g)
+            self.items.append((img, {"boxes": boxes, "labels": labels, "image_id": 0}))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def time_steps(recipe, args) -> float:
+    pl.seed_everything(0, verbose=False)
+    module = FCOSModule(num_classes=8, min_size=args.imgsz, max_size=args.imgsz, backbone=args.backbone,
+                        fpn_channels=args.fpn_channels, lr=0.002)
+    loader = DataLoader(RandomBoxes(args.batch_size * (args.steps + args.warmup), args.imgsz, 8),
+                        batch_size=args.batch_size, collate_fn=collate)
+    timer = StepTimer(warmup=args.warmup)
+    cbs = [timer] + ([DetQCallback(recipe=recipe, calibration_batches=1)] if recipe else [])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + args.warmup, callbacks=cbs, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, precision=args.precision)
+    trainer.fit(module, loader)
+    return statistics.median(timer.times) * 1000
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--imgsz", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--fpn-channels", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
+    args = p.parse_args(argv)
+    configs = [None, *args.recipes]
+    times = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for c in configs:
+            times[c].append(time_steps(c, args))
+    med = {c: statistics.median(v) for c, v in times.items()}
+    print(f"\nLightning FCOS-{args.backbone} train step, {args.imgsz}px, batch {args.batch_size}, "
+          f"{args.steps} timed steps x {args.rounds} rounds, torch threads {torch.get_num_threads()}, {args.precision}")
+    print(f"{'config':<8} {'step ms':>9} {'ratio':>7}   per-round medians (ms)")
+    for c in configs:
+        rounds = " ".join(f"{t:.0f}" for t in times[c])
+        print(f"{c or 'float':<8} {med[c]:>9.1f} {med[c] / med[None]:>7.2f}   {rounds}")
+    return med
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Training step time of a quantized MMDetection model as a ratio to the float model (CPU), side by side.
+
+    python benchmarks/bench_mmdet.py [--config rtmdet_tiny_synthetic.py] [--imgsz 320] [--batch 8] [--reps 6]
+
+Builds the model from `integrations/mmdet/<config>` (random weights), takes one batch of the synthetic COCO
+data through the config's own pipeline and data preprocessor, and times `train_step` (forward, loss,
+backward, optimizer step) for float, W8A8 and W4A8 (interleaved repetitions, median of each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="rtmdet_tiny_synthetic.py")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipes", default="w8a8,w4a8")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DATASETS, MODELS, init_default_scope
+    from torch.utils.data import DataLoader
+    from mmengine.dataset import pseudo_collate
+
+    import detq_hooks as dq
+    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.mmengine import mmdet_forward, mmdet_prediction_layers
+    from detq_hooks.optim import add_quantizer_param_group
+
+    root = Path(tempfile.gettempdir()) / f"detq_bench_synth_{args.imgsz}"
+    make_synthetic_dataset(root, num_train=max(16, args.batch), num_val=4, imgsz=args.imgsz, seed=0)
+    os.environ["DETQ_SYNTH_ROOT"] = str(root) + "/"
+    cfg = Config.fromfile(str(CONFIGS / args.config))
+    init_default_scope("mmdet")
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    batch = next(iter(DataLoader(dataset, batch_size=args.batch, collate_fn=pseudo_collate)))
+
+    def build(recipe):
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        model.train()
+        if recipe:
+            dq.quantize(model, recipe, prediction_layers=mmdet_prediction_layers(model))
+            dq.calibrate(model, [batch], forward_fn=mmdet_forward, num_batches=1)
+            model.train()
+        wrapper = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper))
+        if recipe:
+            add_quantizer_param_group(wrapper.optimizer, model, 0.1)
+        return model, wrapper
+
+    variants = {"float": build(None)}
+    for r in args.recipes.split(","):
+        variants[r] = build(r)
+    times = {k: [] for k in variants}
+    for rep in range(args.reps + 1):
+        for name, (model, wrapper) in variants.items():
+            t = time.perf_counter()
+            model.train_step(copy.copy(batch), wrapper)
+            if rep:  # the first round warms up
+                times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["float"])
+    print(f"{args.config}: train_step, batch {args.batch}x3x{args.imgsz}x{args.imgsz}, {args.threads} threads, median of {args.reps}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:6s} {med * 1000:8.1f} ms   {med / base:5.2f}x float")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+"""Ultralytics adapter: quantized training (QAT) or calibration only (PTQ) through ``model.train(...)``.
+
+    from ultralytics import YOLO
+    from detq_hooks.ultralytics import DetQTrainer
+
+    YOLO("yolo11n.pt").train(data="data.yaml", trainer=DetQTrainer, detq="w4a8", epochs=50)
+
+Life cycle (every point goes through the trainer's own model set-up path, so the optimizer, EMA, freezing,
+AMP and DDP see the quantized model):
+
+* ``__init__``: ``detq`` (preset name, recipe YAML path or dict) is taken out of the overrides before
+  Ultralytics checks its argument names, validated, and kept in ``args.detq`` as a plain dict so it reaches
+  DDP workers (Ultralytics re-creates the trainer there from ``vars(args)``) and ``train_args`` of
+  checkpoints (resume). ``quantize=8`` together with ``detq`` is refused.
+* ``get_model``: the float model is built (and float weights loaded), then converted with the recipe; the
+  head's final class/box layers (Detect, v10Detect/YOLO26 one-to-one branch, RTDETRDecoder) keep
+  ``prediction_layer_bits``; DFL's fixed integral conv stays float. A quantized ``.pt`` is rebuilt with its
+  quantizers and checked against this run's recipe (different recipe: ``CheckpointMismatchError``).
+* ``build_optimizer``: quantizer parameters move to their own group (no weight decay, lr × scale).
+* ``_build_train_pipeline``: activation ranges are calibrated on the first training batches
+  (``preprocess_batch``) unless the weights came with quantizer state; this runs before EMA is created.
+* ``save_model``: checkpoints carry the quantized EMA module plus a ``detq`` entry (recipe, per-layer
+  bits, and full-precision quantizer state since Ultralytics stores the module in fp16).
+* resume: the quantized module is rebuilt from ``last.pt`` and the fp32 quantizer state restored into the
+  model and the EMA, so training continues with exactly the saved ranges.
+* PTQ recipes (``mode: ptq``): quantize, calibrate, validate, save ``best.pt``/``last.pt``, no epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ultralytics.models.rtdetr.train import RTDETRTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER, RANK
+from ultralytics.utils.torch_utils import unwrap_model
+
+from .. import __version__
+from ..calibration import calibrate
+from ..checkpoint import CheckpointMismatchError, check_compatible, quantization_state
+from ..optim import QUANTIZER_GROUP_NAME, add_quantizer_param_group
+from ..quantizers import iter_quantizers
+from ..recipe import Recipe, RecipeError, load_recipe
+from ..surgery import is_quantized, quantize, recipe_of
+from ..distill import Teacher
+from .compat import DetQModelInfo
+from .crqat import DistillCriterion, _is_detect_head, build_schedule, teacher_from_path, ultralytics_stages
+
+DETQ_KEY = "detq"
+TEACHER_KEY = "detq_teacher"
+QUANTIZER_MARKERS = (".weight_quantizer.", ".input_quantizer.")
+
+# Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
+_HEAD_BRANCHES = (
+    "cv2", "cv3", "one2one_cv2", "one2one_cv3",  # Detect / v10Detect / YOLO26 (end-to-end)
+    "dec_score_head", "dec_bbox_head", "enc_score_head", "enc_bbox_head",  # RTDETRDecoder
+)
+
+
+class DetQConfigError(RecipeError):
+    """``detq`` conflicts with other Ultralytics arguments or is missing."""
+
+
+def _is_quantizer_key(k: str) -> bool:
+    return any(m in k for m in QUANTIZER_MARKERS)
+
+
+def head_prefix(model: nn.Module) -> str:
+    return f"model.{len(model.model) - 1}"
+
+
+def prediction_layers(model: nn.Module) -> list[str]:
+    """Names of the final class/box layers of an Ultralytics detection head (the last Conv2d/Linear of each
+    branch of ``Detect``/``v10Detect``/``YOLO26`` and ``RTDETRDecoder``)."""
+    head = model.model[-1]
+    prefix = head_prefix(model)
+    names: list[str] = []
+    for attr in _HEAD_BRANCHES:
+        sub = getattr(head, attr, None)
+        if not isinstance(sub, nn.Module):
+            continue
+        branches = list(sub.named_children()) if isinstance(sub, nn.ModuleList) else [("", sub)]
+        for idx, branch in branches:
+            leaves = [n for n, m in branch.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            if leaves:
+                parts = [prefix, attr, idx, leaves[-1]]
+                names.append(".".join(p for p in parts if p))
+    return names
+
+
+def excluded_layers(model: nn.Module) -> list[str]:
+    """Layers that must stay float: DFL's fixed integral conv (weights 0..reg_max-1, not trained)."""
+    prefix = head_prefix(model)
+    dfl = getattr(model.model[-1], "dfl", None)
+    conv = getattr(dfl, "conv", None)
+    return [f"{prefix}.dfl.conv"] if isinstance(conv, nn.Conv2d) else []
+
+
+def resolve_recipe(value: Any) -> Recipe:
+    """``detq=`` value (preset, YAML path, dict, Recipe, or a recipe dict kept in args) -> Recipe."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        import yaml
+
+        value = yaml.safe_load(value)
+    return load_recipe(value)
+
+
+def adapt_recipe(recipe: Recipe, model: nn.Module) -> Recipe:
+    """The recipe with this model's float-only layers added as exclusion rules (deterministic per model)."""
+    extra = [{"name": n, "quantize": False} for n in excluded_layers(model)]
+    if not extra:
+        return recipe
+    data = recipe.to_dict()
+    rules = list(data["quantization"].get("rules") or [])
+    names = {r.get("name") for r in rules}
+    data["quantization"]["rules"] = rules + [r for r in extra if r["name"] not in names]
+    return load_recipe(data)
+
+
+def quantize_ultralytics(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Convert an Ultralytics detection model in place with the head's prediction layers at 8 bits."""
+    preds = prediction_layers(model)
+    adapted = adapt_recipe(recipe, model)
+    quantize(model, adapted, prediction_layers=preds or None)
+    model.detq_info = DetQModelInfo(
+        recipe_name=recipe.name, prediction_layers=preds, excluded_layers=excluded_layers(model),
+        head_type=type(model.model[-1]).__name__,
+    )
+    return model
+
+
+def calibration_forward(model: nn.Module, img: torch.Tensor):
+    """One calibration forward. RT-DETR's decoder runs only its last layer's heads in eval mode; its other
+    per-layer heads (trained through auxiliary losses) are reached in training mode, so the decoder runs in
+    training mode (BatchNorm kept in eval mode, no denoising queries without labels)."""
+    head = model.model[-1]
+    if type(head).__name__ != "RTDETRDecoder":
+        return model(img)
+    was = head.training
+    head.train()
+    for m in head.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    try:
+        return model(img)
+    finally:
+        head.train(was)
+
+
+def _is_rtdetr(spec: Any) -> bool:
+    """Whether the model named in the overrides is an RT-DETR (its trainer differs)."""
+    if isinstance(spec, nn.Module):
+        return type(spec).__name__ == "RTDETRDetectionModel"
+    if not isinstance(spec, (str, Path)) or not str(spec):
+        return False
+    s = str(spec)
+    if s.endswith((".yaml", ".yml")):
+        try:
+            from ultralytics.nn.tasks import yaml_model_load
+
+            return "RTDETRDecoder" in str(yaml_model_load(s).get("head", ""))
+        except Exception:
+            return "rtdetr" in Path(s).name.lower()
+    if s.endswith(".pt") and Path(s).exists():
+        try:
+            ckpt = torch.load(s, map_location="cpu", weights_only=False)
+            m = ckpt.get("ema") or ckpt.get("model")
+            return type(m).__name__ == "RTDETRDetectionModel"
+        except Exception:
+            return "rtdetr" in Path(s).name.lower()
+    return "rtdetr" in Path(s).name.lower()
+
+
+class _DetQMixin:
+    """The detq-hooks life cycle on top of an Ultralytics detection trainer (see module docstring)."""
+
+    detq_recipe: Recipe
+
+    # ------------------------------------------------------------------ arguments
+    def _detq_init(self, cfg, overrides, _callbacks, base_init) -> None:
+        overrides = dict(overrides or {})
+        user_value = overrides.pop(DETQ_KEY, None)
+        teacher_path = overrides.pop(TEACHER_KEY, None)
+        if user_value is None and isinstance(cfg, dict) and DETQ_KEY in cfg:
+            cfg = {k: v for k, v in cfg.items() if k != DETQ_KEY}
+        q = overrides.get("quantize")
+        if user_value is not None and q not in (None, False, 0, "", "none", "None"):
+            raise DetQConfigError(
+                f"`quantize={q}` (Ultralytics' ModelOpt INT8 QAT) and `detq={user_value!r}` both ask to quantize the "
+                "model; use one of them (detq covers INT8 with the `w8a8` preset)"
+            )
+        user_recipe = resolve_recipe(user_value) if user_value is not None else None  # bad recipe: fails now
+        if teacher_path is not None:
+            if user_recipe is None or not user_recipe.distillation.enabled:
+                raise DetQConfigError("`detq_teacher=` needs a recipe with `distillation.enabled: true` (e.g. detq='w4a4-crqat')")
+            data = user_recipe.to_dict()
+            data["distillation"]["teacher"] = str(teacher_path)
+            user_recipe = load_recipe(data)
+        base_init(self, cfg, overrides, _callbacks)
+        saved = getattr(self.args, DETQ_KEY, None) if self.resume else None
+        if self.resume and saved is None:
+            raise CheckpointMismatchError(
+                f"{self.args.resume}: this checkpoint was not written by DetQTrainer (no `detq` in its train_args); "
+                "to start QAT from float weights, train from it without `resume`"
+            )
+        if user_recipe is not None and saved is not None:
+            a, b = user_recipe.fingerprint(), resolve_recipe(saved).fingerprint()
+            if a != b:
+                diff = sorted(k for k in a if a[k] != b.get(k))
+                raise CheckpointMismatchError(
+                    f"resume: {self.args.resume} was trained with detq recipe {resolve_recipe(saved).name!r}, "
+                    f"this run asks for {user_recipe.name!r} (differs in {diff}); resume without `detq` or with the same recipe"
+                )
+        recipe = user_recipe or (resolve_recipe(saved) if saved is not None else None)
+        if recipe is None:
+            raise DetQConfigError(
+                "DetQTrainer needs a recipe: pass `detq=` a preset name (e.g. 'w4a8'), a recipe YAML path or a dict"
+            )
+        if getattr(self.args, "quantize", None) not in (None, False, 0):
+            raise DetQConfigError(f"`quantize={self.args.quantize}` cannot be combined with detq; remove `quantize`")
+        self.detq_recipe = recipe
+        setattr(self.args, DETQ_KEY, recipe.to_dict())  # plain data: DDP workers, checkpoints, resume
+        self._detq_loaded_state: Optional[dict] = None
+        self.detq_teacher = None
+        self.detq_schedule = None
+        self._detq_iter = 0
+        if recipe.curriculum.enabled:  # once (DDP workers receive the launcher's callbacks, ours included)
+            for event, fn in (("on_train_epoch_start", _reset_iteration), ("on_train_batch_start", _curriculum_step)):
+                if not any(getattr(f, "__name__", "") == fn.__name__ for f in self.callbacks.get(event, [])):
+                    self.add_callback(event, fn)
+        if recipe.mode == "ptq" and RANK in {-1, 0}:
+            LOGGER.info(f"detq: PTQ recipe {recipe.name!r}: quantize, calibrate, validate and save; no training epochs")
+
+    # ------------------------------------------------------------------ model
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        quantized_weights = isinstance(weights, nn.Module) and is_quantized(weights)
+        model = super().get_model(cfg=cfg, weights=None if quantized_weights else weights, verbose=verbose)
+        if is_quantized(model):  # a subclass already converted it
+            return model
+        if quantized_weights:
+            self._detq_load_quantized(model, weights)
+        else:
+            if self.detq_recipe.distillation.enabled and self.detq_teacher is None:
+                self._detq_check_distillable(model)
+                path = self.detq_recipe.distillation.teacher
+                self.detq_teacher = teacher_from_path(path, self) if path else Teacher.from_model(model)
+            quantize_ultralytics(model, self.detq_recipe)
+            if RANK in {-1, 0}:
+                n = sum(1 for _ in iter_quantizers(model))
+                LOGGER.info(
+                    f"detq: model converted with recipe {self.detq_recipe.name!r} ({n} quantizers); "
+                    f"prediction layers at {self.detq_recipe.quantization.prediction_layer_bits} bits: "
+                    f"{model.detq_info.prediction_layers}"
+                )
+        return model
+
+    def _detq_load_quantized(self, model: nn.Module, weights: nn.Module) -> None:
+        theirs = recipe_of(weights)
+        source = getattr(weights, "pt_path", "checkpoint")
+        ours = adapt_recipe(self.detq_recipe, model)
+        if theirs is not None and theirs.fingerprint() != ours.fingerprint():
+            a, b = ours.fingerprint(), theirs.fingerprint()
+            diff = sorted(k for k in a if a[k] != b.get(k))
+            raise CheckpointMismatchError(
+                f"{source} was quantized with detq recipe {theirs.name!r}, this run asks for {self.detq_recipe.name!r} "
+                f"(differs in {diff}); use the checkpoint's recipe, or start from the float model"
+            )
+        quantize_ultralytics(model, self.detq_recipe)
+        state = weights.float().state_dict()
+        check_compatible(model, state, quantization_state(weights) if theirs is not None else None, source=str(source))
+        model.load_state_dict(state, strict=True)
+
+    def setup_model(self):
+        if isinstance(self.model, nn.Module):
+            if not is_quantized(self.model):  # e.g. a float model handed over by the DDP launcher
+                self.model = self.get_model(cfg=self.model.yaml, weights=self.model, verbose=False)
+            return None
+        ckpt = super().setup_model()
+        entry = (ckpt or {}).get(DETQ_KEY) if isinstance(ckpt, dict) else None
+        if entry and entry.get("quantizer_state"):
+            self._detq_loaded_state = entry
+            self.model.load_state_dict(entry["quantizer_state"], strict=False)  # fp32 ranges (the module is fp16)
+        if self.detq_recipe.distillation.enabled and self.detq_teacher is None:
+            path = self.detq_recipe.distillation.teacher
+            if path:
+                self.detq_teacher = teacher_from_path(path, self)
+            elif entry and entry.get("teacher_state") is not None:  # resume: the teacher travels in last.pt
+                float_model = super().get_model(cfg=self.model.yaml, weights=None, verbose=False)
+                float_model.load_state_dict(entry["teacher_state"])
+                self.detq_teacher = Teacher(float_model.float())
+        return ckpt
+
+    def _detq_check_distillable(self, model: nn.Module) -> None:
+        if not _is_detect_head(model):
+            raise NotImplementedError(
+                f"detq: distillation for {type(model.model[-1]).__name__} heads is not wired in the Ultralytics adapter yet "
+                "(YOLO Detect/v10Detect/YOLO26 are); use a recipe without `distillation` (curriculum alone works)"
+            )
+
+    def _detq_teacher_fallback(self) -> None:
+        """DDP workers get the converted model from the launcher: rebuild the teacher from the float start."""
+        if not self.detq_recipe.distillation.enabled or self.detq_teacher is not None:
+            return
+        path = self.detq_recipe.distillation.teacher or (str(self.args.model) if str(self.args.model).endswith(".pt") else None)
+        if path is None:
+            raise RuntimeError("detq: distillation needs a teacher: pass `detq_teacher=float.pt` (the float start model)")
+        self.detq_teacher = teacher_from_path(path, self)
+
+    # ------------------------------------------------------------------ CR-QAT
+    def _setup_train(self):
+        super()._setup_train()
+        model = unwrap_model(self.model)
+        r = self.detq_recipe
+        if r.curriculum.enabled:
+            self.detq_schedule = build_schedule(r, model)
+            saved = (self._detq_loaded_state or {}).get("curriculum") if self.resume else None
+            if saved:
+                self.detq_schedule.load_state_dict(saved)  # checks stages/boundaries; applied just below
+            self._detq_iter = 0
+            self._detq_apply_progress(self._detq_progress(self.start_epoch, 0))
+        if r.distillation.enabled:
+            self._detq_teacher_fallback()
+            self._detq_check_distillable(model)
+            base = getattr(model, "criterion", None) or model.init_criterion()
+            if isinstance(base, DistillCriterion):
+                base = base.base
+            stages = self.detq_schedule.stages if self.detq_schedule else ultralytics_stages(model)
+            self.detq_teacher.to(self.device)
+            model.criterion = DistillCriterion(base, model, self.detq_teacher, stages, r.distillation,
+                                               lambda: self.detq_schedule.current if self.detq_schedule else None)
+
+    def _detq_progress(self, epoch: int, i: int) -> float:
+        if self.detq_recipe.curriculum.unit == "epoch":
+            return epoch / max(self.epochs, 1)
+        nb = max(len(self.train_loader), 1)
+        return (epoch * nb + i) / max(self.epochs * nb, 1)
+
+    def _detq_apply_progress(self, progress: float) -> None:
+        model = unwrap_model(self.model)
+        if self.detq_schedule.update(model, progress):
+            if self.ema:  # validation runs the EMA: same quantizers on/off as the student
+                flags = {n: q.enabled for n, q in iter_quantizers(model)}
+                for n, q in iter_quantizers(self.ema.ema):
+                    q.enabled = flags.get(n, q.enabled)
+            if RANK in {-1, 0}:
+                LOGGER.info(f"detq: curriculum stage {self.detq_schedule.current + 1}/{len(self.detq_schedule.stages)} "
+                            f"({self.detq_schedule.stage_name()}) at {progress:.3f} of the budget")
+
+    def optimizer_step(self):
+        if self.detq_schedule is None:
+            return super().optimizer_step()
+        ema, self.ema = self.ema, None
+        try:
+            super().optimizer_step()  # unscale, clip, step, zero_grad (EMA below, after the frozen stages are restored)
+        finally:
+            self.ema = ema
+        self.detq_schedule.after_optimizer_step(unwrap_model(self.model))
+        if self.ema:
+            self.ema.update(self.model)
+
+    def get_validator(self):
+        # The validator re-checks the trainer's args against Ultralytics' keys: hide ours while it copies them.
+        value = self.args.__dict__.pop(DETQ_KEY, None)
+        try:
+            return super().get_validator()
+        finally:
+            if value is not None:
+                setattr(self.args, DETQ_KEY, value)
+
+    # ------------------------------------------------------------------ optimizer
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        optimizer = super().build_optimizer(model, name=name, lr=lr, momentum=momentum, decay=decay, iterations=iterations)
+        n = add_quantizer_param_group(optimizer, unwrap_model(model), self.detq_recipe.quantization.quantizer_lr_scale)
+        group = optimizer.param_groups[-1]
+        if group.get("name") == QUANTIZER_GROUP_NAME:
+            group["param_group"] = QUANTIZER_GROUP_NAME
+            if any("use_muon" in g for g in optimizer.param_groups[:-1]):
+                group["use_muon"] = False
+        if RANK in {-1, 0}:
+            LOGGER.info(f"detq: {n} quantizer parameters in their own optimizer group (weight_decay=0, lr x {self.detq_recipe.quantization.quantizer_lr_scale})")
+        return optimizer
+
+    # ------------------------------------------------------------------ calibration
+    def _detq_needs_calibration(self, model: nn.Module) -> bool:
+        return any(q.role == "activation" and q.enabled and not q.initialized for _, q in iter_quantizers(model))
+
+    def _build_train_pipeline(self):
+        super()._build_train_pipeline()
+        model = unwrap_model(self.model)
+        if self._detq_needs_calibration(model):
+            self.detq_calibrate(model)
+
+    def detq_calibrate(self, model: nn.Module):
+        num = self.detq_recipe.calibration.num_batches
+        device = next(model.parameters()).device
+
+        def forward(m, batch):
+            batch = self.preprocess_batch(batch)
+            return calibration_forward(m, batch["img"].to(device))
+
+        res = calibrate(model, self.train_loader, forward_fn=forward, num_batches=num, progress=RANK in {-1, 0})
+        if RANK in {-1, 0}:
+            LOGGER.info(f"detq: calibrated {len(res.ranges)} activation ranges on {res.num_batches} training batches ({res.method})")
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def detq_entry(self) -> dict:
+        ema = self.ema.ema if self.ema else unwrap_model(self.model)
+        qstate = {k: v.detach().clone().cpu() for k, v in ema.state_dict().items() if _is_quantizer_key(k)}
+        entry = {
+            "version": __version__,
+            "recipe": self.detq_recipe.to_dict(),
+            "quantization_state": quantization_state(ema),
+            "quantizer_state": qstate,
+        }
+        if self.detq_schedule is not None:
+            entry["curriculum"] = self.detq_schedule.state_dict()
+        return entry
+
+    def save_model(self):
+        entry = self.detq_entry()  # before Ultralytics rounds the EMA copy to fp16
+        saved = super().save_model()
+        if not self.last.exists():
+            return saved
+        ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+        ckpt[DETQ_KEY] = entry
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        data = buffer.getvalue()
+        if self.detq_teacher is not None and not self.detq_recipe.distillation.teacher:
+            # resume needs the teacher (the float model before conversion): last.pt only carries it
+            ckpt[DETQ_KEY] = {**entry, "teacher_state": {k: v.detach().cpu() for k, v in self.detq_teacher.state_dict().items()}}
+            buffer = io.BytesIO()
+            torch.save(ckpt, buffer)
+            self.last.write_bytes(buffer.getvalue())
+        else:
+            self.last.write_bytes(data)
+        if self.best_fitness == self.fitness:
+            self.best.write_bytes(data)
+        if (self.save_period > 0) and (self.epoch % self.save_period == 0):
+            (self.wdir / f"epoch{self.epoch}.pt").write_bytes(data)
+        return saved
+
+    def resume_training(self, ckpt):
+        super().resume_training(ckpt)
+        if ckpt is None or not self.resume or not self._detq_loaded_state:
+            return
+        state = self._detq_loaded_state["quantizer_state"]
+        if self.ema:
+            self.ema.ema.load_state_dict(state, strict=False)
+        unwrap_model(self.model).load_state_dict(state, strict=False)
+        if RANK in {-1, 0}:
+            LOGGER.info(f"detq: resumed {len(state)} quantizer tensors in full precision from {self.args.resume}")
+
+    # ------------------------------------------------------------------ PTQ
+    def _do_train(self):
+        if self.detq_recipe.mode != "ptq":
+            return super()._do_train()
+        import time
+
+        if self.world_size > 1:
+            self._setup_ddp()
+        self._setup_train()  # builds, converts and calibrates (no optimizer steps follow)
+        self.epoch, self.epochs = 0, 1
+        self.train_time_start = time.time()
+        self._detq_loss_names()
+        self.lr, self.loss = {}, torch.zeros(())
+        self.run_callbacks("on_train_start")
+        if RANK in {-1, 0}:
+            self.metrics, self.fitness = self.validate()
+            self.best_fitness = self.fitness
+            self.save_metrics(metrics={**self.metrics})
+            self.save_model()
+            self.run_callbacks("on_model_save")
+        self.final_eval()
+        if RANK in {-1, 0}:
+            self.run_callbacks("on_train_end")
+        self._clear_memory()
+
+
+    def _detq_loss_names(self) -> None:
+        """The loss names the validator reports (training derives them from its first batch); no BN update."""
+        model = unwrap_model(self.model)
+        batch = self.preprocess_batch(next(iter(self.train_loader)))
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        was = model.training
+        try:
+            with torch.no_grad():
+                model.train()
+                for m in bns:
+                    m.eval()
+                _, items = model.loss(batch)
+        finally:
+            model.train(was)
+        self.loss_items = {k: torch.zeros_like(v) for k, v in items.items()}
+        self.loss_names = tuple(items)
+        self.tloss = {k: 0.0 for k in items}
+
+
+def _reset_iteration(trainer) -> None:
+    trainer._detq_iter = 0
+
+
+def _curriculum_step(trainer) -> None:
+    if trainer.detq_schedule is not None:
+        trainer._detq_apply_progress(trainer._detq_progress(trainer.epoch, trainer._detq_iter))
+    trainer._detq_iter += 1
+
+
+class DetQTrainer(_DetQMixin, DetectionTrainer):
+    """Ultralytics detection trainer that quantizes the model with a detq-hooks recipe.
+
+    ``YOLO(...).train(trainer=DetQTrainer, detq=...)`` works for YOLOv8/YOLO11/YOLO26 and RT-DETR models
+    (an RT-DETR model gets :class:`DetQRTDETRTrainer`, built on Ultralytics' ``RTDETRTrainer``).
+
+    Args (through ``train(...)``):
+        detq: preset name (``w8a8``, ``w4a8``, ``w4a4``, ``w8a8-ptq``, ...), recipe YAML path or dict.
+    """
+
+    def __new__(cls, cfg=None, overrides=None, _callbacks=None):
+        if cls is DetQTrainer:
+            ov = overrides or {}
+            spec = ov.get("resume") if isinstance(ov.get("resume"), (str, Path)) else ov.get("model")
+            if _is_rtdetr(spec):
+                cls = DetQRTDETRTrainer
+        return super().__new__(cls)
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, DetectionTrainer.__init__)
+
+
+class DetQRTDETRTrainer(DetQTrainer, RTDETRTrainer):
+    """:class:`DetQTrainer` for RT-DETR (Ultralytics' ``RTDETRTrainer`` data pipeline and validator)."""
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, RTDETRTrainer.__init__)
+
+
+__all__ = [
+    "DetQTrainer",
+    "DetQRTDETRTrainer",
+    "DetQConfigError",
+    "prediction_layers",
+    "excluded_layers",
+    "quantize_ultralytics",
+    "resolve_recipe",
+]

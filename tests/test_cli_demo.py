@@ -1,0 +1,53 @@
+"""`detq` console script: the demo (tiny sizes) and `detq train ultralytics`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+import pytest
+import torch
+
+pytest.importorskip("ultralytics")
+
+from detq_hooks import is_quantized  # noqa: E402
+from detq_hooks.cli import _parse_kv, main  # noqa: E402
+
+
+def test_demo_smoke(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--epochs", "1", "--qat-epochs", "1", "--imgsz", "64", "--num-train", "16",
+               "--num-val", "8", "--batch", "8", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["float", "PTQ W8A8", "QAT W4A8"]
+    for r in res["rows"]:
+        assert 0.0 <= r["map50_95"] <= 1.0 and r["onnx_ms"] > 0
+    qat = res["rows"][2]
+    assert qat["extra"]["qdq_pairs"] > 0 and qat["packed_mb"] < res["rows"][0]["packed_mb"]
+    printed = capsys.readouterr().out
+    assert "mAP50-95" in printed and "QAT W4A8" in printed
+
+
+def test_parse_kv_keeps_paths_as_strings():
+    kv = _parse_kv(["model=yolo11n.yaml", "data=1.yaml", "epochs=2", "amp=False", "detq=w4a8", "imgsz=64"])
+    assert kv == {"model": "yolo11n.yaml", "data": "1.yaml", "epochs": 2, "amp": False, "detq": "w4a8", "imgsz": 64}
+
+
+def test_cli_train_ultralytics(tmp_path, capsys):
+    from detq_hooks.data import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(tmp_path / "data", num_train=16, num_val=8, imgsz=64, seed=0)
+    common = [f"data={ds.yolo_yaml}", "epochs=1", "imgsz=64", "batch=8", "amp=False", "plots=False", "workers=0",
+              "device=cpu", f"project={tmp_path / 'runs'}", "exist_ok=True"]
+    rc = main(["train", "ultralytics", "model=yolo11n.yaml", "detq=w8a8-ptq", "name=cli", *common])
+    assert rc == 0
+    best = tmp_path / "runs" / "cli" / "weights" / "best.pt"
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    assert is_quantized(ckpt["model"]) and ckpt["detq"]["recipe"]["mode"] == "ptq"
+    rc = main(["train", "ultralytics", "model=yolo11n.yaml", "detq=w5a5", "name=bad", *common])
+    assert rc == 2 and "unknown recipe preset" in capsys.readouterr().err

@@ -1,0 +1,560 @@
+"""DetQCallback with real (tiny) Lightning runs: conversion, training, resume, DDP, precision, evaluation from
+checkpoints, weight averaging, LightningCLI and bad input."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from detq_hooks import RecipeError, is_quantized, iter_quantizers, quantized_layers, set_quantization_enabled  # noqa: E402
+from detq_hooks.checkpoint import CheckpointMismatchError  # noqa: E402
+from detq_hooks.lightning import DetQCallback, load_quantized_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def _data(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    y = torch.randn(n, 4, 8, 8, generator=g) * 0.5
+    return TensorDataset(x, y)
+
+
+def loader(n=16, seed=0, bs=4):
+    return DataLoader(_data(n, seed), batch_size=bs, shuffle=False)
+
+
+def make_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    )
+
+
+class TinyDet(pl.LightningModule):
+    """A dense-prediction toy: images -> 4-channel maps (stands in for a detector's head outputs)."""
+
+    def __init__(self, lr: float = 0.05, return_dict: bool = False, scheduler: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = make_net()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(self(x).float(), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return {"loss": loss} if self.hparams.return_dict else loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if self.hparams.scheduler:
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)}
+        return opt
+
+
+class LazyDet(TinyDet):
+    """Layers created in `configure_model` (idempotent, as Lightning asks)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            torch.manual_seed(0)
+            self.net = make_net()
+
+
+class ManualDet(TinyDet):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = self._loss(batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def trainer(tmp_path, callbacks=(), **kw):
+    args = dict(
+        accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )
+    args.update(kw)
+    return pl.Trainer(callbacks=list(callbacks), **args)
+
+
+def qstate(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if "_quantizer." in k}
+
+
+def act_scales(module):
+    return torch.stack([q.scale.detach().float().mean() for _, q in iter_quantizers(module) if q.role == "activation"])
+
+
+class Snapshot(pl.Callback):
+    """Records the quantizer state right after calibration (DetQCallback's on_train_start ran before)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.after_calibration = qstate(pl_module)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_fit_quantizes_and_learns_scales(tmp_path):
+    model, snap = TinyDet(return_dict=True, scheduler=True), Snapshot()
+    cb = DetQCallback(recipe="w4a8", calibration_batches=2)
+    t = trainer(tmp_path, [cb, snap], max_steps=6, log_every_n_steps=1)
+    t.fit(model, loader())
+    assert is_quantized(model) and len(quantized_layers(model)) == 4
+    assert cb.last_calibration is not None and cb.last_calibration.num_batches == 2
+    groups = {g.get("name"): g for g in t.optimizers[0].param_groups}
+    assert "detq_quantizers" in groups and groups["detq_quantizers"]["weight_decay"] == 0.0
+    assert len(t.lr_scheduler_configs[0].scheduler.base_lrs) == 2  # the scheduler covers the new group
+    after = qstate(model)
+    changed = [k for k in after if k.endswith(".scale") and not torch.equal(after[k], snap.after_calibration[k])]
+    assert any(".input_quantizer." in k for k in changed) and any(".weight_quantizer." in k for k in changed)
+    assert "detq/act_scale_mean" in t.logged_metrics and float(t.logged_metrics["detq/quantized_layers"]) == 4
+
+
+def test_layers_created_in_configure_model_are_quantized(tmp_path):
+    model = LazyDet()
+    t = trainer(tmp_path, [DetQCallback(recipe="w8a8")], max_steps=2)
+    t.fit(model, loader())
+    assert len(quantized_layers(model)) == 4
+    qparams = {id(p) for _, q in iter_quantizers(model) for p in q.parameters()}
+    opt_params = {id(p) for g in t.optimizers[0].param_groups if g.get("name") == "detq_quantizers" for p in g["params"]}
+    assert qparams and qparams == opt_params
+
+
+def test_loss_terms_tensor_dict_accumulation_and_manual(tmp_path):
+    def penalty(pl_module, batch, out):  # shrinks activation ranges; proves the term reaches the optimizer
+        scales = [q.scale.float().mean() for _, q in iter_quantizers(pl_module) if q.role == "activation"]
+        return {"scale_penalty": 0.2 * torch.stack(scales).sum()}
+
+    results = {}
+    for name, model, kw in [
+        ("plain", TinyDet(), {}),
+        ("tensor", TinyDet(), {}),
+        ("dict_accum", TinyDet(return_dict=True), {"accumulate_grad_batches": 2, "max_steps": 2}),
+        ("manual", ManualDet(), {}),
+    ]:
+        cb = DetQCallback(recipe="w8a8", calibration_batches=1)
+        if name != "plain":
+            cb.add_loss_term("penalty", penalty)
+        snap = Snapshot()
+        t = trainer(tmp_path, [cb, snap], log_every_n_steps=1, **kw)
+        t.fit(model, loader())
+        results[name] = (snap.after_calibration, qstate(model))
+        if name != "plain":
+            assert "detq/scale_penalty" in t.logged_metrics, name
+            assert cb.last_loss_terms["scale_penalty"] > 0
+    shrink = {}
+    for name, (before, after) in results.items():
+        keys = [k for k in before if ".input_quantizer.scale" in k]
+        shrink[name] = sum(float((before[k] - after[k]).sum()) for k in keys)
+    for name in ("tensor", "dict_accum", "manual"):
+        assert shrink[name] > shrink["plain"] + 1e-4, shrink
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full = TinyDet()
+    trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=2), ck], max_epochs=2, max_steps=-1,
+            enable_checkpointing=True).fit(full, loader())
+    resumed = TinyDet(lr=0.05)
+    trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=2)], max_epochs=2, max_steps=-1).fit(
+        resumed, loader(), ckpt_path=tmp_path / "ck" / "epoch=0.ckpt")
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    model = TinyDet()
+    t = trainer(tmp, [DetQCallback(recipe="w4a8", calibration_batches=2)], max_steps=8)
+    t.fit(model, loader())
+    path = tmp / "q.ckpt"
+    t.save_checkpoint(path)
+    return path, model
+
+
+def test_test_validate_predict_from_ckpt_path_evaluate_quantized_model(tmp_path, trained_ckpt):
+    path, trained = trained_ckpt
+    t = trainer(tmp_path, [DetQCallback(recipe="w4a8")])
+    fresh = TinyDet()
+    res = t.test(fresh, loader(seed=1), ckpt_path=path)[0]["test_loss"]
+    assert is_quantized(fresh)
+    val = t.validate(fresh, loader(seed=1), ckpt_path=path)[0]["val_loss"]
+    preds = torch.cat(t.predict(fresh, loader(seed=1), ckpt_path=path))
+
+    direct = load_quantized_checkpoint(TinyDet, path, map_location="cpu").eval()
+    assert type(direct) is TinyDet and is_quantized(direct)
+    x, y = _data(16, 1).tensors
+    with torch.no_grad():
+        q_out = direct(x)
+        q_loss = nn.functional.mse_loss(q_out, y).item()
+        set_quantization_enabled(direct, weights=False, activations=False)
+        f_loss = nn.functional.mse_loss(direct(x), y).item()
+    assert res == pytest.approx(q_loss, rel=1e-5) and val == pytest.approx(q_loss, rel=1e-5)
+    assert torch.allclose(preds, q_out, atol=1e-6)
+    assert abs(res - f_loss) > 1e-6  # the quantized model was evaluated, not the float one
+    with torch.no_grad():
+        assert torch.allclose(trained.eval()(x), q_out, atol=1e-6)
+
+
+def test_bf16_mixed(tmp_path):
+    model = TinyDet()
+    t = trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=1)], precision="bf16-mixed", max_steps=3)
+    t.fit(model, loader())
+    assert is_quantized(model) and torch.isfinite(act_scales(model)).all()
+    assert torch.isfinite(torch.as_tensor(float(t.callback_metrics["train_loss"])))
+
+
+def test_ema_and_swa_keep_quantizers(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    # EMA listed before DetQ: its copy (made in its setup) must be rebuilt from the quantized module.
+    class Toggle(pl.Callback):  # what the curriculum does: a layer's quantizers switched off, then on again
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx in (0, 2):
+                set_quantization_enabled(pl_module, weights=batch_idx == 2, activations=batch_idx == 2,
+                                         where=lambda n: n == "net.3")
+
+    ema, model = EMAWeightAveraging(decay=0.999), TinyDet()
+    t = trainer(tmp_path, [ema, DetQCallback(recipe="w4a8", calibration_batches=1), Toggle()], max_steps=4)
+    t.fit(model, loader())
+    avg = ema._average_model.module
+    assert is_quantized(avg)
+    for (_, qa), (_, qm) in zip(iter_quantizers(avg), iter_quantizers(model)):
+        assert int(qa.bits_state) == int(qm.bits_state) == qm.bits  # integer buffers are not blended
+        assert int(qa.enabled_state) == int(qm.enabled_state) == 1 and qa.enabled
+    path = tmp_path / "ema.ckpt"
+    t.save_checkpoint(path)
+    assert is_quantized(load_quantized_checkpoint(TinyDet, path))
+
+    swa, model = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1), TinyDet()
+    t = trainer(tmp_path, [swa, DetQCallback(recipe="w4a8", calibration_batches=1)], max_epochs=2, max_steps=-1)
+    t.fit(model, loader(n=8))
+    assert is_quantized(swa._average_model) and is_quantized(model)
+
+
+def test_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    cfg = ROOT / "integrations" / "lightning" / "detq_w4a8.yaml"
+    data_cfg = tmp_path / "run.yaml"
+    data_cfg.write_text(textwrap.dedent(f"""
+        trainer:
+          accelerator: cpu
+          devices: 1
+          max_steps: 2
+          logger: false
+          enable_checkpointing: false
+          enable_progress_bar: false
+          default_root_dir: {tmp_path}
+    """))
+    cli = LightningCLI(CLIModel, CLIData, args=["fit", "--config", str(data_cfg), "--config", str(cfg)],
+                       save_config_callback=None)
+    cbs = [c for c in cli.trainer.callbacks if isinstance(c, DetQCallback)]
+    assert len(cbs) == 1 and cbs[0].recipe.name == "w4a8"
+    assert is_quantized(cli.model) and cli.trainer.global_step == 2
+
+    crqat = ROOT / "integrations" / "lightning" / "detq_w4a4_crqat.yaml"
+    cli = LightningCLI(CLIModel, CLIData, args=["--config", str(data_cfg), "--config", str(crqat)], run=False,
+                       save_config_callback=None)
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, DetQCallback))
+    assert cb.recipe.curriculum.enabled and cb.recipe.distillation.enabled and cb.target == "model"
+
+
+class CLIModel(TinyDet):
+    pass
+
+
+class CLIData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return loader()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_rule_matching_nothing_is_a_clear_error_and_model_untouched(tmp_path):
+    model = TinyDet()
+    recipe = {"preset": "w4a8", "quantization": {"rules": [{"name": "backbone.*", "weight_bits": 8}]}}
+    with pytest.raises(RecipeError, match=r"rules\[0\].*matches no quantizable module"):
+        trainer(tmp_path, [DetQCallback(recipe=recipe)]).fit(model, loader())
+    assert not is_quantized(model)
+
+
+def test_two_callbacks_are_refused(tmp_path):
+    model = TinyDet()
+    with pytest.raises(RuntimeError, match="DetQCallback"):
+        trainer(tmp_path, [DetQCallback("w4a8"), DetQCallback("w8a8")]).fit(model, loader())
+    assert not is_quantized(model)
+
+
+def test_checkpoint_mismatches_are_clear_errors(tmp_path, trained_ckpt):
+    qpath, _ = trained_ckpt
+    float_trainer = trainer(tmp_path, max_steps=2)
+    float_model = TinyDet()
+    float_trainer.fit(float_model, loader())
+    fpath = tmp_path / "float.ckpt"
+    float_trainer.save_checkpoint(fpath)
+
+    # float checkpoint resumed into a quantized run
+    with pytest.raises(CheckpointMismatchError, match="float weights without quantizer state"):
+        trainer(tmp_path, [DetQCallback("w4a8")], max_steps=4).fit(TinyDet(), loader(), ckpt_path=fpath)
+    with pytest.raises(CheckpointMismatchError, match="float weights without quantizer state"):
+        trainer(tmp_path, [DetQCallback("w4a8")]).test(TinyDet(), loader(), ckpt_path=fpath)
+    # quantized checkpoint into a float run: Lightning's strict load names the quantizer keys
+    with pytest.raises(RuntimeError, match="_quantizer"):
+        trainer(tmp_path).test(TinyDet(), loader(), ckpt_path=qpath)
+    # a different recipe
+    with pytest.raises(CheckpointMismatchError, match="different recipe"):
+        trainer(tmp_path, [DetQCallback("w8a8")]).test(TinyDet(), loader(), ckpt_path=qpath)
+    # the loading helper on a float checkpoint
+    with pytest.raises(CheckpointMismatchError, match="no detq quantization state"):
+        load_quantized_checkpoint(TinyDet, fpath)
+
+
+def test_bad_arguments():
+    with pytest.raises(RecipeError, match="unknown recipe preset"):
+        DetQCallback(recipe="w3a3")
+    with pytest.raises(ValueError, match="calibration_batches"):
+        DetQCallback(calibration_batches=0)
+    with pytest.raises(ValueError, match="calibration_forward"):
+        DetQCallback(calibration_forward="no_such_module_xyz.fn")
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import lightning.pytorch as pl
+from test_lightning import TinyDet, TinyFCOS, Snapshot, loader, det_loader, qstate, CRQAT_RECIPE
+from detq_hooks.lightning import DetQCallback
+
+def params_and_quantizers(m):
+    state = qstate(m)
+    state.update({{k: p.detach().clone() for k, p in m.named_parameters()}})
+    return state
+
+class Save(Snapshot):
+    def on_train_end(self, trainer, pl_module):
+        torch.save({{"calib": self.after_calibration, "final": params_and_quantizers(pl_module)}},
+                   {out!r} + f"/rank{{trainer.global_rank}}.pt")
+
+torch.set_num_threads(1)
+if {mode!r} == "crqat":
+    model, data, recipe = TinyFCOS(), det_loader(n=16), CRQAT_RECIPE
+else:
+    model, data, recipe = TinyDet(), loader(n=32), "w4a8"
+t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=[DetQCallback(recipe, calibration_batches=2), Save()])
+# each rank gets different data from the DistributedSampler (shuffle=False keeps it deterministic)
+t.fit(model, data)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "crqat"])
+def test_ddp_two_processes_agree(tmp_path, mode):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path), mode=mode))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, timeout=300, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("calib", "final"):
+        assert r0[key].keys() == r1[key].keys() and r0[key]
+        for k in r0[key]:
+            assert torch.equal(r0[key][k], r1[key][k]), (key, k)
+    changed = [k for k in r0["final"] if k.endswith("input_quantizer.scale") and k in r0["calib"]
+               and not torch.equal(r0["final"][k], r0["calib"][k])]
+    assert changed
+
+
+# ---------------------------------------------------------------------------------------------- CR-QAT (issue 6)
+class TinyBody(nn.Module):
+    """ResNet-shaped body (children conv1 / layer2..4) small enough for tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.layer4 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+
+
+def tiny_fcos(num_classes=3):
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.fcos import FCOSHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    fpn = BackboneWithFPN(TinyBody(), {"layer2": "0", "layer3": "1", "layer4": "2"}, [16, 16, 16], 32,
+                          extra_blocks=LastLevelP6P7(32, 32))
+    return FCOS(fpn, num_classes + 1, min_size=64, max_size=64, head=FCOSHead(32, 1, num_classes + 1, num_convs=1),
+                score_thresh=0.05, detections_per_img=20, topk_candidates=50)
+
+
+class TinyFCOS(pl.LightningModule):
+    def __init__(self, lr: float = 0.01):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = tiny_fcos()
+
+    def forward(self, images):
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        loss = sum(self.model(images, targets).values())
+        self.log("train_loss", loss)
+        return loss
+
+    def calibration_forward(self, batch):
+        return self.model(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def det_loader(n=8, bs=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        xy = torch.rand(3, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 16], 1)
+        items.append((torch.rand(3, 64, 64, generator=g), {"boxes": boxes, "labels": torch.randint(1, 4, (3,), generator=g)}))
+    return DataLoader(items, batch_size=bs, shuffle=False, collate_fn=lambda b: tuple(map(list, zip(*b))))
+
+
+CRQAT_RECIPE = {"preset": "w4a8", "curriculum": {"enabled": True, "boundaries": [0.5]}, "distillation": {"enabled": True}}
+
+
+class StageProbe(pl.Callback):
+    """Per step: the curriculum stage, whether the head's quantizers are on, and the head weights."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        head = pl_module.model.head.classification_head.cls_logits
+        body = pl_module.model.backbone.body.layer2[0]
+        self.rows.append((trainer.global_step, head.weight_quantizer.enabled, head.input_quantizer.enabled,
+                          head.weight.detach().clone(), body.weight.detach().clone()))
+
+
+def test_crqat_stages_freezing_and_distillation_terms(tmp_path):
+    model, probe = TinyFCOS(), StageProbe()
+    float_head = model.model.head.classification_head.cls_logits.weight.detach().clone()
+    cb = DetQCallback(recipe=CRQAT_RECIPE, calibration_batches=1)
+    t = trainer(tmp_path, [cb, probe], max_steps=4, log_every_n_steps=1)
+    t.fit(model, det_loader())
+    assert [s.name for s in cb.crqat.stages] == ["backbone", "neck_head"]
+    assert cb.crqat.stages[0].prefixes == ["model.backbone.body"]
+    # teacher: a float copy outside the module tree
+    assert not is_quantized(cb.crqat.teacher.module)
+    assert not any(p is q for p in model.parameters() for q in cb.crqat.teacher.module.parameters())
+    # stage 1 (steps 1-2): head float and frozen, body trained; stage 2: head quantized and trained
+    (s1, w_on1, a_on1, head1, body1), (s2, _, _, head2, body2), (_, w_on3, a_on3, head3, _), _ = probe.rows
+    assert not w_on1 and not a_on1 and torch.equal(head1, float_head) and torch.equal(head2, float_head)
+    assert not torch.equal(body1, body2)
+    assert w_on3 and a_on3 and not torch.equal(head3, float_head)
+    for k in ("detq/distill_pkd_stage1", "detq/distill_relational", "detq/distill_logit", "detq/distill_box",
+              "detq/curriculum_stage"):
+        assert k in t.logged_metrics, k
+    assert all(v > 0 for v in cb.crqat.last_terms.values()), cb.crqat.last_terms
+
+
+def test_distillation_gradients_reach_student_only(tmp_path):
+    model = TinyFCOS()
+    cb = DetQCallback(recipe={"preset": "w4a8", "distillation": {"enabled": True}}, calibration_batches=1)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, det_loader(n=2))
+    model.train()
+    batch = next(iter(det_loader(n=2)))
+    cb._begin_recording(model)
+    try:
+        model.model(batch[0], batch[1])
+        terms = cb._distillation_term(model, batch, None)
+    finally:
+        cb._end_recording()
+    model.zero_grad()
+    terms["distill"].backward()
+    assert set(cb.crqat.last_terms) == {"pkd_stage1", "relational", "logit", "box"}
+    assert all(v > 0 for v in cb.crqat.last_terms.values())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None and not p.requires_grad for p in cb.crqat.teacher.module.parameters())
+
+
+def test_crqat_resume_mid_curriculum_reproduces(tmp_path):
+    # 4 batches per epoch x 2 epochs; the stage changes at step 4 (epoch 2); resume from the epoch-1 checkpoint
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full = TinyFCOS()
+    cb_full = DetQCallback(recipe=CRQAT_RECIPE, target="model", calibration_batches=1)
+    trainer(tmp_path, [cb_full, ck], max_epochs=2, max_steps=-1, enable_checkpointing=True).fit(full, det_loader())
+    ckpt = torch.load(tmp_path / "ck" / "epoch=0.ckpt", weights_only=False)
+    assert ckpt["callbacks"]["DetQCallback"]["curriculum"]["current"] == 0 and "detq_teacher" in ckpt
+    mid = load_quantized_checkpoint(TinyFCOS, tmp_path / "ck" / "epoch=0.ckpt")  # stage 1: head float
+    assert is_quantized(mid.model) and not mid.model.head.classification_head.cls_logits.weight_quantizer.enabled
+    assert mid.model.backbone.body.layer2[0].weight_quantizer.enabled
+
+    resumed = TinyFCOS()
+    with torch.no_grad():  # a different float start: the teacher must come from the checkpoint, not from here
+        for p in resumed.parameters():
+            p.add_(0.01)
+    cb_res = DetQCallback(recipe=CRQAT_RECIPE, target="model", calibration_batches=1)
+    trainer(tmp_path, [cb_res], max_epochs=2, max_steps=-1).fit(resumed, det_loader(), ckpt_path=tmp_path / "ck" / "epoch=0.ckpt")
+    assert cb_res.crqat.schedule.current == cb_full.crqat.schedule.current == 1
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0), k
+    for (k, ta), tb in zip(cb_full.crqat.teacher.state_dict().items(), cb_res.crqat.teacher.state_dict().values()):
+        assert torch.equal(ta, tb), k
+
+
+def test_curriculum_needs_stages_when_structure_is_unknown(tmp_path):
+    recipe = {"preset": "w4a8", "curriculum": {"enabled": True}}
+    with pytest.raises(RecipeError, match="curriculum.stages"):
+        trainer(tmp_path, [DetQCallback(recipe=recipe)]).fit(TinyDet(), loader())
+    named = {"preset": "w4a8", "curriculum": {"enabled": True, "stages": [
+        {"name": "body", "modules": ["net.0", "net.1", "net.3"], "outputs": ["net.4"]},
+        {"name": "head", "modules": ["net.5", "net.7"]}]}, "distillation": {"enabled": True}}
+    model, cb = TinyDet(), DetQCallback(recipe=named, calibration_batches=1)
+    trainer(tmp_path, [cb], max_steps=2, log_every_n_steps=1).fit(model, loader())
+    assert [s.name for s in cb.crqat.stages] == ["body", "head"] and cb.crqat.last_terms["pkd_stage1"] > 0
