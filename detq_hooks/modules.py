@@ -30,6 +30,25 @@ def _clone_into(cls, module: nn.Module) -> nn.Module:
     return new
 
 
+# Subclasses of the float layers whose forward differs only on torch < 1.6 (empty-tensor handling) and is
+# therefore the parent's forward here: quantized like the parent, given back as themselves by ``to_float``.
+TRANSPARENT_SUBCLASSES = frozenset({
+    "mmcv.cnn.bricks.wrappers.Conv2d",
+    "mmcv.cnn.bricks.wrappers.Linear",
+    "mmcv.cnn.bricks.wrappers.ConvTranspose2d",
+})
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_swappable(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` (an instance of ``base``) computes exactly ``base``'s function."""
+    t = type(module)
+    return t is base or (issubclass(t, base) and _qualname(t) in TRANSPARENT_SUBCLASSES)
+
+
 class QuantModuleMixin:
     """Shared behaviour of the fake-quant layers."""
 
@@ -53,8 +72,9 @@ class QuantModuleMixin:
             weight_spec: keyword arguments of :class:`FakeQuantizer` for the weight (bits, symmetric, ...).
             input_spec: same for the input activation, or ``None`` to keep the input float.
         """
-        if type(module) is not cls.float_class:
+        if not is_swappable(module, cls.float_class):
             raise TypeError(f"{cls.__name__}.from_float expects exactly {cls.float_class.__name__}, got {type(module).__name__}")
+        original_type = type(module)
         weight = module.weight
         axis = cls.weight_channel_axis
         wq = FakeQuantizer(
@@ -72,11 +92,14 @@ class QuantModuleMixin:
         new = _clone_into(cls, module)
         new.weight_quantizer = wq
         new.input_quantizer = aq
+        if original_type is not cls.float_class:
+            new.detq_float_type = original_type  # to_float gives back e.g. mmcv's Linear wrapper
         return new
 
     def to_float(self) -> nn.Module:
         """The float layer back: same parameters, quantizers dropped."""
-        plain = _clone_into(self.float_class, self)  # type: ignore[arg-type]
+        plain = _clone_into(self.__dict__.get("detq_float_type", self.float_class), self)  # type: ignore[arg-type]
+        plain.__dict__.pop("detq_float_type", None)
         plain._modules.pop("weight_quantizer", None)
         plain._modules.pop("input_quantizer", None)
         return plain
@@ -142,5 +165,7 @@ __all__ = [
     "QuantLinear",
     "QuantConvTranspose2d",
     "QUANT_MODULES",
+    "TRANSPARENT_SUBCLASSES",
     "is_quantized_module",
+    "is_swappable",
 ]

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .modules import QUANT_MODULES, QuantModuleMixin, is_quantized_module
+from .modules import QUANT_MODULES, QuantModuleMixin, is_quantized_module, is_swappable
 from .quantizers import FakeQuantizer, iter_quantizers
 from .recipe import Recipe, RecipeError, load_recipe
 
@@ -80,7 +80,7 @@ def plan_quantization(
         if name in mha_out:
             plan.skipped.append((name, "read directly by nn.MultiheadAttention (out_proj.weight); kept float"))
             continue
-        if type(m) is not base:
+        if not is_swappable(m, base):
             plan.skipped.append((name, f"{type(m).__name__} subclasses {base.__name__} with its own behaviour"))
             continue
         if base.__name__ not in allowed:
@@ -188,7 +188,7 @@ def quantize(
     built: list[tuple[nn.Module, nn.Module]] = []
     for lp in plan.layers:
         float_mod = modules[lp.name]
-        qcls = QUANT_MODULES[type(float_mod)]
+        qcls = next(q for b, q in QUANT_MODULES.items() if is_swappable(float_mod, b))
         wspec = dict(bits=lp.weight_bits, symmetric=qs.weight.symmetric, per_channel=qs.weight.per_channel, kind=qs.weight.kind)
         aspec = None
         if lp.input_bits is not None:

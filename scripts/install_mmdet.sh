@@ -11,7 +11,7 @@ venv="${1:?usage: install_mmdet.sh VENV}"
 cache="${DETQ_WHEEL_CACHE:-$HOME/.cache/detq-hooks/wheels}"
 mkdir -p "$cache"
 
-if "$venv/bin/python" -c "import mmcv, mmcv.ops, mmdet, mmengine; from mmcv.ops import nms; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
+if "$venv/bin/python" -c "import pkg_resources, mmcv, mmcv.ops, mmdet, mmengine; from mmcv.ops import nms; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
   exit 0
 fi
 
@@ -49,5 +49,6 @@ fi
 
 echo "[mmdet] installing $(basename "$wheel"), mmengine 0.10.7, mmdet 3.3.0" >&2
 pip=("$venv/bin/pip" install -q --disable-pip-version-check)
-"${pip[@]}" "$wheel" mmengine==0.10.7 mmdet==3.3.0 "torch==2.14.1" "torchvision==0.29.1" >&2
+# mmengine's package checks (config `mmdet::` scopes) import pkg_resources, which setuptools>=81 no longer has.
+"${pip[@]}" "$wheel" mmengine==0.10.7 mmdet==3.3.0 "setuptools<81" "torch==2.14.1" "torchvision==0.29.1" >&2
 "$venv/bin/python" -c "import mmcv.ops, mmdet; from mmcv.ops import nms" >&2

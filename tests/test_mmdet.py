@@ -57,6 +57,8 @@ def load_cfg(name, synth, work_dir, epochs=1, batch=4, **options):
     cfg.work_dir = str(work_dir)
     cfg.randomness = dict(seed=0)
     cfg.log_level = "WARNING"
+    if "score_thr" in cfg.model.get("test_cfg", {}):  # a briefly trained model still yields detections to score
+        cfg.model.test_cfg.score_thr = 0.0
     cfg.merge_from_dict(options)
     return cfg
 
@@ -240,3 +242,65 @@ def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retin
     for k, v in expected.items():
         if v.is_floating_point():
             assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-5), k
+
+
+MMDET_DDP_SCRIPT = """
+import os, sys, types, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from mmengine.runner import Runner
+from test_mmdet import hook_recipe, load_cfg
+# MMEngine's `init_dist` selects a CUDA device: on CPU the gloo group is opened first, the DDP wrapper gets no device ids.
+dist.init_process_group("gloo")
+synth = types.SimpleNamespace(root=os.environ["SYNTH"])
+cfg = hook_recipe(load_cfg("retinanet_r18_synthetic_w4a8.py", synth, os.environ["WORK"], batch=2, launcher="pytorch",
+                           model_wrapper_cfg=dict(type="MMDistributedDataParallel", device_ids=None)), "w4a8")
+cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=2, val_interval=100)
+runner = Runner.from_cfg(cfg)
+runner.train()
+assert type(runner.model).__name__ == "MMDistributedDataParallel"
+state = dict(runner.model.module.state_dict())
+state["last_loss"] = torch.tensor(runner.message_hub.get_scalar("train/loss").current())  # this rank's own batch
+torch.save(state, os.path.join(os.environ["WORK"], f"rank{runner.rank}.pt"))
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_two_gloo_processes_train_retinanet_and_agree(synth, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_mmdet.py"
+    script.write_text(MMDET_DDP_SCRIPT)
+    env = {**os.environ, "TESTS_DIR": str(Path(__file__).parent), "WORK": str(tmp_path), "SYNTH": str(synth.root),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=localhost:0", str(script)], check=True, env=env, timeout=600)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    scales = [k for k in r0 if k.endswith("quantizer.scale")]
+    assert len(scales) > 50
+    # the ranks trained on different images (different losses), yet weights and scales are identical
+    assert not torch.equal(r0.pop("last_loss"), r1.pop("last_loss"))
+    running = [k for k in r0 if "running_" in k]  # BN statistics are per rank (DDP broadcasts them next forward)
+    for k in r0:
+        if k not in running:
+            assert torch.allclose(r0[k].float(), r1[k].float(), atol=1e-6), k
+
+
+def test_mmcv_layer_wrappers_are_quantized_and_given_back():
+    """mmcv's Conv2d/Linear wrappers (DETR's fc_cls, ...) compute nn.Conv2d/nn.Linear's function on this torch."""
+    import copy
+    import pickle
+
+    from mmcv.cnn import Conv2d as MMConv2d, Linear as MMLinear
+
+    model = torch.nn.Sequential(MMConv2d(3, 8, 3), torch.nn.Flatten(), MMLinear(8 * 6 * 6, 5))
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    dq.quantize(model, "w8a8")
+    assert [n for n, _ in dq.quantized_layers(model)] == ["0", "2"]
+    dq.calibrate(model, [x])
+    assert (model(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    model = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    dq.dequantize(model)
+    assert type(model[0]) is MMConv2d and type(model[2]) is MMLinear
+    assert torch.allclose(model(x), ref)

@@ -15,6 +15,7 @@ model = dict(
                                               ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=512))),
     positional_encoding=dict(num_feats=embed_dims // 2),
     bbox_head=dict(num_classes={{_base_.synth_num_classes}}, embed_dims=embed_dims),
+    test_cfg=dict(max_per_img=30),  # at most one detection per query
 )
 train_dataloader = {{_base_.synth_train_dataloader}}
 val_dataloader = {{_base_.synth_val_dataloader}}

@@ -29,6 +29,7 @@ synth_train_dataloader = dict(
     _delete_=True,
     batch_size=8,
     num_workers=0,
+    persistent_workers=False,
     sampler=dict(type='DefaultSampler', shuffle=True),
     dataset=dict(
         type='CocoDataset',
@@ -42,6 +43,7 @@ synth_val_dataloader = dict(
     _delete_=True,
     batch_size=8,
     num_workers=0,
+    persistent_workers=False,  # explicit: the same dict serves as test_dataloader, where `_delete_` was already used
     drop_last=False,
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
