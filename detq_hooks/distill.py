@@ -105,8 +105,11 @@ def logit_loss(
     if s.numel() == 0:
         return student_logits.sum() * 0.0
     if kind == "sigmoid":
-        per = F.binary_cross_entropy_with_logits(s, torch.sigmoid(t), reduction="none").sum(-1)
-        per = per - F.binary_cross_entropy_with_logits(t, torch.sigmoid(t), reduction="none").sum(-1)  # KL, 0 at equality
+        # Bernoulli KL(σ(t) || σ(s)) per class, from log-sigmoids: no cancellation of two large cross-entropies
+        # (which rounds small divergences to 0 or below it).
+        p = torch.sigmoid(t)
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+        per = kl.clamp_min(0).sum(-1)  # >= 0 exactly; rounding near equality could dip below
     elif kind == "softmax":
         per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
     else:

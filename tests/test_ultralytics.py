@@ -432,3 +432,20 @@ def test_crqat_resume_mid_curriculum_reproduces(ds, project, crqat_run):
     for k in teacher_b:
         if teacher_b[k].is_floating_point():
             assert torch.equal(teacher_a[k].float(), teacher_b[k].float()), k  # rebuilt exactly from last.pt
+
+
+def test_crqat_end_to_end_head_distils_one_to_many_branch(ds, project):
+    """YOLO26 (end-to-end head): CR-QAT trains, every distillation term is non-zero in stage 2."""
+    # A float start with trained BatchNorm statistics (a fresh model's eval-mode teacher outputs are ~constant).
+    start = YOLO("yolo26n.yaml")
+    start.train(data=str(ds.yolo_yaml), epochs=1, project=str(project), name="float26", **COMMON)
+    log = []
+    model = YOLO(str(start.trainer.last))
+    model.add_callback("on_train_batch_end", lambda t: log.append((t.detq_schedule.current,
+                                                                   {k: float(v) for k, v in t.loss_items.items()})))
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq={**CRQAT, "curriculum": {"boundaries": [0.5]}},
+                epochs=2, project=str(project), name="crqat26", **COMMON, **CRQAT_ARGS)
+    second = [items for stage, items in log if stage == 1]
+    assert second, "stage 2 never started"
+    for k in ("d_pkd_stage1", "d_relational", "d_logit", "d_box"):
+        assert all(items[k] > 0 for items in second), (k, [{n: v for n, v in i.items() if n.startswith("d_")} for i in second])
