@@ -61,6 +61,7 @@ def main() -> None:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
+    import detq_hooks.mmengine  # noqa: F401  (registers DetQHook; lets torch's weights_only load MMEngine checkpoints)
     from detq_hooks.data import make_synthetic_dataset
     from detq_hooks.zoo import float_refs_dir
 

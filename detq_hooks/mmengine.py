@@ -70,8 +70,8 @@ def _register_safe_checkpoint_globals() -> None:
     MMEngine calls ``torch.load`` without ``weights_only``; its checkpoints carry a message hub with
     ``HistoryBuffer`` objects and numpy arrays. Instead of turning the safe loader off (or asking users
     for an environment variable), ``HistoryBuffer`` is made to pickle as plain data and the few classes
-    involved are allow-listed. Checkpoints written before this import still need a trusted
-    ``weights_only=False`` load.
+    involved are allow-listed. Checkpoints written without this import need a full load (see
+    :func:`_register_local_checkpoint_loader`).
     """
     import numpy as np
 
@@ -90,6 +90,40 @@ def _register_safe_checkpoint_globals() -> None:
 
 
 _register_safe_checkpoint_globals()
+
+
+def _register_local_checkpoint_loader() -> None:
+    """Local checkpoints: torch's safe load first; a file that only a full unpickle reads (an MMEngine
+    checkpoint written by a run that did not import this module: its message hub pickles through
+    ``builtins.getattr``) is the user's own file, named in their config (``load_from``/``resume``), so it is
+    loaded fully, as MMEngine did before torch 2.6, with a warning that names it."""
+    import os.path as osp
+    import pickle
+    import warnings
+
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def load_from_local(filename, map_location=None):
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f"{filename} can not be found.")
+        try:
+            return torch.load(filename, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            warnings.warn(
+                f"detq-hooks: {filename} needs a full (weights_only=False) unpickle ({str(e).splitlines()[0][:120]}...); "
+                "loading it because the config names it. Checkpoints written with detq_hooks.mmengine imported load safely.",
+                stacklevel=2,
+            )
+            return torch.load(filename, map_location=map_location, weights_only=False)
+
+    CheckpointLoader.register_scheme(prefixes="", loader=load_from_local, force=True)
+
+
+try:
+    _register_local_checkpoint_loader()
+except Exception:  # pragma: no cover - an MMEngine without CheckpointLoader schemes
+    pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:

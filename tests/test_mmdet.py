@@ -304,3 +304,33 @@ def test_mmcv_layer_wrappers_are_quantized_and_given_back():
     dq.dequantize(model)
     assert type(model[0]) is MMConv2d and type(model[2]) is MMLinear
     assert torch.allclose(model(x), ref)
+
+
+def test_checkpoint_of_a_run_without_detq_loads_with_a_warning(tmp_path):
+    """A plain MMEngine checkpoint (message hub pickled through builtins.getattr) is refused by torch's safe
+    load; the file named in the config is loaded fully, with a warning naming it."""
+    import pickle
+
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    import detq_hooks.mmengine as dm
+
+    path = tmp_path / "plain.pth"
+    saved = HistoryBuffer.__reduce__
+    del HistoryBuffer.__reduce__  # as without detq_hooks.mmengine imported
+    try:
+        hub = HistoryBuffer()
+        hub.update(1.0)
+        torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": hub}}, path)
+    finally:
+        HistoryBuffer.__reduce__ = saved
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    with pytest.warns(UserWarning, match="plain.pth"):
+        ckpt = CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
+    assert torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
+    # written with the module imported: the safe load reads it, no warning
+    torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": hub}}, tmp_path / "safe.pth")
+    assert torch.load(tmp_path / "safe.pth", weights_only=True)["message_hub"]["loss"].current() == 1.0
+    assert dm.DetQHook is not None
