@@ -1,7 +1,7 @@
 """CR-QAT ablation in MMDetection: plain LSQ QAT vs curriculum only vs distillation only vs both, W4A4 and W4A8,
 from the same float checkpoint with the same iteration budget, on the synthetic COCO data.
 
-    python benchmarks/bench_crqat_mmdet.py [--config retinanet_r18_synthetic] [--float-epochs 12] [--qat-iters 150]
+    python benchmarks/bench_crqat_mmdet.py [--config rtmdet_tiny_synthetic] [--float-epochs 15] [--qat-iters 100]
 
 The float model is trained once and cached in ~/.cache/detq-hooks/float_refs/mmdet/<key>/ (delete it to retrain).
 Prints mAP50-95, the fraction of float mAP retained, and the mean training step time relative to plain QAT
@@ -45,13 +45,13 @@ def _cfg(name, work, imgsz, batch, **options):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="retinanet_r18_synthetic", help="float config under integrations/mmdet")
+    ap.add_argument("--config", default="rtmdet_tiny_synthetic", help="float config under integrations/mmdet")
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--num-train", type=int, default=256)
     ap.add_argument("--num-val", type=int, default=64)
-    ap.add_argument("--float-epochs", type=int, default=12)
-    ap.add_argument("--qat-iters", type=int, default=150)
+    ap.add_argument("--float-epochs", type=int, default=15)
+    ap.add_argument("--qat-iters", type=int, default=100)
     ap.add_argument("--bits", default="w4a4,w4a8")
     ap.add_argument("--variants", default="plain,curriculum,distillation,both")
     ap.add_argument("--threads", type=int, default=2)
