@@ -153,7 +153,8 @@ class CurriculumSchedule:
         self._frozen_ids = {id(params[n]) for n in frozen}
         self._frozen_snapshot = {n: params[n].detach().clone() for n in frozen}
         for n in frozen:
-            self._hooks.append(params[n].register_hook(torch.zeros_like))
+            if params[n].requires_grad:  # parameters the host keeps fixed (e.g. DFL's conv) take no gradient hook
+                self._hooks.append(params[n].register_hook(torch.zeros_like))
         for mname, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and (self._module_stage(mname) or 0) > k:
                 for bname, buf in m.named_buffers(recurse=False):

@@ -70,6 +70,23 @@ def test_stage_one_keeps_later_stage_float_and_frozen_then_stage_two_quantizes_i
     assert model.cls_head.weight.grad.abs().sum() > 0
 
 
+
+def test_frozen_stage_with_fixed_parameters_applies_and_stays_put():
+    """A later stage holding a parameter the host keeps fixed (requires_grad=False, like YOLO's DFL conv) is
+    frozen without a gradient hook on it, and it does not move."""
+    model, _ = _student_and_teacher()
+    model.box_head.weight.requires_grad_(False)
+    fixed = model.box_head.weight.detach().clone()
+    sched = CurriculumSchedule(STAGES, [1 / 3])
+    assert sched.update(model, 0.0) and sched.current == 0
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-2)
+    sum(o.square().mean() for o in model(torch.randn(2, 3, 32, 32))).backward()
+    assert model.box_head.weight.grad is None and model.cls_head.weight.grad.abs().sum() == 0
+    opt.step()
+    sched.after_optimizer_step(model)
+    assert torch.equal(model.box_head.weight, fixed)
+    assert sched.update(model, 0.5) and sched.current == 1
+
 def test_schedule_state_resumes_the_same_stage():
     model, _ = _student_and_teacher()
     sched = CurriculumSchedule(STAGES, [1 / 3])

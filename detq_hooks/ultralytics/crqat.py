@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..curriculum import CurriculumSchedule, Stage, assign_parameters
+from ..curriculum import CurriculumSchedule, Stage
 from ..distill import (
     Assignment,
     DistillationLoss,
@@ -167,13 +167,7 @@ class DistillCriterion:
 
 
 def build_schedule(recipe: Recipe, model: nn.Module) -> CurriculumSchedule:
-    sched = CurriculumSchedule.from_recipe(recipe.curriculum, ultralytics_stages(model))
-    # Work-around (core): CurriculumSchedule.apply registers a gradient hook on every parameter of a frozen stage,
-    # which raises for parameters that never need gradients (Ultralytics freezes DFL's fixed conv). Those never
-    # move anyway, so the schedule is given only the trainable ones.
-    params = dict(model.named_parameters())
-    sched._param_stage = {n: i for n, i in assign_parameters(model, sched.stages).items() if params[n].requires_grad}
-    return sched
+    return CurriculumSchedule.from_recipe(recipe.curriculum, ultralytics_stages(model))
 
 
 def teacher_from_path(path: str, trainer) -> Teacher:
