@@ -250,9 +250,13 @@ class Teacher:
         return self
 
     def __call__(self, *args, **kwargs):
+        return self.run(lambda module: module(*args, **kwargs))
+
+    def run(self, fn):
+        """``fn(module)`` in eval mode without gradients (for teacher passes that are not a plain call)."""
         self.module.eval()
         with torch.no_grad():
-            return self.module(*args, **kwargs)
+            return fn(self.module)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -897,9 +897,7 @@ class CRQAT:
         elif self.feature_names:
             rec = _Recorder(self.teacher.module, self.feature_names)
             try:
-                with torch.no_grad():
-                    self.teacher.module.eval()
-                    self.teacher.module(images)
+                self.teacher(images)
             finally:
                 rec.remove()
             s_feats = [_as_tensor_list(recorded[n][-1]) for n in self.feature_names]

@@ -270,7 +270,7 @@ class MMDetDistiller:
     def _loss(self, inputs: torch.Tensor, data_samples):
         losses, s_out, s_in = self._run(self.model, lambda: self._original_loss(inputs, data_samples))
         t_model = self.teacher.module
-        _, t_out, t_in = self._run(t_model, lambda: self._teacher_pass(t_model, inputs, data_samples))
+        _, t_out, t_in = self._run(t_model, lambda: self.teacher.run(lambda m: self._teacher_pass(m, inputs, data_samples)))
         s_feats = [[f for n in group for f in _feature_maps(s_out[n])] for group in self.feature_modules]
         t_feats = [[f for n in group for f in _feature_maps(t_out[n])] for group in self.feature_modules]
         if self.is_detr:
@@ -290,12 +290,10 @@ class MMDetDistiller:
     def _teacher_pass(self, t_model: nn.Module, inputs: torch.Tensor, data_samples):
         """The teacher's head outputs. MMDetection's ``mode="tensor"`` calls ``bbox_head.forward`` directly,
         which bypasses forward hooks; calling the modules keeps the capture hooks working."""
-        self.teacher.module.eval()
-        with torch.no_grad():
-            feats = t_model.extract_feat(inputs)
-            if self.is_detr:
-                return t_model.bbox_head(**t_model.forward_transformer(feats, data_samples))
-            return t_model.bbox_head(feats)
+        feats = t_model.extract_feat(inputs)
+        if self.is_detr:
+            return t_model.bbox_head(**t_model.forward_transformer(feats, data_samples))
+        return t_model.bbox_head(feats)
 
     def _detr_heads(self, s_outs, t_outs, s_in, t_in, data_samples):
         """DETR: the last decoder layer's queries; student queries reordered to the teacher's by Hungarian
