@@ -261,6 +261,8 @@ assert type(runner.model).__name__ == "MMDistributedDataParallel"
 state = dict(runner.model.module.state_dict())
 state["last_loss"] = torch.tensor(runner.message_hub.get_scalar("train/loss").current())  # this rank's own batch
 torch.save(state, os.path.join(os.environ["WORK"], f"rank{runner.rank}.pt"))
+dist.barrier()
+dist.destroy_process_group()  # a gloo group left to interpreter shutdown can SIGABRT after a good run
 """
 
 

@@ -197,6 +197,10 @@ DDP_SCRIPT = textwrap.dedent(
     assert type(runner.model).__name__ == "MMDistributedDataParallel"
     state = {k: v for k, v in runner.model.module.state_dict().items()}
     torch.save(state, os.path.join(os.environ["WORK"], f"rank{runner.rank}.pt"))
+    # Without this, gloo's worker threads can still hold tensors while the interpreter shuts down:
+    # an intermittent SIGABRT ("terminate called without an active exception") after a good run.
+    dist.barrier()
+    dist.destroy_process_group()
     """
 )
 
