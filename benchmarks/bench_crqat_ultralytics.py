@@ -1,7 +1,7 @@
 """CR-QAT ablation with Ultralytics: plain LSQ QAT vs curriculum only vs distillation only vs both, at W4A4 and
 W4A8, from one cached float YOLO checkpoint with the same epoch budget, on the synthetic data.
 
-    YOLO_OFFLINE=1 python benchmarks/bench_crqat_ultralytics.py [--model yolo11n.yaml --float-epochs 30
+    YOLO_OFFLINE=1 python benchmarks/bench_crqat_ultralytics.py [--model yolo11n.yaml --float-epochs 60
         --qat-epochs 6 --imgsz 160 --num-train 512 --num-val 96 --bits w4a4,w4a8]
 
 The float model comes from ``detq_hooks.zoo.cached_float_checkpoint`` (trained once, then reused). Every QAT run
@@ -51,7 +51,7 @@ def run_qat(start: Path, data: str, imgsz: int, epochs: int, project: Path, labe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="yolo11n.yaml")
-    p.add_argument("--float-epochs", type=int, default=30)
+    p.add_argument("--float-epochs", type=int, default=60)
     p.add_argument("--qat-epochs", type=int, default=6)
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--num-train", type=int, default=512)

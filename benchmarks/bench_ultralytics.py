@@ -1,7 +1,7 @@
 """Ultralytics adapter benchmark (CPU): QAT step-time overhead and mAP after equal budgets, plus Ultralytics'
 own ``quantize=8`` (ModelOpt INT8 QAT) on the same model and data where it runs.
 
-    YOLO_OFFLINE=1 python benchmarks/bench_ultralytics.py [--imgsz 128 --num-train 128 --pre-epochs 20 --epochs 6]
+    YOLO_OFFLINE=1 python benchmarks/bench_ultralytics.py [--imgsz 160 --num-train 512 --pre-epochs 60 --epochs 6]
 
 ModelOpt (for ``quantize=8``) is not a dependency of detq-hooks; to include it without touching the shared venv:
 
@@ -11,7 +11,8 @@ ModelOpt (for ``quantize=8``) is not a dependency of detq-hooks; to include it w
 
 1. Step time: one Ultralytics training step (forward + loss + backward + optimizer step, batch 16) of YOLO11n in
    float, W8A8 and W4A8 (median of ``--steps`` steps after warm-up, same batches). Target W8A8 <= 1.3x float.
-2. Accuracy: a float YOLO11n is trained ``--pre-epochs`` epochs; from it, three runs of ``--epochs`` epochs each:
+2. Accuracy: a float YOLO11n trained ``--pre-epochs`` epochs from scratch (``detq_hooks.zoo``: trained once,
+   then cached; the same reference as bench_crqat_ultralytics.py); from it, three runs of ``--epochs`` epochs each:
    float fine-tuning, W8A8 QAT and W4A8 QAT (DetQTrainer), all with the same optimizer settings; COCO mAP of
    each best.pt on the synthetic val set (detq_hooks.evaluation).
 3. Ultralytics ``quantize=8`` from the same float model with the same budget: mAP and step time, or the exact
@@ -124,26 +125,27 @@ def modelopt_check() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--imgsz", type=int, default=128)
-    p.add_argument("--num-train", type=int, default=128)
-    p.add_argument("--num-val", type=int, default=32)
-    p.add_argument("--pre-epochs", type=int, default=20)
+    p.add_argument("--imgsz", type=int, default=160)
+    p.add_argument("--num-train", type=int, default=512)
+    p.add_argument("--num-val", type=int, default=96)
+    p.add_argument("--pre-epochs", type=int, default=60)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--model", default="yolo11n.yaml")
     p.add_argument("--out", default="/tmp/detq_bench_ultralytics")
     p.add_argument("--skip-accuracy", action="store_true")
-    p.add_argument("--start", default=None, help="float .pt to start from (skips pre-training), e.g. the demo's")
-    p.add_argument("--data-root", default=None, help="synthetic data folder (default <out>/data)")
+    p.add_argument("--start", default=None, help="float .pt to start from instead of the cached reference")
+    p.add_argument("--data-root", default=None,
+                   help="synthetic data folder (default ~/.cache/detq-hooks/synth/n<train>_v<val>_s<imgsz>_seed0)")
     a = p.parse_args()
-
-    from ultralytics import YOLO
 
     from detq_hooks.data import make_synthetic_dataset
     from detq_hooks.ultralytics import DetQTrainer
+    from detq_hooks.zoo import cached_float_checkpoint
 
     out = Path(a.out)
-    ds = make_synthetic_dataset(a.data_root or out / "data", num_train=a.num_train, num_val=a.num_val, imgsz=a.imgsz, seed=0)
+    data_root = a.data_root or Path.home() / ".cache" / "detq-hooks" / "synth" / f"n{a.num_train}_v{a.num_val}_s{a.imgsz}_seed0"
+    ds = make_synthetic_dataset(data_root, num_train=a.num_train, num_val=a.num_val, imgsz=a.imgsz, seed=0)
     data = str(ds.yolo_yaml)
     report: dict = {"config": vars(a), "torch_threads": torch.get_num_threads()}
 
@@ -156,11 +158,12 @@ def main() -> None:
 
     if not a.skip_accuracy:
         project = str(out / "runs")
-        pre = None if a.start else YOLO(a.model)
-        pre and pre.train(data=data, imgsz=a.imgsz, epochs=a.pre_epochs, batch=16, amp=False, plots=False, workers=0,
-                  device="cpu", exist_ok=True, project=project, name="pretrain", seed=0, deterministic=True,
-                  verbose=False, optimizer="AdamW", lr0=0.002, nbs=16, warmup_epochs=1.0, close_mosaic=2)
-        start = a.start or pre.trainer.best
+        if a.start:
+            start = a.start
+        else:
+            ref = cached_float_checkpoint(ds, a.model, epochs=a.pre_epochs, imgsz=a.imgsz, verbose=False)
+            start = str(ref.checkpoint)
+            report["float_reference"] = {"checkpoint": start, "map50_95": ref.map50_95}
         rows = [
             train_eval("float_ft", start, data, a.imgsz, a.epochs, project, ds),
             train_eval("w8a8", start, data, a.imgsz, a.epochs, project, ds, trainer=DetQTrainer, detq="w8a8"),

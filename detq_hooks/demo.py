@@ -98,6 +98,7 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
     from .data import make_synthetic_dataset
     from .ultralytics import DetQTrainer
     from .ultralytics.evaluate import evaluate, export_model_onnx, load_images
+    from .zoo import FROM_SCRATCH_HYPERPARAMETERS
 
     console = console or Console()
     out = Path(cfg.out).resolve()
@@ -112,9 +113,11 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
 
     console.rule(f"[bold]2/6 float {cfg.model} ({cfg.epochs} epochs)")
     float_model = YOLO(cfg.model)
-    # from-scratch settings of the float references (detq_hooks.zoo): AdamW, one optimizer step per batch
-    float_model.train(data=str(ds.yolo_yaml), epochs=cfg.epochs, name="float", optimizer="AdamW", lr0=0.002, nbs=cfg.batch,
-                      warmup_epochs=1.0, close_mosaic=max(1, min(2, cfg.epochs - 1)), **common)
+    # the from-scratch settings of the float references (detq_hooks.zoo), with the mosaic-free tail scaled to
+    # the budget: AdamW, one optimizer step per batch, mild rescaling
+    scratch = {**FROM_SCRATCH_HYPERPARAMETERS, "nbs": cfg.batch,
+               "close_mosaic": min(FROM_SCRATCH_HYPERPARAMETERS["close_mosaic"], max(1, cfg.epochs // 3))}
+    float_model.train(data=str(ds.yolo_yaml), epochs=cfg.epochs, name="float", **scratch, **common)
     float_pt = float_model.trainer.best
 
     console.rule("[bold]3/6 PTQ W8A8 (calibration only)")

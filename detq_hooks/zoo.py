@@ -30,15 +30,19 @@ from pathlib import Path
 from .data import SynthDataset, exclusive_lock
 from .evaluation import EvalResult, coco_evaluate, image_id_by_filename
 
-__all__ = ["FloatReference", "cached_float_checkpoint", "evaluate_ultralytics", "float_refs_dir"]
+__all__ = ["FROM_SCRATCH_HYPERPARAMETERS", "FloatReference", "cached_float_checkpoint", "evaluate_ultralytics", "float_refs_dir"]
 
-ZOO_VERSION = 1  # bump when the training recipe below changes, so old checkpoints are not reused
+ZOO_VERSION = 2  # bump when the training recipe below changes, so old checkpoints are not reused
 
 # Ultralytics' defaults are tuned for long runs: with nbs=64 a batch of 16 accumulates 4 batches per
 # optimizer step and optimizer="auto" picks AdamW at lr 0.00083 for 8 classes, so a few-minute CPU run
 # from scratch makes only tens of small steps and learns nothing. Step every batch, at a larger rate,
-# with a short warm-up, and keep mosaic until the last two epochs.
-FROM_SCRATCH_HYPERPARAMETERS = dict(optimizer="AdamW", lr0=0.002, nbs=16, warmup_epochs=1.0, close_mosaic=2)
+# with a short warm-up. Mosaic shrinks objects (four images in one, then a random rescale of +-50 %), which
+# at 160 px turns the small shapes into 2-4 px specks: rescale by +-30 % only, and train the last 10 epochs
+# without mosaic. On 2 CPU cores YOLO11n goes from mAP50-95 0.33 (30 epochs, lr 0.002, old settings) to
+# 0.52 in 60 epochs (~14 min) on 512 images at 160 px.
+FROM_SCRATCH_HYPERPARAMETERS = dict(optimizer="AdamW", lr0=0.003, nbs=16, warmup_epochs=1.0, close_mosaic=10,
+                                    scale=0.3)
 
 
 @dataclass(frozen=True)
