@@ -1,7 +1,7 @@
 """CR-QAT ablation in MMDetection: plain LSQ QAT vs curriculum only vs distillation only vs both, W4A4 and W4A8,
 from the same float checkpoint with the same iteration budget, on the synthetic COCO data.
 
-    python benchmarks/bench_crqat_mmdet.py [--config rtmdet_tiny_synthetic] [--float-epochs 15] [--qat-iters 100]
+    python benchmarks/bench_crqat_mmdet.py [--config rtmdet_tiny_synthetic] [--float-epochs 40] [--qat-iters 200]
 
 The float model is trained once and cached in ~/.cache/detq-hooks/float_refs/mmdet/<key>/ (delete it to retrain).
 Prints mAP50-95, the fraction of float mAP retained, and the mean training step time relative to plain QAT
@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--num-train", type=int, default=256)
     ap.add_argument("--num-val", type=int, default=64)
-    ap.add_argument("--float-epochs", type=int, default=15)
-    ap.add_argument("--qat-iters", type=int, default=100)
+    ap.add_argument("--float-epochs", type=int, default=40)
+    ap.add_argument("--qat-iters", type=int, default=200)
     ap.add_argument("--bits", default="w4a4,w4a8")
     ap.add_argument("--variants", default="plain,curriculum,distillation,both")
     ap.add_argument("--threads", type=int, default=2)
