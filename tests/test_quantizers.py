@@ -56,6 +56,29 @@ def test_fast_kernels_match_reference_forward_and_gradients(bits, symmetric, per
         assert torch.allclose(grads_fused[2], q.zero_point.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["lsq", "lsq_plus"])
+def test_per_tensor_kernel_same_on_both_bound_paths(kind, monkeypatch):
+    """The CPU path (zero point folded into Python-number clamp bounds) and the path other devices take
+    (tensor zero point, no sync) give identical outputs, masks and gradients; NaN counts as out of range."""
+    from detq_hooks import quantizers
+
+    q, x = _pair(4, False, False, kind)
+    x = torch.cat([x.reshape(-1), torch.tensor([float("nan"), 1e6, -1e6])])
+    g = torch.randn_like(x)
+    results = []
+    for scalar in (True, False):
+        monkeypatch.setattr(quantizers, "_scalar_bounds", lambda t, scalar=scalar: scalar)
+        q.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = q(xi)
+        (out.nan_to_num() * g).sum().backward()
+        results.append((out, xi.grad.clone(), q.scale.grad.clone(),
+                        q.zero_point.grad.clone() if kind == "lsq_plus" else torch.zeros(1)))
+    for a, b in zip(*results):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert results[0][1][-3:].eq(0).all()  # NaN and the two far-out values get no input gradient
+
+
 def test_lsq_scale_gradient_formula():
     # One element inside the range: d x_hat / d s = round(x/s) - x/s, times g = 1/sqrt(N * qmax).
     s, x = 0.3, torch.tensor([0.71])
