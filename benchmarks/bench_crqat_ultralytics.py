@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from detq_hooks.data import make_synthetic_dataset
-    from detq_hooks.zoo import cached_float_checkpoint
+    from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir
 
-    root = Path.home() / ".cache" / "detq-hooks" / "synth" / f"n{a.num_train}_v{a.num_val}_s{a.imgsz}_seed0"
+    root = synthetic_data_dir(a.num_train, a.num_val, a.imgsz)
     ds = make_synthetic_dataset(root, num_train=a.num_train, num_val=a.num_val, imgsz=a.imgsz, seed=0)
     ref = cached_float_checkpoint(ds, a.model, epochs=a.float_epochs, imgsz=a.imgsz, verbose=False)
     float_map = ref.metrics["map50_95"]

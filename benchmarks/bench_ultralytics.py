@@ -136,15 +136,15 @@ def main() -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--start", default=None, help="float .pt to start from instead of the cached reference")
     p.add_argument("--data-root", default=None,
-                   help="synthetic data folder (default ~/.cache/detq-hooks/synth/n<train>_v<val>_s<imgsz>_seed0)")
+                   help="synthetic data folder (default: detq_hooks.zoo.synthetic_data_dir, the benchmarks' shared one)")
     a = p.parse_args()
 
     from detq_hooks.data import make_synthetic_dataset
     from detq_hooks.ultralytics import DetQTrainer
-    from detq_hooks.zoo import cached_float_checkpoint
+    from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir
 
     out = Path(a.out)
-    data_root = a.data_root or Path.home() / ".cache" / "detq-hooks" / "synth" / f"n{a.num_train}_v{a.num_val}_s{a.imgsz}_seed0"
+    data_root = a.data_root or synthetic_data_dir(a.num_train, a.num_val, a.imgsz)
     ds = make_synthetic_dataset(data_root, num_train=a.num_train, num_val=a.num_val, imgsz=a.imgsz, seed=0)
     data = str(ds.yolo_yaml)
     report: dict = {"config": vars(a), "torch_threads": torch.get_num_threads()}

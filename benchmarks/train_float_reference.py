@@ -21,7 +21,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 from detq_hooks.data import make_synthetic_dataset  # noqa: E402
-from detq_hooks.zoo import cached_float_checkpoint  # noqa: E402
+from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,12 +35,15 @@ def main(argv=None) -> int:
     parser.add_argument("--num-val", type=int, default=96)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--data-root", type=Path, default=Path.home() / ".cache" / "detq-hooks" / "synth")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="parent folder of the data set (default: next to the float references)")
     parser.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
     parser.add_argument("--quiet", action="store_true", help="hide Ultralytics' training output")
     args = parser.parse_args(argv)
 
-    data_root = args.data_root / f"n{args.num_train}_v{args.num_val}_s{args.imgsz}_seed{args.data_seed}"
+    data_root = synthetic_data_dir(args.num_train, args.num_val, args.imgsz, args.data_seed)
+    if args.data_root is not None:
+        data_root = args.data_root / data_root.name
     dataset = make_synthetic_dataset(data_root, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz,
                                      seed=args.data_seed)
     ref = cached_float_checkpoint(dataset, args.model, epochs=args.epochs, minutes=args.minutes, imgsz=args.imgsz,

@@ -30,7 +30,8 @@ from pathlib import Path
 from .data import SynthDataset, exclusive_lock
 from .evaluation import EvalResult, coco_evaluate, image_id_by_filename
 
-__all__ = ["FROM_SCRATCH_HYPERPARAMETERS", "FloatReference", "cached_float_checkpoint", "evaluate_ultralytics", "float_refs_dir"]
+__all__ = ["FROM_SCRATCH_HYPERPARAMETERS", "FloatReference", "cached_float_checkpoint", "evaluate_ultralytics",
+           "float_refs_dir", "synthetic_data_dir"]
 
 ZOO_VERSION = 2  # bump when the training recipe below changes, so old checkpoints are not reused
 
@@ -63,10 +64,19 @@ class FloatReference:
         return self.metrics["map50"]
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("DETQ_CACHE_DIR") or Path.home() / ".cache" / "detq-hooks").expanduser()
+
+
 def float_refs_dir() -> Path:
     """Root of the checkpoint cache: ``$DETQ_CACHE_DIR/float_refs`` or ``~/.cache/detq-hooks/float_refs``."""
-    base = os.environ.get("DETQ_CACHE_DIR") or Path.home() / ".cache" / "detq-hooks"
-    return Path(base).expanduser() / "float_refs"
+    return _cache_root() / "float_refs"
+
+
+def synthetic_data_dir(num_train: int, num_val: int, imgsz: int, seed: int = 0) -> Path:
+    """Where the benchmarks keep the synthetic data set of these parameters (next to the float references),
+    e.g. ``~/.cache/detq-hooks/synth/n512_v96_s160_seed0``; pass it to :func:`make_synthetic_dataset`."""
+    return _cache_root() / "synth" / f"n{num_train}_v{num_val}_s{imgsz}_seed{seed}"
 
 
 def cached_float_checkpoint(

@@ -70,7 +70,6 @@ def test_stage_one_keeps_later_stage_float_and_frozen_then_stage_two_quantizes_i
     assert model.cls_head.weight.grad.abs().sum() > 0
 
 
-
 def test_frozen_stage_with_fixed_parameters_applies_and_stays_put():
     """A later stage holding a parameter the host keeps fixed (requires_grad=False, like YOLO's DFL conv) is
     frozen without a gradient hook on it, and it does not move."""
@@ -86,6 +85,7 @@ def test_frozen_stage_with_fixed_parameters_applies_and_stays_put():
     sched.after_optimizer_step(model)
     assert torch.equal(model.box_head.weight, fixed)
     assert sched.update(model, 0.5) and sched.current == 1
+
 
 def test_schedule_state_resumes_the_same_stage():
     model, _ = _student_and_teacher()

@@ -330,6 +330,9 @@ def test_float_checkpoint_is_trained_once_and_keyed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zoo, "_train", fake_train)
     monkeypatch.setattr(zoo, "evaluate_ultralytics", fake_evaluate)
+    # the benchmarks' data sets live under the same root as the checkpoints
+    assert zoo.synthetic_data_dir(512, 96, 160) == tmp_path / "cache" / "synth" / "n512_v96_s160_seed0"
+    assert zoo.float_refs_dir() == tmp_path / "cache" / "float_refs"
     ds = make_synthetic_dataset(tmp_path / "d", seed=0, **SMALL)
 
     first = zoo.cached_float_checkpoint(ds, "yolo11n.yaml", epochs=3)
