@@ -1,43 +1,181 @@
-"""Checkpoint safety shared by all adapters: a checkpoint is never loaded without its quantizer state.
+"""The one checkpoint state of a quantized model, shared by every trainer adapter.
 
-Adapters store :func:`quantization_state` next to the weights (Lightning callback state, MMEngine meta,
-Ultralytics checkpoint dict) and call :func:`check_compatible` before loading weights into a model.
+A quantized run stores one ``detq`` entry beside its weights (Lightning: ``checkpoint["detq"]``, MMEngine:
+``checkpoint["meta"]["detq"]``, Ultralytics: ``ckpt["detq"]``), always in this format::
+
+    {
+      "format": "detq-hooks", "version": 2,
+      "recipe": {...},                       # the validated recipe (Recipe.to_dict())
+      "layers": {name: {"type", "role", "weight_bits", "input_bits", "weight_enabled", "input_enabled"}},
+      "target": "model",                     # sub-module the recipe was applied to ("" = the whole model)
+      "curriculum": {...} | None,            # CurriculumSchedule.state_dict()
+      "teacher": {"source": path} | {"state": state_dict} | None,
+      "quantizer_state": {key: fp32 tensor} | None,   # when the trainer stores the module in fp16
+    }
+
+The saved per-layer plan (``layers``) is the authority when the model is rebuilt: bit widths changed after
+conversion (mixed precision) survive save → resume → test. :func:`read_state` also reads the three formats
+the 0.1.0 adapters wrote, and :func:`check_compatible` refuses a checkpoint that does not fit the model
+(:class:`CheckpointMismatchError` naming the layer) before any weight is copied.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
 from .recipe import load_recipe
-from .surgery import META_ATTR, quantized_layers
+from .surgery import META_ATTR, QuantizationError, quantize, quantized_layers
 
-STATE_VERSION = 1
+STATE_FORMAT = "detq-hooks"
+STATE_VERSION = 2
+CHECKPOINT_KEY = "detq"
 QUANTIZER_KEY_MARKERS = (".weight_quantizer.", ".input_quantizer.")
+STATE_KEYS = ("format", "version", "recipe", "layers", "target", "curriculum", "teacher", "quantizer_state")
 
 
 class CheckpointMismatchError(RuntimeError):
-    """A checkpoint and a model disagree about quantization (float vs quantized, or different recipes)."""
+    """A checkpoint and a model disagree about quantization (float vs quantized, recipe, layers, shapes)."""
 
 
-def _is_quantizer_key(key: str) -> bool:
-    return any(m in key for m in QUANTIZER_KEY_MARKERS) or key.startswith(("weight_quantizer.", "input_quantizer."))
+def is_quantizer_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a fake quantizer (``...weight_quantizer.scale`` etc.)."""
+    return any(m in "." + key for m in QUANTIZER_KEY_MARKERS)
 
 
-def quantization_state(model: nn.Module) -> dict:
-    """What a checkpoint must carry to rebuild and verify the quantized model: the recipe and per-layer bits."""
+def has_quantizer_state(state_dict: Mapping[str, Any], prefix: str = "") -> bool:
+    return any(k.startswith(prefix) and is_quantizer_key(k[len(prefix):]) for k in state_dict)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def layer_plan(model: nn.Module) -> dict[str, dict]:
+    """The per-layer plan of a quantized model as it is now (bits and flags read from its quantizers)."""
+    plan = {}
+    for name, m in quantized_layers(model):
+        iq = m.input_quantizer
+        plan[name] = {
+            "type": type(m).__name__,
+            "role": getattr(m, "detq_layer_role", "body"),
+            "weight_bits": m.weight_quantizer.bits,
+            "input_bits": iq.bits if iq is not None else None,
+            "weight_enabled": m.weight_quantizer.enabled,
+            "input_enabled": iq.enabled if iq is not None else None,
+        }
+    return plan
+
+
+def quantization_state(
+    model: nn.Module,
+    *,
+    target: str = "",
+    curriculum: Optional[dict] = None,
+    teacher: Optional[dict] = None,
+    quantizer_state: bool = False,
+) -> dict:
+    """The ``detq`` entry for ``model`` (the quantized sub-module ``target`` of the trainer's module).
+
+    Args:
+        curriculum: the curriculum schedule's ``state_dict()``.
+        teacher: ``{"source": path}`` or ``{"state": state_dict}`` of the distillation teacher.
+        quantizer_state: also store every quantizer tensor in fp32 (for trainers that save the module in fp16).
+    """
     meta = getattr(model, META_ATTR, None)
     if meta is None:
         raise CheckpointMismatchError("the model is not quantized by detq-hooks; there is no quantization state to save")
-    layers = {
-        name: {
-            "weight_bits": m.weight_quantizer.bits,
-            "input_bits": m.input_quantizer.bits if m.input_quantizer is not None else None,
-        }
-        for name, m in quantized_layers(model)
+    qstate = None
+    if quantizer_state:
+        qstate = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                  for k, v in model.state_dict().items() if is_quantizer_key(k)}
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "recipe": meta["recipe"],
+        "layers": layer_plan(model),
+        "target": target,
+        "curriculum": curriculum,
+        "teacher": teacher,
+        "quantizer_state": qstate,
     }
-    return {"version": STATE_VERSION, "recipe": meta["recipe"], "layers": layers}
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _legacy_layers(layers: Mapping[str, Mapping], prediction: Optional[list], first: Optional[list]) -> dict:
+    roles = {n: "prediction" for n in prediction or []} | {n: "first" for n in first or []}
+    return {n: {"type": None, "role": roles.get(n, "body"), "weight_bits": v["weight_bits"],
+                "input_bits": v.get("input_bits"), "weight_enabled": None, "input_enabled": None}
+            for n, v in layers.items()}
+
+
+def _strip_legacy_float_rules(recipe: dict) -> dict:
+    """0.1.0's Ultralytics adapter wrote DFL's float-only conv into the recipe as an exclusion rule; the
+    detector family keeps it float now, so the rule is not part of the user's recipe."""
+    rules = recipe.get("quantization", {}).get("rules") or []
+    kept = [r for r in rules if not (set(r) == {"name", "quantize"} and r["quantize"] is False
+                                     and str(r["name"]).endswith(".dfl.conv"))]
+    if len(kept) == len(rules):
+        return recipe
+    out = dict(recipe)
+    out["quantization"] = {**recipe["quantization"], "rules": kept}
+    return out
+
+
+def read_state(entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint",
+               legacy_teacher: Optional[dict] = None) -> Optional[dict]:
+    """A ``detq`` entry in the current format, from any format detq-hooks wrote (``None`` stays ``None``).
+
+    0.1.0 wrote three formats: Lightning (``version: 1`` with ``prediction_layers``/``first_layers`` and the
+    teacher in ``checkpoint["detq_teacher"]``, passed here as ``legacy_teacher``), MMEngine (``version: 1``
+    with ``teacher_source``) and Ultralytics (``version: "0.1.0"`` wrapping ``quantization_state``).
+    """
+    if entry is None:
+        return None
+    if entry.get("format") == STATE_FORMAT:
+        if entry.get("version") != STATE_VERSION:
+            raise CheckpointMismatchError(
+                f"{source}: its detq state has version {entry.get('version')!r}; this detq-hooks reads versions "
+                f"<= {STATE_VERSION}: upgrade detq-hooks to load it"
+            )
+        return dict(entry)
+    if "quantization_state" in entry:  # 0.1.0 Ultralytics
+        inner = entry["quantization_state"]
+        teacher = {"state": entry["teacher_state"]} if entry.get("teacher_state") is not None else None
+        return {"format": STATE_FORMAT, "version": STATE_VERSION,
+                "recipe": _strip_legacy_float_rules(entry.get("recipe") or inner["recipe"]),
+                "layers": _legacy_layers(inner["layers"], None, None), "target": "",
+                "curriculum": entry.get("curriculum"), "teacher": teacher,
+                "quantizer_state": entry.get("quantizer_state")}
+    if entry.get("version") == 1 and "recipe" in entry and "layers" in entry:  # 0.1.0 Lightning / MMEngine
+        teacher = None
+        if entry.get("teacher_source"):
+            teacher = {"source": entry["teacher_source"]}
+        elif legacy_teacher is not None:
+            teacher = {"state": legacy_teacher}
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "recipe": entry["recipe"],
+                "layers": _legacy_layers(entry["layers"], entry.get("prediction_layers"), entry.get("first_layers")),
+                "target": entry.get("target") or "", "curriculum": entry.get("curriculum"), "teacher": teacher,
+                "quantizer_state": None}
+    raise CheckpointMismatchError(
+        f"{source}: its `detq` entry is in no format detq-hooks knows (keys {sorted(entry)[:8]}); "
+        "was it written by another tool?"
+    )
+
+
+def rebuild(model: nn.Module, entry: Mapping[str, Any], *, source: str = "checkpoint") -> nn.Module:
+    """Quantize the float ``model`` exactly as the saved plan says (layers, bits, enabled flags), in place.
+
+    All or nothing: a plan that names a layer the model lacks raises :class:`CheckpointMismatchError` and the
+    model is left float.
+    """
+    try:
+        return quantize(model, entry["recipe"], layers=entry["layers"])
+    except QuantizationError as err:
+        raise CheckpointMismatchError(f"{source}: {err}") from None
+
+
+def _fingerprint_diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def check_compatible(
@@ -49,16 +187,16 @@ def check_compatible(
     prefix: str = "",
 ) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state_dict`` can be loaded into ``model`` with every
-    quantizer value present on both sides.
+    quantizer value present on both sides. Runs before any weight is copied, so nothing is half-loaded.
 
     Args:
         model: the model about to receive the weights.
         state_dict: the checkpoint's weights (keys may carry ``prefix``, e.g. ``"model."``).
-        saved_state: the checkpoint's :func:`quantization_state`, if it has one.
+        saved_state: the checkpoint's ``detq`` entry (any format :func:`read_state` reads), if it has one.
         source: a name for the checkpoint in messages (its path).
     """
-    model_q = any(True for _ in quantized_layers(model))
-    ckpt_q = any(_is_quantizer_key(k[len(prefix):] if k.startswith(prefix) else k) for k in state_dict)
+    model_q = bool(quantized_layers(model))
+    ckpt_q = has_quantizer_state(state_dict, prefix)
     if model_q and not ckpt_q:
         raise CheckpointMismatchError(
             f"{source} holds float weights without quantizer state, but the model is quantized; "
@@ -72,25 +210,66 @@ def check_compatible(
         )
     if not model_q:
         return
-    if saved_state is not None:
-        ours = quantization_state(model)
-        theirs_recipe = load_recipe(saved_state["recipe"]).fingerprint()
-        ours_recipe = load_recipe(ours["recipe"]).fingerprint()
-        if theirs_recipe != ours_recipe:
-            diff = sorted(k for k in ours_recipe if ours_recipe[k] != theirs_recipe.get(k))
+    saved = read_state(saved_state, source=source)
+    ours = quantization_state(model)
+    if saved is not None:
+        theirs_fp = load_recipe(saved["recipe"]).fingerprint()
+        ours_fp = load_recipe(ours["recipe"]).fingerprint()
+        if theirs_fp != ours_fp:
             raise CheckpointMismatchError(
-                f"{source} was quantized with a different recipe (differs in {diff}); "
-                f"checkpoint recipe: {saved_state['recipe'].get('name')!r}, this run: {ours['recipe'].get('name')!r}"
+                f"{source} was quantized with a different recipe (differs in {_fingerprint_diff(ours_fp, theirs_fp)}); "
+                f"checkpoint recipe: {saved['recipe'].get('name')!r}, this run: {ours['recipe'].get('name')!r}"
             )
-        if saved_state.get("layers") and saved_state["layers"] != ours["layers"]:
-            theirs_l, ours_l = saved_state["layers"], ours["layers"]
-            bad = sorted(set(theirs_l) ^ set(ours_l)) or sorted(k for k in ours_l if ours_l[k] != theirs_l.get(k))
-            raise CheckpointMismatchError(f"{source}: quantized layers or bit widths differ from this model's, e.g. {bad[:5]}")
-    model_keys = {k for k in model.state_dict() if _is_quantizer_key(k)}
-    ckpt_keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix) and _is_quantizer_key(k[len(prefix):])}
+        theirs_l, ours_l = saved["layers"], ours["layers"]
+        only_theirs = sorted(set(theirs_l) - set(ours_l))
+        only_ours = sorted(set(ours_l) - set(theirs_l))
+        if only_theirs or only_ours:
+            name = (only_theirs or only_ours)[0]
+            where = "the checkpoint quantizes it, the model does not" if only_theirs else "the model quantizes it, the checkpoint does not"
+            raise CheckpointMismatchError(f"{source}: layer {name!r} does not match ({where})")
+        for name in ours_l:
+            for key in ("weight_bits", "input_bits"):
+                if theirs_l[name][key] != ours_l[name][key]:
+                    raise CheckpointMismatchError(
+                        f"{source}: layer {name!r} has {key} = {theirs_l[name][key]} in the checkpoint and "
+                        f"{ours_l[name][key]} in the model; rebuild the model from the checkpoint's plan"
+                    )
+    own = model.state_dict()
+    for name, layer in quantized_layers(model):
+        key = f"{prefix}{name}.weight"
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(layer.weight.shape):
+            raise CheckpointMismatchError(
+                f"{source}: layer {name!r} has weight shape {tuple(state_dict[key].shape)} in the checkpoint and "
+                f"{tuple(layer.weight.shape)} in the model"
+            )
+    model_keys = {k for k in own if is_quantizer_key(k)}
+    ckpt_keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix) and is_quantizer_key(k[len(prefix):])}
     missing = sorted(model_keys - ckpt_keys)
     if missing:
         raise CheckpointMismatchError(f"{source} lacks quantizer state for {len(missing)} entries, e.g. {missing[:5]}")
 
 
-__all__ = ["quantization_state", "check_compatible", "CheckpointMismatchError", "STATE_VERSION"]
+@torch.no_grad()
+def load_quantizer_state(model: nn.Module, quantizer_state: Mapping[str, torch.Tensor]) -> int:
+    """Copy a saved fp32 quantizer state into ``model`` (every key must exist). Returns the number of tensors."""
+    own = model.state_dict()
+    unknown = [k for k in quantizer_state if k not in own]
+    if unknown:
+        raise CheckpointMismatchError(f"the saved quantizer state names {len(unknown)} tensors the model lacks, e.g. {unknown[:3]}")
+    model.load_state_dict(dict(quantizer_state), strict=False)
+    return len(quantizer_state)
+
+
+__all__ = [
+    "quantization_state",
+    "layer_plan",
+    "read_state",
+    "rebuild",
+    "check_compatible",
+    "load_quantizer_state",
+    "is_quantizer_key",
+    "has_quantizer_state",
+    "CheckpointMismatchError",
+    "STATE_VERSION",
+    "CHECKPOINT_KEY",
+]

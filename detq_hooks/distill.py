@@ -22,9 +22,8 @@ checkpoints and DDP never see it. :class:`DistillationLoss` combines the terms p
 from __future__ import annotations
 
 import copy
-import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +206,9 @@ def task_aligned_positives(
         inside = ((prior_centers[None, :, 0] > boxes[:, None, 0]) & (prior_centers[None, :, 0] < boxes[:, None, 2])
                   & (prior_centers[None, :, 1] > boxes[:, None, 1]) & (prior_centers[None, :, 1] < boxes[:, None, 3]))
         iou = elementwise_iou(teacher_boxes[i].float()[None], boxes[:, None])  # (M, A)
-        align = scores[i].T[lab].pow(alpha) * iou.pow(beta) * inside  # (M, A)
+        # Anchors outside a box rank below every inside one, so the top-k are inside anchors even when the
+        # teacher's IoUs underflow to 0 (an untrained teacher): ties then pick among the inside anchors.
+        align = torch.where(inside, scores[i].T[lab].pow(alpha) * iou.pow(beta), torch.full_like(iou, -1.0))  # (M, A)
         k = min(topk, a)
         top = align.topk(k, dim=1).indices
         chosen = torch.zeros_like(align, dtype=torch.bool).scatter_(1, top, True) & inside
@@ -272,27 +273,6 @@ class Teacher:
         raise TypeError("detq_hooks.distill.Teacher is not picklable: save teacher.state_dict() explicitly")
 
 
-@contextlib.contextmanager
-def capture_outputs(model: nn.Module, module_names: Sequence[str]):
-    """Collect the outputs of the named submodules during forwards inside the block (forward hooks).
-
-    Yields a dict ``name -> output`` (the last call's output of each module).
-    """
-    outputs: dict[str, Any] = {}
-    handles = []
-    modules = dict(model.named_modules())
-    missing = [n for n in module_names if n not in modules]
-    if missing:
-        raise KeyError(f"no submodule named {missing} in {type(model).__name__}")
-    for n in module_names:
-        handles.append(modules[n].register_forward_hook(lambda m, i, o, _n=n: outputs.__setitem__(_n, o)))
-    try:
-        yield outputs
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # ----------------------------------------------------------------------------------------------- combination
 @dataclass
 class HeadOutputs:
@@ -305,6 +285,7 @@ class HeadOutputs:
         class_anchors: (C, D) or (L, C, D) anchors t_c (teacher classifier rows or text embeddings).
         anchor_index: (A,) group of each anchor when class_anchors is (L, C, D).
         score_kind: ``sigmoid`` or ``softmax``.
+        points: (A, 2) anchor/point centres in the boxes' frame (dense heads: for the positives' assignment).
     """
 
     cls_logits: torch.Tensor
@@ -313,6 +294,7 @@ class HeadOutputs:
     class_anchors: Optional[torch.Tensor] = None
     anchor_index: Optional[torch.Tensor] = None
     score_kind: str = "sigmoid"
+    points: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -391,7 +373,6 @@ __all__ = [
     "hungarian_match",
     "task_aligned_positives",
     "Teacher",
-    "capture_outputs",
     "HeadOutputs",
     "Assignment",
     "DistillationLoss",

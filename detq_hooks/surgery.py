@@ -7,13 +7,14 @@ parents, so Ultralytics YOLO, DETR-style transformers and any hand-written model
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .modules import QUANT_MODULES, QuantModuleMixin, is_quantized_module, is_swappable
 from .quantizers import FakeQuantizer, iter_quantizers
+from .ranges import calibrate_weight_quantizer
 from .recipe import Recipe, RecipeError, load_recipe
 
 META_ATTR = "_detq_meta"
@@ -58,6 +59,8 @@ def plan_quantization(
     *,
     first_layers: Optional[Iterable[str]] = None,
     prediction_layers: Optional[Iterable[str]] = None,
+    float_layers: Iterable[str] = (),
+    layers: Optional[Mapping[str, Mapping]] = None,
 ) -> QuantizationPlan:
     """Decide, without touching the model, which layers are quantized and with how many bits.
 
@@ -65,9 +68,16 @@ def plan_quantization(
         first_layers: names of the layers that see the raw image (default: the first quantizable layer).
         prediction_layers: names of the final prediction layers (adapters know them; default: the last
             quantizable layer). Both get ``first_layer_bits`` / ``prediction_layer_bits`` unless a rule says else.
+        float_layers: layers the detector family keeps float whatever the recipe says (e.g. YOLO's fixed DFL
+            integral conv); listed in ``skipped``.
+        layers: a saved per-layer plan (``{name: {"weight_bits", "input_bits", "role", ...}}``, see
+            :func:`detq_hooks.checkpoint.layer_plan`). When given it is the authority: exactly these layers are
+            quantized with these bit widths (the recipe's rules are not re-applied), so per-layer bits changed
+            after conversion (mixed precision) survive a rebuild. A name the model lacks is an error.
     """
     q = recipe.quantization
     allowed = {n for n in q.module_types}
+    float_only = set(float_layers)
     mha_out = _mha_out_projs(model)
     candidates: list[tuple[str, nn.Module]] = []
     plan = QuantizationPlan()
@@ -83,10 +93,15 @@ def plan_quantization(
         if not is_swappable(m, base):
             plan.skipped.append((name, f"{type(m).__name__} subclasses {base.__name__} with its own behaviour"))
             continue
-        if base.__name__ not in allowed:
+        if name in float_only:
+            plan.skipped.append((name, "kept float by the detector family"))
+            continue
+        if layers is None and base.__name__ not in allowed:
             plan.skipped.append((name, f"{base.__name__} not in quantization.module_types"))
             continue
         candidates.append((name, m))
+    if layers is not None:
+        return _plan_from_saved(plan, candidates, layers, type(model).__name__)
     if not candidates:
         raise QuantizationError(
             f"no layer of types {sorted(allowed)} found in {type(model).__name__}; nothing to quantize"
@@ -131,6 +146,25 @@ def plan_quantization(
     return plan
 
 
+def _plan_from_saved(plan: QuantizationPlan, candidates, layers: Mapping[str, Mapping], model_name: str) -> QuantizationPlan:
+    by_name = dict(candidates)
+    missing = [n for n in layers if n not in by_name]
+    if missing:
+        raise QuantizationError(
+            f"the saved plan quantizes layer {missing[0]!r}, which {model_name} does not have as a quantizable layer"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    for name, m in candidates:
+        entry = layers.get(name)
+        if entry is None:
+            plan.skipped.append((name, "not quantized in the saved plan"))
+            continue
+        plan.layers.append(LayerPlan(name, type(m).__name__, int(entry["weight_bits"]),
+                                     None if entry.get("input_bits") is None else int(entry["input_bits"]),
+                                     entry.get("role") or "body"))
+    return plan
+
+
 def _parents_of(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     # Every (parent, attribute) that references a module: shared modules are swapped everywhere.
     refs: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -155,6 +189,8 @@ def quantize(
     *,
     first_layers: Optional[Iterable[str]] = None,
     prediction_layers: Optional[Iterable[str]] = None,
+    float_layers: Iterable[str] = (),
+    layers: Optional[Mapping[str, Mapping]] = None,
 ) -> nn.Module:
     """Swap ``model``'s Conv2d / Linear / ConvTranspose2d layers for fake-quant ones, in place.
 
@@ -165,7 +201,7 @@ def quantize(
     Args:
         model: a float ``nn.Module`` (any detector; no tracing is done).
         recipe: preset name, YAML path, dict or :class:`~detq_hooks.recipe.Recipe`.
-        first_layers / prediction_layers: see :func:`plan_quantization`.
+        first_layers / prediction_layers / float_layers / layers: see :func:`plan_quantization`.
 
     Returns:
         The same ``model`` object, converted.
@@ -176,12 +212,11 @@ def quantize(
         >>> detq_hooks.quantize(net, "w4a8")[0].weight_quantizer.bits  # first layer stays at 8 bits
         8
     """
-    from .calibration import calibrate_weight_quantizer
-
     recipe = load_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() expects a torch.nn.Module, got {type(model).__name__}")
-    plan = plan_quantization(model, recipe, first_layers=first_layers, prediction_layers=prediction_layers)
+    plan = plan_quantization(model, recipe, first_layers=first_layers, prediction_layers=prediction_layers,
+                             float_layers=float_layers, layers=layers)
     modules = dict(model.named_modules())
     qs = recipe.quantization
     # Build every replacement first: nothing of the user's model is touched until all of them exist.
@@ -196,6 +231,11 @@ def quantize(
         new = qcls.from_float(float_mod, weight_spec=wspec, input_spec=aspec)
         new.detq_layer_role = lp.role
         calibrate_weight_quantizer(new.weight_quantizer, new.weight, recipe.calibration.weight_method, recipe.calibration.mse_norm)
+        saved = (layers or {}).get(lp.name) or {}
+        if saved.get("weight_enabled") is not None:
+            new.weight_quantizer.enabled = bool(saved["weight_enabled"])
+        if new.input_quantizer is not None and saved.get("input_enabled") is not None:
+            new.input_quantizer.enabled = bool(saved["input_enabled"])
         built.append((float_mod, new))
     refs = _parents_of(model)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -279,8 +319,6 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         if wq.symmetric and wq.per_channel:
             wq.scale.data.mul_(factor.abs().reshape(-1).to(wq.scale.dtype)).clamp_(min=1e-8)
         else:
-            from .calibration import calibrate_weight_quantizer
-
             calibrate_weight_quantizer(wq, conv.weight, "mse")
     return conv
 

@@ -1,0 +1,156 @@
+"""What a detector family is, asked once and answered once per family (used by every trainer adapter).
+
+A family answers a few questions about a model: which layers are its final prediction layers, which must
+stay float, its data-flow stages, its reconstruction blocks, and — for methods that read the head
+(distillation, Fisher) — how to get class logits and decoded boxes of a batch and the batch's targets.
+
+A user with a detector the built-in families do not know subclasses :class:`DetectorFamily` and answers
+what they need (quantization, calibration, PTQ and export need nothing; the curriculum needs
+:meth:`~DetectorFamily.stages`; distillation's head terms need :meth:`~DetectorFamily.head_taps`,
+:meth:`~DetectorFamily.teacher_forward`, :meth:`~DetectorFamily.head_outputs` and
+:meth:`~DetectorFamily.targets`). The README has a complete example.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..curriculum import Stage
+from ..distill import Assignment, HeadOutputs, task_aligned_positives
+from ..recording import Recorded, Taps
+
+
+class UnsupportedDetectorError(NotImplementedError):
+    """A method needs an answer the model's detector family does not give (e.g. head outputs)."""
+
+
+# Final classification/regression layers of common dense and query heads (torchvision, MMDetection-style names).
+PREDICTION_LEAF = re.compile(
+    r"(^|\.)(cls_logits|bbox_reg|bbox_ctrness|cls_score|bbox_pred|conv_cls|conv_reg|conv_centerness|"
+    r"retina_cls|retina_reg|class_embed|fc_cls|fc_reg)$"
+)
+
+
+class DetectorFamily:
+    """Answers detq-hooks' questions about one family of detectors. Subclass it for your own detector.
+
+    Every method has a default that works for any model where it can (quantization needs no answer at all);
+    the head-reading methods raise :class:`UnsupportedDetectorError` until a family implements them.
+    """
+
+    name = "generic"
+    #: whether :meth:`head_outputs` / :meth:`targets` are implemented (distillation's head terms, Fisher).
+    reads_head = False
+
+    # ------------------------------------------------------------------ recognition
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family (used by :func:`family_for`)."""
+        return False
+
+    # ------------------------------------------------------------------ layers
+    def prediction_layers(self, model: nn.Module) -> Optional[list[str]]:
+        """Names of the final class/box layers (kept at ``prediction_layer_bits``); ``None``: the last layer."""
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d))]
+        found = [n for n in names if PREDICTION_LEAF.search(n)]
+        return found or None
+
+    def first_layers(self, model: nn.Module) -> Optional[list[str]]:
+        """Names of the layers that see the image; ``None``: the first quantizable layer."""
+        return None
+
+    def float_layers(self, model: nn.Module) -> list[str]:
+        """Layers that must stay float whatever the recipe says (fixed, non-learned maths)."""
+        return []
+
+    # ------------------------------------------------------------------ structure
+    def stages(self, model: nn.Module) -> Optional[list[Stage]]:
+        """Data-flow stages for curriculum QAT (``None``: unknown; the recipe must name them).
+
+        Default: a child ``backbone`` followed by ``neck``/``head``/``bbox_head``/``decode_head`` children, at
+        the first module that has them (e.g. ``model.backbone`` inside a LightningModule).
+        """
+        for name, m in model.named_modules():
+            kids = dict(m.named_children())
+            later = [k for k in ("neck", "head", "bbox_head", "decode_head") if k in kids]
+            if "backbone" in kids and later:
+                p = f"{name}." if name else ""
+                return [Stage("backbone", [p + "backbone"], [p + "backbone"]), Stage("neck_head", [p + k for k in later], [])]
+        return None
+
+    def reconstruction_blocks(self, model: nn.Module) -> list[str]:
+        """Module names, in data-flow order, that PTQ block reconstruction optimises one at a time.
+
+        Default: the children of each stage's modules, else the model's direct children."""
+        stages = self.stages(model)
+        mods = dict(model.named_modules())
+        roots = [p for st in stages for p in st.prefixes if p in mods] if stages else [""]
+        blocks = []
+        for root in roots:
+            kids = [f"{root}.{k}" if root else k for k, c in mods[root].named_children() if any(True for _ in c.parameters())]
+            blocks.extend(kids or [root])
+        return blocks
+
+    def class_names(self, model: nn.Module) -> Optional[list[str]]:
+        """Class names in label order, where the model knows them."""
+        return None
+
+    # ------------------------------------------------------------------ head outputs
+    def head_taps(self, model: nn.Module) -> Taps:
+        """The modules whose outputs/inputs :meth:`head_outputs` and :meth:`targets` read."""
+        raise self._unsupported(model, "head_taps")
+
+    def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
+        """Run the (eval, no-grad) teacher on the batch's images so its taps are recorded.
+
+        Default: ``teacher(images)`` with the images from :meth:`images`."""
+        teacher(self.images(batch))
+
+    def images(self, batch: Any) -> Any:
+        """The model input of a batch in this family's convention (default: ``batch[0]`` of a tuple/list,
+        ``batch["img"]``/``batch["inputs"]`` of a dict, else the batch)."""
+        if isinstance(batch, (list, tuple)):
+            return batch[0]
+        if isinstance(batch, dict):
+            for key in ("img", "inputs", "images"):
+                if key in batch:
+                    return batch[key]
+        return batch
+
+    def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
+        """Class logits (B, A, C), decoded xyxy boxes (B, A, 4), region embeddings, class anchors and the
+        anchor/query points of one batch, from what was recorded at :meth:`head_taps`."""
+        raise self._unsupported(model, "head_outputs")
+
+    def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Ground truth of the batch per image, in the frame of the decoded boxes: (M, 4) xyxy and (M,) labels."""
+        raise self._unsupported(model, "targets")
+
+    def distillation_pair(self, student: HeadOutputs, teacher: HeadOutputs,
+                          targets: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
+        """Pair student and teacher predictions and pick the teacher's positives.
+
+        Dense heads (default): the same anchor in both; positives by task-aligned assignment of the teacher's
+        predictions to the ground truth. Query heads override this (Hungarian matching)."""
+        if teacher.points is None:
+            raise UnsupportedDetectorError(f"{type(self).__name__}.head_outputs gives no anchor points for the assignment")
+        assignment = task_aligned_positives(teacher.cls_logits.detach(), teacher.boxes.detach(), teacher.points,
+                                            targets[0], targets[1], score_kind=teacher.score_kind)
+        return student, teacher, assignment
+
+    # ------------------------------------------------------------------ messages
+    def _unsupported(self, model: nn.Module, what: str) -> UnsupportedDetectorError:
+        return UnsupportedDetectorError(
+            f"{type(model).__name__} is not a detector family detq-hooks can read the head of "
+            f"(family {self.name!r} has no `{what}`); distillation's head terms need it. Subclass "
+            "detq_hooks.detectors.DetectorFamily and answer head_taps/head_outputs/targets (README, "
+            "'Your own detector'), pass it as `family=`, or use a recipe without head terms "
+            "(distillation.relational_weight/logit_weight/box_weight: 0)"
+        )
+
+
+__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF"]

@@ -1,0 +1,212 @@
+"""The MMDetection family: models with a ``bbox_head`` (dense heads: RetinaNet, RTMDet, FCOS, ATSS, GFL, ...;
+the DETR family), and MMEngine models laid out the same way.
+
+* Prediction layers: the heads' final class/box convs (``conv_cls``, ``retina_reg``, ``rtm_cls.<i>``, ...) and
+  the last layer of each DETR ``cls_branches``/``reg_branches`` MLP.
+* Stages: ``backbone`` / neck (with a transformer's encoder, decoder and query embeddings) / head.
+* Head outputs, dense heads: per-level outputs flattened to (B, A, C) logits and boxes decoded by the head's
+  own ``bbox_coder`` at its priors; the classifier's inputs as region embeddings; its weight rows as class
+  anchors (per level where each level has its own classifier, as in RTMDet). DETR heads: the last decoder
+  layer's queries; student queries are paired with the teacher's by Hungarian matching and the teacher's
+  positives are its queries matched to the ground truth.
+* Batches are what ``model.loss`` receives: ``(inputs, data_samples)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..curriculum import Stage
+from ..distill import Assignment, HeadOutputs, hungarian_match
+from ..recording import Recorded, Taps
+from .base import DetectorFamily, UnsupportedDetectorError
+
+PREDICTION_LEAF = re.compile(
+    r"(^|\.)(conv_cls|conv_reg|retina_cls|retina_reg|fc_cls|fc_reg|conv_centerness|conv_objectness|"
+    r"rtm_cls\.\d+|rtm_reg\.\d+|rtm_obj\.\d+|multi_level_conv_cls\.\d+|multi_level_conv_reg\.\d+|"
+    r"multi_level_conv_obj\.\d+|cls_branches\.\d+)$"
+)
+PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
+CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")
+HEAD_ROOTS = ("bbox_head", "roi_head", "rpn_head")
+
+
+def _cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+
+class MMDetFamily(DetectorFamily):
+    name = "mmdet"
+    reads_head = True
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("mmdet.") or isinstance(getattr(model, "bbox_head", None), nn.Module)
+
+    # ------------------------------------------------------------------ layers / structure
+    def prediction_layers(self, model: nn.Module) -> Optional[list[str]]:
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        in_head = [n for n in names if n.split(".")[0] in HEAD_ROOTS]
+        chosen = [n for n in in_head if PREDICTION_LEAF.search(n)]
+        branches: dict[str, str] = {}
+        for n in in_head:
+            parts = n.split(".")
+            for i in range(len(parts), 0, -1):
+                root = ".".join(parts[:i])
+                if PREDICTION_BRANCH.search(root) and root != n:
+                    branches[root] = n  # modules come in order: the last one wins
+                    break
+        found = sorted(set(chosen) | set(branches.values()), key=names.index)
+        return found or None
+
+    def stages(self, model: nn.Module) -> Optional[list[Stage]]:
+        children = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+        first = [n for n in children if n == "backbone"]
+        head = [n for n in children if n in HEAD_ROOTS]
+        middle = [n for n in children if n not in first and n not in head]
+        stages = []
+        if first:
+            stages.append(Stage("backbone", first, outputs=["backbone"]))
+        if middle:
+            stages.append(Stage("neck", middle, outputs=["neck"] if "neck" in middle else []))
+        if head:
+            stages.append(Stage("head", head))
+        return stages if len(stages) >= 2 else None
+
+    def reconstruction_blocks(self, model: nn.Module) -> list[str]:
+        blocks = []
+        for name, child in model.named_children():
+            if not any(True for _ in child.parameters()):
+                continue
+            kids = [f"{name}.{k}" for k, c in child.named_children() if any(True for _ in c.parameters())]
+            blocks.extend(kids or [name])
+        return blocks
+
+    def class_names(self, model: nn.Module) -> Optional[list[str]]:
+        meta = getattr(model, "dataset_meta", None) or {}
+        classes = meta.get("classes")
+        return list(classes) if classes else None
+
+    # ------------------------------------------------------------------ head outputs
+    def _classifiers(self, model: nn.Module) -> list[str]:
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n.startswith("bbox_head.")]
+        return [n for n in names if CLASSIFIER_LEAF.search(n)]
+
+    @staticmethod
+    def _is_detr(model: nn.Module) -> bool:
+        return hasattr(model.bbox_head, "fc_cls") and not hasattr(model.bbox_head, "prior_generator")
+
+    def head_taps(self, model: nn.Module) -> Taps:
+        head = getattr(model, "bbox_head", None)
+        classifiers = self._classifiers(model) if head is not None else []
+        if not classifiers or not (self._is_detr(model) or hasattr(head, "prior_generator")):
+            raise UnsupportedDetectorError(
+                f"{type(model).__name__}: no classifier layer with priors found in its bbox_head "
+                f"({type(head).__name__ if head is not None else 'none'}); the MMDetection family reads dense heads "
+                "(RetinaNet, RTMDet, FCOS, ATSS, GFL) and DETR heads. Subclass detq_hooks.detectors.DetectorFamily "
+                "for this model (README, 'Your own detector') or use a recipe without distillation head terms"
+            )
+        return Taps(outputs=["bbox_head"], inputs=classifiers)
+
+    def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
+        """Calls the head as a module (MMDetection's ``mode="tensor"`` calls ``bbox_head.forward`` directly,
+        which bypasses forward hooks)."""
+        inputs, data_samples = batch
+        feats = teacher.extract_feat(inputs)
+        if self._is_detr(teacher):
+            teacher.bbox_head(**teacher.forward_transformer(feats, data_samples))
+        else:
+            teacher.bbox_head(feats)
+
+    def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
+        outs = recorded.output("bbox_head")
+        classifiers = self._classifiers(model)
+        if self._is_detr(model):
+            name = classifiers[-1]
+            emb = recorded.input(name)
+            if emb.dim() == 4:  # fc_cls ran on all decoder layers at once: keep the last
+                emb = emb[-1]
+            logits = outs[0][-1]
+            num_classes = model.bbox_head.num_classes
+            kind = "softmax" if logits.shape[-1] > num_classes else "sigmoid"
+            anchors = dict(model.named_modules())[name].weight.detach().float()[:num_classes]
+            return HeadOutputs(logits, _cxcywh_to_xyxy(outs[1][-1]), emb, anchors, None, kind)
+        return self._dense(model, outs, recorded, classifiers)
+
+    @staticmethod
+    def _dense(model: nn.Module, outs: Any, recorded: Recorded, classifiers: Sequence[str]) -> HeadOutputs:
+        head = model.bbox_head
+        cls_scores, bbox_preds = outs[0], outs[1]
+        b, c, na = cls_scores[0].shape[0], head.cls_out_channels, head.num_base_priors
+        logits = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, c) for s in cls_scores], 1)
+        deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, p.shape[1] // na) for p in bbox_preds], 1)
+        priors = head.prior_generator.grid_priors([s.shape[-2:] for s in cls_scores], device=logits.device)
+        level = torch.cat([torch.full((len(p),), i, device=logits.device) for i, p in enumerate(priors)])
+        priors = torch.cat(priors).float()
+        if priors.shape[-1] == 4 and "Anchor" in type(head.prior_generator).__name__:
+            decode_from, centers = priors, (priors[:, :2] + priors[:, 2:]) / 2
+        else:  # point priors (x, y[, stride_w, stride_h])
+            decode_from = centers = priors[:, :2]
+        n = decode_from.shape[0]
+        boxes = head.bbox_coder.decode(decode_from.repeat(b, 1), deltas.reshape(b * n, -1).float()).reshape(b, n, 4)
+        inputs = [x for name in classifiers for x in recorded.inputs[name]]
+        emb = torch.cat([x.permute(0, 2, 3, 1).reshape(b, -1, x.shape[1]).repeat_interleave(na, 1) for x in inputs], 1)
+        mods = dict(model.named_modules())
+        weights = [mods[name].weight.detach().float().flatten(2).mean(-1).reshape(na, c, -1).mean(0) for name in classifiers]
+        if len(weights) == 1:
+            class_anchors, anchor_index = weights[0], None
+        else:  # one classifier per level (RTMDet): anchors per level
+            class_anchors, anchor_index = torch.stack(weights), level.long()
+        return HeadOutputs(logits, boxes, emb, class_anchors, anchor_index, "sigmoid", centers)
+
+    def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        from mmdet.structures.bbox import get_box_tensor
+
+        data_samples = batch[1]
+        boxes = [get_box_tensor(d.gt_instances.bboxes).float() for d in data_samples]
+        if self._is_detr(model):  # DETR heads predict boxes normalised by the image size
+            boxes = [bx / bx.new_tensor([d.metainfo["img_shape"][1], d.metainfo["img_shape"][0]] * 2)
+                     for bx, d in zip(boxes, data_samples)]
+        return boxes, [d.gt_instances.labels.long() for d in data_samples]
+
+    def distillation_pair(self, student: HeadOutputs, teacher: HeadOutputs, targets) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
+        if teacher.points is not None:  # dense head
+            return super().distillation_pair(student, teacher, targets)
+        return _detr_pair(student, teacher, targets)
+
+
+def _detr_pair(student: HeadOutputs, teacher: HeadOutputs, targets) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
+    s_logits, s_boxes = student.cls_logits, student.boxes
+    t_logits, t_boxes = teacher.cls_logits.detach(), teacher.boxes.detach()
+    b, q, c1 = t_logits.shape
+    num_classes = teacher.class_anchors.shape[0]
+    order = []
+    positives = torch.zeros(b, q, dtype=torch.bool, device=t_logits.device)
+    labels = torch.zeros(b, q, dtype=torch.long, device=t_logits.device)
+    gt_boxes, gt_labels = targets
+    for i in range(b):
+        s_idx, t_idx = hungarian_match(s_boxes[i].detach(), s_logits[i, :, :num_classes].detach(),
+                                       t_boxes[i], t_logits[i, :, :num_classes])
+        perm = torch.empty(q, dtype=torch.long, device=t_logits.device)
+        perm[t_idx] = s_idx.to(t_logits.device)
+        order.append(perm)
+        if len(gt_boxes[i]):
+            onehot = torch.full((len(gt_boxes[i]), num_classes), -10.0, device=t_logits.device)
+            onehot[torch.arange(len(gt_boxes[i])), gt_labels[i]] = 10.0
+            tq, g = hungarian_match(t_boxes[i], t_logits[i, :, :num_classes], gt_boxes[i].to(t_logits.device), onehot)
+            positives[i, tq] = True
+            labels[i, tq] = gt_labels[i].to(t_logits.device)[g]
+    idx = torch.stack(order)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+    s = HeadOutputs(take(s_logits), take(s_boxes), take(student.embeddings), None, None, student.score_kind)
+    return s, teacher, Assignment(positives, labels)
+
+
+__all__ = ["MMDetFamily", "PREDICTION_LEAF", "CLASSIFIER_LEAF", "HEAD_ROOTS"]

@@ -1,0 +1,115 @@
+"""The torchvision family: dense detectors laid out like torchvision's (``transform``, ``backbone.body``,
+``backbone.fpn``, ``head``, ``anchor_generator``): FCOS and RetinaNet, found anywhere in the model (e.g. as
+``self.model`` of a LightningModule).
+
+* Prediction layers: the head's ``cls_logits``/``bbox_reg``/``bbox_ctrness`` convs.
+* Stages: ``backbone`` = ``backbone.body`` (its outputs are PKD's features), then ``neck_head`` = FPN + head.
+* Head outputs: raw class logits, boxes decoded by the detector's box coder at its anchors, the
+  classification tower's outputs as region embeddings, the teacher's classifier rows (averaged over the
+  kernel and the anchors of a location) as class anchors. Targets are the ones the detector's own
+  ``transform`` resized, read from the student's forward.
+* Batches are ``(images, targets)`` as torchvision detectors take them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..curriculum import Stage
+from ..distill import HeadOutputs
+from ..recording import Recorded, Taps
+from .base import DetectorFamily
+
+
+def detector_root(model: nn.Module) -> Optional[str]:
+    """Name of the first sub-module laid out like a torchvision dense detector, or ``None``."""
+    for name, m in model.named_modules():
+        bb, head = getattr(m, "backbone", None), getattr(m, "head", None)
+        if (isinstance(bb, nn.Module) and isinstance(head, nn.Module) and hasattr(bb, "body") and hasattr(bb, "fpn")
+                and hasattr(m, "anchor_generator") and hasattr(m, "transform")):
+            return name
+    return None
+
+
+class TorchvisionFamily(DetectorFamily):
+    name = "torchvision"
+    reads_head = True
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return detector_root(model) is not None
+
+    def _p(self, model: nn.Module) -> str:
+        root = detector_root(model)
+        return f"{root}." if root else ""
+
+    def _det(self, model: nn.Module) -> nn.Module:
+        root = detector_root(model)
+        return model.get_submodule(root) if root else model
+
+    # ------------------------------------------------------------------ layers / structure
+    def stages(self, model: nn.Module) -> list[Stage]:
+        p = self._p(model)
+        return [Stage("backbone", [p + "backbone.body"], [p + "backbone.body"]),
+                Stage("neck_head", [p + "backbone.fpn", p + "head"], [])]
+
+    def reconstruction_blocks(self, model: nn.Module) -> list[str]:
+        p, det = self._p(model), self._det(model)
+        body = [f"{p}backbone.body.{n}" for n, c in det.backbone.body.named_children() if any(True for _ in c.parameters())]
+        return body + [p + "backbone.fpn", p + "head.classification_head", p + "head.regression_head"]
+
+    # ------------------------------------------------------------------ head outputs
+    def head_taps(self, model: nn.Module) -> Taps:
+        p = self._p(model)
+        return Taps(outputs=[p + "transform", p + "head", p + "head.classification_head.conv", p + "anchor_generator"])
+
+    def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
+        """The teacher's transform → body → FPN → head → anchors, called as modules so the taps record."""
+        images, targets = batch[0], batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        det = self._det(teacher)
+        image_list, _ = det.transform(images, [dict(t) for t in targets] if targets is not None else None)
+        feats = list(det.backbone.fpn(det.backbone.body(image_list.tensors)).values())
+        det.head(feats)
+        det.anchor_generator(image_list, feats)
+
+    @staticmethod
+    def _embeddings(tower_outputs: Sequence[torch.Tensor], num_anchors_total: int) -> torch.Tensor:
+        per_level = [t.flatten(2).transpose(1, 2) for t in tower_outputs]  # (N, HW, D) in H, W order
+        hw = sum(t.shape[1] for t in per_level)
+        a = max(1, num_anchors_total // max(hw, 1))
+        return torch.cat([t.repeat_interleave(a, dim=1) if a > 1 else t for t in per_level], 1)
+
+    @staticmethod
+    def _decode(det: nn.Module, regression: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tensor:
+        coder = det.box_coder
+        if hasattr(coder, "decode_single") and not hasattr(coder, "normalize_by_size"):
+            return torch.stack([coder.decode_single(regression[b].float(), anchors[b]) for b in range(len(anchors))])
+        return coder.decode(regression.float(), torch.stack(anchors))
+
+    def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
+        p, det = self._p(model), self._det(model)
+        head = recorded.output(p + "head")
+        anchors = recorded.output(p + "anchor_generator")
+        logits = head["cls_logits"]
+        towers = recorded.outputs[p + "head.classification_head.conv"]
+        levels = len(recorded.outputs[p + "head.classification_head.conv"]) // max(1, len(recorded.outputs[p + "head"]))
+        w = det.head.classification_head.cls_logits.weight.detach().float().mean((2, 3))  # (A*C, D)
+        c = logits.shape[-1]
+        return HeadOutputs(
+            cls_logits=logits.float(), boxes=self._decode(det, head["bbox_regression"], anchors),
+            embeddings=self._embeddings(towers[-levels:], logits.shape[1]).float(),
+            class_anchors=w.view(-1, c, w.shape[1]).mean(0), score_kind="sigmoid",
+            points=(anchors[0][:, :2] + anchors[0][:, 2:]) / 2,
+        )
+
+    def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        _, targets = recorded.output(self._p(model) + "transform")
+        if targets is None:
+            raise ValueError("distillation needs the batch's targets: the detector ran without them (is it in training mode?)")
+        return [t["boxes"].float() for t in targets], [t["labels"].long() for t in targets]
+
+
+__all__ = ["TorchvisionFamily", "detector_root"]

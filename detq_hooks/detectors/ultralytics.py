@@ -1,0 +1,159 @@
+"""The Ultralytics family: YOLOv8/YOLO11/YOLO26 (``Detect``/``v10Detect``/``YOLO26`` heads) and RT-DETR.
+
+* Prediction layers: the last Conv2d/Linear of each branch of the head (``cv2``/``cv3``, the end-to-end
+  ``one2one_*`` branches, RT-DETR's score/box heads). Float-only: DFL's fixed integral conv.
+* Stages (CR-QAT's K = 2): ``backbone`` = ``model.0 .. model.{nb-1}`` (``nb = len(yaml['backbone'])``) and
+  ``neck_head`` = the rest; a stage's PKD features are the outputs of its layers that later layers read.
+* Head outputs (YOLO heads; end-to-end heads give the one-to-many branch): class logits, boxes decoded from
+  the DFL distribution at each anchor point, the last class conv's inputs as region embeddings and its
+  weight rows (one set per scale) as class anchors. RT-DETR's head is not read yet.
+* Batches are Ultralytics' preprocessed batch dicts (``img``, ``batch_idx``, ``bboxes`` normalised xywh, ``cls``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..curriculum import Stage
+from ..distill import HeadOutputs
+from ..recording import Recorded, Taps
+from .base import DetectorFamily, UnsupportedDetectorError
+
+# Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
+HEAD_BRANCHES = (
+    "cv2", "cv3", "one2one_cv2", "one2one_cv3",  # Detect / v10Detect / YOLO26 (end-to-end)
+    "dec_score_head", "dec_bbox_head", "enc_score_head", "enc_bbox_head",  # RTDETRDecoder
+)
+
+
+def head_name(model: nn.Module) -> str:
+    return f"model.{len(model.model) - 1}"
+
+
+def is_yolo_head(model: nn.Module) -> bool:
+    head = model.model[-1]
+    return hasattr(head, "cv3") and hasattr(head, "cv2")
+
+
+def ultralytics_stages(model: nn.Module, split: str = "paper") -> list[Stage]:
+    """Data-flow stages of an Ultralytics model from its yaml (``split="three"``: backbone / neck / head)."""
+    yaml_cfg = getattr(model, "yaml", None) or {}
+    nb = len(yaml_cfg.get("backbone", []))
+    n = len(model.model)
+    if not 0 < nb < n - 1:
+        raise ValueError(f"cannot split {type(model).__name__} into stages: backbone has {nb} of {n} layers")
+    head_idx = n - 1
+    head = model.model[-1]
+    head_in = [head.f] if isinstance(head.f, int) else list(head.f)
+    head_in = [i if i >= 0 else head_idx + i for i in head_in]
+    read_later = set()
+    for m in model.model[nb:]:
+        for j in ([m.f] if isinstance(m.f, int) else m.f):
+            src = j if j >= 0 else m.i + j
+            if src < nb:
+                read_later.add(src)
+    backbone = Stage("backbone", [f"model.{i}" for i in range(nb)], [f"model.{i}" for i in sorted(read_later)])
+    if split == "three":
+        neck = Stage("neck", [f"model.{i}" for i in range(nb, head_idx)], [f"model.{i}" for i in head_in])
+        return [backbone, neck, Stage("head", [f"model.{head_idx}"], [])]
+    return [backbone, Stage("neck_head", [f"model.{i}" for i in range(nb, n)], [])]
+
+
+class UltralyticsFamily(DetectorFamily):
+    name = "ultralytics"
+    reads_head = True
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("ultralytics.") and isinstance(getattr(model, "model", None), nn.Sequential)
+
+    # ------------------------------------------------------------------ layers
+    def prediction_layers(self, model: nn.Module) -> list[str]:
+        head = model.model[-1]
+        prefix = head_name(model)
+        names: list[str] = []
+        for attr in HEAD_BRANCHES:
+            sub = getattr(head, attr, None)
+            if not isinstance(sub, nn.Module):
+                continue
+            branches = list(sub.named_children()) if isinstance(sub, nn.ModuleList) else [("", sub)]
+            for idx, branch in branches:
+                leaves = [n for n, m in branch.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+                if leaves:
+                    names.append(".".join(p for p in (prefix, attr, idx, leaves[-1]) if p))
+        return names
+
+    def float_layers(self, model: nn.Module) -> list[str]:
+        conv = getattr(getattr(model.model[-1], "dfl", None), "conv", None)
+        return [f"{head_name(model)}.dfl.conv"] if isinstance(conv, nn.Conv2d) else []
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        return ultralytics_stages(model)
+
+    def reconstruction_blocks(self, model: nn.Module) -> list[str]:
+        return [f"model.{i}" for i in range(len(model.model))]
+
+    def class_names(self, model: nn.Module) -> Optional[list[str]]:
+        names = getattr(model, "names", None)
+        if isinstance(names, dict):
+            return [names[i] for i in sorted(names)]
+        return list(names) if names else None
+
+    # ------------------------------------------------------------------ head outputs
+    def _class_convs(self, model: nn.Module) -> list[str]:
+        head = model.model[-1]
+        return [f"{head_name(model)}.cv3.{i}.{len(b) - 1}" for i, b in enumerate(head.cv3)]
+
+    def head_taps(self, model: nn.Module) -> Taps:
+        if not is_yolo_head(model):
+            raise UnsupportedDetectorError(
+                f"detq: the {type(model.model[-1]).__name__} head of {type(model).__name__} is not read by the "
+                "Ultralytics family yet (YOLO Detect/v10Detect/YOLO26 heads are); use a recipe without distillation "
+                "head terms (the curriculum alone works)"
+            )
+        return Taps(outputs=[head_name(model)], inputs=self._class_convs(model))
+
+    def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
+        teacher(batch["img"])
+
+    def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
+        from ultralytics.utils.tal import dist2bbox, make_anchors
+
+        head = model.model[-1]
+        out = recorded.output(head_name(model))
+        preds = out[1] if isinstance(out, tuple) else out  # eval mode (teacher) returns (decoded, raw)
+        p = preds["one2many"] if "one2many" in preds else preds
+        logits = p["scores"].permute(0, 2, 1)
+        dist = p["boxes"].permute(0, 2, 1).float()
+        anchors, strides = make_anchors(p["feats"], head.stride, 0.5)
+        if head.reg_max > 1:
+            b, a, c = dist.shape
+            proj = torch.arange(head.reg_max, dtype=torch.float, device=dist.device)
+            dist = dist.view(b, a, 4, c // 4).softmax(3).matmul(proj)
+        boxes = dist2bbox(dist, anchors, xywh=False) * strides
+        embs, index = [], []
+        for lvl, name in enumerate(self._class_convs(model)):
+            e = recorded.input(name)
+            embs.append(e.flatten(2).transpose(1, 2))
+            index.append(torch.full((e.shape[2] * e.shape[3],), lvl, dtype=torch.long, device=e.device))
+        modules = dict(model.named_modules())
+        class_anchors = torch.stack([modules[n].weight.detach().flatten(1).float() for n in self._class_convs(model)])
+        return HeadOutputs(logits, boxes, torch.cat(embs, 1), class_anchors, torch.cat(index), "sigmoid", anchors * strides)
+
+    def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        img = batch["img"]
+        h, w = img.shape[2:]
+        scale = torch.tensor([w, h, w, h], device=img.device, dtype=torch.float32)
+        boxes, labels = [], []
+        for i in range(img.shape[0]):
+            sel = batch["batch_idx"].view(-1) == i
+            b = batch["bboxes"][sel].to(img.device).float() * scale
+            boxes.append(torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1))
+            labels.append(batch["cls"][sel].view(-1).long().to(img.device))
+        return boxes, labels
+
+
+__all__ = ["UltralyticsFamily", "ultralytics_stages", "is_yolo_head", "head_name", "HEAD_BRANCHES"]

@@ -1,0 +1,138 @@
+"""The loss-term seam: extra terms a method adds to the trainer's own loss, computed the same way in every
+trainer (inside its DDP-wrapped forward, so their gradients are all-reduced with the task loss).
+
+A :class:`LossTerm` names the module outputs it reads (:meth:`LossTerm.taps`; the session records them during
+the trainer's forward) and maps a :class:`StepContext` to named tensors. The trainer adapters only decide
+*where* the sum is added (Lightning: the ``training_step`` loss; MMEngine: ``model.loss``'s dict; Ultralytics:
+the criterion's loss vector).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .curriculum import Stage
+from .distill import DistillationLoss, Teacher
+from .quantizers import iter_quantizers
+from .recording import Recorded, Taps, record
+
+
+@dataclass
+class StepContext:
+    """What a loss term sees at one training step.
+
+    Attributes:
+        model: the quantized (unwrapped) model.
+        batch: the batch in the detector family's convention (Ultralytics: the preprocessed batch dict;
+            torchvision/Lightning: ``(images, targets)``; MMDetection: ``(inputs, data_samples)``).
+        recorded: the taps recorded during this step's forward.
+        stage: the curriculum stage index (``None`` without a curriculum).
+        outputs: the trainer's own step output where it has one.
+    """
+
+    model: nn.Module
+    batch: Any
+    recorded: Recorded
+    stage: Optional[int] = None
+    outputs: Any = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class LossTerm:
+    """An extra loss term. Subclass and implement :meth:`__call__` (and :meth:`taps` if it reads module outputs).
+
+    Terms whose name starts with ``_`` are added to the loss but not logged.
+    """
+
+    name = "term"
+
+    def taps(self, model: nn.Module) -> Taps:
+        return Taps()
+
+    def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FunctionTerm(LossTerm):
+    """A plain function ``fn(ctx) -> {name: tensor}`` as a loss term."""
+
+    def __init__(self, name: str, fn: Callable[[StepContext], dict[str, torch.Tensor]], taps: Optional[Taps] = None) -> None:
+        self.name, self.fn, self._taps = name, fn, taps or Taps()
+
+    def taps(self, model: nn.Module) -> Taps:
+        return self._taps
+
+    def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return self.fn(ctx)
+
+
+class DisabledQuantizerAnchor(LossTerm):
+    """Keeps the parameters of quantizers switched off by the curriculum in the autograd graph (gradient exactly 0).
+
+    A disabled quantizer passes its input through, so its scale takes no part in the loss, and DDP without
+    ``find_unused_parameters`` stops at the next iteration ("parameters that were not used in producing
+    loss"). The curriculum restores frozen stages after every step anyway.
+    """
+
+    name = "_ddp_anchor"
+
+    def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        params = [p for _, q in iter_quantizers(ctx.model) if not q.enabled
+                  for p in q.parameters(recurse=False) if p.requires_grad]
+        return {"_ddp_anchor": torch.stack([p.sum() for p in params]).sum() * 0.0} if params else {}
+
+
+class DistillationTerm(LossTerm):
+    """CR-QAT distillation from the frozen float teacher: PKD on the stages' output features and, for
+    families that read their head, the relational, logit and box terms on the teacher's positives."""
+
+    name = "distill"
+
+    def __init__(self, family, teacher: Teacher, loss: DistillationLoss, stages: Sequence[Stage]) -> None:
+        self.family, self.teacher, self.loss = family, teacher, loss
+        self.feature_modules = [list(st.outputs) for st in list(stages)[:-1]]
+        cfg = loss.cfg
+        self.reads_head = any(w > 0 for w in (cfg.relational_weight, cfg.logit_weight, cfg.box_weight))
+        self.last_terms: dict[str, float] = {}
+
+    def taps(self, model: nn.Module) -> Taps:
+        taps = Taps(outputs=[n for group in self.feature_modules for n in group])
+        if self.reads_head:
+            taps = taps | self.family.head_taps(model)
+        return taps
+
+    def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        taps = self.taps(self.teacher.module)
+        with record(self.teacher.module, taps) as t_rec:
+            self.teacher.run(lambda m: self.family.teacher_forward(m, ctx.batch))
+        s_feats = [[f for n in group for f in _feature_maps(ctx.recorded.output(n))] for group in self.feature_modules]
+        t_feats = [[f for n in group for f in _feature_maps(t_rec.output(n))] for group in self.feature_modules]
+        s_head = t_head = assignment = None
+        if self.reads_head:
+            s_head = self.family.head_outputs(ctx.model, ctx.recorded, ctx.batch)
+            t_head = self.family.head_outputs(self.teacher.module, t_rec, ctx.batch)
+            targets = self.family.targets(ctx.model, ctx.recorded, ctx.batch)
+            s_head, t_head, assignment = self.family.distillation_pair(s_head, t_head, targets)
+        total, parts = self.loss(stage=ctx.stage, student_feats=s_feats, teacher_feats=t_feats,
+                                 student_head=s_head, teacher_head=t_head, assignment=assignment)
+        self.last_terms = parts
+        ctx.logs.update({f"distill_{k}": v for k, v in parts.items()})
+        return {"distill": total}
+
+
+def _feature_maps(output: Any) -> list[torch.Tensor]:
+    """The (N, C, ...) feature maps in a module's output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [v for v in output.values() if isinstance(v, torch.Tensor) and v.dim() >= 3]
+    if isinstance(output, (list, tuple)):
+        return [v for v in output if isinstance(v, torch.Tensor) and v.dim() >= 3]
+    return []
+
+
+__all__ = ["LossTerm", "FunctionTerm", "StepContext", "DistillationTerm", "DisabledQuantizerAnchor"]

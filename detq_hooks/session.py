@@ -1,0 +1,461 @@
+"""The quantization session: a method's whole life cycle, written once for every trainer.
+
+    convert (all or nothing) → calibrate or PTQ → teacher → curriculum schedule → extra loss terms
+    → quantizer/EMA sync → saved state → verify on load
+
+Each trainer adapter translates its trainer's events into these calls and answers the small
+:class:`TrainerInterface` (where calibration batches come from, the training progress, how float weights are
+read). The adapters hold no head decoding, matching, loss maths or checkpoint format: those are the
+detector families' (:mod:`detq_hooks.detectors`) and the core's.
+
+Example (a hand-written loop)::
+
+    session = QuantSession("w4a8-crqat")
+    session.convert(model)                                  # teacher copied, layers swapped, stages found
+    session.attach_optimizer(optimizer, model)
+    session.calibrate(model, batches, forward_fn=lambda m, b: m(b[0]))
+    session.start_training(model)
+    for step, batch in enumerate(loader):
+        session.before_step(model, step / total_steps)
+        loss = task_loss(model, batch)
+        loss = loss + sum(session.loss_terms(model, batch).values())
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        session.after_optimizer_step(model)
+    torch.save({"model": model.state_dict(), "detq": session.state(model)}, "ckpt.pt")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .calibration import CalibrationResult, calibrate
+from .checkpoint import (
+    CheckpointMismatchError,
+    check_compatible,
+    has_quantizer_state,
+    is_quantizer_key,
+    load_quantizer_state,
+    quantization_state,
+    read_state,
+    rebuild,
+)
+from .curriculum import CurriculumSchedule, Stage, assign_parameters, stages_from_recipe
+from .detectors import DetectorFamily, UnsupportedDetectorError, family_for
+from .distill import DistillationLoss, Teacher
+from .loss_terms import DisabledQuantizerAnchor, DistillationTerm, LossTerm, StepContext
+from .optim import add_quantizer_param_group
+from .quantizers import iter_quantizers
+from .recipe import Recipe, RecipeError, load_recipe
+from .recording import Recorder, Taps
+from .surgery import is_quantized, quantize, quantized_layers, recipe_of
+
+
+@runtime_checkable
+class TrainerInterface(Protocol):
+    """What a trainer adapter answers for the session (each a few lines in the adapter).
+
+    * ``calibration_batches()``: an iterable of batches already on the model's device, drawn so that the
+      training random stream is not disturbed (the session also forks the RNG around calibration).
+    * ``calibration_forward(model, batch)``: run one batch through the model the trainer's way.
+    * ``progress()``: the fraction of the QAT budget done (iterations or epochs, as the recipe says).
+    * ``read_weights(path)``: a float checkpoint of this trainer → a state dict (distillation teacher).
+    """
+
+    def calibration_batches(self) -> Iterable[Any]: ...
+
+    def calibration_forward(self, model: nn.Module, batch: Any) -> Any: ...
+
+    def progress(self) -> float: ...
+
+    def read_weights(self, path: str) -> Mapping[str, torch.Tensor]: ...
+
+
+def read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
+    """A state dict from a checkpoint file of any trainer (``state_dict``/``model``/``ema`` entries, or a module)."""
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    for key in ("state_dict", "ema", "model"):
+        if isinstance(ckpt, dict) and ckpt.get(key) is not None:
+            ckpt = ckpt[key]
+            break
+    if isinstance(ckpt, nn.Module):
+        ckpt = ckpt.float().state_dict()
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointMismatchError(f"{path} holds no state dict ({type(ckpt).__name__})")
+    return ckpt
+
+
+def fit_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state_dict`` keyed like ``module``'s: a prefix that a trainer added (``module.``, a LightningModule's
+    attribute path) is stripped when that makes every key of the module present."""
+    own = set(module.state_dict())
+    if own <= set(state_dict):
+        return {k: state_dict[k] for k in own}
+    prefixes = {k.split(".", 1)[0] + "." for k in state_dict if "." in k} | {"module."}
+    for prefix in sorted(prefixes):
+        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if own <= set(stripped):
+            return {k: stripped[k] for k in own}
+    missing = sorted(own - set(state_dict))
+    raise CheckpointMismatchError(f"the weights from {source} do not fit the model: {len(missing)} keys missing, e.g. {missing[:3]}")
+
+
+@torch.no_grad()
+def sync_integer_buffers(dst: nn.Module, src: nn.Module) -> None:
+    """Copy the integer quantizer buffers (bits, enabled, initialised flags) of ``src`` into its averaged copy
+    ``dst`` exactly (weight averaging blends buffers with float arithmetic, which would truncate them)."""
+    src_q = dict(iter_quantizers(src))
+    for name, q in iter_quantizers(dst):
+        other = src_q.get(name)
+        if other is None:
+            continue
+        for attr in ("bits_state", "enabled_state", "initialized_state"):
+            getattr(q, attr).copy_(getattr(other, attr).to(getattr(q, attr).device))
+        q._bits, q._enabled, q._initialized = other._bits, other._enabled, other._initialized
+
+
+@torch.no_grad()
+def quantization_figures(model: nn.Module) -> dict[str, float]:
+    """Scalars worth logging: number of quantized layers, mean activation/weight scale, enabled quantizers."""
+    acts = [q for _, q in iter_quantizers(model) if q.role == "activation"]
+    weights = [q for _, q in iter_quantizers(model) if q.role == "weight"]
+    figs = {"quantized_layers": float(len(quantized_layers(model)))}
+    if acts:
+        figs["act_scale_mean"] = float(torch.stack([q.scale.detach().float().mean() for q in acts]).mean())
+    if weights:
+        figs["weight_scale_mean"] = float(torch.stack([q.scale.detach().float().mean() for q in weights]).mean())
+    figs["enabled_quantizers"] = float(sum(q.enabled for q in acts + weights))
+    return figs
+
+
+class QuantSession:
+    """One quantization life cycle for one model.
+
+    Args:
+        recipe: preset name, YAML path, dict or :class:`~detq_hooks.recipe.Recipe` (validated now).
+        family: the detector family (default: found from the model at :meth:`convert`).
+        prediction_layers / first_layers: override the family's answers.
+        calibration_batches: overrides ``calibration.num_batches``.
+        read_weights: ``fn(path) -> state dict`` for float checkpoints (the distillation teacher); the
+            adapters pass their trainer's loader.
+    """
+
+    def __init__(
+        self,
+        recipe: Any = "w8a8",
+        *,
+        family: Optional[DetectorFamily] = None,
+        prediction_layers: Optional[Sequence[str]] = None,
+        first_layers: Optional[Sequence[str]] = None,
+        calibration_batches: Optional[int] = None,
+        read_weights: Optional[Callable[[str], Mapping[str, torch.Tensor]]] = None,
+    ) -> None:
+        self.recipe: Recipe = load_recipe(recipe)
+        if calibration_batches is not None and (
+            isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1
+        ):
+            raise ValueError(f"`calibration_batches` = {calibration_batches!r} must be a positive integer")
+        if family is not None and not (isinstance(family, DetectorFamily) or
+                                       (isinstance(family, type) and issubclass(family, DetectorFamily))):
+            raise TypeError(f"`family` = {family!r} must be a detq_hooks.detectors.DetectorFamily (instance or subclass)")
+        self._family_arg = family
+        self.family: Optional[DetectorFamily] = None
+        self.prediction_layers = list(prediction_layers) if prediction_layers is not None else None
+        self.first_layers = list(first_layers) if first_layers is not None else None
+        self.calibration_batches = calibration_batches
+        self.read_weights = read_weights or read_state_dict
+        self.stages: list[Stage] = []
+        self.schedule: Optional[CurriculumSchedule] = None
+        self.teacher: Optional[Teacher] = None
+        self.teacher_source: Optional[str] = None  # a path the teacher's weights came from (None: kept in state)
+        self.terms: list[LossTerm] = []
+        self.last_terms: dict[str, float] = {}
+        self.last_calibration: Optional[CalibrationResult] = None
+        self._recorder: Optional[Recorder] = None
+        self._model_id: Optional[int] = None
+
+    # ================================================================== properties
+    @property
+    def ptq(self) -> bool:
+        """Whether the recipe is post-training quantization (calibrate, evaluate, save; no optimizer step)."""
+        return self.recipe.mode == "ptq"
+
+    @property
+    def stage(self) -> Optional[int]:
+        return self.schedule.current if self.schedule is not None and self.schedule.current >= 0 else None
+
+    def owns(self, model: nn.Module) -> bool:
+        return self._model_id == id(model)
+
+    # ================================================================== 1. convert
+    def convert(self, model: nn.Module, *, training: bool = True) -> nn.Module:
+        """Quantize the float ``model`` in place with the recipe (all or nothing) and prepare CR-QAT.
+
+        Everything that can fail is checked before the model is touched: stages that do not cover the model,
+        a distillation recipe on a detector whose head the family cannot read, unmatched recipe rules.
+        ``training=False`` (evaluation/PTQ runs) skips the teacher and the curriculum.
+        """
+        if is_quantized(model):
+            return self.adopt(model)
+        family = family_for(model, self._family_arg)
+        stages = self._plan_crqat(model, family) if training else []
+        teacher = Teacher.from_model(model) if training and self.recipe.distillation.enabled else None
+        if teacher is not None and self.recipe.distillation.teacher:
+            teacher.load_state_dict(fit_state_dict(teacher.module, self.read_weights(self.recipe.distillation.teacher),
+                                                   self.recipe.distillation.teacher))
+            self.teacher_source = str(self.recipe.distillation.teacher)
+        preds = self.prediction_layers if self.prediction_layers is not None else family.prediction_layers(model)
+        firsts = self.first_layers if self.first_layers is not None else family.first_layers(model)
+        quantize(model, self.recipe, prediction_layers=preds, first_layers=firsts, float_layers=family.float_layers(model))
+        self.family, self.stages, self.teacher = family, stages, teacher
+        self._build_crqat(training)
+        self._model_id = id(model)
+        return model
+
+    def adopt(self, model: nn.Module) -> nn.Module:
+        """Take over a model that is already quantized (a loaded checkpoint, a second Trainer on the same
+        module): its recipe must be this session's; its per-layer plan is kept as it is."""
+        theirs = recipe_of(model)
+        if theirs is None or theirs.fingerprint() != self.recipe.fingerprint():
+            raise CheckpointMismatchError(
+                f"the model is already quantized with recipe {theirs.name if theirs else 'unknown'!r}, this session "
+                f"uses {self.recipe.name!r}; is it quantized twice, or loaded from another recipe's checkpoint?"
+            )
+        self.family = family_for(model, self._family_arg)
+        self._model_id = id(model)
+        return model
+
+    def restore(self, model: nn.Module, entry: Mapping[str, Any], *, source: str = "checkpoint",
+                training: bool = False) -> nn.Module:
+        """Rebuild the float ``model`` from a saved ``detq`` entry: the saved per-layer plan is the authority
+        (bits changed after conversion survive). The saved recipe must be this session's (else
+        :class:`CheckpointMismatchError`); on any error the model stays float."""
+        entry = read_state(entry, source=source)
+        theirs = load_recipe(entry["recipe"])
+        if theirs.fingerprint() != self.recipe.fingerprint():
+            a, b = self.recipe.fingerprint(), theirs.fingerprint()
+            raise CheckpointMismatchError(
+                f"{source} was quantized with detq recipe {theirs.name!r}, this run asks for {self.recipe.name!r} "
+                f"(differs in {sorted(k for k in a if a[k] != b.get(k))}); use the checkpoint's recipe"
+            )
+        family = family_for(model, self._family_arg)
+        stages = self._plan_crqat(model, family) if training else []
+        teacher = Teacher.from_model(model) if training and self.recipe.distillation.enabled else None
+        rebuild(model, entry, source=source)
+        self.family, self.stages, self.teacher = family, stages, teacher
+        self._build_crqat(training)
+        self._model_id = id(model)
+        return model
+
+    def _plan_crqat(self, model: nn.Module, family: DetectorFamily) -> list[Stage]:
+        cur, dis = self.recipe.curriculum, self.recipe.distillation
+        if not (cur.enabled or dis.enabled):
+            return []
+        stages = stages_from_recipe(cur) or family.stages(model)
+        if cur.enabled and not stages:
+            raise RecipeError(
+                f"curriculum: the stages of {type(model).__name__} cannot be found automatically; name them in "
+                "`curriculum.stages` (module-name prefixes/globs in data-flow order, e.g. "
+                "[{name: backbone, modules: [backbone]}, {name: head, modules: [neck, head]}]) or give a detector "
+                "family whose `stages` answers"
+            )
+        if stages:
+            assign_parameters(model, stages)  # every parameter in exactly one stage, or a RecipeError now
+        if dis.enabled and any(w > 0 for w in (dis.relational_weight, dis.logit_weight, dis.box_weight)):
+            try:
+                family.head_taps(model)
+            except UnsupportedDetectorError as err:
+                raise UnsupportedDetectorError(str(err)) from None
+        return list(stages or [])
+
+    def _build_crqat(self, training: bool) -> None:
+        self.terms = [t for t in self.terms if not isinstance(t, (DistillationTerm, DisabledQuantizerAnchor))]
+        self.schedule = None
+        if not training:
+            return
+        cur, dis = self.recipe.curriculum, self.recipe.distillation
+        if cur.enabled:
+            self.schedule = CurriculumSchedule(self.stages, cur.boundaries_for(len(self.stages)))
+            self.terms.append(DisabledQuantizerAnchor())
+        if dis.enabled and self.teacher is not None:
+            loss = DistillationLoss(dis, num_stages=max(2, len(self.stages)))
+            self.terms.insert(0, DistillationTerm(self.family, self.teacher, loss, self.stages))
+
+    def add_loss_term(self, term: LossTerm) -> None:
+        """Add a term (e.g. a user's own regulariser) to every training step's loss."""
+        if any(t.name == term.name for t in self.terms):
+            raise ValueError(f"a loss term named {term.name!r} is already registered")
+        self.terms.append(term)
+
+    # ================================================================== 2. optimizer
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+        """Quantizer parameters into their own group (no weight decay, ``quantizer_lr_scale`` × base lr)."""
+        return add_quantizer_param_group(optimizer, model, self.recipe.quantization.quantizer_lr_scale)
+
+    # ================================================================== 3. calibration / PTQ
+    def needs_calibration(self, model: nn.Module) -> bool:
+        """Whether an enabled activation quantizer has no range yet (not after a resume or a PTQ checkpoint)."""
+        return any(q.role == "activation" and q.enabled and not q.initialized for _, q in iter_quantizers(model))
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Any], forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+                  *, progress: bool = False) -> CalibrationResult:
+        """Activation ranges from the trainer's batches; the random streams of training are left as they were
+        (drawing batches and data augmentation do not shift the run), and statistics are reduced across ranks."""
+        num = self.calibration_batches or self.recipe.calibration.num_batches
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        was = model.training
+        with torch.random.fork_rng(devices=devices):
+            try:
+                self.last_calibration = calibrate(model, batches, forward_fn=forward_fn, num_batches=num,
+                                                  progress=progress and dist_utils.rank() == 0)
+            finally:
+                model.train(was)
+        return self.last_calibration
+
+    def run_ptq(self, model: nn.Module, batches: Iterable[Any], forward_fn=None, *, progress: bool = False) -> CalibrationResult:
+        """Post-training quantization of a converted model (the recipe's ``mode: ptq``): calibration."""
+        return self.calibrate(model, batches, forward_fn, progress=progress)
+
+    # ================================================================== 4. training
+    def start_training(self, model: nn.Module, *, device: Any = None, progress: Optional[float] = None) -> Optional[str]:
+        """Before the first step: teacher on the model's device, taps recorded, curriculum stage applied.
+        Returns a message to log when a curriculum stage was applied."""
+        if self.teacher is not None:
+            self.teacher.to(device if device is not None else next(model.parameters()).device)
+        self._remove_recorder()
+        taps = Taps()
+        for term in self.terms:
+            taps = taps | term.taps(model)
+        if taps:
+            self._recorder = Recorder(model, taps)
+        if self.schedule is not None and progress is not None:
+            return self.before_step(model, progress)
+        return None
+
+    def before_step(self, model: nn.Module, progress: float) -> Optional[str]:
+        """Apply the curriculum stage for ``progress`` (idempotent). Returns a message when the stage changed."""
+        if self.schedule is None or not self.schedule.update(model, progress):
+            return None
+        s = self.schedule
+        return f"curriculum stage {s.current + 1}/{len(s.stages)} ({s.stage_name()}) at {progress:.3f} of the budget"
+
+    def loss_terms(self, model: nn.Module, batch: Any, outputs: Any = None) -> dict[str, torch.Tensor]:
+        """The extra loss terms of this step (call inside the trainer's forward/loss, after the model ran on
+        ``batch``); their sum goes into the loss. Names starting with ``_`` are not for logging."""
+        if not self.terms:
+            return {}
+        recorded = self._recorder.recorded if self._recorder is not None else _EMPTY
+        ctx = StepContext(model, batch, recorded, self.stage, outputs)
+        out: dict[str, torch.Tensor] = {}
+        try:
+            for term in self.terms:
+                out.update(term(ctx))
+        finally:
+            if self._recorder is not None:
+                self._recorder.clear()
+        self.last_terms = {k: float(v.detach()) for k, v in out.items() if not k.startswith("_")}
+        self.last_terms.update(ctx.logs)
+        return out
+
+    def after_optimizer_step(self, model: nn.Module, averaged: Sequence[nn.Module] = ()) -> None:
+        """Frozen curriculum stages undo what the optimizer did to them; averaged copies (EMA) get the live
+        model's integer quantizer flags exactly."""
+        if self.schedule is not None:
+            self.schedule.after_optimizer_step(model)
+        for avg in averaged:
+            sync_integer_buffers(avg, model)
+
+    def end_training(self, model: Optional[nn.Module] = None) -> None:
+        """After training: nothing frozen, no recording (evaluation and export see the whole quantized model)."""
+        if self.schedule is not None:
+            self.schedule.remove_hooks()
+        self._remove_recorder()
+
+    def _remove_recorder(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    # ================================================================== 5. state
+    def state(self, model: nn.Module, *, target: str = "", quantizer_state: bool = False,
+              include_teacher: bool = True) -> dict:
+        """The ``detq`` checkpoint entry (see :mod:`detq_hooks.checkpoint`)."""
+        teacher = None
+        if self.teacher is not None and include_teacher:
+            teacher = ({"source": self.teacher_source} if self.teacher_source else
+                       {"state": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}})
+        return quantization_state(model, target=target,
+                                  curriculum=self.schedule.state_dict() if self.schedule is not None else None,
+                                  teacher=teacher, quantizer_state=quantizer_state)
+
+    def verify(self, model: nn.Module, state_dict: Mapping[str, Any], entry: Optional[Mapping[str, Any]], *,
+               source: str = "checkpoint", prefix: str = "", resume: bool = True) -> Optional[dict]:
+        """Check a checkpoint against the model before its weights are copied (nothing half-loaded); returns
+        the entry in the current format."""
+        entry = read_state(entry, source=source) if entry is not None else None
+        if entry is None and not has_quantizer_state(state_dict, prefix) and is_quantized(model):
+            raise CheckpointMismatchError(
+                f"{source} holds float weights without quantizer state, but this run quantizes the model; "
+                "to start QAT from float weights load them into the model before conversion (no resume), "
+                "or resume from a checkpoint written by a quantized run"
+            )
+        check_compatible(model, state_dict, entry, source=source, prefix=prefix)
+        return entry
+
+    def load_state(self, model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint",
+                   resume: bool = True) -> None:
+        """Restore what the session keeps besides the weights: the fp32 quantizer state (trainers that store
+        fp16 modules), the curriculum stage (resume) and the distillation teacher."""
+        entry = read_state(entry, source=source)
+        if entry is None:
+            return
+        if entry.get("quantizer_state"):
+            load_quantizer_state(model, entry["quantizer_state"])
+        if resume and self.schedule is not None:
+            if entry.get("curriculum") is None:
+                raise CheckpointMismatchError(f"{source} has no curriculum state but this run's recipe has a curriculum")
+            self.schedule.load_state_dict(entry["curriculum"], model)
+        if resume and self.teacher is not None and not self.recipe.distillation.teacher:
+            saved = entry.get("teacher")
+            if saved is None:
+                raise CheckpointMismatchError(
+                    f"{source} has no distillation teacher (it was not written by a distillation run); give "
+                    "`distillation.teacher` (the float checkpoint QAT started from) to resume from it"
+                )
+            if "state" in saved:
+                self.teacher.load_state_dict(saved["state"])
+            else:
+                self.set_teacher_weights(self.read_weights(saved["source"]), saved["source"])
+
+    def set_teacher_weights(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+        """Fill the teacher with float weights that arrive after conversion (MMEngine's ``load_from``)."""
+        if self.teacher is None:
+            return
+        if any(is_quantizer_key(k) for k in state_dict):
+            raise CheckpointMismatchError(f"the distillation teacher must be a float model, {source} is quantized")
+        self.teacher.load_state_dict(fit_state_dict(self.teacher.module, state_dict, source))
+        self.teacher_source = str(source)
+
+    # ================================================================== figures
+    @staticmethod
+    def figures(model: nn.Module) -> dict[str, float]:
+        return quantization_figures(model)
+
+
+class _Empty:
+    outputs: dict = {}
+    inputs: dict = {}
+
+    def output(self, name, call=-1):
+        raise KeyError(f"{name!r} was not recorded: no taps were installed (call start_training first)")
+
+    input = output
+
+
+_EMPTY = _Empty()
+
+__all__ = ["QuantSession", "TrainerInterface", "StepContext", "LossTerm", "quantization_figures",
+           "sync_integer_buffers", "read_state_dict", "fit_state_dict"]
