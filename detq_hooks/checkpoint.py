@@ -108,7 +108,7 @@ def _legacy_layers(layers: Mapping[str, Mapping], prediction: Optional[list], fi
             for n, v in layers.items()}
 
 
-def _strip_legacy_float_rules(recipe: dict) -> dict:
+def normalize_legacy_recipe(recipe: dict) -> dict:
     """0.1.0's Ultralytics adapter wrote DFL's float-only conv into the recipe as an exclusion rule; the
     detector family keeps it float now, so the rule is not part of the user's recipe."""
     rules = recipe.get("quantization", {}).get("rules") or []
@@ -142,7 +142,7 @@ def read_state(entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint"
         inner = entry["quantization_state"]
         teacher = {"state": entry["teacher_state"]} if entry.get("teacher_state") is not None else None
         return {"format": STATE_FORMAT, "version": STATE_VERSION,
-                "recipe": _strip_legacy_float_rules(entry.get("recipe") or inner["recipe"]),
+                "recipe": normalize_legacy_recipe(entry.get("recipe") or inner["recipe"]),
                 "layers": _legacy_layers(inner["layers"], None, None), "target": "",
                 "curriculum": entry.get("curriculum"), "teacher": teacher,
                 "quantizer_state": entry.get("quantizer_state")}
@@ -160,6 +160,13 @@ def read_state(entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint"
         f"{source}: its `detq` entry is in no format detq-hooks knows (keys {sorted(entry)[:8]}); "
         "was it written by another tool?"
     )
+
+
+def module_state(model: nn.Module) -> dict:
+    """The ``detq`` entry of a quantized module as it is (a pickled checkpoint module carries its own plan)."""
+    entry = quantization_state(model)
+    entry["recipe"] = normalize_legacy_recipe(entry["recipe"])
+    return entry
 
 
 def rebuild(model: nn.Module, entry: Mapping[str, Any], *, source: str = "checkpoint") -> nn.Module:
@@ -264,6 +271,8 @@ __all__ = [
     "quantization_state",
     "layer_plan",
     "read_state",
+    "module_state",
+    "normalize_legacy_recipe",
     "rebuild",
     "check_compatible",
     "load_quantizer_state",

@@ -53,6 +53,10 @@ class LossTerm:
     def taps(self, model: nn.Module) -> Taps:
         return Taps()
 
+    def log_names(self) -> list[str]:
+        """The names this term logs at every step (trainers that need a fixed set of loss items ask first)."""
+        return [] if self.name.startswith("_") else [self.name]
+
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -98,6 +102,11 @@ class DistillationTerm(LossTerm):
         cfg = loss.cfg
         self.reads_head = any(w > 0 for w in (cfg.relational_weight, cfg.logit_weight, cfg.box_weight))
         self.last_terms: dict[str, float] = {}
+
+    def log_names(self) -> list[str]:
+        parts = [f"pkd_stage{i + 1}" for i in range(len(self.feature_modules))]
+        parts += ["relational", "logit", "box"] if self.reads_head else []
+        return [f"distill_{p}" for p in parts]
 
     def taps(self, model: nn.Module) -> Taps:
         taps = Taps(outputs=[n for group in self.feature_modules for n in group])

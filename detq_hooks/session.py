@@ -171,6 +171,7 @@ class QuantSession:
         self.schedule: Optional[CurriculumSchedule] = None
         self.teacher: Optional[Teacher] = None
         self.teacher_source: Optional[str] = None  # a path the teacher's weights came from (None: kept in state)
+        self.teacher_ready = False  # the teacher holds float weights (not only the structure of a rebuilt model)
         self.terms: list[LossTerm] = []
         self.last_terms: dict[str, float] = {}
         self.last_calibration: Optional[CalibrationResult] = None
@@ -204,13 +205,17 @@ class QuantSession:
         stages = self._plan_crqat(model, family) if training else []
         teacher = Teacher.from_model(model) if training and self.recipe.distillation.enabled else None
         if teacher is not None and self.recipe.distillation.teacher:
-            teacher.load_state_dict(fit_state_dict(teacher.module, self.read_weights(self.recipe.distillation.teacher),
-                                                   self.recipe.distillation.teacher))
-            self.teacher_source = str(self.recipe.distillation.teacher)
+            source = self.recipe.distillation.teacher
+            state = self.read_weights(source)
+            if any(is_quantizer_key(k) for k in state):
+                raise CheckpointMismatchError(f"the distillation teacher must be a float model, {source} is quantized")
+            teacher.load_state_dict(fit_state_dict(teacher.module, state, source))
+            self.teacher_source = str(source)
         preds = self.prediction_layers if self.prediction_layers is not None else family.prediction_layers(model)
         firsts = self.first_layers if self.first_layers is not None else family.first_layers(model)
         quantize(model, self.recipe, prediction_layers=preds, first_layers=firsts, float_layers=family.float_layers(model))
         self.family, self.stages, self.teacher = family, stages, teacher
+        self.teacher_ready = teacher is not None
         self._build_crqat(training)
         self._model_id = id(model)
         return model
@@ -246,6 +251,9 @@ class QuantSession:
         teacher = Teacher.from_model(model) if training and self.recipe.distillation.enabled else None
         rebuild(model, entry, source=source)
         self.family, self.stages, self.teacher = family, stages, teacher
+        self.teacher_ready = False  # a structural copy: its float weights come from load_state or set_teacher_weights
+        if teacher is not None and self.recipe.distillation.teacher:
+            self.set_teacher_weights(self.read_weights(self.recipe.distillation.teacher), self.recipe.distillation.teacher)
         self._build_crqat(training)
         self._model_id = id(model)
         return model
@@ -283,6 +291,10 @@ class QuantSession:
         if dis.enabled and self.teacher is not None:
             loss = DistillationLoss(dis, num_stages=max(2, len(self.stages)))
             self.terms.insert(0, DistillationTerm(self.family, self.teacher, loss, self.stages))
+
+    def log_names(self) -> list[str]:
+        """Every name :attr:`last_terms` can hold (for trainers that log a fixed set of loss items)."""
+        return [n for t in self.terms for n in t.log_names()]
 
     def add_loss_term(self, term: LossTerm) -> None:
         """Add a term (e.g. a user's own regulariser) to every training step's loss."""
@@ -324,6 +336,12 @@ class QuantSession:
         """Before the first step: teacher on the model's device, taps recorded, curriculum stage applied.
         Returns a message to log when a curriculum stage was applied."""
         if self.teacher is not None:
+            if not self.teacher_ready:
+                raise CheckpointMismatchError(
+                    "distillation needs the float teacher's weights: this model was rebuilt from a quantized "
+                    "checkpoint, which does not carry them; set `distillation.teacher` to the float checkpoint QAT "
+                    "started from (or resume from a checkpoint of the distillation run)"
+                )
             self.teacher.to(device if device is not None else next(model.parameters()).device)
         self._remove_recorder()
         taps = Taps()
@@ -426,7 +444,8 @@ class QuantSession:
                     "`distillation.teacher` (the float checkpoint QAT started from) to resume from it"
                 )
             if "state" in saved:
-                self.teacher.load_state_dict(saved["state"])
+                self.teacher.load_state_dict(fit_state_dict(self.teacher.module, saved["state"], source))
+                self.teacher_ready = True
             else:
                 self.set_teacher_weights(self.read_weights(saved["source"]), saved["source"])
 
@@ -438,6 +457,7 @@ class QuantSession:
             raise CheckpointMismatchError(f"the distillation teacher must be a float model, {source} is quantized")
         self.teacher.load_state_dict(fit_state_dict(self.teacher.module, state_dict, source))
         self.teacher_source = str(source)
+        self.teacher_ready = True
 
     # ================================================================== figures
     @staticmethod

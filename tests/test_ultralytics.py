@@ -110,7 +110,7 @@ def test_training_writes_quantized_checkpoints(trained, name):
         model = ckpt["model"]
         assert is_quantized(model), f"{path} lost its quantized modules"
         assert ckpt["detq"]["recipe"]["name"] == "w4a8"
-        assert ckpt["detq"]["quantization_state"]["layers"]
+        assert ckpt["detq"]["layers"]
         layers = dict(model.named_modules())
         preds = prediction_layers(model)
         assert preds, "no prediction layers found in the head"
@@ -314,7 +314,7 @@ CRQAT_ARGS = dict(nbs=8, warmup_epochs=0)  # one optimizer step per batch, no wa
 def test_stages_from_model_yaml():
     from ultralytics.nn.tasks import DetectionModel
 
-    from detq_hooks.ultralytics.crqat import ultralytics_stages
+    from detq_hooks.detectors.ultralytics import ultralytics_stages
 
     model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
     stages = ultralytics_stages(model)
@@ -380,22 +380,23 @@ def test_crqat_distillation_terms_nonzero_and_teacher_frozen(crqat_run):
 
 
 def test_crqat_gradients_reach_student_only(crqat_run, ds):
-    from detq_hooks.ultralytics.crqat import DistillCriterion
+    from detq_hooks.ultralytics.criterion import DetQCriterion
 
     trainer = crqat_run["trainer"]
     model = trainer.model
-    assert isinstance(model.criterion, DistillCriterion)
+    assert isinstance(model.criterion, DetQCriterion)
     batch = trainer.preprocess_batch(next(iter(trainer.train_loader)))
+    trainer.detq_session.start_training(model)  # training ended: record the taps again for this step
     model.train()
     model.zero_grad()
     loss, items = model(batch)
-    crit = model.criterion
     # the distillation part alone: remove the task loss (first entries) and back-propagate
     loss[-1].backward()
     student_grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert student_grads, "the distillation loss produces no gradient in the student"
-    assert all(p.grad is None for p in crit.teacher.module.parameters())
+    assert all(p.grad is None for p in trainer.detq_teacher.module.parameters())
     model.zero_grad()
+    trainer.detq_session.end_training(model)
 
 
 def test_crqat_resume_mid_curriculum_reproduces(ds, project, crqat_run):
@@ -411,7 +412,7 @@ def test_crqat_resume_mid_curriculum_reproduces(ds, project, crqat_run):
                     name="crqat_interrupted", **COMMON, **CRQAT_ARGS)
     last = project / "crqat_interrupted" / "weights" / "last.pt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    assert ckpt["detq"]["curriculum"]["current"] == 0 and ckpt["detq"]["teacher_state"]
+    assert ckpt["detq"]["curriculum"]["current"] == 0 and ckpt["detq"]["teacher"]["state"]
 
     log = []
 

@@ -28,7 +28,6 @@ AMP and DDP see the quantized model):
 
 from __future__ import annotations
 
-import copy
 import io
 from pathlib import Path
 from typing import Any, Optional
@@ -41,65 +40,35 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from .. import __version__
-from ..calibration import calibrate
-from ..checkpoint import CheckpointMismatchError, check_compatible, quantization_state
-from ..optim import QUANTIZER_GROUP_NAME, add_quantizer_param_group
+from ..optim import QUANTIZER_GROUP_NAME
+from ..checkpoint import (CHECKPOINT_KEY, CheckpointMismatchError, load_quantizer_state, module_state,
+                          normalize_legacy_recipe, read_state)
 from ..quantizers import iter_quantizers
 from ..recipe import Recipe, RecipeError, load_recipe
-from ..surgery import is_quantized, quantize, recipe_of
-from ..distill import Teacher
+from ..session import QuantSession, sync_integer_buffers
+from ..surgery import is_quantized
+from ..detectors.ultralytics import UltralyticsFamily
 from .compat import DetQModelInfo
-from .crqat import DistillCriterion, _is_detect_head, build_schedule, teacher_from_path, ultralytics_stages
+from .criterion import DetQCriterion
 
-DETQ_KEY = "detq"
+DETQ_KEY = CHECKPOINT_KEY
 TEACHER_KEY = "detq_teacher"
-QUANTIZER_MARKERS = (".weight_quantizer.", ".input_quantizer.")
-
-# Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
-_HEAD_BRANCHES = (
-    "cv2", "cv3", "one2one_cv2", "one2one_cv3",  # Detect / v10Detect / YOLO26 (end-to-end)
-    "dec_score_head", "dec_bbox_head", "enc_score_head", "enc_bbox_head",  # RTDETRDecoder
-)
+CALIBRATION_KEY = "detq_calibration_batches"
+_FAMILY = UltralyticsFamily()
 
 
 class DetQConfigError(RecipeError):
     """``detq`` conflicts with other Ultralytics arguments or is missing."""
 
 
-def _is_quantizer_key(k: str) -> bool:
-    return any(m in k for m in QUANTIZER_MARKERS)
-
-
-def head_prefix(model: nn.Module) -> str:
-    return f"model.{len(model.model) - 1}"
-
-
 def prediction_layers(model: nn.Module) -> list[str]:
-    """Names of the final class/box layers of an Ultralytics detection head (the last Conv2d/Linear of each
-    branch of ``Detect``/``v10Detect``/``YOLO26`` and ``RTDETRDecoder``)."""
-    head = model.model[-1]
-    prefix = head_prefix(model)
-    names: list[str] = []
-    for attr in _HEAD_BRANCHES:
-        sub = getattr(head, attr, None)
-        if not isinstance(sub, nn.Module):
-            continue
-        branches = list(sub.named_children()) if isinstance(sub, nn.ModuleList) else [("", sub)]
-        for idx, branch in branches:
-            leaves = [n for n, m in branch.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            if leaves:
-                parts = [prefix, attr, idx, leaves[-1]]
-                names.append(".".join(p for p in parts if p))
-    return names
+    """Names of the final class/box layers of an Ultralytics detection head (the family's answer)."""
+    return _FAMILY.prediction_layers(model)
 
 
 def excluded_layers(model: nn.Module) -> list[str]:
-    """Layers that must stay float: DFL's fixed integral conv (weights 0..reg_max-1, not trained)."""
-    prefix = head_prefix(model)
-    dfl = getattr(model.model[-1], "dfl", None)
-    conv = getattr(dfl, "conv", None)
-    return [f"{prefix}.dfl.conv"] if isinstance(conv, nn.Conv2d) else []
+    """Layers that stay float: DFL's fixed integral conv (the family's answer)."""
+    return _FAMILY.float_layers(model)
 
 
 def resolve_recipe(value: Any) -> Recipe:
@@ -108,31 +77,33 @@ def resolve_recipe(value: Any) -> Recipe:
         import yaml
 
         value = yaml.safe_load(value)
+    if isinstance(value, dict) and "quantization" in value:  # a recipe kept in args (0.1.0 added DFL as a rule)
+        value = normalize_legacy_recipe(value)
     return load_recipe(value)
 
 
-def adapt_recipe(recipe: Recipe, model: nn.Module) -> Recipe:
-    """The recipe with this model's float-only layers added as exclusion rules (deterministic per model)."""
-    extra = [{"name": n, "quantize": False} for n in excluded_layers(model)]
-    if not extra:
-        return recipe
-    data = recipe.to_dict()
-    rules = list(data["quantization"].get("rules") or [])
-    names = {r.get("name") for r in rules}
-    data["quantization"]["rules"] = rules + [r for r in extra if r["name"] not in names]
-    return load_recipe(data)
-
-
 def quantize_ultralytics(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Convert an Ultralytics detection model in place with the head's prediction layers at 8 bits."""
-    preds = prediction_layers(model)
-    adapted = adapt_recipe(recipe, model)
-    quantize(model, adapted, prediction_layers=preds or None)
+    """Convert an Ultralytics detection model in place (head prediction layers at 8 bits, DFL float)."""
+    QuantSession(recipe).convert(model, training=False)
+    _tag(model, recipe)
+    return model
+
+
+def _tag(model: nn.Module, recipe: Recipe) -> None:
     model.detq_info = DetQModelInfo(
-        recipe_name=recipe.name, prediction_layers=preds, excluded_layers=excluded_layers(model),
+        recipe_name=recipe.name, prediction_layers=prediction_layers(model), excluded_layers=excluded_layers(model),
         head_type=type(model.model[-1]).__name__,
     )
-    return model
+
+
+def _float_state_dict(path: str):
+    """A float Ultralytics checkpoint → state dict (the distillation teacher)."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    weights, _ = load_checkpoint(path)
+    if is_quantized(weights):
+        raise CheckpointMismatchError(f"the distillation teacher {path} is a quantized checkpoint; give a float model")
+    return weights.float().state_dict()
 
 
 def calibration_forward(model: nn.Module, img: torch.Tensor):
@@ -178,15 +149,17 @@ def _is_rtdetr(spec: Any) -> bool:
 
 
 class _DetQMixin:
-    """The detq-hooks life cycle on top of an Ultralytics detection trainer (see module docstring)."""
+    """Ultralytics trainer events → :class:`~detq_hooks.session.QuantSession` calls (see module docstring)."""
 
     detq_recipe: Recipe
+    detq_session: QuantSession
 
     # ------------------------------------------------------------------ arguments
     def _detq_init(self, cfg, overrides, _callbacks, base_init) -> None:
         overrides = dict(overrides or {})
         user_value = overrides.pop(DETQ_KEY, None)
         teacher_path = overrides.pop(TEACHER_KEY, None)
+        calibration_batches = overrides.pop(CALIBRATION_KEY, None)
         if user_value is None and isinstance(cfg, dict) and DETQ_KEY in cfg:
             cfg = {k: v for k, v in cfg.items() if k != DETQ_KEY}
         q = overrides.get("quantize")
@@ -196,11 +169,16 @@ class _DetQMixin:
                 "model; use one of them (detq covers INT8 with the `w8a8` preset)"
             )
         user_recipe = resolve_recipe(user_value) if user_value is not None else None  # bad recipe: fails now
-        if teacher_path is not None:
-            if user_recipe is None or not user_recipe.distillation.enabled:
-                raise DetQConfigError("`detq_teacher=` needs a recipe with `distillation.enabled: true` (e.g. detq='w4a4-crqat')")
+        if teacher_path is not None or calibration_batches is not None:
+            if user_recipe is None:
+                raise DetQConfigError(f"`{TEACHER_KEY}=`/`{CALIBRATION_KEY}=` need a recipe: pass `detq=` as well")
             data = user_recipe.to_dict()
-            data["distillation"]["teacher"] = str(teacher_path)
+            if teacher_path is not None:
+                if not user_recipe.distillation.enabled:
+                    raise DetQConfigError(f"`{TEACHER_KEY}=` needs a recipe with `distillation.enabled: true` (e.g. detq='w4a4-crqat')")
+                data["distillation"]["teacher"] = str(teacher_path)
+            if calibration_batches is not None:
+                data["calibration"]["num_batches"] = calibration_batches  # validated by the recipe
             user_recipe = load_recipe(data)
         base_init(self, cfg, overrides, _callbacks)
         saved = getattr(self.args, DETQ_KEY, None) if self.resume else None
@@ -225,10 +203,9 @@ class _DetQMixin:
         if getattr(self.args, "quantize", None) not in (None, False, 0):
             raise DetQConfigError(f"`quantize={self.args.quantize}` cannot be combined with detq; remove `quantize`")
         self.detq_recipe = recipe
+        self.detq_session = QuantSession(recipe, family=_FAMILY, read_weights=_float_state_dict)
         setattr(self.args, DETQ_KEY, recipe.to_dict())  # plain data: DDP workers, checkpoints, resume
-        self._detq_loaded_state: Optional[dict] = None
-        self.detq_teacher = None
-        self.detq_schedule = None
+        self._detq_entry: Optional[dict] = None
         self._detq_iter = 0
         if recipe.curriculum.enabled:  # once (DDP workers receive the launcher's callbacks, ours included)
             for event, fn in (("on_train_epoch_start", _reset_iteration), ("on_train_batch_start", _curriculum_step)):
@@ -237,44 +214,40 @@ class _DetQMixin:
         if recipe.mode == "ptq" and RANK in {-1, 0}:
             LOGGER.info(f"detq: PTQ recipe {recipe.name!r}: quantize, calibrate, validate and save; no training epochs")
 
+    @property
+    def detq_schedule(self):
+        """The curriculum schedule (``None`` without a curriculum)."""
+        return self.detq_session.schedule
+
+    @property
+    def detq_teacher(self):
+        """The frozen float teacher (``None`` without distillation)."""
+        return self.detq_session.teacher
+
     # ------------------------------------------------------------------ model
     def get_model(self, cfg=None, weights=None, verbose=True):
         quantized_weights = isinstance(weights, nn.Module) and is_quantized(weights)
         model = super().get_model(cfg=cfg, weights=None if quantized_weights else weights, verbose=verbose)
         if is_quantized(model):  # a subclass already converted it
             return model
-        if quantized_weights:
-            self._detq_load_quantized(model, weights)
+        session, training = self.detq_session, self.detq_recipe.mode != "ptq"
+        if quantized_weights:  # a detq .pt: rebuilt from its own per-layer plan, then loaded strictly
+            source = str(getattr(weights, "pt_path", "checkpoint"))
+            entry = module_state(weights)
+            session.restore(model, entry, source=source, training=training)
+            state = weights.float().state_dict()
+            session.verify(model, state, entry, source=source)
+            model.load_state_dict(state, strict=True)
         else:
-            if self.detq_recipe.distillation.enabled and self.detq_teacher is None:
-                self._detq_check_distillable(model)
-                path = self.detq_recipe.distillation.teacher
-                self.detq_teacher = teacher_from_path(path, self) if path else Teacher.from_model(model)
-            quantize_ultralytics(model, self.detq_recipe)
-            if RANK in {-1, 0}:
-                n = sum(1 for _ in iter_quantizers(model))
-                LOGGER.info(
-                    f"detq: model converted with recipe {self.detq_recipe.name!r} ({n} quantizers); "
-                    f"prediction layers at {self.detq_recipe.quantization.prediction_layer_bits} bits: "
-                    f"{model.detq_info.prediction_layers}"
-                )
-        return model
-
-    def _detq_load_quantized(self, model: nn.Module, weights: nn.Module) -> None:
-        theirs = recipe_of(weights)
-        source = getattr(weights, "pt_path", "checkpoint")
-        ours = adapt_recipe(self.detq_recipe, model)
-        if theirs is not None and theirs.fingerprint() != ours.fingerprint():
-            a, b = ours.fingerprint(), theirs.fingerprint()
-            diff = sorted(k for k in a if a[k] != b.get(k))
-            raise CheckpointMismatchError(
-                f"{source} was quantized with detq recipe {theirs.name!r}, this run asks for {self.detq_recipe.name!r} "
-                f"(differs in {diff}); use the checkpoint's recipe, or start from the float model"
+            session.convert(model, training=training)
+        _tag(model, self.detq_recipe)
+        if RANK in {-1, 0}:
+            LOGGER.info(
+                f"detq: model converted with recipe {self.detq_recipe.name!r} ({sum(1 for _ in iter_quantizers(model))} "
+                f"quantizers); prediction layers at {self.detq_recipe.quantization.prediction_layer_bits} bits: "
+                f"{model.detq_info.prediction_layers}"
             )
-        quantize_ultralytics(model, self.detq_recipe)
-        state = weights.float().state_dict()
-        check_compatible(model, state, quantization_state(weights) if theirs is not None else None, source=str(source))
-        model.load_state_dict(state, strict=True)
+        return model
 
     def setup_model(self):
         if isinstance(self.model, nn.Module):
@@ -283,57 +256,26 @@ class _DetQMixin:
             return None
         ckpt = super().setup_model()
         entry = (ckpt or {}).get(DETQ_KEY) if isinstance(ckpt, dict) else None
-        if entry and entry.get("quantizer_state"):
-            self._detq_loaded_state = entry
-            self.model.load_state_dict(entry["quantizer_state"], strict=False)  # fp32 ranges (the module is fp16)
-        if self.detq_recipe.distillation.enabled and self.detq_teacher is None:
-            path = self.detq_recipe.distillation.teacher
-            if path:
-                self.detq_teacher = teacher_from_path(path, self)
-            elif entry and entry.get("teacher_state") is not None:  # resume: the teacher travels in last.pt
-                float_model = super().get_model(cfg=self.model.yaml, weights=None, verbose=False)
-                float_model.load_state_dict(entry["teacher_state"])
-                self.detq_teacher = Teacher(float_model.float())
+        if entry:
+            self._detq_entry = read_state(entry, source=str(self.args.model))
+            # fp32 ranges (the module is stored in fp16); the curriculum and teacher follow in _setup_train
+            self.detq_session.load_state(self.model, self._detq_entry, source=str(self.args.model), resume=False)
         return ckpt
 
-    def _detq_check_distillable(self, model: nn.Module) -> None:
-        if not _is_detect_head(model):
-            raise NotImplementedError(
-                f"detq: distillation for {type(model.model[-1]).__name__} heads is not wired in the Ultralytics adapter yet "
-                "(YOLO Detect/v10Detect/YOLO26 are); use a recipe without `distillation` (curriculum alone works)"
-            )
-
-    def _detq_teacher_fallback(self) -> None:
-        """DDP workers get the converted model from the launcher: rebuild the teacher from the float start."""
-        if not self.detq_recipe.distillation.enabled or self.detq_teacher is not None:
-            return
-        path = self.detq_recipe.distillation.teacher or (str(self.args.model) if str(self.args.model).endswith(".pt") else None)
-        if path is None:
-            raise RuntimeError("detq: distillation needs a teacher: pass `detq_teacher=float.pt` (the float start model)")
-        self.detq_teacher = teacher_from_path(path, self)
-
-    # ------------------------------------------------------------------ CR-QAT
+    # ------------------------------------------------------------------ training
     def _setup_train(self):
-        super()._setup_train()
+        super()._setup_train()  # model, DDP, loaders + calibration, optimizer, EMA, resume
         model = unwrap_model(self.model)
-        r = self.detq_recipe
-        if r.curriculum.enabled:
-            self.detq_schedule = build_schedule(r, model)
-            saved = (self._detq_loaded_state or {}).get("curriculum") if self.resume else None
-            if saved:
-                self.detq_schedule.load_state_dict(saved)  # checks stages/boundaries; applied just below
-            self._detq_iter = 0
-            self._detq_apply_progress(self._detq_progress(self.start_epoch, 0))
-        if r.distillation.enabled:
-            self._detq_teacher_fallback()
-            self._detq_check_distillable(model)
+        session = self.detq_session
+        if self.resume and self._detq_entry is not None:
+            session.load_state(model, self._detq_entry, source=str(self.args.resume), resume=True)
+        self._detq_iter = 0
+        message = session.start_training(model, device=self.device, progress=self._detq_progress(self.start_epoch, 0)
+                                         if session.schedule is not None else None)
+        self._detq_log_stage(message)
+        if session.terms:
             base = getattr(model, "criterion", None) or model.init_criterion()
-            if isinstance(base, DistillCriterion):
-                base = base.base
-            stages = self.detq_schedule.stages if self.detq_schedule else ultralytics_stages(model)
-            self.detq_teacher.to(self.device)
-            model.criterion = DistillCriterion(base, model, self.detq_teacher, stages, r.distillation,
-                                               lambda: self.detq_schedule.current if self.detq_schedule else None)
+            model.criterion = DetQCriterion(base.base if isinstance(base, DetQCriterion) else base, model, session)
 
     def _detq_progress(self, epoch: int, i: int) -> float:
         if self.detq_recipe.curriculum.unit == "epoch":
@@ -341,28 +283,23 @@ class _DetQMixin:
         nb = max(len(self.train_loader), 1)
         return (epoch * nb + i) / max(self.epochs * nb, 1)
 
-    def _detq_apply_progress(self, progress: float) -> None:
-        model = unwrap_model(self.model)
-        if self.detq_schedule.update(model, progress):
-            if self.ema:  # validation runs the EMA: same quantizers on/off as the student
-                flags = {n: q.enabled for n, q in iter_quantizers(model)}
-                for n, q in iter_quantizers(self.ema.ema):
-                    q.enabled = flags.get(n, q.enabled)
-            if RANK in {-1, 0}:
-                LOGGER.info(f"detq: curriculum stage {self.detq_schedule.current + 1}/{len(self.detq_schedule.stages)} "
-                            f"({self.detq_schedule.stage_name()}) at {progress:.3f} of the budget")
+    def _detq_log_stage(self, message: Optional[str]) -> None:
+        if message and self.ema:  # validation runs the EMA: same quantizers on/off as the student
+            self.detq_session.after_optimizer_step(unwrap_model(self.model), averaged=[self.ema.ema])
+        if message and RANK in {-1, 0}:
+            LOGGER.info(f"detq: {message}")
 
     def optimizer_step(self):
-        if self.detq_schedule is None:
-            return super().optimizer_step()
         ema, self.ema = self.ema, None
         try:
             super().optimizer_step()  # unscale, clip, step, zero_grad (EMA below, after the frozen stages are restored)
         finally:
             self.ema = ema
-        self.detq_schedule.after_optimizer_step(unwrap_model(self.model))
+        model = unwrap_model(self.model)
+        self.detq_session.after_optimizer_step(model)
         if self.ema:
-            self.ema.update(self.model)
+            self.ema.update(self.model)  # blends float tensors only: the integer quantizer flags follow exactly
+            sync_integer_buffers(self.ema.ema, model)
 
     def get_validator(self):
         # The validator re-checks the trainer's args against Ultralytics' keys: hide ours while it copies them.
@@ -373,10 +310,14 @@ class _DetQMixin:
             if value is not None:
                 setattr(self.args, DETQ_KEY, value)
 
+    def final_eval(self):
+        self.detq_session.end_training(unwrap_model(self.model))
+        return super().final_eval()
+
     # ------------------------------------------------------------------ optimizer
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         optimizer = super().build_optimizer(model, name=name, lr=lr, momentum=momentum, decay=decay, iterations=iterations)
-        n = add_quantizer_param_group(optimizer, unwrap_model(model), self.detq_recipe.quantization.quantizer_lr_scale)
+        n = self.detq_session.attach_optimizer(optimizer, unwrap_model(model))
         group = optimizer.param_groups[-1]
         if group.get("name") == QUANTIZER_GROUP_NAME:
             group["param_group"] = QUANTIZER_GROUP_NAME
@@ -387,24 +328,20 @@ class _DetQMixin:
         return optimizer
 
     # ------------------------------------------------------------------ calibration
-    def _detq_needs_calibration(self, model: nn.Module) -> bool:
-        return any(q.role == "activation" and q.enabled and not q.initialized for _, q in iter_quantizers(model))
-
     def _build_train_pipeline(self):
         super()._build_train_pipeline()
         model = unwrap_model(self.model)
-        if self._detq_needs_calibration(model):
+        if self.detq_session.needs_calibration(model):
             self.detq_calibrate(model)
 
     def detq_calibrate(self, model: nn.Module):
-        num = self.detq_recipe.calibration.num_batches
         device = next(model.parameters()).device
 
         def forward(m, batch):
-            batch = self.preprocess_batch(batch)
-            return calibration_forward(m, batch["img"].to(device))
+            return calibration_forward(m, self.preprocess_batch(batch)["img"].to(device))
 
-        res = calibrate(model, self.train_loader, forward_fn=forward, num_batches=num, progress=RANK in {-1, 0})
+        session = self.detq_session
+        res = (session.run_ptq if session.ptq else session.calibrate)(model, self.train_loader, forward, progress=True)
         if RANK in {-1, 0}:
             LOGGER.info(f"detq: calibrated {len(res.ranges)} activation ranges on {res.num_batches} training batches ({res.method})")
         return res
@@ -412,16 +349,7 @@ class _DetQMixin:
     # ------------------------------------------------------------------ checkpoints
     def detq_entry(self) -> dict:
         ema = self.ema.ema if self.ema else unwrap_model(self.model)
-        qstate = {k: v.detach().clone().cpu() for k, v in ema.state_dict().items() if _is_quantizer_key(k)}
-        entry = {
-            "version": __version__,
-            "recipe": self.detq_recipe.to_dict(),
-            "quantization_state": quantization_state(ema),
-            "quantizer_state": qstate,
-        }
-        if self.detq_schedule is not None:
-            entry["curriculum"] = self.detq_schedule.state_dict()
-        return entry
+        return self.detq_session.state(ema, quantizer_state=True)
 
     def save_model(self):
         entry = self.detq_entry()  # before Ultralytics rounds the EMA copy to fp16
@@ -429,13 +357,12 @@ class _DetQMixin:
         if not self.last.exists():
             return saved
         ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
-        ckpt[DETQ_KEY] = entry
+        ckpt[DETQ_KEY] = {**entry, "teacher": None}  # best.pt and epoch files: no teacher
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
         data = buffer.getvalue()
-        if self.detq_teacher is not None and not self.detq_recipe.distillation.teacher:
-            # resume needs the teacher (the float model before conversion): last.pt only carries it
-            ckpt[DETQ_KEY] = {**entry, "teacher_state": {k: v.detach().cpu() for k, v in self.detq_teacher.state_dict().items()}}
+        if entry.get("teacher") is not None:  # resume needs the teacher: last.pt only carries it
+            ckpt[DETQ_KEY] = entry
             buffer = io.BytesIO()
             torch.save(ckpt, buffer)
             self.last.write_bytes(buffer.getvalue())
@@ -449,18 +376,17 @@ class _DetQMixin:
 
     def resume_training(self, ckpt):
         super().resume_training(ckpt)
-        if ckpt is None or not self.resume or not self._detq_loaded_state:
+        if ckpt is None or not self.resume or not (self._detq_entry or {}).get("quantizer_state"):
             return
-        state = self._detq_loaded_state["quantizer_state"]
-        if self.ema:
-            self.ema.ema.load_state_dict(state, strict=False)
-        unwrap_model(self.model).load_state_dict(state, strict=False)
+        state = self._detq_entry["quantizer_state"]
+        for m in ([self.ema.ema] if self.ema else []) + [unwrap_model(self.model)]:
+            load_quantizer_state(m, state)
         if RANK in {-1, 0}:
             LOGGER.info(f"detq: resumed {len(state)} quantizer tensors in full precision from {self.args.resume}")
 
     # ------------------------------------------------------------------ PTQ
     def _do_train(self):
-        if self.detq_recipe.mode != "ptq":
+        if not self.detq_session.ptq:
             return super()._do_train()
         import time
 
@@ -482,7 +408,6 @@ class _DetQMixin:
         if RANK in {-1, 0}:
             self.run_callbacks("on_train_end")
         self._clear_memory()
-
 
     def _detq_loss_names(self) -> None:
         """The loss names the validator reports (training derives them from its first batch); no BN update."""
@@ -508,8 +433,9 @@ def _reset_iteration(trainer) -> None:
 
 
 def _curriculum_step(trainer) -> None:
-    if trainer.detq_schedule is not None:
-        trainer._detq_apply_progress(trainer._detq_progress(trainer.epoch, trainer._detq_iter))
+    if trainer.detq_session.schedule is not None:
+        trainer._detq_log_stage(trainer.detq_session.before_step(unwrap_model(trainer.model),
+                                                                 trainer._detq_progress(trainer.epoch, trainer._detq_iter)))
     trainer._detq_iter += 1
 
 

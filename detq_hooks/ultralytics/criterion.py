@@ -1,0 +1,47 @@
+"""The loss-term seam in Ultralytics: the model's criterion is wrapped, so the session's terms are computed
+inside the model's (DDP-wrapped) forward and join the loss vector the trainer's own loop, AMP and logging
+already handle. Each logged term is a loss item (``d_pkd_stage1``, ``d_relational``, ``d_logit``, ``d_box``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..session import QuantSession
+
+
+class DetQCriterion:
+    """The student's Ultralytics criterion plus the session's loss terms (a constant set of item keys)."""
+
+    def __init__(self, base, model: nn.Module, session: QuantSession) -> None:
+        self.base, self.model, self.session = base, model, session
+        self.item_names = [_item_name(n) for n in session.log_names()]
+
+    def __getattr__(self, name):  # update(), hyp, ... of the wrapped criterion
+        if name in ("base", "__setstate__", "__getstate__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __deepcopy__(self, memo):  # EMA copies of the model keep no training-time criterion
+        return None
+
+    def __call__(self, preds, batch):
+        loss, items = self.base(preds, batch)
+        terms = self.session.loss_terms(self.model, batch, preds)
+        if not terms:
+            return loss, items
+        total = torch.stack([t.float().reshape(()) for t in terms.values()]).sum()
+        # Ultralytics sums the loss vector after multiplying each entry by the batch size.
+        loss = torch.cat([loss.reshape(-1), (total * batch["img"].shape[0]).reshape(1).to(loss.dtype)])
+        items = dict(items)
+        logged = self.session.last_terms
+        for name in self.session.log_names():
+            items[_item_name(name)] = torch.tensor(logged.get(name, 0.0), device=loss.device)
+        return loss, items
+
+
+def _item_name(name: str) -> str:
+    return "d_" + name[len("distill_"):] if name.startswith("distill_") else name
+
+
+__all__ = ["DetQCriterion"]
