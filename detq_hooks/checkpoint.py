@@ -112,8 +112,8 @@ def normalize_legacy_recipe(recipe: dict) -> dict:
     """0.1.0's Ultralytics adapter wrote DFL's float-only conv into the recipe as an exclusion rule; the
     detector family keeps it float now, so the rule is not part of the user's recipe."""
     rules = recipe.get("quantization", {}).get("rules") or []
-    kept = [r for r in rules if not (set(r) == {"name", "quantize"} and r["quantize"] is False
-                                     and str(r["name"]).endswith(".dfl.conv"))]
+    kept = [r for r in rules if not (r.get("quantize") is False and str(r.get("name")).endswith(".dfl.conv")
+                                     and all(v is None for k, v in r.items() if k not in ("name", "quantize")))]
     if len(kept) == len(rules):
         return recipe
     out = dict(recipe)

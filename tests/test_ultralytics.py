@@ -450,3 +450,57 @@ def test_crqat_end_to_end_head_distils_one_to_many_branch(ds, project):
     assert second, "stage 2 never started"
     for k in ("d_pkd_stage1", "d_relational", "d_logit", "d_box"):
         assert all(items[k] > 0 for items in second), (k, [{n: v for n, v in i.items() if n.startswith("d_")} for i in second])
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_0.1.0")
+
+
+def test_mixed_bits_survive_resume_and_reload(ds, project):
+    """A layer's bits changed after conversion (what mixed precision does) survive save, YOLO(best.pt) and resume."""
+    layer = "model.2.cv1.conv"
+
+    def set_bits(trainer):
+        dict(trainer.model.named_modules())[layer].weight_quantizer.bits = 6
+
+    def interrupt(trainer):
+        raise Interrupt
+
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_train_start", set_bits)
+    model.add_callback("on_model_save", interrupt)
+    with pytest.raises(Interrupt):
+        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq="w4a8", epochs=2, project=str(project),
+                    name="mixed", **COMMON)
+    weights = project / "mixed" / "weights"
+    ckpt = torch.load(weights / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["detq"]["layers"][layer]["weight_bits"] == 6 and ckpt["detq"]["layers"]["model.4.cv1.conv"]["weight_bits"] == 4
+    reloaded = YOLO(str(weights / "best.pt")).model
+    assert dict(reloaded.named_modules())[layer].weight_quantizer.bits == 6
+    seen = {}
+    resumed = YOLO(str(weights / "last.pt"))
+    resumed.add_callback("on_train_start", lambda t: seen.update(
+        model=dict(t.model.named_modules())[layer].weight_quantizer.bits,
+        ema=dict(t.ema.ema.named_modules())[layer].weight_quantizer.bits))
+    resumed.train(resume=True, trainer=DetQTrainer)
+    assert seen == {"model": 6, "ema": 6}
+    final = torch.load(resumed.trainer.last, map_location="cpu", weights_only=False)
+    assert final["detq"]["layers"][layer]["weight_bits"] == 6
+
+
+def test_checkpoint_of_version_0_1_loads(ds, project):
+    """A last.pt written by detq-hooks 0.1.0 (recipe with DFL as an exclusion rule, v1 entry) loads, predicts and
+    starts a new QAT run from its own per-layer plan."""
+    from detq_hooks.checkpoint import read_state
+
+    path = os.path.join(FIXTURES, "ultralytics_yolo11tiny_w4a8.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    entry = read_state(ckpt["detq"], source=path)
+    assert entry["version"] == 2 and not entry["recipe"]["quantization"]["rules"]
+    model = YOLO(path)
+    assert is_quantized(model.model) and len(entry["layers"]) == sum(1 for m in model.model.modules() if is_quantized_module(m))
+    res = model.predict(str(sorted(ds.val_images.glob("*"))[0]), imgsz=IMGSZ, verbose=False, conf=0.0)
+    assert len(res) == 1 and res[0].boxes.data.shape[1] == 6 and len(res[0].boxes) > 0
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq="w4a8", epochs=1, project=str(project),
+                name="from_legacy", **COMMON)
+    layers = torch.load(model.trainer.last, map_location="cpu", weights_only=False)["detq"]["layers"]
+    assert {n: v["weight_bits"] for n, v in layers.items()} == {n: v["weight_bits"] for n, v in entry["layers"].items()}
