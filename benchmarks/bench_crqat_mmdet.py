@@ -63,8 +63,8 @@ def main() -> None:
     from mmengine.runner import Runner
 
     import detq_hooks.mmengine  # noqa: F401  (registers DetQHook; lets torch's weights_only load MMEngine checkpoints)
-    from detq_hooks.data import make_synthetic_dataset
-    from detq_hooks.zoo import float_refs_dir
+    from detq_hooks.tools.data import make_synthetic_dataset
+    from detq_hooks.tools.zoo import float_refs_dir
 
     torch.set_num_threads(args.threads)
     data_root = Path(tempfile.gettempdir()) / f"detq_crqat_synth_{args.imgsz}_{args.num_train}"

@@ -4,7 +4,7 @@ W4A8, from one cached float YOLO checkpoint with the same epoch budget, on the s
     YOLO_OFFLINE=1 python benchmarks/bench_crqat_ultralytics.py [--model yolo11n.yaml --float-epochs 60
         --qat-epochs 6 --imgsz 160 --num-train 512 --num-val 96 --bits w4a4,w4a8]
 
-The float model comes from ``detq_hooks.zoo.cached_float_checkpoint`` (trained once, then reused). Every QAT run
+The float model comes from ``detq_hooks.tools.zoo.cached_float_checkpoint`` (trained once, then reused). Every QAT run
 uses the same optimizer settings and seed; mAP is COCO mAP50-95 (pycocotools) of each run's best.pt on the val
 split. Also printed: each run's mean training time per epoch relative to plain QAT of the same bits (the
 teacher's cost). Results go to ``<out>/results.json``.
@@ -34,7 +34,7 @@ def run_qat(start: Path, data: str, imgsz: int, epochs: int, project: Path, labe
     from ultralytics import YOLO
 
     from detq_hooks.ultralytics import DetQTrainer
-    from detq_hooks.zoo import evaluate_ultralytics
+    from detq_hooks.tools.zoo import evaluate_ultralytics
 
     model = YOLO(str(start))
     t = time.time()
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/detq_bench_crqat_ultralytics"))
     a = p.parse_args(argv)
 
-    from detq_hooks.data import make_synthetic_dataset
-    from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir
+    from detq_hooks.tools.data import make_synthetic_dataset
+    from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
 
     root = synthetic_data_dir(a.num_train, a.num_val, a.imgsz)
     ds = make_synthetic_dataset(root, num_train=a.num_train, num_val=a.num_val, imgsz=a.imgsz, seed=0)

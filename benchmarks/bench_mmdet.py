@@ -40,7 +40,7 @@ def main() -> None:
     from mmengine.dataset import pseudo_collate
 
     import detq_hooks as dq
-    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.tools.data import make_synthetic_dataset
     from detq_hooks.mmengine import mmdet_forward, mmdet_prediction_layers
     from detq_hooks.optim import add_quantizer_param_group
 

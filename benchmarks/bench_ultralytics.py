@@ -11,7 +11,7 @@ ModelOpt (for ``quantize=8``) is not a dependency of detq-hooks; to include it w
 
 1. Step time: one Ultralytics training step (forward + loss + backward + optimizer step, batch 16) of YOLO11n in
    float, W8A8 and W4A8 (median of ``--steps`` steps after warm-up, same batches). Target W8A8 <= 1.3x float.
-2. Accuracy: a float YOLO11n trained ``--pre-epochs`` epochs from scratch (``detq_hooks.zoo``: trained once,
+2. Accuracy: a float YOLO11n trained ``--pre-epochs`` epochs from scratch (``detq_hooks.tools.zoo``: trained once,
    then cached; the same reference as bench_crqat_ultralytics.py); from it, three runs of ``--epochs`` epochs each:
    float fine-tuning, W8A8 QAT and W4A8 QAT (DetQTrainer), all with the same optimizer settings; COCO mAP of
    each best.pt on the synthetic val set (detq_hooks.evaluation).
@@ -136,12 +136,12 @@ def main() -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--start", default=None, help="float .pt to start from instead of the cached reference")
     p.add_argument("--data-root", default=None,
-                   help="synthetic data folder (default: detq_hooks.zoo.synthetic_data_dir, the benchmarks' shared one)")
+                   help="synthetic data folder (default: detq_hooks.tools.zoo.synthetic_data_dir, the benchmarks' shared one)")
     a = p.parse_args()
 
-    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.tools.data import make_synthetic_dataset
     from detq_hooks.ultralytics import DetQTrainer
-    from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir
+    from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
 
     out = Path(a.out)
     data_root = a.data_root or synthetic_data_dir(a.num_train, a.num_val, a.imgsz)

@@ -7,7 +7,7 @@ The checkpoint lands in ``~/.cache/detq-hooks/float_refs/<key>/best.pt`` (key: d
 budget, versions); a second run with the same arguments prints the cached figures without training. The
 defaults are the reference of the README's Ultralytics benchmarks: YOLO11n, 60 epochs on 512 images at
 160 px, about 14 minutes on 2 CPU cores, mAP50-95 about 0.5.
-Benchmarks get the same checkpoint in code with ``detq_hooks.zoo.cached_float_checkpoint``.
+Benchmarks get the same checkpoint in code with ``detq_hooks.tools.zoo.cached_float_checkpoint``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
-from detq_hooks.data import make_synthetic_dataset  # noqa: E402
-from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir  # noqa: E402
+from detq_hooks.tools.data import make_synthetic_dataset  # noqa: E402
+from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir  # noqa: E402
 
 
 def main(argv=None) -> int:

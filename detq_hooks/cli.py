@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="float -> PTQ W8A8 / QAT W4A8 on synthetic data, COCO mAP, ONNX latency")
-    from .demo import DemoConfig
+    from .tools.demo import DemoConfig
 
     defaults = DemoConfig()
     d.add_argument("--out", default=defaults.out, help="output folder (data, runs, onnx, results.json)")
@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ns = parser.parse_args(argv)
     if ns.command == "demo":
-        from .demo import run_demo
+        from .tools.demo import run_demo
 
         cfg = DemoConfig(out=ns.out, epochs=ns.epochs, qat_epochs=ns.qat_epochs, imgsz=ns.imgsz, num_train=ns.num_train,
                          num_val=ns.num_val, batch=ns.batch, model=ns.model, seed=ns.seed, threads=ns.threads)

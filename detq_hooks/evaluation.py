@@ -3,7 +3,7 @@
 The trainer adapters turn their predictions into COCO result dicts (``image_id``, ``category_id``,
 ``bbox`` as ``[x, y, w, h]`` in pixels, ``score``) -- :func:`detections_from_tensors` does it from
 per-image xyxy tensors -- and :func:`coco_evaluate` scores them against a COCO annotation file, such as
-the ones :func:`detq_hooks.data.make_synthetic_dataset` writes (``category_id = class_index + 1``).
+the ones :func:`detq_hooks.tools.data.make_synthetic_dataset` writes (``category_id = class_index + 1``).
 
 Example::
 

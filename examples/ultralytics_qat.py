@@ -33,7 +33,7 @@ def main() -> None:
 
     data = a.data
     if data is None:
-        from detq_hooks.data import make_synthetic_dataset
+        from detq_hooks.tools.data import make_synthetic_dataset
 
         data = str(make_synthetic_dataset(f"{a.out}/data", num_train=64, num_val=16, imgsz=a.imgsz).yolo_yaml)
 

@@ -39,7 +39,7 @@ def test_parse_kv_keeps_paths_as_strings():
 
 
 def test_cli_train_ultralytics(tmp_path, capsys):
-    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.tools.data import make_synthetic_dataset
 
     ds = make_synthetic_dataset(tmp_path / "data", num_train=16, num_val=8, imgsz=64, seed=0)
     common = [f"data={ds.yolo_yaml}", "epochs=1", "imgsz=64", "batch=8", "amp=False", "plots=False", "workers=0",

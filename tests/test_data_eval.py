@@ -1,4 +1,4 @@
-"""Synthetic detection data (detq_hooks.data) and COCO evaluation (detq_hooks.evaluation)."""
+"""Synthetic detection data (detq_hooks.tools.data) and COCO evaluation (detq_hooks.evaluation)."""
 
 import json
 from collections import Counter
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detq_hooks.data import (
+from detq_hooks.tools.data import (
     CLASS_NAMES,
     GENERATOR_VERSION,
     class_probabilities,
@@ -314,7 +314,7 @@ def test_tensor_round_trip_through_evaluation(dataset):
 
 def test_float_checkpoint_is_trained_once_and_keyed(tmp_path, monkeypatch):
     pytest.importorskip("ultralytics")
-    from detq_hooks import zoo
+    from detq_hooks.tools import zoo
 
     monkeypatch.setenv("DETQ_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
@@ -361,7 +361,7 @@ def test_evaluate_ultralytics_runs_on_a_real_model(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_AUTOINSTALL", "false")
     from ultralytics import YOLO
 
-    from detq_hooks.zoo import evaluate_ultralytics
+    from detq_hooks.tools.zoo import evaluate_ultralytics
 
     ds = make_synthetic_dataset(tmp_path / "d", num_train=4, num_val=4, imgsz=96, num_classes=3)
     res = evaluate_ultralytics(YOLO("yolo11n.yaml"), ds)  # random init: the plumbing, not the accuracy

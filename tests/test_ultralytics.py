@@ -59,7 +59,7 @@ def quantizer_state(model):
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.tools.data import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=16, num_val=8, imgsz=IMGSZ, seed=0)
 

@@ -5,24 +5,23 @@
 
     YOLO("yolo11n.pt").train(data="data.yaml", trainer=DetQTrainer, detq="w4a8", epochs=50)
 
-Life cycle (every point goes through the trainer's own model set-up path, so the optimizer, EMA, freezing,
-AMP and DDP see the quantized model):
+Ultralytics events → session calls (every point goes through the trainer's own model set-up path, so the
+optimizer, EMA, freezing, AMP and DDP see the quantized model):
 
-* ``__init__``: ``detq`` (preset name, recipe YAML path or dict) is taken out of the overrides before
-  Ultralytics checks its argument names, validated, and kept in ``args.detq`` as a plain dict so it reaches
-  DDP workers (Ultralytics re-creates the trainer there from ``vars(args)``) and ``train_args`` of
-  checkpoints (resume). ``quantize=8`` together with ``detq`` is refused.
-* ``get_model``: the float model is built (and float weights loaded), then converted with the recipe; the
-  head's final class/box layers (Detect, v10Detect/YOLO26 one-to-one branch, RTDETRDecoder) keep
-  ``prediction_layer_bits``; DFL's fixed integral conv stays float. A quantized ``.pt`` is rebuilt with its
-  quantizers and checked against this run's recipe (different recipe: ``CheckpointMismatchError``).
-* ``build_optimizer``: quantizer parameters move to their own group (no weight decay, lr × scale).
-* ``_build_train_pipeline``: activation ranges are calibrated on the first training batches
-  (``preprocess_batch``) unless the weights came with quantizer state; this runs before EMA is created.
-* ``save_model``: checkpoints carry the quantized EMA module plus a ``detq`` entry (recipe, per-layer
-  bits, and full-precision quantizer state since Ultralytics stores the module in fp16).
-* resume: the quantized module is rebuilt from ``last.pt`` and the fp32 quantizer state restored into the
-  model and the EMA, so training continues with exactly the saved ranges.
+* ``__init__``: ``detq=`` (and ``detq_teacher=``, ``detq_calibration_batches=``) validated into a recipe kept in
+  ``args.detq`` as plain data (DDP workers, ``train_args``, resume); ``quantize=8`` with ``detq`` is refused.
+* ``get_model`` → ``session.convert`` (float weights; the teacher is copied first) or ``session.restore`` (a
+  detq ``.pt``: rebuilt from the module's own per-layer plan, verified, loaded strictly).
+* ``build_optimizer`` → ``session.attach_optimizer``.
+* ``_build_train_pipeline`` → ``session.calibrate`` / ``session.run_ptq`` on the first training batches, before
+  EMA exists, unless the weights carry ranges.
+* ``_setup_train`` → ``session.load_state`` (resume: curriculum stage, teacher) and ``session.start_training``;
+  the model's criterion is wrapped (:class:`~detq_hooks.ultralytics.criterion.DetQCriterion`) so the session's
+  loss terms join the loss inside the DDP forward.
+* ``on_train_batch_start`` → ``session.before_step``; ``optimizer_step`` → ``session.after_optimizer_step``,
+  EMA update, integer quantizer flags copied into the EMA.
+* ``save_model`` → ``session.state`` (``ckpt["detq"]``, fp32 quantizer state; the teacher in ``last.pt`` only);
+  ``resume_training`` → fp32 quantizer state into model and EMA.
 * PTQ recipes (``mode: ptq``): quantize, calibrate, validate, save ``best.pt``/``last.pt``, no epochs.
 """
 

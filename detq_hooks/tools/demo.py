@@ -2,7 +2,7 @@
 
 Steps (each with a progress bar or Ultralytics' own epoch bars):
 
-1. generate the synthetic data set (:func:`detq_hooks.data.make_synthetic_dataset`);
+1. generate the synthetic data set (:func:`detq_hooks.tools.data.make_synthetic_dataset`);
 2. train YOLO11n (from its yaml, random init) in float for ``epochs`` epochs;
 3. PTQ W8A8 from the float ``best.pt`` (``DetQTrainer``, recipe ``w8a8-ptq``: calibration only);
 4. QAT W4A8 from the float ``best.pt`` for ``qat_epochs`` epochs (``DetQTrainer``, recipe ``w4a8``);
@@ -50,7 +50,7 @@ class Row:
 
 def _packed_mb(model) -> float:
     """Weight storage at the quantized bit widths (float layers at 32 bits), in MB."""
-    from .modules import is_quantized_module
+    from ..modules import is_quantized_module
 
     bits = 0
     seen = set()
@@ -71,7 +71,7 @@ def _packed_mb(model) -> float:
 def _time_onnx(path, imgsz: int, runs: int, threads: Optional[int]) -> float:
     import numpy as np
 
-    from .export import onnx_session
+    from ..export import onnx_session
 
     sess = onnx_session(path, threads=threads)
     name = sess.get_inputs()[0].name
@@ -96,8 +96,8 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
     from ultralytics.nn.tasks import load_checkpoint
 
     from .data import make_synthetic_dataset
-    from .ultralytics import DetQTrainer
-    from .ultralytics.evaluate import evaluate, export_model_onnx, load_images
+    from ..ultralytics import DetQTrainer
+    from ..ultralytics.evaluate import evaluate, export_model_onnx, load_images
     from .zoo import FROM_SCRATCH_HYPERPARAMETERS
 
     console = console or Console()
@@ -113,7 +113,7 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
 
     console.rule(f"[bold]2/6 float {cfg.model} ({cfg.epochs} epochs)")
     float_model = YOLO(cfg.model)
-    # the from-scratch settings of the float references (detq_hooks.zoo), with the mosaic-free tail scaled to
+    # the from-scratch settings of the float references (detq_hooks.tools.zoo), with the mosaic-free tail scaled to
     # the budget: AdamW, one optimizer step per batch, mild rescaling
     scratch = {**FROM_SCRATCH_HYPERPARAMETERS, "nbs": cfg.batch,
                "close_mosaic": min(FROM_SCRATCH_HYPERPARAMETERS["close_mosaic"], max(1, cfg.epochs // 3))}
