@@ -10,10 +10,11 @@ import torch.nn.functional as F
 import detq_hooks as dq
 from detq_hooks.curriculum import CurriculumSchedule, Stage
 from detq_hooks.distill import (
-    Assignment, DistillationLoss, HeadOutputs, Teacher, box_consistency_loss, capture_outputs, elementwise_iou,
+    Assignment, DistillationLoss, HeadOutputs, Teacher, box_consistency_loss, elementwise_iou,
     hungarian_match, logit_loss, pkd_loss, relational_loss,
 )
 from detq_hooks.recipe import RecipeError, load_recipe
+from detq_hooks.recording import capture_outputs
 
 from core_models import TinyDetector
 
