@@ -239,10 +239,23 @@ def test_test_validate_predict_from_ckpt_path_evaluate_quantized_model(tmp_path,
 
 def test_bf16_mixed(tmp_path):
     model = TinyDet()
-    t = trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=1)], precision="bf16-mixed", max_steps=3)
+    cb = DetQCallback(recipe="w4a8", calibration_batches=1)
+    t = trainer(tmp_path, [cb], precision="bf16-mixed", max_steps=3)
     t.fit(model, loader())
-    assert is_quantized(model) and torch.isfinite(act_scales(model)).all()
-    assert torch.isfinite(torch.as_tensor(float(t.callback_metrics["train_loss"])))
+    assert is_quantized(model) and cb.last_calibration.num_batches == 1
+    assert all(p.dtype == torch.float32 for _, q in iter_quantizers(model) for p in q.parameters())  # fp32 master
+    x, y = _data(16, 1).tensors
+    model.eval()
+    with torch.no_grad():
+        out32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16 = model(x).float()
+    # bf16 fake-quant outputs track fp32 fake-quant outputs (bf16 has ~3 significant digits; a rounding flip
+    # moves an activation by one 8-bit step), and bf16 was really used (not a silent fp32 run)
+    rel = float((out16 - out32).abs().mean() / out32.abs().mean())
+    assert 1e-5 < rel < 0.03, rel
+    l32, l16 = nn.functional.mse_loss(out32, y).item(), nn.functional.mse_loss(out16, y).item()
+    assert l16 == pytest.approx(l32, rel=0.02)
 
 
 def test_ema_and_swa_keep_quantizers(tmp_path):
@@ -310,6 +323,141 @@ class CLIData(pl.LightningDataModule):
         return loader()
 
 
+# ---------------------------------------------------------------------------------------------- PTQ (mode: ptq)
+def float_loss(model, seed=1):
+    x, y = _data(16, seed).tensors
+    with torch.no_grad():
+        return nn.functional.mse_loss(model.eval()(x), y).item()
+
+
+class TrainValData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return loader(seed=0)
+
+    def val_dataloader(self):
+        return loader(seed=1)
+
+
+def ptq_reference_scales(batches=2, seed=0):
+    """Activation scales of TinyDet calibrated directly by the session on the first ``batches`` of ``loader(seed)``."""
+    from detq_hooks.session import QuantSession
+
+    ref = TinyDet()
+    session = QuantSession("w8a8-ptq", calibration_batches=batches)
+    session.convert(ref, training=False)
+    session.run_ptq(ref, list(loader(seed=seed)), forward_fn=lambda m, b: m(b[0]))
+    return act_scales(ref)
+
+
+def test_ptq_validate_and_test_calibrate_then_evaluate(tmp_path):
+    f_loss = float_loss(TinyDet())
+    # validate: the datamodule's train loader gives the calibration batches
+    model, cb = TinyDet(), DetQCallback(recipe="w8a8-ptq", calibration_batches=2)
+    val = trainer(tmp_path, [cb]).validate(model, datamodule=TrainValData())[0]["val_loss"]
+    assert all(q.initialized for _, q in iter_quantizers(model)) and cb.last_calibration.num_batches == 2
+    assert torch.allclose(act_scales(model), ptq_reference_scales(seed=0), rtol=1e-6, atol=0)
+    assert val == pytest.approx(float_loss(model), rel=1e-6)  # the quantized model was evaluated ...
+    assert 1e-7 < abs(val - f_loss) < 0.02 * f_loss, (val, f_loss)  # ... and W8A8 stays close to float
+    # test with a bare loader: no train loader anywhere, the evaluation batches calibrate
+    model, cb = TinyDet(), DetQCallback(recipe="w8a8-ptq", calibration_batches=2)
+    res = trainer(tmp_path, [cb]).test(model, loader(seed=1))[0]["test_loss"]
+    assert torch.allclose(act_scales(model), ptq_reference_scales(seed=1), rtol=1e-6, atol=0)
+    assert 1e-7 < abs(res - f_loss) < 0.02 * f_loss
+    # a second evaluation keeps the ranges (no re-calibration on other batches)
+    before = qstate(model)
+    trainer(tmp_path, [cb]).test(model, loader(seed=2))
+    assert all(torch.equal(before[k], v) for k, v in qstate(model).items())
+
+
+def test_ptq_fit_calibrates_and_never_steps(tmp_path):
+    model = TinyDet()
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = DetQCallback(recipe="w8a8-ptq", calibration_batches=2)
+    # a sanity check on the validation loader runs first: the ranges must still come from the training batches
+    t = trainer(tmp_path, [cb], max_steps=4, num_sanity_val_steps=1)
+    t.fit(model, loader(seed=0), loader(seed=1))
+    assert t.global_step == 0 and cb.last_calibration.num_batches == 2
+    assert all(q.initialized for _, q in iter_quantizers(model))
+    assert torch.allclose(act_scales(model), ptq_reference_scales(seed=0), rtol=1e-6, atol=0)
+    after = model.state_dict()
+    for k, v in float_state.items():  # weights and BN statistics are exactly the float ones
+        assert torch.equal(after[k], v), k
+    path = tmp_path / "ptq.ckpt"
+    t.save_checkpoint(path)
+    loaded = load_quantized_checkpoint(TinyDet, path)
+    assert all(torch.equal(a, b) for a, b in zip(qstate(loaded).values(), qstate(model).values()))
+
+
+# ---------------------------------------------------------------------------------------------- mixed bits
+class SixBits(pl.Callback):
+    """What mixed precision does: after conversion, one body layer gets another bit width."""
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.net[3].weight_quantizer.bits = 6
+
+
+def test_mixed_bits_survive_test_load_and_resume(tmp_path):
+    model = TinyDet()
+    t = trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=1), SixBits()], max_steps=3)
+    t.fit(model, loader())
+    path = tmp_path / "mixed.ckpt"
+    t.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["detq"]["layers"]["net.3"]["weight_bits"] == 6
+    x = _data(16, 1).tensors[0]
+    with torch.no_grad():
+        ref = model.eval()(x)
+
+    fresh = TinyDet()
+    trainer(tmp_path, [DetQCallback(recipe="w4a8")]).test(fresh, loader(seed=1), ckpt_path=path)
+    direct = load_quantized_checkpoint(TinyDet, path).eval()
+    for m in (fresh, direct):
+        assert m.net[3].weight_quantizer.bits == 6 and m.net[5].weight_quantizer.bits == 4
+        with torch.no_grad():
+            assert torch.equal(m.eval()(x), ref)
+
+    resumed = TinyDet()
+    trainer(tmp_path, [DetQCallback(recipe="w4a8")], max_steps=5).fit(resumed, loader(), ckpt_path=path)
+    assert resumed.net[3].weight_quantizer.bits == 6 and int(resumed.net[3].weight_quantizer.bits_state) == 6
+
+
+# ---------------------------------------------------------------------------------------------- 0.1.0 checkpoints
+LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_0.1.0" / "lightning_tinydet_w4a8.ckpt"
+
+
+def test_legacy_0_1_0_checkpoint_loads(tmp_path):
+    saved = torch.load(LEGACY_CKPT, weights_only=False)
+    file_q = {k: v for k, v in saved["state_dict"].items() if "_quantizer." in k}
+    assert len(file_q) > 8 and "curriculum" not in saved["callbacks"]["DetQCallback"]
+
+    direct = load_quantized_checkpoint(TinyDet, LEGACY_CKPT)
+    fresh = TinyDet()
+    res = trainer(tmp_path, [DetQCallback(recipe="w4a8")]).test(fresh, loader(seed=1), ckpt_path=LEGACY_CKPT)[0]
+    for m in (direct, fresh):
+        q = qstate(m)
+        assert q.keys() == file_q.keys() and all(torch.equal(q[k], file_q[k]) for k in q)
+        assert [m.net[i].weight_quantizer.bits for i in (0, 3, 5, 7)] == [8, 4, 4, 8]
+    assert res["test_loss"] == pytest.approx(float_loss(direct), rel=1e-6)
+    # resume a fit from it (its callback state is the 0.1.0 one)
+    resumed = TinyDet()
+    t = trainer(tmp_path, [DetQCallback(recipe="w4a8")], max_steps=5)
+    t.fit(resumed, loader(), ckpt_path=LEGACY_CKPT)
+    assert t.global_step == 5 and is_quantized(resumed)
+
+
+def test_plan_naming_a_missing_layer_is_refused(tmp_path, trained_ckpt):
+    path, _ = trained_ckpt
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["detq"]["layers"]["net.99"] = dict(ckpt["detq"]["layers"]["net.3"])
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    fresh = TinyDet()
+    with pytest.raises(CheckpointMismatchError, match=r"saved plan quantizes layer 'net\.99', which TinyDet does not have"):
+        trainer(tmp_path, [DetQCallback(recipe="w4a8")]).test(fresh, loader(), ckpt_path=bad)
+    assert not is_quantized(fresh)  # left float, nothing loaded
+    with pytest.raises(CheckpointMismatchError, match=r"'net\.99'"):
+        load_quantized_checkpoint(TinyDet, bad)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_rule_matching_nothing_is_a_clear_error_and_model_untouched(tmp_path):
     model = TinyDet()
@@ -321,7 +469,8 @@ def test_rule_matching_nothing_is_a_clear_error_and_model_untouched(tmp_path):
 
 def test_two_callbacks_are_refused(tmp_path):
     model = TinyDet()
-    with pytest.raises(RuntimeError, match="DetQCallback"):
+    # Lightning refuses two callbacks with the same state key when the Trainer is built
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `DetQCallback`"):
         trainer(tmp_path, [DetQCallback("w4a8"), DetQCallback("w8a8")]).fit(model, loader())
     assert not is_quantized(model)
 
@@ -340,7 +489,7 @@ def test_checkpoint_mismatches_are_clear_errors(tmp_path, trained_ckpt):
     with pytest.raises(CheckpointMismatchError, match="float weights without quantizer state"):
         trainer(tmp_path, [DetQCallback("w4a8")]).test(TinyDet(), loader(), ckpt_path=fpath)
     # quantized checkpoint into a float run: Lightning's strict load names the quantizer keys
-    with pytest.raises(RuntimeError, match="_quantizer"):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*net\.0\.weight_quantizer\.scale"):
         trainer(tmp_path).test(TinyDet(), loader(), ckpt_path=qpath)
     # a different recipe
     fresh = TinyDet()
@@ -352,6 +501,15 @@ def test_checkpoint_mismatches_are_clear_errors(tmp_path, trained_ckpt):
         load_quantized_checkpoint(TinyDet, fpath)
 
 
+def test_distillation_head_terms_on_an_unknown_detector_fail_before_training(tmp_path):
+    from detq_hooks.detectors import UnsupportedDetectorError
+
+    model = TinyDet()
+    with pytest.raises(UnsupportedDetectorError, match=r"TinyDet is not a detector family .*DetectorFamily"):
+        trainer(tmp_path, [DetQCallback(recipe={"preset": "w4a8", "distillation": {"enabled": True}})]).fit(model, loader())
+    assert not is_quantized(model)
+
+
 def test_bad_arguments():
     with pytest.raises(RecipeError, match="unknown recipe preset"):
         DetQCallback(recipe="w3a3")
@@ -359,6 +517,8 @@ def test_bad_arguments():
         DetQCallback(calibration_batches=0)
     with pytest.raises(ValueError, match="calibration_forward"):
         DetQCallback(calibration_forward="no_such_module_xyz.fn")
+    with pytest.raises(TypeError, match="must be a detq_hooks.detectors.DetectorFamily"):
+        DetQCallback(family="torchvision")
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -567,3 +727,17 @@ def test_curriculum_needs_stages_when_structure_is_unknown(tmp_path):
     model, cb = TinyDet(), DetQCallback(recipe=named, calibration_batches=1)
     trainer(tmp_path, [cb], max_steps=2, log_every_n_steps=1).fit(model, loader())
     assert [s.name for s in cb.session.stages] == ["body", "head"] and cb.last_loss_terms["distill_pkd_stage1"] > 0
+
+    # the same stages answered by a detector family of the user's (family=) instead of the recipe
+    from detq_hooks.curriculum import Stage
+    from detq_hooks.detectors import DetectorFamily
+
+    class TinyFamily(DetectorFamily):
+        def stages(self, model):
+            return [Stage("body", ["net.0", "net.1", "net.3"], ["net.4"]), Stage("head", ["net.5", "net.7"], [])]
+
+    model = TinyDet()
+    cb = DetQCallback(recipe={"preset": "w4a8", "curriculum": {"enabled": True, "boundaries": [0.5]}},
+                      calibration_batches=1, family=TinyFamily())
+    trainer(tmp_path, [cb], max_steps=2).fit(model, loader())
+    assert [s.name for s in cb.session.stages] == ["body", "head"] and cb.session.schedule.current == 1

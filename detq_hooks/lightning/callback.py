@@ -159,12 +159,7 @@ class DetQCallback(Callback):
 
     # ================================================================== conversion: setup / configure_model
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        mine = [cb for cb in trainer.callbacks if isinstance(cb, DetQCallback)]
-        if len(mine) > 1:
-            raise RuntimeError(
-                f"DetQCallback: {len(mine)} DetQCallbacks are attached to the Trainer; a model is quantized by one "
-                "recipe: keep a single DetQCallback (merge the rules into its recipe)"
-            )
+        # Two DetQCallbacks are refused by Lightning itself (one stateful callback per state key).
         self._trainer = trainer
         self._training = stage == "fit" and not self.session.ptq
         later = is_overridden("configure_model", pl_module, parent=pl.LightningModule) and self._module is not pl_module
