@@ -536,7 +536,11 @@ def params_and_quantizers(m):
 
 class Save(Snapshot):
     def on_train_end(self, trainer, pl_module):
-        torch.save({{"calib": self.after_calibration, "final": params_and_quantizers(pl_module)}},
+        det = trainer.callbacks[0]
+        stage = det.session.schedule.current if det.session.schedule is not None else None
+        torch.save({{"calib": self.after_calibration, "final": params_and_quantizers(pl_module),
+                    "terms": dict(det.last_loss_terms), "stage": stage,
+                    "logged": sorted(k for k in trainer.logged_metrics if k.startswith("detq/distill_"))}},
                    {out!r} + f"/rank{{trainer.global_rank}}.pt")
 
 torch.set_num_threads(1)
@@ -566,6 +570,13 @@ def test_ddp_two_processes_agree(tmp_path, mode):
     changed = [k for k in r0["final"] if k.endswith("input_quantizer.scale") and k in r0["calib"]
                and not torch.equal(r0["final"][k], r0["calib"][k])]
     assert changed
+    if mode == "crqat":  # curriculum + distillation under DDP: stage 2 reached, distillation terms nonzero on both ranks
+        for r in (r0, r1):
+            assert r["stage"] == 1
+            parts = {k: v for k, v in r["terms"].items() if k.startswith("distill_")}
+            assert set(parts) == {"distill_pkd_stage1", "distill_relational", "distill_logit", "distill_box"}, r["terms"]
+            assert all(v > 0 for v in parts.values()), parts
+            assert r["logged"] == sorted("detq/" + k for k in parts)
 
 
 # ---------------------------------------------------------------------------------------------- CR-QAT (issue 6)
