@@ -752,3 +752,32 @@ def test_curriculum_needs_stages_when_structure_is_unknown(tmp_path):
                       calibration_batches=1, family=TinyFamily())
     trainer(tmp_path, [cb], max_steps=2).fit(model, loader())
     assert [s.name for s in cb.session.stages] == ["body", "head"] and cb.session.schedule.current == 1
+
+
+def test_restore_loads_the_recipes_teacher_checkpoint(tmp_path):
+    """Core (QuantSession.restore): a recipe naming `distillation.teacher` gets that checkpoint's weights when
+    the model is rebuilt from a saved plan, as it does at conversion (the Lightning adapter restores a
+    checkpoint whose plan differs from a fresh conversion, e.g. mixed bits)."""
+    from detq_hooks.session import QuantSession
+
+    float_teacher = TinyDet()
+    with torch.no_grad():
+        for p in float_teacher.parameters():
+            p.add_(0.1)
+    torch.save({"state_dict": float_teacher.state_dict()}, tmp_path / "teacher.ckpt")
+    recipe = {"preset": "w4a8", "curriculum": {"enabled": True, "stages": [
+        {"name": "body", "modules": ["net.0", "net.1", "net.3"], "outputs": ["net.4"]},
+        {"name": "head", "modules": ["net.5", "net.7"]}]},
+        "distillation": {"enabled": True, "teacher": str(tmp_path / "teacher.ckpt"),
+                         "relational_weight": 0, "logit_weight": 0, "box_weight": 0}}
+    first = QuantSession(recipe)
+    model = TinyDet()
+    first.convert(model)
+    model.net[3].weight_quantizer.bits = 6
+    entry = first.state(model)
+    second = QuantSession(recipe)
+    rebuilt = TinyDet()
+    second.restore(rebuilt, entry, training=True)
+    assert rebuilt.net[3].weight_quantizer.bits == 6
+    for k, v in float_teacher.state_dict().items():
+        assert torch.equal(second.teacher.module.state_dict()[k], v), k
