@@ -203,14 +203,7 @@ class QuantSession:
             return self.adopt(model)
         family = family_for(model, self._family_arg)
         stages = self._plan_crqat(model, family) if training else []
-        teacher = Teacher.from_model(model) if training and self.recipe.distillation.enabled else None
-        if teacher is not None and self.recipe.distillation.teacher:
-            source = self.recipe.distillation.teacher
-            state = self.read_weights(source)
-            if any(is_quantizer_key(k) for k in state):
-                raise CheckpointMismatchError(f"the distillation teacher must be a float model, {source} is quantized")
-            teacher.load_state_dict(fit_state_dict(teacher.module, state, source))
-            self.teacher_source = str(source)
+        teacher = self._new_teacher(model) if training else None
         preds = self.prediction_layers if self.prediction_layers is not None else family.prediction_layers(model)
         firsts = self.first_layers if self.first_layers is not None else family.first_layers(model)
         quantize(model, self.recipe, prediction_layers=preds, first_layers=firsts, float_layers=family.float_layers(model))
@@ -248,15 +241,29 @@ class QuantSession:
             )
         family = family_for(model, self._family_arg)
         stages = self._plan_crqat(model, family) if training else []
-        teacher = Teacher.from_model(model) if training and self.recipe.distillation.enabled else None
+        teacher = self._new_teacher(model) if training else None
         rebuild(model, entry, source=source)
         self.family, self.stages, self.teacher = family, stages, teacher
-        self.teacher_ready = False  # a structural copy: its float weights come from load_state or set_teacher_weights
-        if teacher is not None and self.recipe.distillation.teacher:
-            self.set_teacher_weights(self.read_weights(self.recipe.distillation.teacher), self.recipe.distillation.teacher)
+        # a structural copy unless the recipe names the teacher: its float weights come from load_state/set_teacher_weights
+        self.teacher_ready = teacher is not None and bool(self.recipe.distillation.teacher)
         self._build_crqat(training)
         self._model_id = id(model)
         return model
+
+    def _new_teacher(self, model: nn.Module) -> Optional[Teacher]:
+        """The distillation teacher: a frozen copy of the float ``model``, with ``distillation.teacher``'s
+        weights when the recipe names a checkpoint (in :meth:`convert` and :meth:`restore` alike)."""
+        if not self.recipe.distillation.enabled:
+            return None
+        teacher = Teacher.from_model(model)
+        path = self.recipe.distillation.teacher
+        if path:
+            state = self.read_weights(path)
+            if any(is_quantizer_key(k) for k in state):
+                raise CheckpointMismatchError(f"the distillation teacher must be a float model, {path} is quantized")
+            teacher.load_state_dict(fit_state_dict(teacher.module, state, path))
+            self.teacher_source = str(path)
+        return teacher
 
     def _plan_crqat(self, model: nn.Module, family: DetectorFamily) -> list[Stage]:
         cur, dis = self.recipe.curriculum, self.recipe.distillation

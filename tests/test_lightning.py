@@ -239,10 +239,23 @@ def test_test_validate_predict_from_ckpt_path_evaluate_quantized_model(tmp_path,
 
 def test_bf16_mixed(tmp_path):
     model = TinyDet()
-    t = trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=1)], precision="bf16-mixed", max_steps=3)
+    cb = DetQCallback(recipe="w4a8", calibration_batches=1)
+    t = trainer(tmp_path, [cb], precision="bf16-mixed", max_steps=3)
     t.fit(model, loader())
-    assert is_quantized(model) and torch.isfinite(act_scales(model)).all()
-    assert torch.isfinite(torch.as_tensor(float(t.callback_metrics["train_loss"])))
+    assert is_quantized(model) and cb.last_calibration.num_batches == 1
+    assert all(p.dtype == torch.float32 for _, q in iter_quantizers(model) for p in q.parameters())  # fp32 master
+    x, y = _data(16, 1).tensors
+    model.eval()
+    with torch.no_grad():
+        out32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16 = model(x).float()
+    # bf16 fake-quant outputs track fp32 fake-quant outputs (bf16 has ~3 significant digits; a rounding flip
+    # moves an activation by one 8-bit step), and bf16 was really used (not a silent fp32 run)
+    rel = float((out16 - out32).abs().mean() / out32.abs().mean())
+    assert 1e-5 < rel < 0.03, rel
+    l32, l16 = nn.functional.mse_loss(out32, y).item(), nn.functional.mse_loss(out16, y).item()
+    assert l16 == pytest.approx(l32, rel=0.02)
 
 
 def test_ema_and_swa_keep_quantizers(tmp_path):
@@ -310,6 +323,141 @@ class CLIData(pl.LightningDataModule):
         return loader()
 
 
+# ---------------------------------------------------------------------------------------------- PTQ (mode: ptq)
+def float_loss(model, seed=1):
+    x, y = _data(16, seed).tensors
+    with torch.no_grad():
+        return nn.functional.mse_loss(model.eval()(x), y).item()
+
+
+class TrainValData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return loader(seed=0)
+
+    def val_dataloader(self):
+        return loader(seed=1)
+
+
+def ptq_reference_scales(batches=2, seed=0):
+    """Activation scales of TinyDet calibrated directly by the session on the first ``batches`` of ``loader(seed)``."""
+    from detq_hooks.session import QuantSession
+
+    ref = TinyDet()
+    session = QuantSession("w8a8-ptq", calibration_batches=batches)
+    session.convert(ref, training=False)
+    session.run_ptq(ref, list(loader(seed=seed)), forward_fn=lambda m, b: m(b[0]))
+    return act_scales(ref)
+
+
+def test_ptq_validate_and_test_calibrate_then_evaluate(tmp_path):
+    f_loss = float_loss(TinyDet())
+    # validate: the datamodule's train loader gives the calibration batches
+    model, cb = TinyDet(), DetQCallback(recipe="w8a8-ptq", calibration_batches=2)
+    val = trainer(tmp_path, [cb]).validate(model, datamodule=TrainValData())[0]["val_loss"]
+    assert all(q.initialized for _, q in iter_quantizers(model)) and cb.last_calibration.num_batches == 2
+    assert torch.allclose(act_scales(model), ptq_reference_scales(seed=0), rtol=1e-6, atol=0)
+    assert val == pytest.approx(float_loss(model), rel=1e-6)  # the quantized model was evaluated ...
+    assert 1e-7 < abs(val - f_loss) < 0.02 * f_loss, (val, f_loss)  # ... and W8A8 stays close to float
+    # test with a bare loader: no train loader anywhere, the evaluation batches calibrate
+    model, cb = TinyDet(), DetQCallback(recipe="w8a8-ptq", calibration_batches=2)
+    res = trainer(tmp_path, [cb]).test(model, loader(seed=1))[0]["test_loss"]
+    assert torch.allclose(act_scales(model), ptq_reference_scales(seed=1), rtol=1e-6, atol=0)
+    assert 1e-7 < abs(res - f_loss) < 0.02 * f_loss
+    # a second evaluation keeps the ranges (no re-calibration on other batches)
+    before = qstate(model)
+    trainer(tmp_path, [cb]).test(model, loader(seed=2))
+    assert all(torch.equal(before[k], v) for k, v in qstate(model).items())
+
+
+def test_ptq_fit_calibrates_and_never_steps(tmp_path):
+    model = TinyDet()
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = DetQCallback(recipe="w8a8-ptq", calibration_batches=2)
+    # a sanity check on the validation loader runs first: the ranges must still come from the training batches
+    t = trainer(tmp_path, [cb], max_steps=4, num_sanity_val_steps=1)
+    t.fit(model, loader(seed=0), loader(seed=1))
+    assert t.global_step == 0 and cb.last_calibration.num_batches == 2
+    assert all(q.initialized for _, q in iter_quantizers(model))
+    assert torch.allclose(act_scales(model), ptq_reference_scales(seed=0), rtol=1e-6, atol=0)
+    after = model.state_dict()
+    for k, v in float_state.items():  # weights and BN statistics are exactly the float ones
+        assert torch.equal(after[k], v), k
+    path = tmp_path / "ptq.ckpt"
+    t.save_checkpoint(path)
+    loaded = load_quantized_checkpoint(TinyDet, path)
+    assert all(torch.equal(a, b) for a, b in zip(qstate(loaded).values(), qstate(model).values()))
+
+
+# ---------------------------------------------------------------------------------------------- mixed bits
+class SixBits(pl.Callback):
+    """What mixed precision does: after conversion, one body layer gets another bit width."""
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.net[3].weight_quantizer.bits = 6
+
+
+def test_mixed_bits_survive_test_load_and_resume(tmp_path):
+    model = TinyDet()
+    t = trainer(tmp_path, [DetQCallback(recipe="w4a8", calibration_batches=1), SixBits()], max_steps=3)
+    t.fit(model, loader())
+    path = tmp_path / "mixed.ckpt"
+    t.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["detq"]["layers"]["net.3"]["weight_bits"] == 6
+    x = _data(16, 1).tensors[0]
+    with torch.no_grad():
+        ref = model.eval()(x)
+
+    fresh = TinyDet()
+    trainer(tmp_path, [DetQCallback(recipe="w4a8")]).test(fresh, loader(seed=1), ckpt_path=path)
+    direct = load_quantized_checkpoint(TinyDet, path).eval()
+    for m in (fresh, direct):
+        assert m.net[3].weight_quantizer.bits == 6 and m.net[5].weight_quantizer.bits == 4
+        with torch.no_grad():
+            assert torch.equal(m.eval()(x), ref)
+
+    resumed = TinyDet()
+    trainer(tmp_path, [DetQCallback(recipe="w4a8")], max_steps=5).fit(resumed, loader(), ckpt_path=path)
+    assert resumed.net[3].weight_quantizer.bits == 6 and int(resumed.net[3].weight_quantizer.bits_state) == 6
+
+
+# ---------------------------------------------------------------------------------------------- 0.1.0 checkpoints
+LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_0.1.0" / "lightning_tinydet_w4a8.ckpt"
+
+
+def test_legacy_0_1_0_checkpoint_loads(tmp_path):
+    saved = torch.load(LEGACY_CKPT, weights_only=False)
+    file_q = {k: v for k, v in saved["state_dict"].items() if "_quantizer." in k}
+    assert len(file_q) > 8 and "curriculum" not in saved["callbacks"]["DetQCallback"]
+
+    direct = load_quantized_checkpoint(TinyDet, LEGACY_CKPT)
+    fresh = TinyDet()
+    res = trainer(tmp_path, [DetQCallback(recipe="w4a8")]).test(fresh, loader(seed=1), ckpt_path=LEGACY_CKPT)[0]
+    for m in (direct, fresh):
+        q = qstate(m)
+        assert q.keys() == file_q.keys() and all(torch.equal(q[k], file_q[k]) for k in q)
+        assert [m.net[i].weight_quantizer.bits for i in (0, 3, 5, 7)] == [8, 4, 4, 8]
+    assert res["test_loss"] == pytest.approx(float_loss(direct), rel=1e-6)
+    # resume a fit from it (its callback state is the 0.1.0 one)
+    resumed = TinyDet()
+    t = trainer(tmp_path, [DetQCallback(recipe="w4a8")], max_steps=5)
+    t.fit(resumed, loader(), ckpt_path=LEGACY_CKPT)
+    assert t.global_step == 5 and is_quantized(resumed)
+
+
+def test_plan_naming_a_missing_layer_is_refused(tmp_path, trained_ckpt):
+    path, _ = trained_ckpt
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["detq"]["layers"]["net.99"] = dict(ckpt["detq"]["layers"]["net.3"])
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    fresh = TinyDet()
+    with pytest.raises(CheckpointMismatchError, match=r"saved plan quantizes layer 'net\.99', which TinyDet does not have"):
+        trainer(tmp_path, [DetQCallback(recipe="w4a8")]).test(fresh, loader(), ckpt_path=bad)
+    assert not is_quantized(fresh)  # left float, nothing loaded
+    with pytest.raises(CheckpointMismatchError, match=r"'net\.99'"):
+        load_quantized_checkpoint(TinyDet, bad)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_rule_matching_nothing_is_a_clear_error_and_model_untouched(tmp_path):
     model = TinyDet()
@@ -321,7 +469,8 @@ def test_rule_matching_nothing_is_a_clear_error_and_model_untouched(tmp_path):
 
 def test_two_callbacks_are_refused(tmp_path):
     model = TinyDet()
-    with pytest.raises(RuntimeError, match="DetQCallback"):
+    # Lightning refuses two callbacks with the same state key when the Trainer is built
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `DetQCallback`"):
         trainer(tmp_path, [DetQCallback("w4a8"), DetQCallback("w8a8")]).fit(model, loader())
     assert not is_quantized(model)
 
@@ -340,14 +489,25 @@ def test_checkpoint_mismatches_are_clear_errors(tmp_path, trained_ckpt):
     with pytest.raises(CheckpointMismatchError, match="float weights without quantizer state"):
         trainer(tmp_path, [DetQCallback("w4a8")]).test(TinyDet(), loader(), ckpt_path=fpath)
     # quantized checkpoint into a float run: Lightning's strict load names the quantizer keys
-    with pytest.raises(RuntimeError, match="_quantizer"):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*net\.0\.weight_quantizer\.scale"):
         trainer(tmp_path).test(TinyDet(), loader(), ckpt_path=qpath)
     # a different recipe
-    with pytest.raises(CheckpointMismatchError, match="different recipe"):
-        trainer(tmp_path, [DetQCallback("w8a8")]).test(TinyDet(), loader(), ckpt_path=qpath)
+    fresh = TinyDet()
+    with pytest.raises(CheckpointMismatchError, match="quantized with detq recipe 'w4a8', this run asks for 'w8a8'"):
+        trainer(tmp_path, [DetQCallback("w8a8")]).test(fresh, loader(), ckpt_path=qpath)
+    assert not is_quantized(fresh)  # nothing half-applied
     # the loading helper on a float checkpoint
     with pytest.raises(CheckpointMismatchError, match="no detq quantization state"):
         load_quantized_checkpoint(TinyDet, fpath)
+
+
+def test_distillation_head_terms_on_an_unknown_detector_fail_before_training(tmp_path):
+    from detq_hooks.detectors import UnsupportedDetectorError
+
+    model = TinyDet()
+    with pytest.raises(UnsupportedDetectorError, match=r"TinyDet is not a detector family .*DetectorFamily"):
+        trainer(tmp_path, [DetQCallback(recipe={"preset": "w4a8", "distillation": {"enabled": True}})]).fit(model, loader())
+    assert not is_quantized(model)
 
 
 def test_bad_arguments():
@@ -357,6 +517,8 @@ def test_bad_arguments():
         DetQCallback(calibration_batches=0)
     with pytest.raises(ValueError, match="calibration_forward"):
         DetQCallback(calibration_forward="no_such_module_xyz.fn")
+    with pytest.raises(TypeError, match="must be a detq_hooks.detectors.DetectorFamily"):
+        DetQCallback(family="torchvision")
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -374,7 +536,11 @@ def params_and_quantizers(m):
 
 class Save(Snapshot):
     def on_train_end(self, trainer, pl_module):
-        torch.save({{"calib": self.after_calibration, "final": params_and_quantizers(pl_module)}},
+        det = trainer.callbacks[0]
+        stage = det.session.schedule.current if det.session.schedule is not None else None
+        torch.save({{"calib": self.after_calibration, "final": params_and_quantizers(pl_module),
+                    "terms": dict(det.last_loss_terms), "stage": stage,
+                    "logged": sorted(k for k in trainer.logged_metrics if k.startswith("detq/distill_"))}},
                    {out!r} + f"/rank{{trainer.global_rank}}.pt")
 
 torch.set_num_threads(1)
@@ -404,6 +570,13 @@ def test_ddp_two_processes_agree(tmp_path, mode):
     changed = [k for k in r0["final"] if k.endswith("input_quantizer.scale") and k in r0["calib"]
                and not torch.equal(r0["final"][k], r0["calib"][k])]
     assert changed
+    if mode == "crqat":  # curriculum + distillation under DDP: stage 2 reached, distillation terms nonzero on both ranks
+        for r in (r0, r1):
+            assert r["stage"] == 1
+            parts = {k: v for k, v in r["terms"].items() if k.startswith("distill_")}
+            assert set(parts) == {"distill_pkd_stage1", "distill_relational", "distill_logit", "distill_box"}, r["terms"]
+            assert all(v > 0 for v in parts.values()), parts
+            assert r["logged"] == sorted("detq/" + k for k in parts)
 
 
 # ---------------------------------------------------------------------------------------------- CR-QAT (issue 6)
@@ -485,11 +658,12 @@ def test_crqat_stages_freezing_and_distillation_terms(tmp_path):
     cb = DetQCallback(recipe=CRQAT_RECIPE, calibration_batches=1)
     t = trainer(tmp_path, [cb, probe], max_steps=4, log_every_n_steps=1)
     t.fit(model, det_loader())
-    assert [s.name for s in cb.crqat.stages] == ["backbone", "neck_head"]
-    assert cb.crqat.stages[0].prefixes == ["model.backbone.body"]
+    assert [s.name for s in cb.session.stages] == ["backbone", "neck_head"]
+    assert cb.session.stages[0].prefixes == ["model.backbone.body"]
+    assert cb.session.family.name == "torchvision"
     # teacher: a float copy outside the module tree
-    assert not is_quantized(cb.crqat.teacher.module)
-    assert not any(p is q for p in model.parameters() for q in cb.crqat.teacher.module.parameters())
+    assert not is_quantized(cb.session.teacher.module)
+    assert not any(p is q for p in model.parameters() for q in cb.session.teacher.module.parameters())
     # stage 1 (steps 1-2): head float and frozen, body trained; stage 2: head quantized and trained
     (s1, w_on1, a_on1, head1, body1), (s2, _, _, head2, body2), (_, w_on3, a_on3, head3, _), _ = probe.rows
     assert not w_on1 and not a_on1 and torch.equal(head1, float_head) and torch.equal(head2, float_head)
@@ -498,7 +672,8 @@ def test_crqat_stages_freezing_and_distillation_terms(tmp_path):
     for k in ("detq/distill_pkd_stage1", "detq/distill_relational", "detq/distill_logit", "detq/distill_box",
               "detq/curriculum_stage"):
         assert k in t.logged_metrics, k
-    assert all(v > 0 for v in cb.crqat.last_terms.values()), cb.crqat.last_terms
+    parts = {k: v for k, v in cb.last_loss_terms.items() if k.startswith("distill_")}
+    assert len(parts) == 4 and all(v > 0 for v in parts.values()), cb.last_loss_terms
 
 
 def test_distillation_gradients_reach_student_only(tmp_path):
@@ -507,19 +682,21 @@ def test_distillation_gradients_reach_student_only(tmp_path):
     trainer(tmp_path, [cb], max_steps=1).fit(model, det_loader(n=2))
     model.train()
     batch = next(iter(det_loader(n=2)))
-    cb._begin_recording(model)
+    session = cb.session
+    session.start_training(model)
     try:
         model.model(batch[0], batch[1])
-        terms = cb._distillation_term(model, batch, None)
+        terms = session.loss_terms(model, batch)
     finally:
-        cb._end_recording()
+        session.end_training(model)
     model.zero_grad()
     terms["distill"].backward()
-    assert set(cb.crqat.last_terms) == {"pkd_stage1", "relational", "logit", "box"}
-    assert all(v > 0 for v in cb.crqat.last_terms.values())
+    distill = session.terms[0]
+    assert set(distill.last_terms) == {"pkd_stage1", "relational", "logit", "box"}
+    assert all(v > 0 for v in distill.last_terms.values())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
-    assert all(p.grad is None and not p.requires_grad for p in cb.crqat.teacher.module.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in session.teacher.module.parameters())
 
 
 def test_crqat_resume_mid_curriculum_reproduces(tmp_path):
@@ -529,7 +706,8 @@ def test_crqat_resume_mid_curriculum_reproduces(tmp_path):
     cb_full = DetQCallback(recipe=CRQAT_RECIPE, target="model", calibration_batches=1)
     trainer(tmp_path, [cb_full, ck], max_epochs=2, max_steps=-1, enable_checkpointing=True).fit(full, det_loader())
     ckpt = torch.load(tmp_path / "ck" / "epoch=0.ckpt", weights_only=False)
-    assert ckpt["callbacks"]["DetQCallback"]["curriculum"]["current"] == 0 and "detq_teacher" in ckpt
+    assert ckpt["detq"]["curriculum"]["current"] == 0 and "state" in ckpt["detq"]["teacher"]
+    assert set(ckpt["callbacks"]["DetQCallback"]) == {"recipe", "target"}
     mid = load_quantized_checkpoint(TinyFCOS, tmp_path / "ck" / "epoch=0.ckpt")  # stage 1: head float
     assert is_quantized(mid.model) and not mid.model.head.classification_head.cls_logits.weight_quantizer.enabled
     assert mid.model.backbone.body.layer2[0].weight_quantizer.enabled
@@ -540,11 +718,11 @@ def test_crqat_resume_mid_curriculum_reproduces(tmp_path):
             p.add_(0.01)
     cb_res = DetQCallback(recipe=CRQAT_RECIPE, target="model", calibration_batches=1)
     trainer(tmp_path, [cb_res], max_epochs=2, max_steps=-1).fit(resumed, det_loader(), ckpt_path=tmp_path / "ck" / "epoch=0.ckpt")
-    assert cb_res.crqat.schedule.current == cb_full.crqat.schedule.current == 1
+    assert cb_res.session.schedule.current == cb_full.session.schedule.current == 1
     a, b = full.state_dict(), resumed.state_dict()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0), k
-    for (k, ta), tb in zip(cb_full.crqat.teacher.state_dict().items(), cb_res.crqat.teacher.state_dict().values()):
+    for (k, ta), tb in zip(cb_full.session.teacher.state_dict().items(), cb_res.session.teacher.state_dict().values()):
         assert torch.equal(ta, tb), k
 
 
@@ -554,7 +732,52 @@ def test_curriculum_needs_stages_when_structure_is_unknown(tmp_path):
         trainer(tmp_path, [DetQCallback(recipe=recipe)]).fit(TinyDet(), loader())
     named = {"preset": "w4a8", "curriculum": {"enabled": True, "stages": [
         {"name": "body", "modules": ["net.0", "net.1", "net.3"], "outputs": ["net.4"]},
-        {"name": "head", "modules": ["net.5", "net.7"]}]}, "distillation": {"enabled": True}}
+        {"name": "head", "modules": ["net.5", "net.7"]}]},
+        # feature distillation only: TinyDet's head cannot be read (no detector family answers for it)
+        "distillation": {"enabled": True, "relational_weight": 0, "logit_weight": 0, "box_weight": 0}}
     model, cb = TinyDet(), DetQCallback(recipe=named, calibration_batches=1)
     trainer(tmp_path, [cb], max_steps=2, log_every_n_steps=1).fit(model, loader())
-    assert [s.name for s in cb.crqat.stages] == ["body", "head"] and cb.crqat.last_terms["pkd_stage1"] > 0
+    assert [s.name for s in cb.session.stages] == ["body", "head"] and cb.last_loss_terms["distill_pkd_stage1"] > 0
+
+    # the same stages answered by a detector family of the user's (family=) instead of the recipe
+    from detq_hooks.curriculum import Stage
+    from detq_hooks.detectors import DetectorFamily
+
+    class TinyFamily(DetectorFamily):
+        def stages(self, model):
+            return [Stage("body", ["net.0", "net.1", "net.3"], ["net.4"]), Stage("head", ["net.5", "net.7"], [])]
+
+    model = TinyDet()
+    cb = DetQCallback(recipe={"preset": "w4a8", "curriculum": {"enabled": True, "boundaries": [0.5]}},
+                      calibration_batches=1, family=TinyFamily())
+    trainer(tmp_path, [cb], max_steps=2).fit(model, loader())
+    assert [s.name for s in cb.session.stages] == ["body", "head"] and cb.session.schedule.current == 1
+
+
+def test_restore_loads_the_recipes_teacher_checkpoint(tmp_path):
+    """Core (QuantSession.restore): a recipe naming `distillation.teacher` gets that checkpoint's weights when
+    the model is rebuilt from a saved plan, as it does at conversion (the Lightning adapter restores a
+    checkpoint whose plan differs from a fresh conversion, e.g. mixed bits)."""
+    from detq_hooks.session import QuantSession
+
+    float_teacher = TinyDet()
+    with torch.no_grad():
+        for p in float_teacher.parameters():
+            p.add_(0.1)
+    torch.save({"state_dict": float_teacher.state_dict()}, tmp_path / "teacher.ckpt")
+    recipe = {"preset": "w4a8", "curriculum": {"enabled": True, "stages": [
+        {"name": "body", "modules": ["net.0", "net.1", "net.3"], "outputs": ["net.4"]},
+        {"name": "head", "modules": ["net.5", "net.7"]}]},
+        "distillation": {"enabled": True, "teacher": str(tmp_path / "teacher.ckpt"),
+                         "relational_weight": 0, "logit_weight": 0, "box_weight": 0}}
+    first = QuantSession(recipe)
+    model = TinyDet()
+    first.convert(model)
+    model.net[3].weight_quantizer.bits = 6
+    entry = first.state(model)
+    second = QuantSession(recipe)
+    rebuilt = TinyDet()
+    second.restore(rebuilt, entry, training=True)
+    assert rebuilt.net[3].weight_quantizer.bits == 6
+    for k, v in float_teacher.state_dict().items():
+        assert torch.equal(second.teacher.module.state_dict()[k], v), k
