@@ -188,5 +188,5 @@ def test_distillation_terms_follow_the_stage_and_give_gradients_only_to_the_stud
     model.zero_grad()
     total1.backward()
     assert model.backbone[0].weight.grad.abs().sum() > 0 and model.cls_head.weight.grad.abs().sum() > 0
-    assert model.backbone[3].weight_quantizer.scale.grad is not None
+    assert model.backbone[3].weight_quantizer.scale.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.module.parameters())
