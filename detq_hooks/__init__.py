@@ -8,6 +8,7 @@ Stable core API::
     detq_hooks.calibrate(model, batches)        # activation ranges from the user's own batches
     detq_hooks.quantization_report(model, batches).print()
     detq_hooks.export_onnx(model, example, "model.onnx")   # QuantizeLinear/DequantizeLinear graph
+    detq_hooks.QuantSession("w4a8-crqat")       # the whole life cycle, as the trainer adapters run it
 """
 
 from .recipe import PRESETS, Recipe, RecipeError, load_recipe
@@ -34,6 +35,14 @@ def __getattr__(name):  # heavy optional parts load on first use
         from . import export
 
         return getattr(export, name)
+    if name in ("QuantSession", "CheckpointMismatchError"):
+        from . import session
+
+        return getattr(session, name)
+    if name in ("DetectorFamily", "family_for", "register_family", "UnsupportedDetectorError"):
+        from . import detectors
+
+        return getattr(detectors, name)
     if name in ("quantization_report", "QuantizationReport"):
         from . import report
 
@@ -43,6 +52,10 @@ def __getattr__(name):  # heavy optional parts load on first use
 
 __all__ = [
     # stable
+    "QuantSession",
+    "DetectorFamily",
+    "family_for",
+    "register_family",
     "quantize",
     "calibrate",
     "dequantize",
@@ -69,4 +82,6 @@ __all__ = [
     "RecipeError",
     "QuantizationError",
     "CalibrationError",
+    "CheckpointMismatchError",
+    "UnsupportedDetectorError",
 ]
