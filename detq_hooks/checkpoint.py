@@ -174,6 +174,15 @@ def rebuild(model: nn.Module, entry: Mapping[str, Any], *, source: str = "checkp
         raise CheckpointMismatchError(f"{source}: {err}") from None
 
 
+def _check_recipe(theirs: Mapping[str, Any], ours: Mapping[str, Any], source: str) -> None:
+    theirs_fp, ours_fp = load_recipe(theirs).fingerprint(), load_recipe(ours).fingerprint()
+    if theirs_fp != ours_fp:
+        raise CheckpointMismatchError(
+            f"{source} was quantized with a different recipe (differs in {_fingerprint_diff(ours_fp, theirs_fp)}); "
+            f"checkpoint recipe: {theirs.get('name')!r}, this run: {ours.get('name')!r}"
+        )
+
+
 def _check_layer_names(theirs: Mapping[str, Any], ours: Mapping[str, Any], source: str) -> None:
     only_theirs = sorted(set(theirs) - set(ours))
     only_ours = sorted(set(ours) - set(theirs))
@@ -186,11 +195,15 @@ def _check_layer_names(theirs: Mapping[str, Any], ours: Mapping[str, Any], sourc
 def apply_plan(model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint") -> int:
     """Set the bits and enabled flags of an already quantized ``model`` to a saved plan, before its weights are
     loaded (trainers that convert before the checkpoint is read: the saved plan is the authority, so bits
-    changed after conversion survive). The layer sets must agree, else :class:`CheckpointMismatchError` naming
+    changed after conversion survive). The recipe and the layer sets must agree, else :class:`CheckpointMismatchError` naming
     the layer and nothing is changed. Returns the number of quantizers changed."""
     entry = read_state(entry, source=source)
     if entry is None:
         return 0
+    meta = getattr(model, META_ATTR, None)
+    if meta is None:
+        raise CheckpointMismatchError(f"{source} was written by a quantized run but the model is float")
+    _check_recipe(entry["recipe"], meta["recipe"], source)
     layers = dict(quantized_layers(model))
     _check_layer_names(entry["layers"], layers, source)
     changes = []
@@ -255,13 +268,7 @@ def check_compatible(
     saved = read_state(saved_state, source=source)
     ours = quantization_state(model)
     if saved is not None:
-        theirs_fp = load_recipe(saved["recipe"]).fingerprint()
-        ours_fp = load_recipe(ours["recipe"]).fingerprint()
-        if theirs_fp != ours_fp:
-            raise CheckpointMismatchError(
-                f"{source} was quantized with a different recipe (differs in {_fingerprint_diff(ours_fp, theirs_fp)}); "
-                f"checkpoint recipe: {saved['recipe'].get('name')!r}, this run: {ours['recipe'].get('name')!r}"
-            )
+        _check_recipe(saved["recipe"], ours["recipe"], source)
         theirs_l, ours_l = saved["layers"], ours["layers"]
         _check_layer_names(theirs_l, ours_l, source)
         for name in ours_l:
