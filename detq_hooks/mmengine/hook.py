@@ -16,7 +16,7 @@ before ``EMAHook``)                parameters into the optimizer, schedulers reb
 ``before_train_iter``              ``session.before_step`` (curriculum stage)
 ``after_train_iter``               ``session.after_optimizer_step`` (EMA copies synced), terms logged
 ``before_save_checkpoint``         ``checkpoint["meta"]["detq"] = session.state(model)``
-``after_train``                    ``session.end_training``; PTQ / zero iterations: save ``ptq_<recipe>.pth``
+``after_train``                    ``session.end_training``; PTQ / zero iterations: save ``detq_<recipe name>.pth``
 ``before_val`` / ``before_test``   PTQ of float weights: ``session.calibrate`` before evaluating
 ================================  =====================================================================
 """
@@ -235,7 +235,7 @@ class DetQHook(Hook):
         self.session.end_training(model)
         model.__dict__.pop("loss", None)
         if self._no_steps:
-            name = f"ptq_{self.recipe.name}.pth"
+            name = f"detq_{self.recipe.name}.pth"
             runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=runner.iter))
             runner.logger.info(f"DetQHook: no optimizer step ({'PTQ recipe' if self.session.ptq else 'zero iterations'}); "
                                f"the calibrated model is saved as {name}")
