@@ -181,7 +181,10 @@ class DetQHook(Hook):
         if self.calibrate and self.session.needs_calibration(model):
             self._calibrate(runner, model, runner.train_dataloader)
         self._no_steps = self.session.ptq or runner.max_iters == 0
-        if self._no_steps:  # PTQ: calibrated, evaluated and saved; the weights stay as they are
+        if self._no_steps:  # PTQ: calibrated and saved; the weights stay as they are
+            if not hasattr(runner.train_loop, "stop_training"):
+                raise NotImplementedError(f"DetQHook: {type(runner.train_loop).__name__} has no `stop_training`; "
+                                          "a PTQ recipe cannot keep it from taking optimizer steps (use Runner.test)")
             runner.train_loop.stop_training = True
             return
         message = self.session.start_training(model, progress=self._progress(runner))
