@@ -182,6 +182,15 @@ def test_rules_that_match_nothing_and_two_hooks_are_errors(tmp_path):
         runner.train()
 
 
+def test_distillation_on_a_detector_no_family_reads_fails_before_training(tmp_path):
+    from detq_hooks.detectors import UnsupportedDetectorError
+
+    runner = Runner.from_cfg(toy_cfg(tmp_path, hooks=[dict(HOOK, recipe="w4a8-crqat")]))
+    with pytest.raises(UnsupportedDetectorError, match=r"ToyDet: no classifier layer with priors .*Subclass detq_hooks.detectors.DetectorFamily"):
+        runner.train()
+    assert not dq.is_quantized(runner.model) and runner.iter == 0
+
+
 # ----------------------------------------------------------------------------------------------- PTQ through MMEngine
 @pytest.fixture(scope="module")
 def float_toy(tmp_path_factory):
