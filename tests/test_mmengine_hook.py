@@ -191,6 +191,28 @@ def test_distillation_on_a_detector_no_family_reads_fails_before_training(tmp_pa
     assert not dq.is_quantized(runner.model) and runner.iter == 0
 
 
+def test_curriculum_on_a_plain_mmengine_model_anchors_switched_off_quantizers(tmp_path):
+    """The loss terms go through forward(mode="loss"), so a model without MMDetection's `loss` method gets them too."""
+    from mmengine.hooks import Hook
+
+    rows = []
+
+    class Probe(Hook):
+        priority = "LOWEST"
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            detq = [h for h in runner.hooks if type(h).__name__ == "DetQHook"][0]
+            rows.append((detq.session.schedule.current, runner.model.bbox_head.conv_cls.weight_quantizer.enabled,
+                         float(outputs["loss_ddp_anchor"]) if "loss_ddp_anchor" in outputs else None))
+
+    recipe = {"preset": "w4a8", "curriculum": {"enabled": True, "boundaries": [0.3, 0.6]}}
+    runner = Runner.from_cfg(toy_cfg(tmp_path, max_iters=6, hooks=[dict(HOOK, recipe=recipe)]))
+    runner.register_hook(Probe())
+    runner.train()
+    assert rows == [(0, False, 0.0), (0, False, 0.0), (1, False, 0.0), (1, False, 0.0), (2, True, None), (2, True, None)]
+    assert "forward" not in runner.model.__dict__  # the loss-term wrapper is gone after training
+
+
 # ----------------------------------------------------------------------------------------------- PTQ through MMEngine
 @pytest.fixture(scope="module")
 def float_toy(tmp_path_factory):

@@ -11,12 +11,14 @@ before ``EMAHook``)                parameters into the optimizer, schedulers reb
                                    (the saved per-layer plan is the authority) and ``session.verify``;
                                    resuming a float checkpoint into a quantized run is an error
 ``before_train``                   ``session.load_state``, ``session.calibrate`` (or ``run_ptq``),
-                                   ``session.start_training``; the loss terms go into ``model.loss``'s
-                                   dict (inside the DDP forward). PTQ / zero iterations: no step is taken
+                                   ``session.start_training``; the loss terms go into the loss dict of
+                                   ``forward(mode="loss")`` (inside the DDP forward). PTQ / zero
+                                   iterations: no step is taken
 ``before_train_iter``              ``session.before_step`` (curriculum stage)
 ``after_train_iter``               ``session.after_optimizer_step`` (EMA copies synced), terms logged
 ``before_save_checkpoint``         ``checkpoint["meta"]["detq"] = session.state(model)``
-``after_train``                    ``session.end_training``; PTQ / zero iterations: save ``detq_<recipe name>.pth``
+``after_train``                    ``session.end_training``; PTQ / zero iterations: the calibrated model
+                                   saved as ``detq_<recipe name>.pth``
 ``before_val`` / ``before_test``   PTQ of float weights: ``session.calibrate`` before evaluating
 ================================  =====================================================================
 """
@@ -33,7 +35,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..checkpoint import CHECKPOINT_KEY, CheckpointMismatchError, has_quantizer_state
-from ..detectors import DetectorFamily, UnsupportedDetectorError
+from ..detectors import DetectorFamily
 from ..session import QuantSession
 from ..surgery import is_quantized, quantized_layers
 from .checkpoints import read_weights
@@ -194,24 +196,21 @@ class DetQHook(Hook):
             self._add_loss_terms(model)
 
     def _add_loss_terms(self, model: nn.Module) -> None:
-        """The session's terms go into ``model.loss``'s dict: an instance attribute, so they are computed inside
-        the DDP-wrapped forward (MMEngine sums every key that contains ``loss``)."""
-        if "loss" in model.__dict__:
+        """The session's terms go into the loss dict of ``forward(mode="loss")`` (which MMDetection's detectors
+        answer with ``model.loss``): an instance attribute, so they are computed inside the DDP-wrapped forward
+        (MMEngine sums every key that contains ``loss``). The batch is ``(inputs, data_samples)``."""
+        if "forward" in model.__dict__:
             return
-        if not callable(getattr(model, "loss", None)):
-            raise UnsupportedDetectorError(
-                f"DetQHook: recipe {self.recipe.name!r} adds loss terms {[t.name for t in self.session.terms]} but "
-                f"{type(model).__name__} has no `loss(inputs, data_samples)` method to add them to"
-            )
-        original, session = model.loss, self.session
+        original, session = model.forward, self.session
 
-        def loss(inputs, data_samples, *args, **kwargs):
-            losses = original(inputs, data_samples, *args, **kwargs)
-            for name, value in session.loss_terms(model, (inputs, data_samples)).items():
-                losses["loss_" + name.lstrip("_")] = value
-            return losses
+        def forward(inputs, data_samples=None, mode="tensor", **kwargs):
+            out = original(inputs, data_samples, mode=mode, **kwargs)
+            if mode == "loss":
+                for name, value in session.loss_terms(model, (inputs, data_samples)).items():
+                    out["loss_" + name.lstrip("_")] = value
+            return out
 
-        model.loss = loss
+        model.forward = forward
 
     def _progress(self, runner) -> float:
         if self.recipe.curriculum.unit == "epoch" and getattr(runner.train_loop, "_max_epochs", None):
@@ -236,7 +235,7 @@ class DetQHook(Hook):
         # Evaluation and export after training see the whole model quantized and nothing frozen.
         model = unwrap(runner.model)
         self.session.end_training(model)
-        model.__dict__.pop("loss", None)
+        model.__dict__.pop("forward", None)
         if self._no_steps:
             name = f"detq_{self.recipe.name}.pth"
             runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=runner.iter))
