@@ -181,6 +181,61 @@ def rebuild(model: nn.Module, entry: Mapping[str, Any], *, source: str = "checkp
         raise CheckpointMismatchError(f"{source}: {err}") from None
 
 
+def _check_recipe(theirs: Mapping[str, Any], ours: Mapping[str, Any], source: str) -> None:
+    theirs_fp, ours_fp = load_recipe(theirs).fingerprint(), load_recipe(ours).fingerprint()
+    if theirs_fp != ours_fp:
+        raise CheckpointMismatchError(
+            f"{source} was quantized with a different recipe (differs in {_fingerprint_diff(ours_fp, theirs_fp)}); "
+            f"checkpoint recipe: {theirs.get('name')!r}, this run: {ours.get('name')!r}"
+        )
+
+
+def _check_layer_names(theirs: Mapping[str, Any], ours: Mapping[str, Any], source: str) -> None:
+    only_theirs = sorted(set(theirs) - set(ours))
+    only_ours = sorted(set(ours) - set(theirs))
+    if only_theirs or only_ours:
+        name = (only_theirs or only_ours)[0]
+        where = "the checkpoint quantizes it, the model does not" if only_theirs else "the model quantizes it, the checkpoint does not"
+        raise CheckpointMismatchError(f"{source}: layer {name!r} does not match ({where})")
+
+
+def apply_plan(model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint") -> int:
+    """Set the bits and enabled flags of an already quantized ``model`` to a saved plan, before its weights are
+    loaded (trainers that convert before the checkpoint is read: the saved plan is the authority, so bits
+    changed after conversion survive). The recipe and the layer sets must agree, else :class:`CheckpointMismatchError` naming
+    the layer and nothing is changed. Returns the number of quantizers changed."""
+    entry = read_state(entry, source=source)
+    if entry is None:
+        return 0
+    meta = getattr(model, META_ATTR, None)
+    if meta is None:
+        raise CheckpointMismatchError(f"{source} was written by a quantized run but the model is float")
+    _check_recipe(entry["recipe"], meta["recipe"], source)
+    layers = dict(quantized_layers(model))
+    _check_layer_names(entry["layers"], layers, source)
+    changes = []
+    for name, plan in entry["layers"].items():
+        layer = layers[name]
+        for q, bits_key, enabled_key in ((layer.weight_quantizer, "weight_bits", "weight_enabled"),
+                                         (layer.input_quantizer, "input_bits", "input_enabled")):
+            bits, enabled = plan.get(bits_key), plan.get(enabled_key)
+            if q is None:
+                if bits is not None:
+                    raise CheckpointMismatchError(f"{source}: layer {name!r} has {bits_key} = {bits} in the checkpoint "
+                                                  "and no such quantizer in the model")
+                continue
+            if bits is not None and not 2 <= int(bits) <= 8:
+                raise CheckpointMismatchError(f"{source}: layer {name!r} has {bits_key} = {bits} (not in [2, 8])")
+            if (bits is not None and int(bits) != q.bits) or (enabled is not None and bool(enabled) != q.enabled):
+                changes.append((q, bits, enabled))
+    for q, bits, enabled in changes:  # all checked: apply
+        if bits is not None:
+            q.bits = int(bits)
+        if enabled is not None:
+            q.enabled = bool(enabled)
+    return len(changes)
+
+
 def _fingerprint_diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -220,20 +275,9 @@ def check_compatible(
     saved = read_state(saved_state, source=source)
     ours = quantization_state(model)
     if saved is not None:
-        theirs_fp = load_recipe(saved["recipe"]).fingerprint()
-        ours_fp = load_recipe(ours["recipe"]).fingerprint()
-        if theirs_fp != ours_fp:
-            raise CheckpointMismatchError(
-                f"{source} was quantized with a different recipe (differs in {_fingerprint_diff(ours_fp, theirs_fp)}); "
-                f"checkpoint recipe: {saved['recipe'].get('name')!r}, this run: {ours['recipe'].get('name')!r}"
-            )
+        _check_recipe(saved["recipe"], ours["recipe"], source)
         theirs_l, ours_l = saved["layers"], ours["layers"]
-        only_theirs = sorted(set(theirs_l) - set(ours_l))
-        only_ours = sorted(set(ours_l) - set(theirs_l))
-        if only_theirs or only_ours:
-            name = (only_theirs or only_ours)[0]
-            where = "the checkpoint quantizes it, the model does not" if only_theirs else "the model quantizes it, the checkpoint does not"
-            raise CheckpointMismatchError(f"{source}: layer {name!r} does not match ({where})")
+        _check_layer_names(theirs_l, ours_l, source)
         for name in ours_l:
             for key in ("weight_bits", "input_bits"):
                 if theirs_l[name][key] != ours_l[name][key]:
@@ -274,6 +318,7 @@ __all__ = [
     "module_state",
     "normalize_legacy_recipe",
     "rebuild",
+    "apply_plan",
     "check_compatible",
     "load_quantizer_state",
     "is_quantizer_key",

@@ -35,6 +35,7 @@ from . import distributed as dist_utils
 from .calibration import CalibrationResult, calibrate
 from .checkpoint import (
     CheckpointMismatchError,
+    apply_plan,
     check_compatible,
     has_quantizer_state,
     is_quantizer_key,
@@ -430,10 +431,17 @@ class QuantSession:
         check_compatible(model, state_dict, entry, source=source, prefix=prefix)
         return entry
 
+    def apply_plan(self, model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint") -> int:
+        """For trainers that convert before the checkpoint is read (MMEngine): set the converted model's bits and
+        enabled flags to the saved plan (the authority) before :meth:`verify` and the weight copy. Nothing is
+        changed when the layer sets differ (:class:`CheckpointMismatchError` naming the layer)."""
+        return apply_plan(model, entry, source=source)
+
     def load_state(self, model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: str = "checkpoint",
                    resume: bool = True) -> None:
         """Restore what the session keeps besides the weights: the fp32 quantizer state (trainers that store
-        fp16 modules), the curriculum stage (resume) and the distillation teacher."""
+        fp16 modules), the curriculum stage (resume) and the distillation teacher (resume, or a non-resume load
+        of a checkpoint that carries one)."""
         entry = read_state(entry, source=source)
         if entry is None:
             return
@@ -443,7 +451,7 @@ class QuantSession:
             if entry.get("curriculum") is None:
                 raise CheckpointMismatchError(f"{source} has no curriculum state but this run's recipe has a curriculum")
             self.schedule.load_state_dict(entry["curriculum"], model)
-        if resume and self.teacher is not None and not self.recipe.distillation.teacher:
+        if self.teacher is not None and not self.recipe.distillation.teacher and (resume or entry.get("teacher")):
             saved = entry.get("teacher")
             if saved is None:
                 raise CheckpointMismatchError(

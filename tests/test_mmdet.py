@@ -181,7 +181,8 @@ class _CurriculumProbe(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         detq = [h for h in runner.hooks if type(h).__name__ == "DetQHook"][0]
-        self.rows[-1].update(stage=detq.schedule.current, terms=dict(detq.distiller.last_terms),
+        terms = {k[len("distill_"):]: v for k, v in detq.session.last_terms.items() if k.startswith("distill_")}
+        self.rows[-1].update(stage=detq.session.schedule.current, terms=terms,
                              head_weight_after=runner.model.bbox_head.retina_cls.weight.detach().clone(),
                              loss_distill=float(outputs["loss_distill"]) if "loss_distill" in outputs else None)
 
@@ -212,7 +213,7 @@ def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retin
     runner.register_hook(probe, priority="LOWEST")
     runner.train()
     detq = [h for h in runner.hooks if type(h).__name__ == "DetQHook"][0]
-    assert [s.name for s in detq.schedule.stages] == ["backbone", "neck", "head"]
+    assert [s.name for s in detq.session.schedule.stages] == ["backbone", "neck", "head"]
     stages = [r["stage"] for r in probe.rows]
     assert stages == [0, 0, 1, 1, 2, 2]
     for r in probe.rows:
@@ -227,7 +228,7 @@ def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retin
     last = probe.rows[-1]["terms"]
     assert all(last[k] > 0 for k in ("pkd_stage1", "pkd_stage2", "relational", "logit", "box")), last
     assert not torch.equal(probe.rows[-1]["head_weight"], probe.rows[-1]["head_weight_after"])
-    teacher = detq.teacher.module
+    teacher = detq.session.teacher.module
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not any("teacher" in k for k in runner.model.state_dict())
     assert not dq.is_quantized(teacher)
@@ -236,7 +237,7 @@ def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retin
     resumed = Runner.from_cfg(_crqat_cfg(synth, tmp_path / "resume", tmp_path / "iter_3.pth", resume=True))
     resumed.train()
     rdetq = [h for h in resumed.hooks if type(h).__name__ == "DetQHook"][0]
-    assert rdetq.teacher_source == str(float_retinanet)
+    assert rdetq.session.teacher_source == str(float_retinanet)
     expected = torch.load(tmp_path / "iter_6.pth")["state_dict"]
     got = resumed.model.state_dict()
     for k, v in expected.items():
@@ -288,6 +289,74 @@ def test_ddp_two_gloo_processes_train_retinanet_and_agree(synth, tmp_path):
             assert torch.allclose(r0[k].float(), r1[k].float(), atol=1e-6), k
 
 
+MMDET_CRQAT_DDP_SCRIPT = """
+import os, sys, types, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["TESTS_DIR"])
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+from test_mmdet import hook_recipe, load_cfg
+dist.init_process_group("gloo")  # before the Runner: MMEngine's `init_dist` would select a CUDA device
+synth = types.SimpleNamespace(root=os.environ["SYNTH"])
+recipe = {"preset": "w4a8-crqat", "curriculum": {"boundaries": [0.25, 0.5]}}
+cfg = hook_recipe(load_cfg("retinanet_r18_synthetic_w4a8.py", synth, os.environ["WORK"], batch=2, launcher="pytorch",
+                           load_from=os.environ["FLOAT"],
+                           model_wrapper_cfg=dict(type="MMDistributedDataParallel", device_ids=None)), recipe)
+cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=4, val_interval=100)
+cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=100, by_epoch=False)
+rows = []
+
+
+class Probe(Hook):
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        detq = [h for h in runner.hooks if type(h).__name__ == "DetQHook"][0]
+        rows.append(dict(stage=detq.session.schedule.current, loss_distill=float(outputs["loss_distill"]),
+                         anchor=float(outputs["loss_ddp_anchor"]) if "loss_ddp_anchor" in outputs else None,
+                         terms=dict(detq.session.last_terms)))
+
+
+runner = Runner.from_cfg(cfg)
+runner.register_hook(Probe(), priority="LOWEST")
+runner.train()
+assert type(runner.model).__name__ == "MMDistributedDataParallel"
+torch.save(dict(state=dict(runner.model.module.state_dict()), rows=rows),
+           os.path.join(os.environ["WORK"], f"rank{runner.rank}.pt"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.ddp
+def test_ddp_two_gloo_processes_crqat_curriculum_and_distillation(synth, tmp_path, float_retinanet):
+    """The reported crash: a CR-QAT DetQHook (float `load_from`, 2 processes, gloo, MMDistributedDataParallel) died
+    at the second iteration ("Expected to have finished reduction in the prior iteration"): the quantizers the
+    curriculum switched off took no part in the loss. The DDP anchor term keeps them in the graph."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_crqat.py"
+    script.write_text(MMDET_CRQAT_DDP_SCRIPT)
+    env = {**os.environ, "TESTS_DIR": str(Path(__file__).parent), "WORK": str(tmp_path), "SYNTH": str(synth.root),
+           "FLOAT": str(float_retinanet), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=localhost:0", str(script)], check=True, env=env, timeout=900)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for rows in (r0["rows"], r1["rows"]):
+        assert [r["stage"] for r in rows] == [0, 1, 2, 2]  # the stage boundaries were crossed
+        assert all(r["loss_distill"] > 0 for r in rows)
+        assert rows[0]["anchor"] == 0.0  # neck and head quantizers off: anchored, with zero value
+        assert rows[-1]["terms"]["distill_pkd_stage1"] > 0 and rows[-1]["terms"]["distill_pkd_stage2"] > 0
+        assert all(rows[-1]["terms"][f"distill_{k}"] > 0 for k in ("relational", "logit", "box")), rows[-1]["terms"]
+    assert r0["rows"][-1]["loss_distill"] != r1["rows"][-1]["loss_distill"]  # the ranks saw different images
+    s0, s1 = r0["state"], r1["state"]
+    quantizer = [k for k in s0 if "_quantizer." in k]
+    assert len(quantizer) > 200
+    running = [k for k in s0 if "running_" in k]  # BN statistics are per rank
+    for k in s0:
+        if k not in running:
+            assert torch.allclose(s0[k].float(), s1[k].float(), atol=1e-6), k
+    assert all(bool(v) for k, v in s0.items() if k.endswith("_quantizer.enabled_state"))  # last stage: all on
+
+
 def test_mmcv_layer_wrappers_are_quantized_and_given_back():
     """mmcv's Conv2d/Linear wrappers (DETR's fc_cls, ...) compute nn.Conv2d/nn.Linear's function on this torch."""
     import copy
@@ -335,4 +404,4 @@ def test_checkpoint_of_a_run_without_detq_loads_with_a_warning(tmp_path):
     # written with the module imported: the safe load reads it, no warning
     torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": hub}}, tmp_path / "safe.pth")
     assert torch.load(tmp_path / "safe.pth", weights_only=True)["message_hub"]["loss"].current() == 1.0
-    assert dm.DetQHook is not None
+    assert CheckpointLoader._schemes[""] is dm.checkpoints._load_from_local
