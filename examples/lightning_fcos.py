@@ -81,7 +81,7 @@ class SynthCocoData(pl.LightningDataModule):
 
     def dataset(self):
         if self.ds is None:
-            from detq_hooks.data import make_synthetic_dataset
+            from detq_hooks.tools.data import make_synthetic_dataset
 
             h = self.hparams
             self.ds = make_synthetic_dataset(h.root, num_train=h.num_train, num_val=h.num_val, imgsz=h.imgsz, seed=h.seed)

@@ -15,7 +15,7 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import detq_hooks as dq  # noqa: E402
-from detq_hooks.data import make_synthetic_dataset  # noqa: E402
+from detq_hooks.tools.data import make_synthetic_dataset  # noqa: E402
 from detq_hooks.recipe import RecipeError  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"

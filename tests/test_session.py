@@ -152,7 +152,7 @@ def test_user_loss_terms_join_through_the_same_seam():
         session.add_loss_term(FunctionTerm("l2", lambda ctx: {}))
     session.start_training(model)
     terms = session.loss_terms(model, None)
-    assert set(terms) == {"l2"} and session.last_terms["l2"] == pytest.approx(float(terms["l2"]))
+    assert set(terms) == {"l2"} and session.last_terms["l2"] == pytest.approx(float(terms["l2"].detach()))
 
 
 def test_calibration_leaves_the_training_random_stream_as_it_was():

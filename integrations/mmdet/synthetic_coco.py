@@ -1,5 +1,5 @@
-# The detq-hooks synthetic detection data (detq_hooks.data) as MMDetection dataloaders.
-# Generate it first:  python -c "from detq_hooks.data import make_synthetic_dataset as m; m('data/detq_synth')"
+# The detq-hooks synthetic detection data (detq_hooks.tools.data) as MMDetection dataloaders.
+# Generate it first:  python -c "from detq_hooks.tools.data import make_synthetic_dataset as m; m('data/detq_synth')"
 # and point DETQ_SYNTH_ROOT at it (default: data/detq_synth/ relative to where you run).
 # Its keys are prefixed `synth_` so it can sit beside a model config in `_base_` (MMEngine refuses
 # duplicate keys among bases); the model config assigns them, e.g.
