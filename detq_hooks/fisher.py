@@ -410,7 +410,7 @@ def allocate_bits(
         pins = f" and {len(pinned)} pinned layer(s) at {sorted(set(pinned.values()))} bits" if pinned else ""
         raise FisherError(
             f"`mixed_precision.budget.{kind}` = {value:g} cannot be met: with candidates {cands}{pins} the smallest "
-            f"feasible budget is {kind} = {_round_up(to_unit(least), 6):g}"
+            f"feasible budget is {kind} = {_fmt(_round_up(to_unit(least), 6))}"
         )
     if not free:
         used = fixed_use
@@ -436,6 +436,10 @@ def allocate_bits(
     bits.update({n: int(b) for n, b in pinned.items()})
     objective = float(sum(sensitivities[n][bits[n]] for n in free))
     return Allocation({n: bits[n] for n in sizes}, objective, to_unit(used), value)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6f}".rstrip("0").rstrip(".")
 
 
 def _round_up(x: float, digits: int) -> float:
@@ -523,6 +527,84 @@ def apply_bits(model: nn.Module, allocation: Mapping[str, int], *, method: Optio
             q.bits = int(b)
             calibrate_weight_quantizer(q, layers[n].weight, method, p)
     return model
+
+
+def sensitivity_loss(objective: str, all_loss: Optional[Callable] = None, critical_loss: Optional[Callable] = None,
+                     alpha: float = 1.0) -> Callable:
+    """The objective of the Fisher estimate: ``critical`` (L_crit), ``all`` (L_all) or ``mix``
+    (``alpha·L_all + L_crit``), from callables with the same signature (``(model, batch)`` or ``(ctx)``)."""
+    need = {"critical": ("critical_loss",), "all": ("all_loss",), "mix": ("all_loss", "critical_loss")}
+    if objective not in need:
+        raise FisherError(f"`mixed_precision.objective` = {objective!r} is not one of {sorted(need)}")
+    given = {"all_loss": all_loss, "critical_loss": critical_loss}
+    missing = [k for k in need[objective] if given[k] is None]
+    if missing:
+        raise FisherError(f"`mixed_precision.objective` = {objective!r} needs `{missing[0]}`")
+    if objective == "critical":
+        return critical_loss  # type: ignore[return-value]
+    if objective == "all":
+        return all_loss  # type: ignore[return-value]
+    return lambda *args: alpha * all_loss(*args) + critical_loss(*args)  # type: ignore[misc]
+
+
+def layer_macs(model: nn.Module, batch: Any, forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None) -> dict[str, int]:
+    """Per quantized layer, multiply-accumulates per sample times the layer's input bits (32 for a float
+    input): the coefficients of a ``bops_ratio`` budget, measured with one forward pass in eval mode."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise FisherError(f"layer_macs needs a model converted by detq-hooks; {type(model).__name__} has no quantized layer")
+    found: dict[str, int] = {}
+
+    def hook(mod, args, out, name):
+        # Conv: every weight once per output position; transposed conv: once per input position;
+        # linear: once per token (per sample, so a batch of any size gives the same figure).
+        if isinstance(mod, nn.ConvTranspose2d):
+            positions = args[0].shape[-2] * args[0].shape[-1]
+        elif isinstance(mod, nn.Conv2d):
+            positions = out.shape[-2] * out.shape[-1]
+        else:
+            positions = out.numel() // (out.shape[0] * out.shape[-1]) if out.dim() > 1 else 1
+        macs = mod.weight.numel() * positions
+        q = mod.input_quantizer
+        abits = q.bits if q is not None and q.enabled else 32
+        found[name] = found.get(name, 0) + int(macs) * abits
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in layers]
+    try:
+        with _EvalMode(model), torch.no_grad():
+            (forward_fn or (lambda m, b: m(b)))(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: found.get(n, 0) for n, _ in layers}
+
+
+def mixed_precision_from_recipe(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    section,
+    *,
+    macs: Optional[Mapping[str, int]] = None,
+    apply: bool = True,
+) -> MixedPrecisionPlan:
+    """The recipe's ``mixed_precision`` on a converted model: estimate the traces (``estimator``,
+    ``num_batches``), solve for the bits and (``apply``) set them. ``loss_fn`` is the recipe's ``objective``
+    (see :func:`sensitivity_loss`). Nothing is applied when any step fails."""
+    if section.budget is None:
+        raise FisherError("`mixed_precision.budget` is missing")
+    _quantized_weights(model, "mixed precision")
+    if section.estimator == "hutchinson":
+        traces = hutchinson_traces(model, batches, loss_fn, num_batches=section.num_batches,
+                                   samples=section.hutchinson_samples)
+    else:
+        traces = fisher_traces(model, batches, loss_fn, num_batches=section.num_batches)
+    if "bops_ratio" in section.budget and macs is None:
+        raise FisherError("a `bops_ratio` budget needs `macs` (see layer_macs)")
+    plan = plan_mixed_precision(model, traces, budget=section.budget, candidates=section.candidates, macs=macs)
+    if apply:
+        apply_bits(model, plan.allocation)
+    return plan
 
 
 def average_weight_bits(model: nn.Module) -> float:
@@ -780,5 +862,8 @@ __all__ = [
     "MixedPrecisionPlan",
     "apply_bits",
     "average_weight_bits",
+    "sensitivity_loss",
+    "layer_macs",
+    "mixed_precision_from_recipe",
     "FisherRegularizer",
 ]

@@ -608,11 +608,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _deep_merge(base: dict, override: Mapping) -> dict:
+# Mappings that hold one of several alternatives: an override replaces the preset's instead of adding a key.
+_REPLACED_ON_MERGE = {("mixed_precision", "budget")}
+
+
+def _deep_merge(base: dict, override: Mapping, path: tuple = ()) -> dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and path + (k,) not in _REPLACED_ON_MERGE:
+            out[k] = _deep_merge(out[k], v, path + (k,))
         else:
             out[k] = copy.deepcopy(v)
     return out

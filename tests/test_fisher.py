@@ -496,3 +496,73 @@ def test_regulariser_changes_the_weights_and_lowers_the_trace():
     t_reg = sum(fisher.fisher_traces(reg, batches, mse).values())
     assert not torch.equal(plain[2].weight, reg[2].weight)
     assert t_reg < 0.7 * t_plain and t_reg < start
+
+
+def test_double_hvp_on_an_op_without_double_backward_is_a_clear_error():
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            return g * 2
+
+    net = mlp()
+    term = FisherRegularizer(lambda ctx: Once.apply(ctx.model(ctx.batch[0])).pow(2).mean(), hvp="double")
+    with pytest.raises(FisherError, match=r"`fisher_regularizer.hvp` = 'double' but autograd node 'Error'"):
+        term(ctx_for(net, data(1)[0]))
+
+
+# ------------------------------------------------------------------------------------------------ session seams
+def session_mlp(recipe):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 2))
+    session = QuantSession(recipe)
+    session.convert(net)
+    session.calibrate(net, [b[0] for b in data(2)])
+    return net, session
+
+
+def test_session_mixed_precision_from_the_recipe_and_its_bad_budgets():
+    net, session = session_mlp({"preset": "w4a8-fisher", "mixed_precision": {"budget": {"avg_weight_bits": 5.0}}})
+    plan = session.mixed_precision(net, data(2), mse)
+    assert plan is session.last_mixed_precision and plan.used <= 5.0
+    assert fisher.average_weight_bits(net) == pytest.approx(plan.used)
+    assert {n: v["weight_bits"] for n, v in session.state(net)["layers"].items()} == plan.allocation
+    assert plan.allocation["0"] == plan.allocation["6"] == 8  # first and prediction layers pinned
+    # hutchinson estimator and a BOPs budget
+    net2, s2 = session_mlp({"preset": "w4a8-fisher", "mixed_precision": {"estimator": "hutchinson",
+                                                                          "budget": {"bops_ratio": 0.75}}})
+    macs = fisher.layer_macs(net2, data(1)[0][0])
+    assert macs["2"] == 16 * 16 * 8 and macs["0"] == 4 * 16 * 8  # per sample, times the 8-bit input
+    plan2 = s2.mixed_precision(net2, data(2), mse, macs=macs)
+    assert sum(macs[n] * b for n, b in plan2.allocation.items()) <= 0.75 * 8 * sum(macs.values())
+    # infeasible: the pinned 8-bit layers alone exceed it; the model keeps its bits
+    net3, s3 = session_mlp({"preset": "w4a8-fisher", "mixed_precision": {"budget": {"avg_weight_bits": 2.0}}})
+    before = layer_plan(net3)
+    with pytest.raises(FisherError, match=r"avg_weight_bits` = 2 cannot be met.*smallest feasible budget is "
+                                          r"avg_weight_bits = 2\.947369$"):  # (96·8 + 512·2) / 608, rounded up
+        s3.mixed_precision(net3, data(2), mse)
+    assert layer_plan(net3) == before
+    s3.recipe.mixed_precision.budget = {"avg_weight_bits": 2.947369}  # the budget it names is feasible
+    assert s3.mixed_precision(net3, data(2), mse).allocation == {"0": 8, "2": 2, "4": 2, "6": 8}
+    assert QuantSession("w4a8").mixed_precision(net3, data(1), mse) is None  # not enabled: nothing done
+
+
+def test_session_fisher_regulariser_term_and_critical_classes():
+    net, session = session_mlp("w4a8-fisher")
+    term = session.add_fisher_regularizer(net, lambda ctx: mse(ctx.model, ctx.batch))
+    session.start_training(net)
+    session.before_step(net, 0.05)  # half-way through the 10 % warm-up
+    assert term.current_weight() == pytest.approx(0.005)
+    terms = session.loss_terms(net, data(1)[0])
+    assert terms["fisher_reg"].requires_grad and terms["fisher_reg"].item() == pytest.approx(0.005 * term.last_trace)
+    with pytest.raises(FisherError, match=r"Sequential has no quantized layer"):
+        QuantSession("w4a8-fisher").add_fisher_regularizer(mlp(quantize=None), lambda ctx: 0)
+    s = QuantSession({"preset": "w4a8-fisher", "critical": {"classes": ["dog", 0]}})
+    assert s.critical_class_ids(net, ["person", "car", "dog"]) == [0, 2]
+    with pytest.raises(FisherError, match=r"'dog' but the trainer gives no class names"):
+        s.critical_class_ids(net)  # the generic family knows no class names
