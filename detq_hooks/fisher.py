@@ -239,6 +239,9 @@ def fisher_traces(
     torch.distributed the sums and batch counts are all-reduced, so every rank gets the mean over all
     ranks' batches.
 
+    Run it after calibration (an activation quantizer without a range would take one from the first batch).
+    Pass the unwrapped model, not its DDP wrapper: the reduction is done here.
+
     Args:
         loss_fn: ``loss_fn(model, batch) -> scalar``: the critical, full or mixed objective.
         num_batches: stop after this many batches (default: all).

@@ -566,3 +566,22 @@ def test_session_fisher_regulariser_term_and_critical_classes():
     assert s.critical_class_ids(net, ["person", "car", "dog"]) == [0, 2]
     with pytest.raises(FisherError, match=r"'dog' but the trainer gives no class names"):
         s.critical_class_ids(net)  # the generic family knows no class names
+
+
+@pytest.mark.parametrize("hvp", ["double", "finite_difference"])
+def test_regulariser_leaves_batchnorm_statistics_and_weights_as_they_were(hvp):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    dq.quantize(net, "w4a8")
+    x = torch.randn(4, 3, 8, 8)
+    net(x)  # ranges
+    net.train()
+    before = copy.deepcopy(net.state_dict())
+    term = FisherRegularizer(lambda ctx: ctx.model(ctx.batch).pow(2).mean(), weight=1.0, hvp=hvp)
+    value = term(ctx_for(net, x))["fisher_reg"]
+    assert value.item() > 0 and term.method == hvp
+    for k, v in net.state_dict().items():
+        assert torch.equal(before[k], v), k
+    value.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for _, m in quantized_layers(net))
