@@ -423,10 +423,11 @@ def allocate_bits(
     scale = np.abs(omega).max() or 1.0
     c = (omega / scale).reshape(-1)
     one_hot = np.kron(np.eye(len(free)), np.ones(nb))
-    usage = np.array([[coef[n] * b for b in cands] for n in free], dtype=np.float64).reshape(-1)
-    # Solve in units of the largest coefficient so HiGHS's tolerances stay meaningful; verify exactly below.
-    unit = float(usage.max()) or 1.0
-    cons = [LinearConstraint(one_hot, 1, 1), LinearConstraint(usage[None, :] / unit, -np.inf, (cap - fixed_use) / unit)]
+    ints = [coef[n] * b for n in free for b in cands]
+    # Integer row divided by its gcd: a solver tolerance far below 1 cannot let an over-budget choice through.
+    unit = math.gcd(*ints) or 1
+    usage = np.array([v // unit for v in ints], dtype=np.float64)
+    cons = [LinearConstraint(one_hot, 1, 1), LinearConstraint(usage[None, :], -np.inf, float((cap - fixed_use) // unit))]
     res = milp(c, constraints=cons, integrality=np.ones_like(c), bounds=Bounds(0, 1),
                options={"mip_rel_gap": 0.0})
     if res.x is None:

@@ -585,3 +585,27 @@ def test_regulariser_leaves_batchnorm_statistics_and_weights_as_they_were(hvp):
         assert torch.equal(before[k], v), k
     value.backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for _, m in quantized_layers(net))
+
+
+def test_ilp_equals_dynamic_programming_on_a_random_instance():
+    rng = np.random.default_rng(7)
+    names = [f"l{i}" for i in range(12)]
+    sizes = {n: int(rng.integers(1, 21)) for n in names}
+    omega = {}
+    for n in names:
+        e2 = float(rng.uniform(1, 100))
+        omega[n] = {2: e2, 4: e2 * float(rng.uniform(0.05, 0.4)), 8: e2 * float(rng.uniform(0.0, 0.02))}
+    cap = int(3.5 * sum(sizes.values()))
+    best = {0: 0.0}  # exact knapsack DP: used bits -> least Σ Ω
+    for n in names:
+        nxt = {}
+        for used, val in best.items():
+            for b in (2, 4, 8):
+                u = used + sizes[n] * b
+                if u <= cap and val + omega[n][b] < nxt.get(u, float("inf")):
+                    nxt[u] = val + omega[n][b]
+        best = nxt
+    alloc = fisher.allocate_bits(omega, sizes, [2, 4, 8], {"avg_weight_bits": 3.5})
+    assert alloc.objective == pytest.approx(min(best.values()), rel=1e-9)
+    assert sum(sizes[n] * b for n, b in alloc.bits.items()) <= cap
+    assert alloc.objective <= total(omega, greedy(omega, sizes, cap))
