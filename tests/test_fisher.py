@@ -609,3 +609,27 @@ def test_ilp_equals_dynamic_programming_on_a_random_instance():
     assert alloc.objective == pytest.approx(min(best.values()), rel=1e-9)
     assert sum(sizes[n] * b for n, b in alloc.bits.items()) <= cap
     assert alloc.objective <= total(omega, greedy(omega, sizes, cap))
+
+
+def test_sensitivity_objectives_and_printed_tables():
+    from rich.console import Console
+
+    from detq_hooks.fisher_report import print_ap_drop, print_bits_table
+
+    a = lambda m, b: torch.tensor(2.0)
+    c = lambda m, b: torch.tensor(3.0)
+    assert fisher.sensitivity_loss("mix", a, c, alpha=0.5)(None, None).item() == 4.0
+    assert fisher.sensitivity_loss("critical", a, c)(None, None).item() == 3.0
+    assert fisher.sensitivity_loss("all", a, None)(None, None).item() == 2.0
+    with pytest.raises(FisherError, match=r"`mixed_precision.objective` = 'mix' needs `critical_loss`"):
+        fisher.sensitivity_loss("mix", a, None)
+    net = mlp()
+    plan = fisher.plan_mixed_precision(net, fisher.fisher_traces(net, data(2), mse), budget={"avg_weight_bits": 6.0})
+    console = Console(record=True, width=200)
+    print_bits_table(plan, console)
+    text = console.export_text()
+    assert "Fisher-aware mixed precision" in text and all(n in text for n in plan.allocation)
+    gt, dets = _coco_case()
+    res = coco_evaluate(gt, dets)
+    print_ap_drop(ap_drop_table(res, res, ["dog"]), console)
+    assert "dog" in console.export_text()
