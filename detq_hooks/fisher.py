@@ -32,7 +32,7 @@ from .loss_terms import LossTerm, StepContext
 from .quantizers import quantizer_mode
 from .ranges import calibrate_weight_quantizer
 from .recipe import MAX_BITS, MIN_BITS, RecipeError, check_budget
-from .surgery import META_ATTR, quantized_layers
+from .surgery import META_ATTR, quantized_layers, recipe_of
 
 PINNED_ROLES = ("first", "prediction")
 BITS_PER_MB = 8_000_000  # 1 MB = 10^6 bytes
@@ -480,7 +480,8 @@ def plan_mixed_precision(
     """Fisher-aware bits for a converted model (the model is not changed; :func:`apply_bits` applies them).
 
     ``Ωᵢ(b) = tr Fᵢ·‖Q_b(Wᵢ) − Wᵢ‖²``. Layers the recipe pins (role ``first`` / ``prediction``) keep their
-    bits and count in the budget; ``pinned`` adds more. ``size_mb`` counts every other parameter at fp32.
+    bits and count in the budget, as do layers a recipe rule gives ``weight_bits``; ``pinned`` adds more.
+    ``size_mb`` counts every other parameter at fp32.
     """
     layers = dict(quantized_layers(model))
     if not layers:
@@ -493,6 +494,10 @@ def plan_mixed_precision(
     method = method or calib.get("weight_method", "mse")
     p = p if p is not None else calib.get("mse_norm", 2.4)
     pins = {n: m.weight_quantizer.bits for n, m in layers.items() if getattr(m, "detq_layer_role", "body") in PINNED_ROLES}
+    recipe = recipe_of(model)
+    for rule in recipe.quantization.rules if recipe is not None else []:  # a rule that sets bits pins them too
+        if rule.weight_bits is not None:
+            pins.update({n: m.weight_quantizer.bits for n, m in layers.items() if rule.matches(n, m.float_class.__name__)})
     for n, b in (pinned or {}).items():
         if n not in layers:
             raise FisherError(f"`pinned` names {n!r}, which is not a quantized layer")

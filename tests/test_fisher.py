@@ -633,3 +633,13 @@ def test_sensitivity_objectives_and_printed_tables():
     res = coco_evaluate(gt, dets)
     print_ap_drop(ap_drop_table(res, res, ["dog"]), console)
     assert "dog" in console.export_text()
+
+
+def test_layers_a_recipe_rule_gives_bits_are_pinned():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 2))
+    dq.quantize(net, {"preset": "w4a8", "quantization": {"rules": [{"name": "2", "weight_bits": 6}]}})
+    plan = fisher.plan_mixed_precision(net, {n: 1.0 for n in ("0", "2", "4", "6")}, budget={"avg_weight_bits": 5.0})
+    assert plan.pinned == {"0": 8, "2": 6, "6": 8} and plan.allocation["2"] == 6
+    assert plan.allocation["4"] == 2  # (64·8 + 256·6 + 256·b + 32·8) / 608 <= 5 leaves b = 2
