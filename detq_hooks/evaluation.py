@@ -51,12 +51,18 @@ class EvalResult:
     num_images: int = 0
     num_detections: int = 0
     stats: list = field(default_factory=list)  # the 12 numbers of COCOeval.stats, -1 kept as nan
+    # COCO AP restricted to the critical categories (pycocotools `params.catIds`), when they were named
+    critical_map50_95: float | None = None
+    critical_map50: float | None = None
+    critical_categories: list = field(default_factory=list)  # their names
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"mAP50-95 {self.map50_95:.4f}  mAP50 {self.map50:.4f}  ({self.num_detections} detections on "
+        crit = ("" if self.critical_map50_95 is None else
+                f"  critical mAP50-95 {self.critical_map50_95:.4f}  critical mAP50 {self.critical_map50:.4f}")
+        return (f"mAP50-95 {self.map50_95:.4f}  mAP50 {self.map50:.4f}{crit}  ({self.num_detections} detections on "
                 f"{self.num_images} images)")
 
 
@@ -87,6 +93,7 @@ def coco_evaluate(
     iou_type: str = "bbox",
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
+    critical_category_ids: Sequence[int] | None = None,
 ) -> EvalResult:
     """COCO mAP50-95, mAP50 and per-category AP of ``detections`` against ``gt``, computed by pycocotools.
 
@@ -98,6 +105,8 @@ def coco_evaluate(
         iou_type: ``"bbox"`` (or ``"segm"`` for results carrying ``segmentation``).
         image_ids: evaluate only these images (default: all in ``gt``).
         verbose: let pycocotools print its usual tables.
+        critical_category_ids: also report mAP50-95 and mAP50 over these categories only
+            (``critical_map50_95``, ``critical_map50``), beside the overall figures.
 
     Returns:
         An :class:`EvalResult`.
@@ -123,6 +132,18 @@ def coco_evaluate(
     unknown = sorted(set(images) - known_images)
     if unknown:
         raise ValueError(f"`image_ids` not in the ground truth: {unknown[:10]}")
+
+    if critical_category_ids is not None:
+        crit = [int(c) for c in critical_category_ids]
+        unknown = sorted(set(crit) - set(categories))
+        if unknown or not crit:
+            raise ValueError(f"`critical_category_ids` {list(critical_category_ids)} must be a non-empty subset of the "
+                             f"evaluated category ids {categories}; unknown: {unknown}")
+        overall = coco_evaluate(coco_gt, detections, categories, iou_type, images, verbose)
+        critical = coco_evaluate(coco_gt, detections, crit, iou_type, images, verbose)
+        overall.critical_map50_95, overall.critical_map50 = critical.map50_95, critical.map50
+        overall.critical_categories = [c["name"] for c in coco_gt.loadCats(sorted(crit))]
+        return overall
 
     results = [dict(d) for d in detections]  # loadRes adds keys to the dicts it gets
     _check_detections(results, known_images, known_categories, iou_type)

@@ -369,6 +369,152 @@ class DistillationSection(_Section):
             _check_type("distillation.teacher", self.teacher, str)
 
 
+BUDGET_KINDS = ("avg_weight_bits", "size_mb", "bops_ratio")
+FISHER_OBJECTIVES = ("critical", "all", "mix")
+FISHER_ESTIMATORS = ("empirical", "hutchinson")
+HVP_METHODS = ("auto", "double", "finite_difference")
+MERGE_METHODS = ("logsumexp", "max")
+
+
+def _check_number(where: str, value: Any, *, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != float("inf") else "")
+        raise RecipeError(f"`{where}` = {value!r} must be a number {bound}")
+
+
+def _check_positive_int(where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"`{where}` = {value!r} must be a positive integer")
+
+
+@dataclass(kw_only=True)
+class CriticalSection(_Section):
+    """The critical categories of the Fisher-aware methods (``detq_hooks.fisher``).
+
+    Attributes:
+        classes: class names (resolved against the trainer's class names) or integer class indices. Empty
+            means every class is critical: the critical objective is then the full objective.
+        alpha: the sensitivity objective ``alpha·L_all + L_crit`` when ``mixed_precision.objective`` is ``mix``.
+        merge: how softmax heads merge the non-critical logits into "other": ``logsumexp`` (keeps the
+            probability mass) or ``max``.
+    """
+
+    classes: list = field(default_factory=list)
+    alpha: float = 1.0
+    merge: str = "logsumexp"
+
+    _path = "critical"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.classes, list):
+            raise RecipeError(f"`critical.classes` = {self.classes!r} must be a list of class names or indices")
+        seen = set()
+        for c in self.classes:
+            if isinstance(c, bool) or not isinstance(c, (str, int)) or (isinstance(c, int) and c < 0) or c == "":
+                raise RecipeError(f"`critical.classes` entry {c!r} must be a class name or a class index >= 0")
+            if c in seen:
+                raise RecipeError(f"`critical.classes` names {c!r} twice")
+            seen.add(c)
+        _check_number("critical.alpha", self.alpha, low=0.0)
+        _check_choice("critical.merge", self.merge, MERGE_METHODS)
+
+
+@dataclass(kw_only=True)
+class MixedPrecisionSection(_Section):
+    """Fisher-aware mixed precision: per-layer weight bits minimising ``Σ tr Fᵢ·‖Q_b(Wᵢ) − Wᵢ‖²`` under a budget.
+
+    Attributes:
+        enabled: turn it on (applied to the converted model before QAT or PTQ).
+        candidates: the weight bit widths a layer may get (each in [2, 8]).
+        budget: exactly one of ``{avg_weight_bits: 4.0}`` (over every quantized weight element, the pinned
+            first/prediction layers included), ``{size_mb: 3.5}`` (quantized weights at their widths plus every
+            other parameter in fp32, 1 MB = 10⁶ bytes) or ``{bops_ratio: 0.5}`` (bit operations relative to
+            the same model with every weight at 8 bits).
+        objective: the Fisher of ``critical``, ``all`` or ``mix`` (``critical.alpha·L_all + L_crit``).
+        num_batches: calibration batches of the Fisher estimate.
+        estimator: ``empirical`` (mean ‖∇_W ℓ‖²) or ``hutchinson`` (E[vᵀHv], Rademacher v).
+        hutchinson_samples: probe vectors per batch for ``hutchinson``.
+    The layers the recipe pins (``quantization.first_layer_bits`` / ``prediction_layer_bits``) keep their bits.
+    """
+
+    enabled: bool = False
+    candidates: list = field(default_factory=lambda: [2, 4, 8])
+    budget: dict | None = None
+    objective: str = "critical"
+    num_batches: int = 8
+    estimator: str = "empirical"
+    hutchinson_samples: int = 1
+
+    _path = "mixed_precision"
+
+    def __post_init__(self) -> None:
+        _check_type("mixed_precision.enabled", self.enabled, bool)
+        if not isinstance(self.candidates, list) or not self.candidates:
+            raise RecipeError(f"`mixed_precision.candidates` = {self.candidates!r} must be a non-empty list of bit widths")
+        for b in self.candidates:
+            _check_bits("mixed_precision.candidates", b)
+        if len(set(self.candidates)) != len(self.candidates):
+            raise RecipeError(f"`mixed_precision.candidates` = {self.candidates!r} repeats a bit width")
+        if self.budget is not None:
+            check_budget(self.budget, "mixed_precision.budget")
+        elif self.enabled:
+            raise RecipeError(f"`mixed_precision.budget` is missing; give one of {list(BUDGET_KINDS)}, "
+                              "e.g. {avg_weight_bits: 4.0}")
+        _check_choice("mixed_precision.objective", self.objective, FISHER_OBJECTIVES)
+        _check_positive_int("mixed_precision.num_batches", self.num_batches)
+        _check_choice("mixed_precision.estimator", self.estimator, FISHER_ESTIMATORS)
+        _check_positive_int("mixed_precision.hutchinson_samples", self.hutchinson_samples)
+
+
+def check_budget(budget: Any, where: str = "mixed_precision.budget") -> tuple[str, float]:
+    """Validate a mixed-precision budget mapping; returns ``(kind, value)``."""
+    if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in BUDGET_KINDS:
+        raise RecipeError(f"`{where}` = {budget!r} must hold exactly one of {list(BUDGET_KINDS)}, "
+                          "e.g. {avg_weight_bits: 4.0}")
+    kind, value = next(iter(budget.items()))
+    if kind == "avg_weight_bits":
+        _check_number(f"{where}.avg_weight_bits", value, low=MIN_BITS, high=MAX_BITS)
+    elif kind == "size_mb":
+        _check_number(f"{where}.size_mb", value, low=0.0, low_open=True)
+    else:
+        _check_number(f"{where}.bops_ratio", value, low=0.0, high=1.0, low_open=True)
+    return kind, float(value)
+
+
+@dataclass(kw_only=True)
+class FisherRegularizerSection(_Section):
+    """Fisher-trace regularisation during QAT: ``λ·tr F_crit`` with ``tr F ≈ ‖∇_θ L_crit‖²`` over the quantized
+    weights; its gradient is a Hessian-vector product.
+
+    Attributes:
+        enabled: turn it on (``mode: qat`` only).
+        weight: λ.
+        every: apply it every k steps.
+        warmup: fraction of the QAT budget over which λ ramps linearly from 0.
+        hvp: ``auto`` (double backprop where the ops allow it, else finite difference), ``double`` or
+            ``finite_difference``.
+        epsilon: the finite-difference step along the normalised gradient.
+    """
+
+    enabled: bool = False
+    weight: float = 1e-2
+    every: int = 1
+    warmup: float = 0.1
+    hvp: str = "auto"
+    epsilon: float = 1e-3
+
+    _path = "fisher_regularizer"
+
+    def __post_init__(self) -> None:
+        _check_type("fisher_regularizer.enabled", self.enabled, bool)
+        _check_number("fisher_regularizer.weight", self.weight, low=0.0)
+        _check_positive_int("fisher_regularizer.every", self.every)
+        _check_number("fisher_regularizer.warmup", self.warmup, low=0.0, high=1.0)
+        _check_choice("fisher_regularizer.hvp", self.hvp, HVP_METHODS)
+        _check_number("fisher_regularizer.epsilon", self.epsilon, low=0.0, low_open=True)
+
+
 @dataclass(kw_only=True)
 class Recipe(_Section):
     """A complete detq-hooks recipe. Build it with :func:`load_recipe`.
@@ -387,6 +533,9 @@ class Recipe(_Section):
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     curriculum: CurriculumSection = field(default_factory=CurriculumSection)
     distillation: DistillationSection = field(default_factory=DistillationSection)
+    critical: CriticalSection = field(default_factory=CriticalSection)
+    mixed_precision: MixedPrecisionSection = field(default_factory=MixedPrecisionSection)
+    fisher_regularizer: FisherRegularizerSection = field(default_factory=FisherRegularizerSection)
 
     _path = ""
 
@@ -397,6 +546,9 @@ class Recipe(_Section):
             "calibration": CalibrationSection,
             "curriculum": CurriculumSection,
             "distillation": DistillationSection,
+            "critical": CriticalSection,
+            "mixed_precision": MixedPrecisionSection,
+            "fisher_regularizer": FisherRegularizerSection,
         }
         if name in sections:
             return sections[name].from_dict(value, name)
@@ -405,6 +557,8 @@ class Recipe(_Section):
     def __post_init__(self) -> None:
         if self.mode == "ptq" and (self.curriculum.enabled or self.distillation.enabled):
             raise RecipeError("`mode` = 'ptq' calibrates without training; `curriculum`/`distillation` need `mode: qat`")
+        if self.mode == "ptq" and self.fisher_regularizer.enabled:
+            raise RecipeError("`mode` = 'ptq' calibrates without training; `fisher_regularizer.enabled` needs `mode: qat`")
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"`version` = {self.version!r} is not supported; this detq-hooks reads version {RECIPE_VERSION}")
         _check_choice("mode", self.mode, MODES)
@@ -432,6 +586,12 @@ def _preset(w: int, a: int, mode: str = "qat", **calib) -> dict:
     }
 
 
+def _fisher_preset(w: int, a: int) -> dict:
+    return {**_preset(w, a), "name": f"w{w}a{a}-fisher",
+            "mixed_precision": {"enabled": True, "budget": {"avg_weight_bits": float(w)}},
+            "fisher_regularizer": {"enabled": True}}
+
+
 PRESETS: dict[str, dict] = {
     "w8a8": _preset(8, 8),
     "w4a8": _preset(4, 8),
@@ -441,14 +601,22 @@ PRESETS: dict[str, dict] = {
     "w4a4-crqat": {**_preset(4, 4), "name": "w4a4-crqat", "curriculum": {"enabled": True}, "distillation": {"enabled": True}},
     "w4a8-crqat": {**_preset(4, 8), "name": "w4a8-crqat", "curriculum": {"enabled": True}, "distillation": {"enabled": True}},
     "w4a8-ptq": _preset(4, 8, "ptq", num_batches=16),
+    # Fisher-aware: mixed precision at the named average weight width (pinned 8-bit layers included) and the
+    # Fisher-trace regulariser during QAT. Critical classes default to all; name them in `critical.classes`.
+    "w4a8-fisher": _fisher_preset(4, 8),
+    "w4a4-fisher": _fisher_preset(4, 4),
 }
 
 
-def _deep_merge(base: dict, override: Mapping) -> dict:
+# Mappings that hold one of several alternatives: an override replaces the preset's instead of adding a key.
+_REPLACED_ON_MERGE = {("mixed_precision", "budget")}
+
+
+def _deep_merge(base: dict, override: Mapping, path: tuple = ()) -> dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and path + (k,) not in _REPLACED_ON_MERGE:
+            out[k] = _deep_merge(out[k], v, path + (k,))
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -508,6 +676,10 @@ __all__ = [
     "LayerRule",
     "CurriculumSection",
     "DistillationSection",
+    "CriticalSection",
+    "MixedPrecisionSection",
+    "FisherRegularizerSection",
+    "check_budget",
     "StageSpec",
     "RecipeError",
     "PRESETS",

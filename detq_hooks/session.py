@@ -176,6 +176,7 @@ class QuantSession:
         self.terms: list[LossTerm] = []
         self.last_terms: dict[str, float] = {}
         self.last_calibration: Optional[CalibrationResult] = None
+        self.last_mixed_precision = None  # a detq_hooks.fisher.MixedPrecisionPlan after mixed_precision()
         self._recorder: Optional[Recorder] = None
         self._model_id: Optional[int] = None
 
@@ -310,6 +311,44 @@ class QuantSession:
             raise ValueError(f"a loss term named {term.name!r} is already registered")
         self.terms.append(term)
 
+    # ================================================================== Fisher-aware quantization
+    def critical_class_ids(self, model: nn.Module, class_names: Optional[Sequence[str]] = None) -> list[int]:
+        """The recipe's ``critical.classes`` as class indices, names resolved against ``class_names`` (default:
+        the detector family's answer). An unknown name fails, listing the known ones."""
+        from .fisher import resolve_critical_classes
+
+        names = class_names if class_names is not None else family_for(model, self._family_arg).class_names(model)
+        return resolve_critical_classes(self.recipe.critical.classes, names)
+
+    def mixed_precision(self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                        *, macs: Optional[Mapping[str, int]] = None):
+        """The recipe's Fisher-aware mixed precision on the converted ``model`` (before QAT or PTQ): per-layer
+        weight bits, applied all or nothing; they travel in :meth:`state`'s per-layer plan. ``loss_fn(model,
+        batch)`` is the recipe's objective (:func:`detq_hooks.fisher.sensitivity_loss`). Returns the plan (for
+        :mod:`detq_hooks.fisher_report`), or ``None`` when the recipe does not enable it. The random streams of
+        training are left as they were."""
+        from .fisher import mixed_precision_from_recipe
+
+        if not self.recipe.mixed_precision.enabled:
+            return None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            self.last_mixed_precision = mixed_precision_from_recipe(model, batches, loss_fn, self.recipe.mixed_precision,
+                                                                    macs=macs)
+        return self.last_mixed_precision
+
+    def add_fisher_regularizer(self, model: nn.Module, critical_loss: Callable[[StepContext], torch.Tensor]):
+        """Register the recipe's Fisher-trace regulariser as a loss term (checked against ``model`` first; its
+        warm-up follows the progress given to :meth:`before_step`). ``None`` when the recipe does not enable it."""
+        from .fisher import FisherRegularizer
+
+        if not self.recipe.fisher_regularizer.enabled:
+            return None
+        term = FisherRegularizer.from_recipe(self.recipe.fisher_regularizer, critical_loss)
+        term.check(model)
+        self.add_loss_term(term)
+        return term
+
     # ================================================================== 2. optimizer
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
         """Quantizer parameters into their own group (no weight decay, ``quantizer_lr_scale`` × base lr)."""
@@ -362,7 +401,11 @@ class QuantSession:
         return None
 
     def before_step(self, model: nn.Module, progress: float) -> Optional[str]:
-        """Apply the curriculum stage for ``progress`` (idempotent). Returns a message when the stage changed."""
+        """Apply the curriculum stage for ``progress`` (idempotent). Returns a message when the stage changed.
+        Terms with a schedule of their own (the Fisher regulariser's warm-up) get ``progress`` too."""
+        for term in self.terms:
+            if hasattr(term, "set_progress"):
+                term.set_progress(progress)
         if self.schedule is None or not self.schedule.update(model, progress):
             return None
         s = self.schedule
