@@ -102,6 +102,7 @@ def ort_session(path: str | Path, threads: int = 2, optimized_path: Optional[str
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # no per-initializer warnings
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

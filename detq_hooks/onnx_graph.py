@@ -41,7 +41,7 @@ class Graph:
         return None if t is None else self._np.to_array(t)
 
     def set_init(self, name: str, value: np.ndarray) -> str:
-        t = self._np.from_array(np.ascontiguousarray(value), name)
+        t = self._np.from_array(np.array(value, copy=True, order="C"), name)  # keeps 0-d scalars 0-d
         if name in self.inits:
             self.inits[name].CopyFrom(t)
         else:
