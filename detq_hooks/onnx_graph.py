@@ -262,6 +262,14 @@ def graph_summary(model) -> dict:
     }
 
 
+def _pack4(values: np.ndarray) -> bytes:
+    """Two's-complement nibbles, element 2i in the low half of byte i (ONNX's INT4 layout)."""
+    flat = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
 def pack_int4_weights(model, bit_widths: set) -> int:
     """Store weight codes that fit in [-8, 7] as ``INT4`` (two per byte, exact); returns how many tensors."""
     from onnx import TensorProto, helper
@@ -280,8 +288,8 @@ def pack_int4_weights(model, bit_widths: set) -> int:
             continue
         zp = gr.array(dq.input[2]) if len(dq.input) > 2 else np.zeros(1, np.int8)
         qname, zname = gr.fresh(dq.input[0] + "_int4"), gr.fresh(dq.output[0] + "_zp_int4")
-        gr.g.initializer.append(helper.make_tensor(qname, TensorProto.INT4, codes.shape, codes.reshape(-1).tolist()))
-        gr.g.initializer.append(helper.make_tensor(zname, TensorProto.INT4, zp.shape, zp.reshape(-1).tolist()))
+        gr.g.initializer.append(helper.make_tensor(qname, TensorProto.INT4, codes.shape, _pack4(codes), raw=True))
+        gr.g.initializer.append(helper.make_tensor(zname, TensorProto.INT4, zp.shape, _pack4(zp), raw=True))
         dq.input[0] = qname
         if len(dq.input) > 2:
             dq.input[2] = zname
