@@ -10,9 +10,10 @@ Under ``torch.onnx.export`` every quantizer becomes constants, never arithmetic:
   exported function equals the fake-quant one.
 
 Under other tracers (OpenVINO's PyTorch frontend, ``torch.jit.trace``) and in eager ``quantizer_mode("export")``
-the quantizer is PyTorch's own ``fake_quantize_per_{tensor,channel}_affine`` with the quantizer's true integer
-range, which OpenVINO reads as one ``FakeQuantize`` (255 levels for 8-bit symmetric weights, 256 for u8
-activations) and PyTorch runs natively.
+the quantizer is PyTorch's own ``fake_quantize_per_{tensor,channel}_affine`` over an 8-bit range, which
+OpenVINO reads as one ``FakeQuantize`` (255 levels for symmetric weights, 256 for u8 activations) and runs in
+int8; a quantizer of fewer bits is a clamp to its range first (constant-folded for weights), so 4-bit codes
+run exactly as int8 rather than as a 16-level FakeQuantize the CPU plugin would execute in float.
 """
 
 from __future__ import annotations
@@ -105,9 +106,19 @@ def export_forward(q, x: torch.Tensor) -> torch.Tensor:
                 f"per-channel activation quantizers ({q.extra_repr()}) have no constant QuantizeLinear form here"
             )
         return _QDQActivation.apply(x, float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]), q.qmin, q.qmax, q.symmetric)
+    # 8-bit FakeQuantize (255 levels symmetric, 256 asymmetric: what OpenVINO's CPU plugin runs as i8/u8);
+    # a narrower range is a clamp to it first, so 4-bit codes run exactly in int8 instead of falling back to float.
+    qmin, qmax = (-127, 127) if q.symmetric else (0, 255)
+    if q.bits < 8:
+        lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
+        if q.per_channel:
+            shape = [1] * x.dim()
+            shape[q.channel_axis] = -1
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
+        x = torch.clamp(x, lo, hi)
     if q.per_channel:
-        return torch.fake_quantize_per_channel_affine(x, scale, zp.to(torch.int32), q.channel_axis, q.qmin, q.qmax)
-    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()).to(torch.int32), q.qmin, q.qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zp.to(torch.int32), q.channel_axis, qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()).to(torch.int32), qmin, qmax)
 
 
 def in_export_trace() -> bool:
