@@ -10,7 +10,7 @@ images, trained once) this builds, with the same calibration images (``--calib``
 * ours W8A8 and W4A8 (``quantize_ultralytics`` + ``calibrate``, PTQ from the float model, DFL kept float):
   ``export_onnx(target="onnxruntime")`` in onnxruntime, ``export_openvino`` in OpenVINO (default and f32);
 * onnxruntime's own ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax) of the float
-  ONNX, in onnxruntime;
+  ONNX, weighted ops only as Ultralytics' ``onnx_int8_quantize`` does (the decode stays float), in onnxruntime;
 * NNCF's PTQ of the float model exactly as Ultralytics' ``export(format="openvino", int8=True)`` runs it
   (``torch2openvino``: preset MIXED, the head's decode and Sigmoid ignored), in OpenVINO.
 
@@ -113,8 +113,13 @@ def ort_quantize_static(float_onnx: Path, out: Path, calib: list[torch.Tensor]) 
         def get_next(self):
             return next(self.it, None)
 
+    import onnx
+
+    # as Ultralytics' own `onnx_int8_quantize`: only weighted ops, so the head decode stays float (one int8 scale
+    # over box pixels and class probabilities would round every score to 0), here with per-channel weights
+    exclude = [n.name for n in onnx.load(str(float_onnx)).graph.node if n.op_type not in {"Conv", "Gemm", "MatMul"}]
     quantize_static(str(float_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
     return out
 
 
