@@ -7,7 +7,8 @@ Stable core API::
     detq_hooks.quantize(model, "w4a8")          # swap layers for fake-quant ones (all or nothing)
     detq_hooks.calibrate(model, batches)        # activation ranges from the user's own batches
     detq_hooks.quantization_report(model, batches).print()
-    detq_hooks.export_onnx(model, example, "model.onnx")   # QuantizeLinear/DequantizeLinear graph
+    detq_hooks.export_onnx(model, example, "model.onnx")   # QDQ graph with int8 weight initializers
+    detq_hooks.export_openvino(model, example, "model.xml") # OpenVINO int8 IR with the learned scales
     detq_hooks.QuantSession("w4a8-crqat")       # the whole life cycle, as the trainer adapters run it
 """
 
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # heavy optional parts load on first use
-    if name in ("export_onnx", "compare_onnx"):
+    if name in ("export_onnx", "compare_onnx", "ExportError"):
         from . import export
 
         return getattr(export, name)
@@ -43,6 +44,10 @@ def __getattr__(name):  # heavy optional parts load on first use
         from . import detectors
 
         return getattr(detectors, name)
+    if name in ("export_openvino", "runtime_precisions"):
+        from . import deploy
+
+        return getattr(deploy, name)
     if name in ("quantization_report", "QuantizationReport"):
         from . import report
 
@@ -64,6 +69,8 @@ __all__ = [
     "PRESETS",
     "export_onnx",
     "compare_onnx",
+    "export_openvino",
+    "runtime_precisions",
     "quantization_report",
     "set_quantization_enabled",
     "fold_batchnorm",
@@ -84,4 +91,5 @@ __all__ = [
     "CalibrationError",
     "CheckpointMismatchError",
     "UnsupportedDetectorError",
+    "ExportError",
 ]

@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     d.add_argument("--batch", type=int, default=defaults.batch)
     d.add_argument("--model", default=defaults.model, help="Ultralytics model yaml (random init)")
     d.add_argument("--seed", type=int, default=defaults.seed)
-    d.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    d.add_argument("--threads", type=int, default=None, help="onnxruntime and OpenVINO threads (default 2)")
 
     t = sub.add_parser("train", help="quantized training in a host trainer")
     t.add_argument("host", choices=["ultralytics"])

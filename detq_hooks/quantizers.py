@@ -85,6 +85,10 @@ def fake_quantize_reference(
     return (q - z) * s
 
 
+def _in_export_trace() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def _scalar_bounds(x: torch.Tensor) -> bool:
     """Whether :class:`_LSQPerTensor` may read the zero point as a Python number (no device sync)."""
     return x.device.type == "cpu"
@@ -338,6 +342,11 @@ class FakeQuantizer(nn.Module):
         if not self._initialized:
             self.initialize_from(x)
         mode = _mode()
+        if mode == "export" or _in_export_trace():
+            from .qdq import export_forward  # integer constants under ONNX export, FakeQuantize elsewhere
+
+            out = export_forward(self, x.float())
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         dtype = x.dtype
         xf = x.float()
         scale = self.scale.float().clamp_min(1e-8)

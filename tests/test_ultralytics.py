@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
@@ -506,3 +507,48 @@ def test_checkpoint_of_version_0_1_loads(ds, project):
                 name="from_legacy", **COMMON)
     layers = torch.load(model.trainer.last, map_location="cpu", weights_only=False)["detq"]["layers"]
     assert {n: v["weight_bits"] for n, v in layers.items()} == {n: v["weight_bits"] for n, v in entry["layers"].items()}
+
+
+# ------------------------------------------------------------------------------------- deployment (issue 10)
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_ultralytics_export_of_quantized_best_pt_gives_the_integer_model(trained, ds, tmp_path, fmt):
+    """``YOLO(best.pt).export(format=...)``: our integer model (int8 weight codes, learned activation scales),
+    not a float graph and not NNCF's re-quantization, with the PyTorch model's mAP on the synthetic val set."""
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from detq_hooks.deploy import make_runner, runtime_precisions
+    from detq_hooks.onnx_graph import graph_summary
+    from detq_hooks.ultralytics.evaluate import evaluate, load_images
+
+    best = tmp_path / "best.pt"
+    shutil.copy(trained("yolo11n.yaml")["trainer"].best, best)  # export writes beside the checkpoint
+    model, _ = load_checkpoint(str(best))
+    n_quant = sum(1 for m in model.modules() if is_quantized_module(m))
+    out = YOLO(str(best)).export(format=fmt, imgsz=IMGSZ)
+    if fmt == "onnx":
+        path = out
+        s = graph_summary(onnx.load(path))
+        assert s["quantized_convs"] == n_quant == s["Conv"] - 1  # all but the float DFL conv
+        assert (s["Round"], s["Clip"], s["Cast"]) == (0, 0, 0)
+        assert s["integer_bytes"] > 20 * s["float_bytes"]
+    else:
+        path = str(next(Path(out).glob("*.xml")))
+        prec = runtime_precisions(path, layer_types=("Convolution",))
+        assert prec["Convolution"]["u8"] == n_quant
+    images = load_images(ds.val_images, IMGSZ)
+    m = copy.deepcopy(model).fuse().eval()
+    m.model[-1].export, m.model[-1].format = True, fmt
+    x = images[0][1][None]
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x))
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
+    got = make_runner(path, "onnxruntime" if fmt == "onnx" else "openvino", precision="f32" if fmt == "openvino" else None)(x)[0]
+    # boxes in pixels of a 64 px image, class probabilities: same tolerances as tests/test_deploy.py
+    assert np.abs(got[:, 4:] - ref[:, 4:]).max() <= 2e-3
+    assert np.abs(got[:, :4] - ref[:, :4]).max() <= 1.0
+    pt, _ = evaluate(model, ds.val_images, ds.coco_val_json, IMGSZ, images=images)
+    ex, _ = evaluate(path, ds.val_images, ds.coco_val_json, IMGSZ, head_type="Detect", images=images, batch=1)
+    assert abs(pt.map50_95 - ex.map50_95) <= 0.005, (pt.map50_95, ex.map50_95)

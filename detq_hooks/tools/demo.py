@@ -7,7 +7,9 @@ Steps (each with a progress bar or Ultralytics' own epoch bars):
 3. PTQ W8A8 from the float ``best.pt`` (``DetQTrainer``, recipe ``w8a8-ptq``: calibration only);
 4. QAT W4A8 from the float ``best.pt`` for ``qat_epochs`` epochs (``DetQTrainer``, recipe ``w4a8``);
 5. COCO mAP of all three with one pre/postprocessing (:mod:`detq_hooks.ultralytics.evaluate`);
-6. ONNX export (float, and QDQ for the quantized ones), onnxruntime latency and the QDQ model's mAP;
+6. each model exported as deployed (:mod:`detq_hooks.ultralytics.deploy`: float ONNX/IR; quantized ones as
+   integer ONNX for onnxruntime and int8 OpenVINO IR), its file size, latency in onnxruntime and OpenVINO
+   (default and f32 precision, timed side by side) and the exported model's mAP;
 7. one table, also written to ``<out>/results.json``.
 """
 
@@ -42,48 +44,14 @@ class Row:
     map50_95: float
     map50: float
     checkpoint_mb: float
-    packed_mb: float
-    onnx_ms: float = float("nan")
-    onnx_map50_95: float = float("nan")
+    deployed_mb: float = float("nan")  # the OpenVINO IR (.xml + .bin) a user ships
+    onnx_mb: float = float("nan")  # the ONNX file run in onnxruntime
+    ort_ms: float = float("nan")
+    ov_ms: float = float("nan")  # OpenVINO, default precision (bf16 float parts on CPUs with AVX512-BF16)
+    ov_f32_ms: float = float("nan")
+    ort_map50_95: float = float("nan")
+    ov_map50_95: float = float("nan")
     extra: dict = field(default_factory=dict)
-
-
-def _packed_mb(model) -> float:
-    """Weight storage at the quantized bit widths (float layers at 32 bits), in MB."""
-    from ..modules import is_quantized_module
-
-    bits = 0
-    seen = set()
-    for m in model.modules():
-        if is_quantized_module(m):
-            bits += m.weight.numel() * m.weight_quantizer.bits
-            seen.add(id(m.weight))
-    qparams = {id(p) for n, p in model.named_parameters() if "quantizer" in n}
-    for p in model.parameters():
-        if id(p) not in seen and id(p) not in qparams:
-            bits += p.numel() * 32
-    for name, b in model.named_buffers():
-        if "quantizer" not in name and b.is_floating_point():
-            bits += b.numel() * 32
-    return bits / 8 / 1e6
-
-
-def _time_onnx(path, imgsz: int, runs: int, threads: Optional[int]) -> float:
-    import numpy as np
-
-    from ..export import onnx_session
-
-    sess = onnx_session(path, threads=threads)
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    for _ in range(3):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t)
-    return 1000.0 * float(np.median(times))
 
 
 def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
@@ -97,7 +65,9 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
 
     from .data import make_synthetic_dataset
     from ..ultralytics import DetQTrainer
-    from ..ultralytics.evaluate import evaluate, export_model_onnx, load_images
+    from ..deploy import file_bytes
+    from ..ultralytics.deploy import deployed_latency, export_deployed
+    from ..ultralytics.evaluate import evaluate, load_images
     from .zoo import FROM_SCRATCH_HYPERPARAMETERS
 
     console = console or Console()
@@ -140,32 +110,41 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
         model.eval()
         models[name] = model
         res, ms = evaluate(model, ds.val_images, ds.coco_val_json, cfg.imgsz, images=images)
-        rows.append(Row(name, res.map50_95, res.map50, Path(path).stat().st_size / 1e6, _packed_mb(model), extra={"torch_ms": ms}))
+        rows.append(Row(name, res.map50_95, res.map50, Path(path).stat().st_size / 1e6, extra={"torch_ms": ms}))
 
-    console.rule("[bold]6/6 ONNX export and onnxruntime latency")
-    for row in track(rows, description="exporting + timing", console=console):
-        onnx_path = out / "onnx" / (row.name.lower().replace(" ", "_") + ".onnx")
-        res = export_model_onnx(models[row.name], onnx_path, cfg.imgsz)
-        row.extra["qdq_pairs"] = res.quantize_linear
-        row.onnx_ms = _time_onnx(onnx_path, cfg.imgsz, cfg.timing_runs, cfg.threads)
-        ores, _ = evaluate(str(onnx_path), ds.val_images, ds.coco_val_json, cfg.imgsz, head_type="Detect", images=images)
-        row.onnx_map50_95 = ores.map50_95
+    console.rule("[bold]6/6 deployed models: onnxruntime and OpenVINO")
+    calib = [a for _, a, _ in load_images(ds.train_images, cfg.imgsz)][:32]
+    files = {}
+    for row in track(rows, description="exporting + evaluating", console=console):
+        f = files[row.name] = export_deployed(models[row.name], out / "deploy" / row.name.lower().replace(" ", "_"),
+                                              cfg.imgsz, calib)
+        row.onnx_mb, row.deployed_mb = file_bytes(f["onnxruntime"]) / 1e6, file_bytes(f["openvino"]) / 1e6
+        for rt in ("onnxruntime", "openvino"):
+            ores, _ = evaluate(str(f[rt]), ds.val_images, ds.coco_val_json, cfg.imgsz, head_type="Detect",
+                               images=images, batch=1)
+            setattr(row, "ort_map50_95" if rt == "onnxruntime" else "ov_map50_95", ores.map50_95)
+    lat = deployed_latency(files, cfg.imgsz, cfg.threads, reps=cfg.timing_runs)
+    for row in rows:
+        row.ort_ms, row.ov_ms, row.ov_f32_ms = (lat[row.name][k] for k in ("onnxruntime", "openvino", "openvino_f32"))
 
     print_table(rows, console, title=f"detq demo: {cfg.model} on synthetic data ({cfg.imgsz}px, {time.time() - t0:.0f}s)")
     (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, indent=2))
-    console.print(f"results: {out / 'results.json'}; checkpoints under {out / 'runs'}; ONNX under {out / 'onnx'}")
+    console.print(f"results: {out / 'results.json'}; checkpoints under {out / 'runs'}; deployed files under {out / 'deploy'}")
     return rows
 
 
 def print_table(rows: list[Row], console, title: str = "") -> None:
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in ("model", "mAP50-95", "mAP50", "ckpt MB", "packed weights MB", "ONNX ms/img", "ONNX mAP50-95"):
+    table = Table(title=title, caption="latency: batch 1, median, onnxruntime and OpenVINO timed side by side; "
+                                         "OpenVINO default = its default precision (bf16 float parts on AVX512-BF16 CPUs)")
+    cols = ("model", "mAP50-95 PyTorch", "ckpt MB", "deployed MB (IR)", "onnxruntime ms", "OpenVINO ms",
+            "OpenVINO f32 ms", "mAP50-95 onnxruntime", "mAP50-95 OpenVINO")
+    for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
     for r in rows:
-        table.add_row(r.name, f"{r.map50_95:.4f}", f"{r.map50:.4f}", f"{r.checkpoint_mb:.2f}", f"{r.packed_mb:.2f}",
-                      f"{r.onnx_ms:.2f}", f"{r.onnx_map50_95:.4f}")
+        table.add_row(r.name, f"{r.map50_95:.4f}", f"{r.checkpoint_mb:.2f}", f"{r.deployed_mb:.2f}", f"{r.ort_ms:.2f}",
+                      f"{r.ov_ms:.2f}", f"{r.ov_f32_ms:.2f}", f"{r.ort_map50_95:.4f}", f"{r.ov_map50_95:.4f}")
     console.print(table)
 
 

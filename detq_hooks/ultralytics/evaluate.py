@@ -132,13 +132,19 @@ def head_type_of(model: nn.Module) -> str:
 
 def evaluate(model_or_onnx, images_dir, gt_json, imgsz: int, head_type: Optional[str] = None, batch: int = 8,
              images=None):
-    """COCO metrics (``EvalResult``) and ms/image of a PyTorch Ultralytics model or an ONNX file."""
+    """COCO metrics (``EvalResult``) and ms/image of a PyTorch Ultralytics model, an ONNX file or an OpenVINO
+    ``.xml`` IR (run one image at a time, as exported with batch 1)."""
     from ..evaluation import coco_evaluate
 
     images = images if images is not None else load_images(images_dir, imgsz)
     if isinstance(model_or_onnx, nn.Module):
         head_type = head_type or head_type_of(model_or_onnx)
         run = torch_runner(model_or_onnx)
+    elif str(model_or_onnx).endswith(".xml"):  # OpenVINO IR
+        from ..deploy import make_runner
+
+        ov_run = make_runner(model_or_onnx, "openvino")
+        run = lambda x: torch.from_numpy(np.concatenate([ov_run(x[i:i + 1])[0] for i in range(len(x))]))  # noqa: E731
     else:
         run = onnx_runner(model_or_onnx)
     dets, ms = predict_coco(run, images, gt_json, head_type or "Detect", imgsz, batch=batch)

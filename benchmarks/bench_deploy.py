@@ -1,0 +1,274 @@
+"""Deployed integer models (issue 10): file size, CPU latency in onnxruntime and OpenVINO, and mAP50-95.
+
+    YOLO_OFFLINE=1 python benchmarks/bench_deploy.py [--sizes 320 640 --reps 20 --rounds 5 --threads 2]
+
+From the cached float YOLO11n reference (``detq_hooks.zoo``: 20 epochs from scratch at 160 px on 256 synthetic
+images, trained once) this builds, with the same calibration images (``--calib`` training images):
+
+* float: ONNX (onnxruntime, f32) and the same file in OpenVINO at its default precision (bf16 on CPUs with
+  AVX512-BF16/AMX) and at f32;
+* ours W8A8 and W4A8 (``quantize_ultralytics`` + ``calibrate``, PTQ from the float model, DFL kept float):
+  ``export_onnx(target="onnxruntime")`` in onnxruntime, ``export_openvino`` in OpenVINO (default and f32);
+* onnxruntime's own ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax) of the float
+  ONNX, weighted ops only as Ultralytics' ``onnx_int8_quantize`` does (the decode stays float), in onnxruntime;
+* NNCF's PTQ of the float model exactly as Ultralytics' ``export(format="openvino", int8=True)`` runs it
+  (``torch2openvino``: preset MIXED, the head's decode and Sigmoid ignored), in OpenVINO.
+
+Latency: batch 1, ``--threads`` threads, every runner of one image size timed side by side in ``--rounds``
+interleaved rounds of ``--reps`` calls (median, p10, p90 and per-round medians), so contention on a shared
+machine hits all alike. mAP50-95: each exported model at the training size (160 px) on the 64 synthetic
+validation images, scored by pycocotools (``detq_hooks.evaluation``), beside the PyTorch fake-quant model.
+Writes ``results.json``, ``results.md`` and ``results.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+import numpy as np
+import torch
+
+
+def head_export_mode(model, fmt="onnx"):
+    m = copy.deepcopy(model).float().eval()
+    for mod in m.modules():
+        if hasattr(mod, "export") and isinstance(getattr(mod, "export"), bool):
+            mod.export = True
+        if hasattr(mod, "format"):
+            mod.format = fmt
+    return m
+
+
+def build_models(ref_pt: str, calib_images: list[np.ndarray], recipes: list[str]) -> dict:
+    from ultralytics.nn.tasks import load_checkpoint
+
+    import detq_hooks as dq
+    from detq_hooks.recipe import load_recipe
+    from detq_hooks.ultralytics.trainer import quantize_ultralytics
+
+    float_model, _ = load_checkpoint(ref_pt)
+    float_model = float_model.float().eval()
+    models = {"float": float_model}
+    batches = [torch.from_numpy(np.stack(calib_images[i:i + 8])) for i in range(0, len(calib_images), 8)]
+    for r in recipes:
+        qm = quantize_ultralytics(copy.deepcopy(float_model), load_recipe(r))
+        dq.calibrate(qm.eval(), batches)
+        models[r] = qm.eval()
+    return models
+
+
+def export_all(models: dict, imgsz: int, out: Path, calib: list[np.ndarray]) -> dict[str, dict]:
+    """{variant: {"path", "runtime", "precision"?, "bytes"}} for one image size."""
+    from detq_hooks.deploy import convert_onnx_to_openvino, export_openvino, file_bytes
+    from detq_hooks.export import export_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(1, 3, imgsz, imgsz)
+    names = dict(input_names=["images"], output_names=["output0"])
+    calib_t = [torch.from_numpy(c[None]) for c in _resize(calib, imgsz)]
+    files = {}
+    fm = head_export_mode(models["float"])
+    export_onnx(fm, x, out / "float.onnx", **names)
+    convert_onnx_to_openvino(out / "float.onnx", out / "float_ov" / "float.xml")
+    files["float"] = {"onnx": out / "float.onnx", "ov": out / "float_ov" / "float.xml"}
+    for r, m in models.items():
+        if r == "float":
+            continue
+        qm = head_export_mode(m)
+        export_onnx(qm, x, out / f"{r}_ort.onnx", target="onnxruntime", calibration_inputs=calib_t, **names)
+        export_openvino(qm, x, out / f"{r}_ov" / f"{r}.xml", **names)
+        files[r] = {"onnx": out / f"{r}_ort.onnx", "ov": out / f"{r}_ov" / f"{r}.xml"}
+    files["ort_quantize_static"] = {"onnx": ort_quantize_static(out / "float.onnx", out / "ort_qs.onnx", calib_t)}
+    files["nncf_ptq"] = {"ov": nncf_ptq(models["float"], imgsz, out / "nncf_ov" / "nncf.xml", calib_t)}
+    for v in files.values():
+        v["bytes"] = {k: file_bytes(p) for k, p in v.items()}
+    return files
+
+
+def _resize(images: list[np.ndarray], imgsz: int) -> list[np.ndarray]:
+    import cv2
+
+    if images[0].shape[-1] == imgsz:
+        return images
+    return [cv2.resize(im.transpose(1, 2, 0), (imgsz, imgsz), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1).copy()
+            for im in images]
+
+
+def ort_quantize_static(float_onnx: Path, out: Path, calib: list[torch.Tensor]) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"images": c.numpy()} for c in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    import onnx
+
+    # as Ultralytics' own `onnx_int8_quantize`: only weighted ops, so the head decode stays float (one int8 scale
+    # over box pixels and class probabilities would round every score to 0), here with per-channel weights
+    exclude = [n.name for n in onnx.load(str(float_onnx)).graph.node if n.op_type not in {"Conv", "Gemm", "MatMul"}]
+    quantize_static(str(float_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    return out
+
+
+def nncf_ptq(float_model, imgsz: int, xml: Path, calib: list[torch.Tensor]) -> Path:
+    import nncf
+    import openvino as ov
+    from ultralytics.nn.modules import Detect
+    from ultralytics.utils.export.openvino import torch2openvino
+
+    m = head_export_mode(float_model, "openvino")
+    ds = nncf.Dataset([c for c in calib], lambda t: t.numpy())
+    ov_model = torch2openvino(m, torch.zeros(1, 3, imgsz, imgsz), quantize=8, calibration_dataset=ds,
+                              int8_detect=isinstance(m.model[-1], Detect))
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def runners_for(files: dict, threads: int) -> dict:
+    from detq_hooks.deploy import make_runner
+
+    r = {}
+    for name, v in files.items():
+        if "onnx" in v:
+            r[f"{name} | onnxruntime"] = make_runner(v["onnx"], "onnxruntime", threads)
+        if "ov" in v:
+            r[f"{name} | openvino default"] = make_runner(v["ov"], "openvino", threads)
+            r[f"{name} | openvino f32"] = make_runner(v["ov"], "openvino", threads, "f32")
+    return r
+
+
+def evaluate_runner(run, ds, imgsz: int, images) -> float:
+    from detq_hooks.evaluation import coco_evaluate
+    from detq_hooks.ultralytics.evaluate import predict_coco
+
+    dets, _ = predict_coco(lambda a: torch.from_numpy(np.concatenate([run(a[i:i + 1])[0] for i in range(len(a))])),
+                           images, ds.coco_val_json, "Detect", imgsz, batch=8)
+    return coco_evaluate(ds.coco_val_json, dets).map50_95
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", type=int, nargs="+", default=[320, 640])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calib", type=int, default=64, help="training images used for calibration (all methods)")
+    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
+    p.add_argument("--out", default="/tmp/detq_bench_deploy")
+    p.add_argument("--skip-map", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import openvino as ov
+    import onnxruntime as ort
+
+    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.deploy import make_runner, runtime_precisions, time_runners
+    from detq_hooks.ultralytics.evaluate import evaluate, load_images
+    from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir
+
+    t0 = time.time()
+    ds = make_synthetic_dataset(synthetic_data_dir(256, 64, 160), num_train=256, num_val=64, imgsz=160, seed=0)
+    ref = cached_float_checkpoint(ds, "yolo11n.yaml", epochs=20, imgsz=160, verbose=False)
+    train_images = [a for _, a, _ in load_images(ds.train_images, 160)][: args.calib]
+    models = build_models(str(ref.checkpoint), train_images, args.recipes)
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "threads": args.threads, "shared": True},
+              "versions": {"onnxruntime": ort.__version__, "openvino": ov.__version__, "torch": torch.__version__},
+              "float_reference": {"checkpoint": str(ref.checkpoint), "map50_95": ref.map50_95},
+              "sizes": {}, "map50_95": {}}
+
+    if not args.skip_map:  # accuracy at the training size, exported the same way
+        val = load_images(ds.val_images, 160)
+        files = export_all(models, 160, out / "s160", train_images)
+        acc = {}
+        for name, m in models.items():
+            res, _ = evaluate(head_export_mode(m), ds.val_images, ds.coco_val_json, 160, head_type="Detect", images=val)
+            acc[f"{name} | pytorch"] = res.map50_95
+        for name, run in runners_for(files, args.threads).items():
+            acc[name] = evaluate_runner(run, ds, 160, val)
+        report["map50_95"] = acc
+        print(json.dumps(acc, indent=1))
+
+    for imgsz in args.sizes:
+        files = export_all(models, imgsz, out / f"s{imgsz}", train_images)
+        runners = runners_for(files, args.threads)
+        x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+        lat = time_runners(runners, x, reps=args.reps, rounds=args.rounds)
+        prec = {n: runtime_precisions(v["ov"]) for n, v in files.items() if "ov" in v}
+        report["sizes"][imgsz] = {"latency": lat, "bytes": {n: v["bytes"] for n, v in files.items()},
+                                  "openvino_conv_precisions": prec}
+        print(imgsz, json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}, indent=1))
+    report["seconds"] = round(time.time() - t0, 1)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    md = table(report)
+    (out / "results.md").write_text(md)
+    print(md)
+    plot(report, out / "results.png")
+    print(f"written {out / 'results.json'}, results.md, results.png")
+
+
+def table(report: dict) -> str:
+    lines = []
+    acc = report.get("map50_95", {})
+    for imgsz, r in report["sizes"].items():
+        lines += [f"\n### YOLO11n {imgsz} px, batch 1, {report['machine']['threads']} threads (shared machine)\n",
+                  "| model | runtime | latency median ms (p10-p90) | vs float f32 | vs float default | file MB | mAP50-95 (160 px) |",
+                  "|---|---|---|---|---|---|---|"]
+        lat = r["latency"]
+        f32 = {"onnxruntime": lat.get("float | onnxruntime", {}).get("median_ms"),
+               "openvino": lat.get("float | openvino f32", {}).get("median_ms")}
+        dflt = {"onnxruntime": f32["onnxruntime"], "openvino": lat.get("float | openvino default", {}).get("median_ms")}
+        for k, v in lat.items():
+            name, runtime = k.split(" | ")
+            rt = runtime.split()[0]
+            size = r["bytes"][name]["onnx" if rt == "onnxruntime" else "ov"] / 1e6
+            mp = acc.get(k)
+            lines.append(f"| {name} | {runtime} | {v['median_ms']:.2f} ({v['p10_ms']:.2f}-{v['p90_ms']:.2f}) | "
+                         f"{f32[rt] / v['median_ms']:.2f}x | {dflt[rt] / v['median_ms']:.2f}x | {size:.2f} | "
+                         f"{'' if mp is None else f'{mp:.4f}'} |")
+    if acc:
+        lines += ["\n| model | mAP50-95 PyTorch fake-quant |", "|---|---|"]
+        lines += [f"| {k.split(' | ')[0]} | {v:.4f} |" for k, v in acc.items() if k.endswith("pytorch")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(report["sizes"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 6), squeeze=False)
+    for ax, imgsz in zip(axes[0], sizes):
+        lat = report["sizes"][imgsz]["latency"]
+        names = list(lat)
+        med = [lat[n]["median_ms"] for n in names]
+        err = [[lat[n]["median_ms"] - lat[n]["p10_ms"] for n in names], [lat[n]["p90_ms"] - lat[n]["median_ms"] for n in names]]
+        ax.barh(range(len(names)), med, xerr=err, color=["#888" if n.startswith("float") else "#3a7" if n.startswith("w") else "#c84" for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("latency ms (median, p10-p90)")
+        ax.set_title(f"YOLO11n {imgsz} px, batch 1, {report['machine']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

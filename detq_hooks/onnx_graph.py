@@ -1,0 +1,310 @@
+"""Graph passes on an exported QDQ ONNX model (``onnx`` protos, numpy initializers).
+
+:func:`clean_qdq` turns what ``torch.onnx.export`` writes into the deployable form: constants as
+initializers, no ``Identity`` or no-op ``Cast``, BatchNorm folded into the integer weights of the preceding
+convolution (exactly: per-channel scales times |γ/σ|, codes negated where γ/σ < 0), unused initializers gone.
+:func:`make_ort_units` adds what onnxruntime needs to fuse ``QLinearConv`` (a ``QuantizeLinear`` on every
+quantized Conv's output, int32 biases). :func:`pack_int4_weights` stores ≤ 4-bit weight codes as ``INT4``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import numpy as np
+
+
+class Graph:
+    """Producer/consumer index over an ``onnx.GraphProto`` with numpy access to initializers."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.g = model.graph
+        self.reindex()
+
+    def reindex(self) -> None:
+        from onnx import numpy_helper
+
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list] = defaultdict(list)
+        for n in self.g.node:
+            for i in n.input:
+                if i:
+                    self.consumers[i].append(n)
+        self.outputs = {o.name for o in self.g.output}
+        self._np = numpy_helper
+
+    def array(self, name: str) -> Optional[np.ndarray]:
+        t = self.inits.get(name)
+        return None if t is None else self._np.to_array(t)
+
+    def set_init(self, name: str, value: np.ndarray) -> str:
+        t = self._np.from_array(np.array(value, copy=True, order="C"), name)  # keeps 0-d scalars 0-d
+        if name in self.inits:
+            self.inits[name].CopyFrom(t)
+        else:
+            self.g.initializer.append(t)
+            self.inits[name] = self.g.initializer[-1]
+        return name
+
+    def fresh(self, base: str) -> str:
+        i, name = 0, base
+        taken = set(self.inits) | set(self.producer) | {v.name for v in self.g.input}
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def rename_input(self, old: str, new: str) -> None:
+        for n in list(self.consumers.get(old, [])):
+            for k, i in enumerate(n.input):
+                if i == old:
+                    n.input[k] = new
+        for o in self.g.output:
+            if o.name == old:
+                o.name = new
+
+    def remove_nodes(self, nodes: Iterable) -> None:
+        # delete in place, by index: re-adding would copy the messages and orphan references held by callers
+        drop = {id(n) for n in nodes}
+        for i in reversed([i for i, n in enumerate(self.g.node) if id(n) in drop]):
+            del self.g.node[i]
+        self.reindex()
+
+    def prune(self) -> None:
+        """Drop nodes whose outputs nobody reads, then unused initializers."""
+        while True:
+            dead = [n for n in self.g.node
+                    if all(o not in self.outputs and not self.consumers.get(o) for o in n.output)]
+            if not dead:
+                break
+            self.remove_nodes(dead)
+        used = {i for n in self.g.node for i in n.input} | self.outputs
+        for i in reversed([i for i, t in enumerate(self.g.initializer) if t.name not in used]):
+            del self.g.initializer[i]
+        self.reindex()
+
+
+def constants_to_initializers(gr: Graph) -> None:
+    from onnx import numpy_helper
+
+    nodes = []
+    for n in gr.g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            gr.set_init(n.output[0], numpy_helper.to_array(n.attribute[0].t))
+            nodes.append(n)
+    gr.remove_nodes(nodes)
+
+
+def remove_identities(gr: Graph, elem_types: dict[str, int]) -> None:
+    """Remove ``Identity`` nodes and ``Cast`` nodes whose input already has the target type."""
+    for n in list(gr.g.node):
+        noop = n.op_type == "Identity" or (
+            n.op_type == "Cast" and elem_types.get(n.input[0]) is not None
+            and elem_types.get(n.input[0]) == next(a.i for a in n.attribute if a.name == "to")
+        )
+        if not noop:
+            continue
+        src, dst = n.input[0], n.output[0]
+        if dst in gr.outputs:
+            if src in gr.outputs or src in {v.name for v in gr.g.input} or src in gr.inits:
+                continue
+            # keep the graph output name: rename the producer's output instead
+            prod = gr.producer[src]
+            for k, o in enumerate(prod.output):
+                if o == src:
+                    prod.output[k] = dst
+            gr.rename_input(src, dst)
+        else:
+            for c in list(gr.consumers.get(dst, [])):
+                for k, i in enumerate(c.input):
+                    if i == dst:
+                        c.input[k] = src
+        gr.remove_nodes([n])
+
+
+def _elem_types(model) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    for t in model.graph.initializer:
+        types[t.name] = t.data_type
+    return types
+
+
+def weight_dq(gr: Graph, conv) -> Optional[object]:
+    """The ``DequantizeLinear`` node reading constant integer codes that feeds ``conv``'s weight, if any."""
+    if len(conv.input) < 2:
+        return None
+    dq = gr.producer.get(conv.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in gr.inits:
+        return None
+    if len(gr.consumers[dq.output[0]]) != 1:
+        return None
+    return dq
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _set_axis(node, axis: int) -> None:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == "axis":
+            a.i = axis
+            return
+    node.attribute.append(helper.make_attribute("axis", axis))
+
+
+def fold_batchnorm(gr: Graph) -> int:
+    """Fold ``Conv(DQ(codes, s)) → BatchNormalization`` into ``Conv(DQ(±codes, s·|k|), bias')``; returns count."""
+    folded = 0
+    for bn in list(gr.g.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = gr.producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(gr.consumers[conv.output[0]]) != 1:
+            continue
+        dq = weight_dq(gr, conv)
+        params = [gr.array(i) for i in bn.input[1:5]]
+        if dq is None or any(p is None for p in params):
+            continue
+        codes, scale = gr.array(dq.input[0]), gr.array(dq.input[1])
+        zp = gr.array(dq.input[2]) if len(dq.input) > 2 else None
+        if scale is None or (zp is not None and np.any(zp != 0)) or scale.size not in (1, codes.shape[0]):
+            continue
+        if scale.ndim == 0 or scale.size != codes.shape[0]:  # per-tensor weight: becomes per-channel
+            scale = np.full(codes.shape[0], float(scale.reshape(-1)[0]), np.float32)
+        elif _axis(dq) != 0:
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        k = gamma / np.sqrt(var + eps)
+        bias = gr.array(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        sign = np.where(k < 0, -1, 1).reshape(-1, *([1] * (codes.ndim - 1)))
+        # fresh initializers: the exporter may share identical constants between layers
+        base = conv.output[0]
+        new_inputs = [
+            gr.set_init(gr.fresh(base + "_wq"), (codes.astype(np.int16) * sign).astype(codes.dtype)),
+            gr.set_init(gr.fresh(base + "_ws"), (scale.astype(np.float64) * np.abs(k)).astype(np.float32)),
+            gr.set_init(gr.fresh(base + "_wz"), np.zeros(codes.shape[0], codes.dtype)),
+        ]
+        del dq.input[:]
+        dq.input.extend(new_inputs)
+        _set_axis(dq, 0)
+        bname = gr.fresh(conv.output[0] + "_bias")
+        gr.set_init(bname, ((bias - mean) * k + beta).astype(np.float32))
+        if len(conv.input) > 2:
+            conv.input[2] = bname
+        else:
+            conv.input.append(bname)
+        out = bn.output[0]
+        conv.output[0] = out
+        gr.remove_nodes([bn])
+        folded += 1
+    return folded
+
+
+def clean_qdq(model) -> dict[str, int]:
+    """The deployable QDQ graph (in place); returns what was done."""
+    gr = Graph(model)
+    constants_to_initializers(gr)
+    remove_identities(gr, _elem_types(model))
+    folded = fold_batchnorm(gr)
+    gr.prune()
+    return {"batchnorm_folded": folded}
+
+
+def _integer_types() -> set:
+    from onnx import TensorProto as T
+
+    return {T.INT8, T.UINT8, T.INT4, T.UINT4, T.INT16, T.UINT16, T.INT32}
+
+
+def is_quantized_conv(gr: Graph, conv) -> bool:
+    """A Conv whose data input and weight both come from ``DequantizeLinear`` (weight from constant codes)."""
+    if conv.op_type != "Conv":
+        return False
+    src = gr.producer.get(conv.input[0])
+    return src is not None and src.op_type == "DequantizeLinear" and weight_dq(gr, conv) is not None
+
+
+def graph_summary(model) -> dict:
+    """Op counts, integer/float initializer bytes and the number of quantized convolutions."""
+    from collections import Counter
+
+    from onnx import TensorProto
+
+    gr = Graph(model)
+    ints = _integer_types()
+    counts = Counter(n.op_type for n in gr.g.node)
+    int_bytes = float_bytes = 0
+    for t in gr.g.initializer:
+        n = len(t.raw_data) if t.raw_data else gr.array(t.name).nbytes
+        if t.data_type in ints:
+            int_bytes += n
+        elif t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            float_bytes += n
+    return {
+        **{k: counts.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear", "Conv", "Clip", "Round", "Cast")},
+        "ops": dict(counts),
+        "integer_bytes": int_bytes,
+        "float_bytes": float_bytes,
+        "quantized_convs": sum(is_quantized_conv(gr, n) for n in gr.g.node),
+    }
+
+
+def _pack4(values: np.ndarray) -> bytes:
+    """Two's-complement nibbles, element 2i in the low half of byte i (ONNX's INT4 layout)."""
+    flat = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def pack_int4_weights(model, bit_widths: set) -> int:
+    """Store weight codes that fit in [-8, 7] as ``INT4`` (two per byte, exact); returns how many tensors."""
+    from onnx import TensorProto, helper
+
+    if not bit_widths:
+        return 0
+    gr = Graph(model)
+    packed = 0
+    for dq in list(gr.g.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in gr.inits:
+            continue
+        codes = gr.array(dq.input[0])
+        if codes.dtype != np.int8 or codes.ndim < 2 or codes.min() < -8 or codes.max() > 7:
+            continue
+        if len(gr.consumers[dq.input[0]]) != 1:
+            continue
+        zp = gr.array(dq.input[2]) if len(dq.input) > 2 else np.zeros(1, np.int8)
+        qname, zname = gr.fresh(dq.input[0] + "_int4"), gr.fresh(dq.output[0] + "_zp_int4")
+        gr.g.initializer.append(helper.make_tensor(qname, TensorProto.INT4, codes.shape, _pack4(codes), raw=True))
+        gr.g.initializer.append(helper.make_tensor(zname, TensorProto.INT4, zp.shape, _pack4(zp), raw=True))
+        dq.input[0] = qname
+        if len(dq.input) > 2:
+            dq.input[2] = zname
+        else:
+            dq.input.append(zname)
+        gr.reindex()
+        packed += 1
+    gr.prune()
+    return packed
+
+
+def make_ort_units(model, calibration_inputs) -> list[str]:
+    from .onnx_ort import make_ort_units as _impl
+
+    return _impl(model, calibration_inputs)
+
+
+__all__ = ["Graph", "clean_qdq", "fold_batchnorm", "graph_summary", "pack_int4_weights", "make_ort_units", "is_quantized_conv"]

@@ -1,0 +1,141 @@
+"""The QDQ units onnxruntime's CPU provider fuses into ``QLinearConv`` (``export_onnx(target="onnxruntime")``).
+
+onnxruntime fuses a Conv only as ``DQ(x), DQ(w), DQ(int32 bias) → Conv → Q`` where the ``Q`` consumes every
+output edge of the Conv. The clean QDQ graph quantizes layer *inputs* (as training simulated), so a Conv's
+output goes to SiLU in float. This pass adds, for every quantized Conv,
+
+* a requantizer on its output: ``Conv → QuantizeLinear → DequantizeLinear`` with an asymmetric uint8 scale
+  calibrated on the user's inputs (min/max of that output over the calibration batches);
+* its bias as ``int32`` codes at scale ``s_x · s_w`` behind a ``DequantizeLinear``.
+
+SiLU (``Sigmoid``/``Mul``), ``Concat``, ``Split``, ``MaxPool``, ``Resize``, residual ``Add`` and the box decode
+stay in float between the integer units; the next layer's own ``QuantizeLinear`` (trained) quantizes its input.
+The only numerical change against the fake-quant model is the 8-bit rounding of each Conv output (and of
+each bias to int32), which the export test bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .onnx_graph import Graph, is_quantized_conv, weight_dq, _set_axis
+
+
+def _conv_output_ranges(model, names: list[str], calibration_inputs) -> dict[str, tuple[float, float]]:
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for n in names:
+        if n not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    in_names = [i.name for i in sess.get_inputs()]
+    lo = {n: np.inf for n in names}
+    hi = {n: -np.inf for n in names}
+    for batch in calibration_inputs:
+        feed = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).astype(np.float32)
+                for k, v in zip(in_names, batch)}
+        outs = sess.run(names, feed)
+        for n, o in zip(names, outs):
+            lo[n] = min(lo[n], float(o.min()))
+            hi[n] = max(hi[n], float(o.max()))
+    return {n: (lo[n], hi[n]) for n in names}
+
+
+def _uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, 1e-8)
+    zp = int(np.clip(round(-lo / scale), 0, 255))
+    return np.float32(scale), np.uint8(zp)
+
+
+def make_ort_units(model, calibration_inputs) -> list[str]:
+    """Add the Conv-output requantizers and int32 biases (in place); returns notes on what did not fuse."""
+    from onnx import helper
+
+    gr = Graph(model)
+    convs = [n for n in gr.g.node if is_quantized_conv(gr, n)]
+    notes = []
+    ranges = _conv_output_ranges(model, [c.output[0] for c in convs], calibration_inputs)
+    for conv in convs:
+        out = conv.output[0]
+        x_dq = gr.producer[conv.input[0]]
+        s_x = gr.array(x_dq.input[1])
+        w_dq = weight_dq(gr, conv)
+        s_w = gr.array(w_dq.input[1])
+        if s_x is None or s_x.size != 1 or s_w is None:
+            notes.append(f"{conv.name}: input scale is not a per-tensor constant; left as a float Conv")
+            continue
+        if out in gr.outputs:
+            notes.append(f"{conv.name}: its output is a graph output, so it stays a float Conv "
+                         "(onnxruntime fuses only a Conv whose output a QuantizeLinear consumes)")
+            continue
+        # int32 bias at scale s_x * s_w (what QLinearConv adds to the int32 accumulator)
+        if len(conv.input) > 2 and conv.input[2] in gr.inits:
+            b = gr.array(conv.input[2]).astype(np.float64)
+            bscale = (np.float32(s_x.reshape(())) * s_w.astype(np.float32).reshape(-1)).astype(np.float32)
+            if bscale.size == 1:
+                bscale = np.full(b.shape, bscale.reshape(())[()], np.float32)
+            exact = np.round(b / bscale.astype(np.float64))
+            if np.abs(exact).max(initial=0) > 2**31 - 1:
+                notes.append(f"{conv.name}: bias / (input scale x weight scale) exceeds int32 (input scale "
+                             f"{float(s_x.reshape(())):.3g}); bias kept float, so this Conv stays float in onnxruntime")
+                continue
+            codes = exact.astype(np.int32)
+            base = out + "_bias"
+            qn = gr.set_init(gr.fresh(base + "_q"), codes)
+            sn = gr.set_init(gr.fresh(base + "_s"), bscale)
+            zn = gr.set_init(gr.fresh(base + "_z"), np.zeros(b.shape, np.int32))
+            bdq = gr.fresh(base + "_dq")
+            node = helper.make_node("DequantizeLinear", [qn, sn, zn], [bdq], name=bdq, axis=0)
+            conv.input[2] = bdq
+            gr.g.node.append(node)
+        # requantizer on the output, consuming its only edge
+        scale, zp = _uint8_params(*ranges[out])
+        sn = gr.set_init(gr.fresh(out + "_oq_s"), np.array(scale, np.float32))
+        zn = gr.set_init(gr.fresh(out + "_oq_z"), np.array(zp, np.uint8))
+        q_out, dq_out = gr.fresh(out + "_oq"), gr.fresh(out + "_odq")
+        consumers = list(gr.consumers.get(out, []))
+        gr.g.node.append(helper.make_node("QuantizeLinear", [out, sn, zn], [q_out], name=q_out))
+        gr.g.node.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=dq_out))
+        for c in consumers:
+            for k, i in enumerate(c.input):
+                if i == out:
+                    c.input[k] = dq_out
+    _toposort(gr)
+    gr.reindex()
+    gr.prune()
+    return notes
+
+
+def _toposort(gr: Graph) -> None:
+    """Reorder nodes topologically (the appended nodes must precede their consumers)."""
+    available = {i.name for i in gr.g.input} | set(gr.inits) | {""}
+    pending = list(gr.g.node)
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name!r}")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del gr.g.node[:]
+    gr.g.node.extend(copies)
+
+
+__all__ = ["make_ort_units"]
