@@ -132,7 +132,8 @@ def export_onnx(
     """
     import onnx
 
-    from .onnx_graph import clean_qdq, graph_summary, make_ort_units, pack_int4_weights
+    from .onnx_graph import clean_qdq, graph_summary, pack_int4_weights
+    from .onnx_ort import make_ort_units
 
     if target not in TARGETS:
         raise ExportError(f"`target` = {target!r} is not one of {list(TARGETS)}")

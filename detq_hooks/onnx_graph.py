@@ -3,7 +3,7 @@
 :func:`clean_qdq` turns what ``torch.onnx.export`` writes into the deployable form: constants as
 initializers, no ``Identity`` or no-op ``Cast``, BatchNorm folded into the integer weights of the preceding
 convolution (exactly: per-channel scales times |γ/σ|, codes negated where γ/σ < 0), unused initializers gone.
-:func:`make_ort_units` adds what onnxruntime needs to fuse ``QLinearConv`` (a ``QuantizeLinear`` on every
+:func:`detq_hooks.onnx_ort.make_ort_units` adds what onnxruntime needs to fuse ``QLinearConv`` (a ``QuantizeLinear`` on every
 quantized Conv's output, int32 biases). :func:`pack_int4_weights` stores ≤ 4-bit weight codes as ``INT4``.
 """
 
@@ -301,10 +301,4 @@ def pack_int4_weights(model, bit_widths: set) -> int:
     return packed
 
 
-def make_ort_units(model, calibration_inputs) -> list[str]:
-    from .onnx_ort import make_ort_units as _impl
-
-    return _impl(model, calibration_inputs)
-
-
-__all__ = ["Graph", "clean_qdq", "fold_batchnorm", "graph_summary", "pack_int4_weights", "make_ort_units", "is_quantized_conv"]
+__all__ = ["Graph", "clean_qdq", "fold_batchnorm", "graph_summary", "pack_int4_weights", "is_quantized_conv"]
