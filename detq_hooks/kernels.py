@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "fakequant.cpp"
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _ops = None
 _tried = False
 _error: str | None = None
+_loaded_from: Path | None = None
 
 
 def _cpu_flags() -> str:
@@ -55,7 +56,7 @@ def build_dir() -> Path:
 
 def load(verbose: bool = False):
     """The compiled ops namespace (``torch.ops.detq_fq``), or ``None`` with one warning if it cannot be built."""
-    global _ops, _tried, _error
+    global _ops, _tried, _error, _loaded_from
     if _tried:
         return _ops
     with _lock:
@@ -80,9 +81,10 @@ def load(verbose: bool = False):
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=d.name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            cpp_extension.load(name=d.name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                                build_directory=str(d), is_python_module=False, verbose=verbose)
             _ops = torch.ops.detq_fq
+            _loaded_from = d
         except Exception as e:  # noqa: BLE001 - any build or load failure falls back to the PyTorch path
             reason = f"{type(e).__name__}: {e}".strip().splitlines()
             _error = " ".join(reason[:1] + reason[-1:]) if len(reason) > 1 else reason[0]
@@ -105,7 +107,7 @@ def available() -> bool:
 def status() -> str:
     """One line: which implementation the quantizers use and why."""
     ops = load()
-    return f"fused CPU kernels ({build_dir()})" if ops is not None else f"PyTorch implementation ({_error})"
+    return f"fused CPU kernels ({_loaded_from})" if ops is not None else f"PyTorch implementation ({_error})"
 
 
 if __name__ == "__main__":
