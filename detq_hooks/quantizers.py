@@ -208,22 +208,29 @@ class _FusedPerTensor(torch.autograd.Function):
 
 
 class _FusedPerChannel(torch.autograd.Function):
-    """Per-channel LSQ fake quantization (weights) by the compiled kernel; same state as :class:`_FusedPerTensor`."""
+    """Per-channel LSQ fake quantization (weights) by the compiled kernel.
+
+    Nothing weight-sized is kept for backward beyond the weight itself (a parameter, alive anyway): the backward
+    recomputes the exact float residual from it (one cheap pass over the weight) and then reduces per channel.
+    """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int, grad_factor: float):
         ops = _fused_ops(x)
         s, lo, hi = _per_channel_bounds(scale, zero_point, qmin, qmax)
-        out, state = ops.per_channel_fwd(x.contiguous(), s, lo, hi, axis, True)
-        ctx.save_for_backward(state, s, lo, hi)
+        xc = x.contiguous()
+        out = ops.per_channel_fwd(xc, s, lo, hi, axis, False)[0]
+        ctx.save_for_backward(xc, s, lo, hi)
         ctx.args = (axis, grad_factor)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        state, s, lo, hi = ctx.saved_tensors
+        x, s, lo, hi = ctx.saved_tensors
         axis, gf = ctx.args
-        gx, gs, gz = _kernel_ops().per_channel_bwd(grad.float().contiguous(), state, s, lo, hi, axis, gf, ctx.needs_input_grad[0])
+        ops = _kernel_ops()
+        state = ops.per_channel_fwd(x, s, lo, hi, axis, True)[1]
+        gx, gs, gz = ops.per_channel_bwd(grad.float().contiguous(), state, s, lo, hi, axis, gf, ctx.needs_input_grad[0])
         n = ctx.needs_input_grad
         return (gx if n[0] else None), (gs if n[1] else None), (gz if n[2] else None), None, None, None, None
 

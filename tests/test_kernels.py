@@ -201,6 +201,17 @@ def test_saved_state_is_two_bytes_per_activation_element():
     assert saved_bytes(False) == 9 * x.numel() + 4 + 4  # x, out, mask and the 0-dim scale
 
 
+def test_weight_quantizer_keeps_only_the_weight_for_backward():
+    """Per-channel (weights): the backward recomputes the residual from the weight, which is saved without a copy."""
+    w = nn.Parameter(_input("random", 12, (16, 8, 3, 3)))
+    q = _quantizer(4, True, "lsq", w.detach())
+    ptrs = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append((t.data_ptr(), t.numel())) or t, lambda t: t):
+        q(w)
+    big = [p for p in ptrs if p[1] > 16]
+    assert big == [(w.data_ptr(), w.numel())]
+
+
 def test_fallback_without_compiler_warns_once_and_keeps_results(tmp_path):
     """No compiler: one warning that says why and how to get the fused kernels; the PyTorch path runs and gives
     the reference's outputs."""
