@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from typing import Callable
 
 import torch
+
+
+def clock() -> float:
+    """The benchmarks' clock: wall time (``perf_counter``), or with ``DETQ_BENCH_CLOCK=process`` the CPU time of this
+    process (``process_time``), which load from other processes on a shared machine inflates far less (it still
+    counts time OpenMP threads spin at barriers, and cache and memory-bandwidth contention)."""
+    return time.process_time() if os.environ.get("DETQ_BENCH_CLOCK") == "process" else time.perf_counter()
 
 
 def ratio_stats(times: dict[str, list[float]], base: str = "float") -> dict[str, dict[str, float]]:

@@ -17,7 +17,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ from detq_hooks import kernels
 from detq_hooks import quantizers as Q
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
 
 
 def conv_bn_silu(c1, c2, k=3, s=1):
@@ -83,17 +82,17 @@ class C2fLike_in(nn.Module):
 
 
 def step_time(model, x):
-    t = time.perf_counter()
+    t = clock()
     out = model(x)
     sum(o.float().square().mean() for o in out).backward()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def eval_time(model, x):
     with torch.no_grad():
-        t = time.perf_counter()
+        t = clock()
         model(x)
-        return time.perf_counter() - t
+        return clock() - t
 
 
 @contextlib.contextmanager

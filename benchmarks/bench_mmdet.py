@@ -16,13 +16,12 @@ import copy
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
 
@@ -77,10 +76,10 @@ def main() -> None:
     times = {k: [] for k in variants}
     for rep in range(args.reps + 1):
         for name, (model, wrapper) in variants.items():
-            t = time.perf_counter()
+            t = clock()
             model.train_step(copy.copy(batch), wrapper)
             if rep:  # the first round warms up
-                times[name].append(time.perf_counter() - t)
+                times[name].append(clock() - t)
     memory = {}
     for name, (model, wrapper) in variants.items():
         data = model.data_preprocessor(copy.copy(batch), True)

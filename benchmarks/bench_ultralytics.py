@@ -40,7 +40,7 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
 
 
 def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: int, recipes: list[str]) -> dict:
@@ -89,19 +89,19 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
         variants[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
 
     def train_step(model, opt, b):
-        t = time.perf_counter()
+        t = clock()
         loss, _ = model(b)
         loss.sum().backward()
         opt.step()
         opt.zero_grad()
-        return time.perf_counter() - t
+        return clock() - t
 
     def val_forward(model, b):
         model.eval()
         with torch.no_grad():
-            t = time.perf_counter()
+            t = clock()
             model(b["img"])
-            dt = time.perf_counter() - t
+            dt = clock() - t
         model.train()
         return dt
 
