@@ -126,7 +126,7 @@ def main(argv=None):
         models[name] = m.train()
     params = sum(p.numel() for p in base.parameters())
     print(f"model: {params / 1e6:.2f} M parameters, {len(dq.quantized_layers(models['w8a8']))} quantized layers; "
-          f"input {tuple(x.shape)}; threads {args.threads}")
+          f"input {tuple(x.shape)}; threads {args.threads}; clock {os.environ.get('DETQ_BENCH_CLOCK', 'wall')}")
     memory = {}
     for k, m in models.items():  # warm-up, and the memory held for backward
         with implementation(k):

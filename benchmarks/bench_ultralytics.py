@@ -195,7 +195,9 @@ def main() -> None:
     report["memory_ratio"] = st["memory_ratio"]
     if "w4a4-crqat" in st["train"]:
         report["teacher_cost_vs_plain_w4a4"] = st["train"]["w4a4-crqat"]["median_s"] / st["train"]["w4a4"]["median_s"]
-    print(f"YOLO11n, batch 16, {a.imgsz} px, {a.steps} interleaved steps, torch threads {torch.get_num_threads()}")
+    report["clock"] = os.environ.get("DETQ_BENCH_CLOCK", "wall")
+    print(f"YOLO11n, batch 16, {a.imgsz} px, {a.steps} interleaved steps, torch threads {torch.get_num_threads()}, "
+          f"clock {report['clock']}")
     print(f"{'variant':<22} {'step [s]':>8} {'train ratio med (min-max)':>27} {'val ratio med (min-max)':>25} {'memory ratio':>12}")
     for k, v in st["train"].items():
         print(f"{k:<22} {v['median_s']:>8.3f} {fmt_ratio(v):>27} {fmt_ratio(st['val'][k]):>25} {st['memory_ratio'][k]:>12.3f}")
