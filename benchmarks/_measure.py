@@ -23,7 +23,8 @@ def ratio_stats(times: dict[str, list[float]], base: str = "float") -> dict[str,
     out = {}
     for k, ts in times.items():
         r = [t / b for t, b in zip(ts, times[base])]
-        out[k] = {"median_s": statistics.median(ts), "ratio_of_medians": statistics.median(ts) / statistics.median(times[base]),
+        med = statistics.median(ts)
+        out[k] = {"median_s": med, "ratio_of_medians": med / statistics.median(times[base]),
                   "ratio_min": min(r), "ratio_median": statistics.median(r), "ratio_max": max(r)}
     return out
 

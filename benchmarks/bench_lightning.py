@@ -122,7 +122,8 @@ def main(argv=None):
     med = {c: statistics.median(v) for c, v in times.items()}
     print(f"\nLightning FCOS-{args.backbone} train step, {args.imgsz}px, batch {args.batch_size}, "
           f"{args.steps} timed steps x {args.rounds} rounds, torch threads {torch.get_num_threads()}, {args.precision}")
-    print(f"{'config':<8} {'step ms':>9} {'ratio':>7} {'per-round ratios':>18} {'memory MB':>10} {'mem ratio':>9}   per-round medians (ms)")
+    print(f"{'config':<8} {'step ms':>9} {'ratio':>7} {'per-round ratios':>18} {'memory MB':>10} {'mem ratio':>9}"
+          "   per-round medians (ms)")
     for c in configs:
         rounds = " ".join(f"{t:.0f}" for t in times[c])
         per_round = " ".join(f"{t / b:.2f}" for t, b in zip(times[c], times[None]))

@@ -93,7 +93,8 @@ def main() -> None:
         wrapper.zero_grad()
         memory[name] = saved + model_state_bytes(model, wrapper.optimizer)
     stats = ratio_stats(times)
-    print(f"{args.config}: train_step, batch {args.batch}x3x{args.imgsz}x{args.imgsz}, {args.threads} threads, median of {args.reps}, "
+    print(f"{args.config}: train_step, batch {args.batch}x3x{args.imgsz}x{args.imgsz}, {args.threads} threads, "
+          f"median of {args.reps}, "
           f"clock {os.environ.get('DETQ_BENCH_CLOCK', 'wall')}")
     for name in times:
         st = stats[name]

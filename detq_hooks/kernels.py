@@ -81,8 +81,10 @@ def load(verbose: bool = False):
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=d.name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                               build_directory=str(d), is_python_module=False, verbose=verbose)
+            # Copies of the flag lists: cpp_extension appends to the lists it is given.
+            cpp_extension.load(name=d.name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                               extra_ldflags=list(LDFLAGS), build_directory=str(d), is_python_module=False,
+                               verbose=verbose)
             _ops = torch.ops.detq_fq
             _loaded_from = d
         except Exception as e:  # noqa: BLE001 - any build or load failure falls back to the PyTorch path

@@ -148,7 +148,8 @@ class QuantModuleMixin:
             return entry[6]
         out = wq(w)
         token = next(_tokens)
-        snapshot = (wq.scale.detach().clone(), wq.zero_point.detach().clone()) if w.device.type == "cpu" else (None, None)
+        on_cpu = w.device.type == "cpu"
+        snapshot = (wq.scale.detach().clone(), wq.zero_point.detach().clone()) if on_cpu else (None, None)
         _WEIGHT_CACHE[self] = (key, w, wq.scale, wq.zero_point, *snapshot, out, token)
         if out.requires_grad:
             ref = weakref.ref(self)
