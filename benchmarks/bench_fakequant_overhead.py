@@ -1,22 +1,32 @@
 """Fake-quant training overhead: forward+backward time of a quantized YOLO-sized conv net as a ratio to
-the same float net, measured side by side in one run (interleaved repetitions, median of each).
+the same float net, measured side by side in one run (interleaved repetitions; per-repetition ratios, median
+and min-max), plus the validation forward (eval, no_grad) and the memory a training step holds for backward.
 
     python benchmarks/bench_fakequant_overhead.py [--imgsz 320] [--batch 8] [--reps 10] [--threads 2]
 
-Target (issue 2): at most 1.3x for W8A8 and W4A4 per-channel LSQ on CPU.
+Variants: float, W8A8, W4A8, W4A4 with the fused kernels (detq_hooks/kernels.py), and W8A8 on the PyTorch
+implementation (``w8a8-pytorch``: the path used when the kernels cannot be built), in the same run.
+Targets (issue 11): training step W8A8 <= 1.10x, W4A4 <= 1.15x; validation <= 1.1x; memory <= 1.2x.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 
 import detq_hooks as dq
+from detq_hooks import kernels
+from detq_hooks import quantizers as Q
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
 
 
 def conv_bn_silu(c1, c2, k=3, s=1):
@@ -72,10 +82,28 @@ class C2fLike_in(nn.Module):
 
 
 def step_time(model, x):
-    t = time.perf_counter()
+    t = clock()
     out = model(x)
     sum(o.float().square().mean() for o in out).backward()
-    return time.perf_counter() - t
+    return clock() - t
+
+
+def eval_time(model, x):
+    with torch.no_grad():
+        t = clock()
+        model(x)
+        return clock() - t
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+    """``pytorch`` runs the quantizers on the PyTorch implementation (the fallback), otherwise the fused kernels."""
+    previous = Q._FUSED_ENABLED
+    Q._FUSED_ENABLED = not name.endswith("-pytorch")
+    try:
+        yield
+    finally:
+        Q._FUSED_ENABLED = previous
 
 
 def main(argv=None):
@@ -84,31 +112,47 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="w8a8,w4a8,w4a4,w8a8-pytorch")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print("quantizer kernels:", kernels.status())
     x = torch.randn(args.batch, 3, args.imgsz, args.imgsz)
     base = YoloSizedNet().train()
     models = {"float": base}
-    for preset in ("w8a8", "w4a4"):
-        m = dq.quantize(copy.deepcopy(base), preset)
+    for name in args.variants.split(","):
+        m = dq.quantize(copy.deepcopy(base), name.split("-")[0])
         dq.calibrate(m, [x[:2]], num_batches=1)
-        models[preset] = m.train()
+        models[name] = m.train()
     params = sum(p.numel() for p in base.parameters())
     print(f"model: {params / 1e6:.2f} M parameters, {len(dq.quantized_layers(models['w8a8']))} quantized layers; "
-          f"input {tuple(x.shape)}; threads {args.threads}")
+          f"input {tuple(x.shape)}; threads {args.threads}; clock {os.environ.get('DETQ_BENCH_CLOCK', 'wall')}")
+    memory = {}
+    for k, m in models.items():  # warm-up, and the memory held for backward
+        with implementation(k):
+            step_time(m, x)
+            m.zero_grad(set_to_none=True)
+            loss, saved = saved_for_backward_bytes(lambda: sum(o.float().square().mean() for o in m(x)))
+            loss.backward()
+            memory[k] = saved + model_state_bytes(m)
+            m.zero_grad(set_to_none=True)
     times = {k: [] for k in models}
-    for k, m in models.items():  # warm-up
-        step_time(m, x)
+    evals = {k: [] for k in models}
     for _ in range(args.reps):  # interleaved so that machine noise hits all variants alike
         for k, m in models.items():
-            m.zero_grad(set_to_none=True)
-            times[k].append(step_time(m, x))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{'variant':<8} {'median fwd+bwd [ms]':>20} {'ratio to float':>15}")
+            with implementation(k):
+                m.zero_grad(set_to_none=True)
+                times[k].append(step_time(m, x))
+                m.eval()
+                evals[k].append(eval_time(m, x))
+                m.train()
+    train, val = ratio_stats(times), ratio_stats(evals)
+    print(f"{'variant':<13} {'fwd+bwd [ms]':>12} {'train ratio med (min-max)':>27} {'val fwd [ms]':>12} "
+          f"{'val ratio med (min-max)':>25} {'memory [MB]':>11} {'mem ratio':>9}")
     for k in models:
-        print(f"{k:<8} {med[k] * 1e3:>20.1f} {med[k] / med['float']:>15.3f}")
-    return med
+        print(f"{k:<13} {train[k]['median_s'] * 1e3:>12.1f} {fmt_ratio(train[k]):>27} {val[k]['median_s'] * 1e3:>12.1f} "
+              f"{fmt_ratio(val[k]):>25} {memory[k] / 2**20:>11.1f} {memory[k] / memory['float']:>9.3f}")
+    return {"train": train, "val": val, "memory": memory}
 
 
 if __name__ == "__main__":

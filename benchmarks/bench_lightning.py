@@ -6,12 +6,17 @@ synthetic batches (data loading is not what is measured); the median time from `
 interleaved (float, W8A8, W4A8, float, ...) so that load from other processes hits every configuration alike.
 
     python benchmarks/bench_lightning.py                      # 128 px, batch 4, ResNet-18 FCOS
+    python benchmarks/bench_lightning.py --imgsz 320          # the size issue 11's targets are set at
     python benchmarks/bench_lightning.py --imgsz 96 --steps 6 --rounds 1
+
+Also printed: the memory one training step holds for backward (every saved tensor's storage once) plus
+parameters, gradients and optimizer state, as a ratio to float.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +30,38 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning_fcos import FCOSModule, StepTimer, collate  # noqa: E402
 
 from detq_hooks.lightning import DetQCallback  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import model_state_bytes  # noqa: E402
+
+
+class SavedBytes(pl.Callback):
+    """Bytes autograd keeps for backward in the last training step (each storage once), plus model state."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+        self.saved = 0
+        self.state = 0
+        self._ctx = None
+
+    def _pack(self, t):
+        s = t.untyped_storage()
+        self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.storages = {}
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+            self.saved = sum(self.storages.values())
+
+    def on_train_end(self, trainer, pl_module):
+        self.state = model_state_bytes(pl_module, trainer.optimizers[0] if trainer.optimizers else None)
 
 
 class RandomBoxes(Dataset):
@@ -54,12 +91,13 @@ def time_steps(recipe, args) -> float:
     loader = DataLoader(RandomBoxes(args.batch_size * (args.steps + args.warmup), args.imgsz, 8),
                         batch_size=args.batch_size, collate_fn=collate)
     timer = StepTimer(warmup=args.warmup)
-    cbs = [timer] + ([DetQCallback(recipe=recipe, calibration_batches=1)] if recipe else [])
+    mem = SavedBytes()
+    cbs = [timer] + ([DetQCallback(recipe=recipe, calibration_batches=1)] if recipe else []) + [mem]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + args.warmup, callbacks=cbs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0, precision=args.precision)
     trainer.fit(module, loader)
-    return statistics.median(timer.times) * 1000
+    return statistics.median(timer.times) * 1000, mem.saved + mem.state
 
 
 def main(argv=None):
@@ -76,16 +114,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     configs = [None, *args.recipes]
     times = {c: [] for c in configs}
+    memory = {}
     for _ in range(args.rounds):
         for c in configs:
-            times[c].append(time_steps(c, args))
+            t, memory[c] = time_steps(c, args)
+            times[c].append(t)
     med = {c: statistics.median(v) for c, v in times.items()}
     print(f"\nLightning FCOS-{args.backbone} train step, {args.imgsz}px, batch {args.batch_size}, "
           f"{args.steps} timed steps x {args.rounds} rounds, torch threads {torch.get_num_threads()}, {args.precision}")
-    print(f"{'config':<8} {'step ms':>9} {'ratio':>7}   per-round medians (ms)")
+    print(f"{'config':<8} {'step ms':>9} {'ratio':>7} {'per-round ratios':>18} {'memory MB':>10} {'mem ratio':>9}"
+          "   per-round medians (ms)")
     for c in configs:
         rounds = " ".join(f"{t:.0f}" for t in times[c])
-        print(f"{c or 'float':<8} {med[c]:>9.1f} {med[c] / med[None]:>7.2f}   {rounds}")
+        per_round = " ".join(f"{t / b:.2f}" for t, b in zip(times[c], times[None]))
+        print(f"{c or 'float':<8} {med[c]:>9.1f} {med[c] / med[None]:>7.2f} {per_round:>18} {memory[c] / 2**20:>10.1f} "
+              f"{memory[c] / memory[None]:>9.3f}   {rounds}")
     return med
 
 

@@ -4,7 +4,9 @@
 
 Builds the model from `integrations/mmdet/<config>` (random weights), takes one batch of the synthetic COCO
 data through the config's own pipeline and data preprocessor, and times `train_step` (forward, loss,
-backward, optimizer step) for float, W8A8 and W4A8 (interleaved repetitions, median of each).
+backward, optimizer step) for float, W8A8 and W4A8 (interleaved repetitions; per-repetition ratios to float,
+median and min-max), and the memory one step holds for backward (every saved tensor's storage once) plus
+parameters, gradients and optimizer state, as a ratio to float.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
 
@@ -72,15 +76,30 @@ def main() -> None:
     times = {k: [] for k in variants}
     for rep in range(args.reps + 1):
         for name, (model, wrapper) in variants.items():
-            t = time.perf_counter()
+            t = clock()
             model.train_step(copy.copy(batch), wrapper)
             if rep:  # the first round warms up
-                times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["float"])
-    print(f"{args.config}: train_step, batch {args.batch}x3x{args.imgsz}x{args.imgsz}, {args.threads} threads, median of {args.reps}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {name:6s} {med * 1000:8.1f} ms   {med / base:5.2f}x float")
+                times[name].append(clock() - t)
+    memory = {}
+    for name, (model, wrapper) in variants.items():
+        data = model.data_preprocessor(copy.copy(batch), True)
+
+        def loss_fn(model=model, data=data):
+            parsed, _ = model.parse_losses(model._run_forward(data, mode="loss"))
+            return parsed
+
+        loss, saved = saved_for_backward_bytes(loss_fn)
+        loss.backward()
+        wrapper.zero_grad()
+        memory[name] = saved + model_state_bytes(model, wrapper.optimizer)
+    stats = ratio_stats(times)
+    print(f"{args.config}: train_step, batch {args.batch}x3x{args.imgsz}x{args.imgsz}, {args.threads} threads, "
+          f"median of {args.reps}, "
+          f"clock {os.environ.get('DETQ_BENCH_CLOCK', 'wall')}")
+    for name in times:
+        st = stats[name]
+        print(f"  {name:6s} {st['median_s'] * 1000:8.1f} ms   {fmt_ratio(st)} x float (per-rep median, min-max)   "
+              f"memory {memory[name] / 2**20:7.1f} MB = {memory[name] / memory['float']:.3f} x float")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ ModelOpt (for ``quantize=8``) is not a dependency of detq-hooks; to include it w
     PYTHONPATH=/tmp/modelopt_site YOLO_OFFLINE=1 python benchmarks/bench_ultralytics.py
 
 1. Step time: one Ultralytics training step (forward + loss + backward + optimizer step, batch 16) of YOLO11n in
-   float, W8A8 and W4A8 (median of ``--steps`` steps after warm-up, same batches). Target W8A8 <= 1.3x float.
+   float, W8A8, W4A8, W4A4, W4A4 CR-QAT and Ultralytics ``quantize=8`` (ModelOpt, where it imports), interleaved,
+   same batches: per-step ratios to float (median, min-max); the validation forward (eval, no_grad) likewise; the
+   memory a training step holds for backward plus parameters, gradients and optimizer state, as a ratio to float.
+   Targets (issue 11): W8A8 <= min(1.10, ModelOpt), W4A4 <= 1.15, CR-QAT W4A4 <= 1.45, memory <= 1.2,
+   validation <= 1.1.
 2. Accuracy: a float YOLO11n trained ``--pre-epochs`` epochs from scratch (``detq_hooks.tools.zoo``: trained once,
    then cached; the same reference as bench_crqat_ultralytics.py); from it, three runs of ``--epochs`` epochs each:
    float fine-tuning, W8A8 QAT and W4A8 QAT (DetQTrainer), all with the same optimizer settings; COCO mAP of
@@ -25,7 +29,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -35,9 +39,14 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
+
 
 def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: int, recipes: list[str]) -> dict:
-    """Median seconds per training step for float and each recipe, on identical batches."""
+    """Training-step seconds, validation-forward seconds and memory held for backward, for float, each recipe and
+    Ultralytics' ``quantize=8`` (where ModelOpt imports), on identical batches. The variants are built first and
+    the steps interleaved (float, W8A8, ..., float, W8A8, ...) so that load from other processes hits them alike."""
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     from detq_hooks import calibrate
@@ -58,10 +67,10 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
             break
     base = trainer.model
     base.args = trainer.args
-    results = {}
     names = ["float", *recipes]
     if modelopt_check() == "importable":
         names.append("ultralytics_quantize8")
+    variants = {}
     for name in names:
         model = copy.deepcopy(base)
         if name == "ultralytics_quantize8":  # Ultralytics' own INT8 QAT (ModelOpt), as its trainer prepares it
@@ -77,19 +86,43 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
                 model.criterion = DistillCriterion(model.init_criterion(), model, teacher, ultralytics_stages(model),
                                                    recipe.distillation, lambda: 1)
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        times = []
-        for i in range(steps + 3):
-            b = batches[i % len(batches)]
-            t = time.perf_counter()
-            loss, _ = model(b)
-            loss.sum().backward()
-            opt.step()
-            opt.zero_grad()
-            if i >= 3:
-                times.append(time.perf_counter() - t)
-        results[name] = statistics.median(times)
-    return results
+        variants[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
+
+    def train_step(model, opt, b):
+        t = clock()
+        loss, _ = model(b)
+        loss.sum().backward()
+        opt.step()
+        opt.zero_grad()
+        return clock() - t
+
+    def val_forward(model, b):
+        model.eval()
+        with torch.no_grad():
+            t = clock()
+            model(b["img"])
+            dt = clock() - t
+        model.train()
+        return dt
+
+    memory = {}
+    for name, (model, opt) in variants.items():  # warm-up (3 steps), then one step with its memory counted
+        for i in range(3):
+            train_step(model, opt, batches[i % len(batches)])
+        loss, saved = saved_for_backward_bytes(lambda: model(batches[0])[0].sum())
+        loss.backward()
+        opt.zero_grad()
+        memory[name] = saved + model_state_bytes(model, opt)
+    times = {k: [] for k in variants}
+    vals = {k: [] for k in variants}
+    for i in range(steps):
+        b = batches[i % len(batches)]
+        for name, (model, opt) in variants.items():
+            times[name].append(train_step(model, opt, b))
+        for name, (model, opt) in variants.items():
+            vals[name].append(val_forward(model, b))
+    return {"train": ratio_stats(times), "val": ratio_stats(vals), "memory_bytes": memory,
+            "memory_ratio": {k: v / memory["float"] for k, v in memory.items()}}
 
 
 def train_eval(label, start, data, imgsz, epochs, project, ds, trainer=None, **kw) -> dict:
@@ -149,12 +182,25 @@ def main() -> None:
     data = str(ds.yolo_yaml)
     report: dict = {"config": vars(a), "torch_threads": torch.get_num_threads()}
 
+    from detq_hooks import kernels
+
+    report["quantizer_kernels"] = kernels.status()
+    print("quantizer kernels:", report["quantizer_kernels"], "| modelopt:", modelopt_check())
     st = step_times(a.model, data, a.imgsz, a.steps, 16, ["w8a8", "w4a8", "w4a4", "w4a4-crqat"])
-    report["step_time_s"] = st
-    report["step_time_ratio"] = {k: st[k] / st["float"] for k in st}
-    if "w4a4-crqat" in st:
-        report["teacher_cost_vs_plain_w4a4"] = st["w4a4-crqat"] / st["w4a4"]
-    print("step time (s):", {k: round(v, 4) for k, v in st.items()}, "ratio:", {k: round(v, 3) for k, v in report["step_time_ratio"].items()})
+    report["step_time_s"] = {k: v["median_s"] for k, v in st["train"].items()}
+    report["step_time_ratio"] = {k: v["ratio_median"] for k, v in st["train"].items()}
+    report["step_time_ratio_stats"] = st["train"]
+    report["validation_forward_ratio_stats"] = st["val"]
+    report["memory_bytes"] = st["memory_bytes"]
+    report["memory_ratio"] = st["memory_ratio"]
+    if "w4a4-crqat" in st["train"]:
+        report["teacher_cost_vs_plain_w4a4"] = st["train"]["w4a4-crqat"]["median_s"] / st["train"]["w4a4"]["median_s"]
+    report["clock"] = os.environ.get("DETQ_BENCH_CLOCK", "wall")
+    print(f"YOLO11n, batch 16, {a.imgsz} px, {a.steps} interleaved steps, torch threads {torch.get_num_threads()}, "
+          f"clock {report['clock']}")
+    print(f"{'variant':<22} {'step [s]':>8} {'train ratio med (min-max)':>27} {'val ratio med (min-max)':>25} {'memory ratio':>12}")
+    for k, v in st["train"].items():
+        print(f"{k:<22} {v['median_s']:>8.3f} {fmt_ratio(v):>27} {fmt_ratio(st['val'][k]):>25} {st['memory_ratio'][k]:>12.3f}")
 
     if not a.skip_accuracy:
         project = str(out / "runs")

@@ -11,13 +11,21 @@ parameters (shared, not copied), hooks and any attributes the host framework set
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantizers
 from .quantizers import FakeQuantizer
+
+# Quantized weights reused while the weight, its quantizer's state and the autograd situation are unchanged.
+# Kept outside the modules (weak keys) so deepcopy, pickling and state_dict never see them.
+_WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_tokens = itertools.count()
 
 
 def _clone_into(cls, module: nn.Module) -> nn.Module:
@@ -105,7 +113,55 @@ class QuantModuleMixin:
         return plain
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)  # type: ignore[attr-defined]
+        """The fake-quantized weight, computed once per weight update.
+
+        A layer called several times per step (FCOS's head shared over five levels) reuses it within the step:
+        autograd then sums the gradients of all uses and runs the quantizer's backward once. Under ``no_grad``
+        (validation) it is computed once and reused until the weight or the quantizer changes. The cache entry
+        is keyed on the weight tensor and the version counters of the weight, scale and zero point (in-place
+        updates by optimizers, EMA, ``load_state_dict`` and ``torch.no_grad`` copies move them), the quantizer's
+        bits and flags, the quantizer mode and grad mode; a training entry is dropped as soon as the backward
+        pass has gone through it (its graph is then freed). Export, tracing and ``torch.compile`` bypass it.
+        """
+        wq, w = self.weight_quantizer, self.weight  # type: ignore[attr-defined]
+        if (
+            not wq.enabled
+            or wq.observer is not None
+            or not wq.initialized
+            or quantizers._mode() != "fused"
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+        ):
+            _WEIGHT_CACHE.pop(self, None)
+            return wq(w)
+        key = (w._version, wq.scale._version, wq.zero_point._version, wq.bits, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(), w.dtype, w.device)
+        entry = _WEIGHT_CACHE.get(self)
+        if (
+            entry is not None
+            and entry[0] == key
+            and entry[1] is w
+            and entry[2] is wq.scale
+            and entry[3] is wq.zero_point
+            and (w.device.type != "cpu" or (torch.equal(entry[4], wq.scale) and torch.equal(entry[5], wq.zero_point)))
+        ):
+            return entry[6]
+        out = wq(w)
+        token = next(_tokens)
+        on_cpu = w.device.type == "cpu"
+        snapshot = (wq.scale.detach().clone(), wq.zero_point.detach().clone()) if on_cpu else (None, None)
+        _WEIGHT_CACHE[self] = (key, w, wq.scale, wq.zero_point, *snapshot, out, token)
+        if out.requires_grad:
+            ref = weakref.ref(self)
+
+            def _drop(grad, ref=ref, token=token):
+                m = ref()
+                if m is not None and _WEIGHT_CACHE.get(m, (None,) * 8)[7] == token:
+                    del _WEIGHT_CACHE[m]
+                return grad
+
+            out.register_hook(_drop)
+        return out
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quantizer(x) if self.input_quantizer is not None else x

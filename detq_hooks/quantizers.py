@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 _state = threading.local()
+# Tests switch this off to compare with the PyTorch implementation (the path used when the kernels cannot be built).
+_FUSED_ENABLED = True
 
 
 def _mode() -> str:
@@ -49,11 +51,14 @@ def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (torch.round(x) - x).detach() + x
+    # Value exactly round(x) (x - x is exactly 0), gradient 1.
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    return (x - x * factor).detach() + x * factor
+    # Value exactly x, gradient `factor`: the reference then divides by the very scale the kernels use.
+    xf = x * factor
+    return x.detach() + (xf - xf.detach())
 
 
 def fake_quantize_reference(
@@ -144,6 +149,114 @@ class _LSQPerTensor(torch.autograd.Function):
             # d x_hat / d z = 0 inside the range, -s outside.
             grad_z = (-(grad.sum() - grad_x.sum()) * s).reshape(1) * ctx.grad_factor
         return grad_x, grad_s, grad_z, None, None, None
+
+
+def _kernel_ops():
+    from . import kernels
+
+    return kernels.load()
+
+
+def _fused_ops(x: torch.Tensor):
+    """The compiled kernels when they apply to ``x`` (a float32 CPU tensor), else ``None``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return _kernel_ops()
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if its elements fill its memory in some order (contiguous or channels-last), else a contiguous copy:
+    the per-tensor kernel then works on the raw storage and its output keeps ``x``'s layout."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return x
+    return x.contiguous()
+
+
+def _per_tensor_bounds(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[float, float, float]:
+    z = float(zero_point.detach().round().clamp(qmin, qmax).reshape(()))
+    return float(scale.detach().reshape(())), qmin - z, qmax - z
+
+
+def _per_channel_bounds(scale, zero_point, qmin, qmax):
+    z = zero_point.detach().round().clamp(qmin, qmax)
+    return scale.detach().contiguous(), (qmin - z).contiguous(), (qmax - z).contiguous()
+
+
+class _FusedPerTensor(torch.autograd.Function):
+    """LSQ/LSQ+ per-tensor fake quantization by the compiled kernel (``csrc/fakequant.cpp``).
+
+    Forward is one pass writing the output and a 2-byte state per element (the in-range rounding residual, or
+    which side it was clipped to); backward is one pass producing the input gradient and the scale and offset
+    gradients. Nothing activation-sized in float is kept for backward (today's path keeps the input, the output
+    and a mask).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
+        ops = _fused_ops(x)
+        s, lo, hi = _per_tensor_bounds(scale, zero_point, qmin, qmax)
+        out, state = ops.per_tensor_fwd(_dense(x), s, lo, hi, True)
+        ctx.save_for_backward(state)
+        ctx.args = (s, lo, hi, grad_factor)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (state,) = ctx.saved_tensors
+        s, lo, hi, gf = ctx.args
+        gx, gs, gz = _kernel_ops().per_tensor_bwd(grad.float(), state, s, lo, hi, gf, ctx.needs_input_grad[0])
+        n = ctx.needs_input_grad
+        return (gx if n[0] else None), (gs if n[1] else None), (gz if n[2] else None), None, None, None
+
+
+class _FusedPerChannel(torch.autograd.Function):
+    """Per-channel LSQ fake quantization (weights) by the compiled kernel.
+
+    Nothing weight-sized is kept for backward beyond the weight itself (a parameter, alive anyway): the backward
+    recomputes the exact float residual from it (one cheap pass over the weight) and then reduces per channel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int, grad_factor: float):
+        ops = _fused_ops(x)
+        s, lo, hi = _per_channel_bounds(scale, zero_point, qmin, qmax)
+        xc = x.contiguous()
+        out = ops.per_channel_fwd(xc, s, lo, hi, axis, False)[0]
+        ctx.save_for_backward(xc, s, lo, hi)
+        ctx.args = (axis, grad_factor)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, lo, hi = ctx.saved_tensors
+        axis, gf = ctx.args
+        ops = _kernel_ops()
+        state = ops.per_channel_fwd(x, s, lo, hi, axis, True)[1]
+        gx, gs, gz = ops.per_channel_bwd(grad.float().contiguous(), state, s, lo, hi, axis, gf, ctx.needs_input_grad[0])
+        n = ctx.needs_input_grad
+        return (gx if n[0] else None), (gs if n[1] else None), (gz if n[2] else None), None, None, None, None
+
+
+def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | None, grad_factor: float):
+    """The compiled kernels' fake quantization (float32 CPU), or ``None`` when they are not available.
+
+    Without autograd (``no_grad``, or nothing requires a gradient) only the output is computed: one pass, no state.
+    """
+    ops = _fused_ops(x)
+    if ops is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)
+    if axis is None:
+        if needs_grad:
+            return _FusedPerTensor.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+        s, lo, hi = _per_tensor_bounds(scale, zero_point, qmin, qmax)
+        return ops.per_tensor_fwd(_dense(x), s, lo, hi, False)[0]
+    axis = axis % x.dim()
+    if needs_grad:
+        return _FusedPerChannel.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
+    return ops.per_channel_fwd(x.contiguous(), *_per_channel_bounds(scale, zero_point, qmin, qmax), axis, False)[0]
 
 
 class FakeQuantizer(nn.Module):
@@ -288,8 +401,10 @@ class FakeQuantizer(nn.Module):
             scale = (hi - lo) / float(qmax - qmin)
             zp = (qmin - lo / scale.clamp_min(1e-12)).round().clamp(qmin, qmax)
         scale = scale.clamp_min(1e-8)
-        self.scale.data.copy_(scale.expand_as(self.scale).to(self.scale.dtype))
-        self.zero_point.data.copy_(zp.expand_as(self.zero_point).to(self.zero_point.dtype))
+        # In place through the parameter (not `.data`) so that the version counter moves: cached quantized
+        # weights (modules.py) key on it.
+        self.scale.copy_(scale.expand_as(self.scale).to(self.scale.dtype))
+        self.zero_point.copy_(zp.expand_as(self.zero_point).to(self.zero_point.dtype))
         self.initialized = True
 
     def current_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +425,7 @@ class FakeQuantizer(nn.Module):
     @amax.setter
     def amax(self, value: torch.Tensor) -> None:
         with torch.no_grad():
-            self.scale.data.copy_((value.reshape(-1) / self.qmax).to(self.scale.dtype).clamp_min(1e-8))
+            self.scale.copy_((value.reshape(-1) / self.qmax).to(self.scale.dtype).clamp_min(1e-8))
 
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> None:
@@ -330,7 +445,7 @@ class FakeQuantizer(nn.Module):
 
         all_reduce_mean_(self.scale.data)
         all_reduce_mean_(self.zero_point.data)
-        self.zero_point.data.round_()
+        self.zero_point.round_()
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,9 +473,14 @@ class FakeQuantizer(nn.Module):
             n = max(1, xf.numel() // scale.numel())
             grad_factor = 1.0 / math.sqrt(n * qmax)
             axis = self.channel_axis if self.per_channel else None
+            out = None
             if mode == "reference":
                 out = fake_quantize_reference(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
-            elif axis is not None:
+            elif _FUSED_ENABLED:
+                out = fake_quantize_fused(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
+            if out is not None:
+                pass  # reference or compiled kernels
+            elif axis is not None:  # the PyTorch implementation (no compiler, or another device)
                 out = torch._fake_quantize_learnable_per_channel_affine(
                     xf, scale, zero_point, axis, qmin, qmax, grad_factor
                 )

@@ -309,15 +309,17 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     new_w = conv.weight * factor.reshape(-1, 1, 1, 1)
     new_b = (bias - bn.running_mean) * factor + beta
-    conv.weight.data.copy_(new_w)
+    # In place through the parameters (not `.data`) so that their version counters move: the quantized-weight
+    # cache (modules.py) keys on them.
+    conv.weight.copy_(new_w)
     if conv.bias is None:
         conv.bias = nn.Parameter(new_b)
     else:
-        conv.bias.data.copy_(new_b)
+        conv.bias.copy_(new_b)
     wq = getattr(conv, "weight_quantizer", None)
     if isinstance(wq, FakeQuantizer):
         if wq.symmetric and wq.per_channel:
-            wq.scale.data.mul_(factor.abs().reshape(-1).to(wq.scale.dtype)).clamp_(min=1e-8)
+            wq.scale.mul_(factor.abs().reshape(-1).to(wq.scale.dtype)).clamp_(min=1e-8)
         else:
             calibrate_weight_quantizer(wq, conv.weight, "mse")
     return conv

@@ -36,6 +36,10 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$sig" ]]; then
   echo "$sig" > "$stamp"
 fi
 
+# Fused fake-quant kernels: compiled once per machine into ~/.cache/detq-hooks/kernels (about 15-60 s), so that
+# tests and the first training step do not pay it. Without a compiler the PyTorch implementation is used.
+"$venv/bin/python" -m detq_hooks.kernels >&2 || echo "[setup] fused fake-quant kernels not built (see the warning above)" >&2
+
 if [[ $want_mmdet == 1 ]]; then
   bash "$here/scripts/install_mmdet.sh" "$venv" >&2
 fi

@@ -1,0 +1,300 @@
+"""Fused fake-quant kernels (detq_hooks/csrc/fakequant.cpp) against the reference formula and the PyTorch path,
+the fallback when they cannot be built, and the quantized-weight cache of the layers."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from detq_hooks import kernels
+from detq_hooks import quantizers as Q
+from detq_hooks.modules import QuantConv2d
+from detq_hooks.quantizers import FakeQuantizer, fake_quantize_reference, quantizer_mode
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels not built: {kernels.status()}")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _input(kind: str, seed: int, shape=(4, 6, 7, 9)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if kind == "saturated":  # most elements far outside the range, on both sides
+        x = x * 50
+    elif kind == "in_range":  # every element inside the range
+        x = x.clamp(-0.9, 0.9) * 0.1
+    return x
+
+
+def _quantizer(bits, per_channel, kind, x, axis=0):
+    q = FakeQuantizer(bits=bits, symmetric=per_channel, per_channel=per_channel, num_channels=x.shape[axis],
+                      channel_axis=axis, kind=kind, role="weight" if per_channel else "activation")
+    q.initialize_from(x if per_channel else x.clamp(-2, 2))
+    if kind == "lsq_plus":
+        with torch.no_grad():  # a zero point that is not the calibrated one, strictly inside (qmin, qmax): the
+            # reference's clamp of the zero point passes no gradient at the bounds, the kernels' offset gradient does
+            q.zero_point.copy_((q.zero_point + 1).clamp(q.qmin + 1, q.qmax - 1))
+    return q
+
+
+def _run(q, x, g, path):
+    """Output, input gradient, scale gradient, zero-point gradient of q on x with upstream gradient g."""
+    q.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    if path == "reference":
+        with quantizer_mode("reference"):
+            out = q(xi)
+    else:
+        fused = Q._FUSED_ENABLED
+        Q._FUSED_ENABLED = path == "fused"
+        try:
+            out = q(xi)
+        finally:
+            Q._FUSED_ENABLED = fused
+    out.backward(g)
+    zg = q.zero_point.grad.clone() if isinstance(q.zero_point, nn.Parameter) else None
+    return out.detach(), xi.grad, q.scale.grad.clone(), zg
+
+
+def _reference_mask(q, x):
+    s = q.scale.detach().float().clamp_min(1e-8)
+    z = q.zero_point.detach().float().round().clamp(q.qmin, q.qmax)
+    if q.per_channel:
+        shape = [1] * x.dim()
+        shape[q.channel_axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    code = torch.round(x / s) + z
+    return (code >= q.qmin) & (code <= q.qmax)
+
+
+def _fused_state_mask(q, x):
+    """The in-range mask the fused forward stores for backward (decoded from its state)."""
+    ops = kernels.load()
+    z = q.zero_point.detach().round().clamp(q.qmin, q.qmax)
+    if q.per_channel:
+        s = q.scale.detach().clamp_min(1e-8).contiguous()
+        _, st = ops.per_channel_fwd(x.contiguous(), s, (q.qmin - z).contiguous(), (q.qmax - z).contiguous(),
+                                    q.channel_axis, True)
+        return st.abs() <= 0.5
+    s = float(q.scale.detach().clamp_min(1e-8))
+    _, st = ops.per_tensor_fwd(x, s, q.qmin - float(z), q.qmax - float(z), True)
+    return (st > -32767) & (st < 32767)
+
+
+CASES = [(False, "lsq", 0), (False, "lsq_plus", 0), (True, "lsq", 0), (True, "lsq", 1)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("per_channel,kind,axis", CASES)
+@pytest.mark.parametrize("data", ["random", "saturated", "in_range"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_matches_reference(bits, per_channel, kind, axis, data, layout):
+    x = _input(data, bits * 7 + axis)
+    q = _quantizer(bits, per_channel, kind, _input("random", 1), axis)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(bits)).contiguous(memory_format=torch.channels_last)
+    f_out, f_gx, f_gs, f_gz = _run(q, x, g, "fused")
+    r_out, r_gx, r_gs, r_gz = _run(q, x, g, "reference")
+    mask = _reference_mask(q, x)
+    if data == "in_range":
+        assert mask.all()
+    if data == "saturated":
+        assert (~mask).float().mean() > 0.5
+    # Exact: outputs, masks, input gradients (the reference's own input gradient is (g·s)/s, equal to g up to
+    # one rounding, so the exact comparison is with g·mask).
+    assert torch.equal(f_out, r_out)
+    assert torch.equal(_fused_state_mask(q, x), mask)
+    assert torch.equal(f_gx, torch.where(mask, g, 0.0))
+    torch.testing.assert_close(f_gx, r_gx, rtol=1e-6, atol=0)
+    if layout == "channels_last" and not per_channel:
+        assert f_out.is_contiguous(memory_format=torch.channels_last)
+    # Float tolerance: the scale and offset gradients are sums over the tensor.
+    torch.testing.assert_close(f_gs, r_gs, rtol=1e-4, atol=1e-6)
+    if kind == "lsq_plus":
+        torch.testing.assert_close(f_gz, r_gz, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("kind", ["lsq", "lsq_plus"])
+def test_fused_per_tensor_equals_pytorch_path_with_nan(bits, kind):
+    """Against today's PyTorch per-tensor path (the fallback): identical outputs and input gradients, NaN
+    included (out of range: no input gradient, NaN scale gradient, finite offset gradient)."""
+    x = torch.cat([_input("random", 3).reshape(-1) * 3, torch.tensor([float("nan"), 1e6, -1e6, 0.0])])
+    q = _quantizer(bits, False, kind, x[:-4])
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    f = _run(q, x, g, "fused")
+    p = _run(q, x, g, "pytorch")
+    assert torch.equal(f[0].nan_to_num(), p[0].nan_to_num()) and f[0][-4].isnan()
+    assert torch.equal(f[1], p[1]) and f[1][-4:-1].eq(0).all()
+    assert f[2].isnan().all() and p[2].isnan().all()
+    if kind == "lsq_plus":
+        torch.testing.assert_close(f[3], p[3], rtol=1e-5, atol=1e-7)
+    xf = x[:-4]  # NaN-free: scale gradients agree
+    gf = g[:-4]
+    torch.testing.assert_close(_run(q, xf, gf, "fused")[2], _run(q, xf, gf, "pytorch")[2], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_scale_gradient_against_float64_formula(bits):
+    """LSQ's scale gradient written out in float64 (gradcheck does not apply: the straight-through gradient is
+    not the derivative of the piecewise-constant forward): g·(Σ_in grad·(round(v) − v) + Σ_out grad·(q − z))."""
+    x = _input("random", 5, (8, 16, 12, 12)) * 2
+    q = _quantizer(bits, False, "lsq", x)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    _, _, gs, _ = _run(q, x, g, "fused")
+    s = float(q.scale.detach().clamp_min(1e-8))
+    z = float(q.zero_point.round())
+    v = (x / s).double()  # v as the kernel computes it (float32 division), then widened
+    r = torch.round(v)
+    code = r + z
+    inside = (code >= q.qmin) & (code <= q.qmax)
+    d = torch.where(inside, r - v, code.clamp(q.qmin, q.qmax) - z)
+    expected = (g.double() * d).sum() / math.sqrt(x.numel() * q.qmax)
+    # The in-range residual is stored to 1/65532 (|error| <= 7.7e-6 per element): float tolerance on the sum.
+    assert gs.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+
+
+def test_no_grad_forward_is_the_same_output_without_state():
+    x = _input("random", 9) * 2
+    q = _quantizer(4, False, "lsq", x)
+    with torch.no_grad():
+        y = q(x)
+    assert y.grad_fn is None and not y.requires_grad
+    assert torch.equal(y, _run(q, x, torch.ones_like(x), "reference")[0])
+    w = _input("random", 10)
+    qw = _quantizer(4, True, "lsq", w)
+    with torch.no_grad():
+        yw = qw(w)
+    assert torch.equal(yw, _run(qw, w, torch.ones_like(w), "reference")[0])
+
+
+def test_saved_state_is_two_bytes_per_activation_element():
+    """The fused activation quantizer keeps 2 bytes per element for backward (the PyTorch path keeps the
+    input, the output and a mask: 9 bytes)."""
+    x = _input("random", 11, (2, 8, 32, 32)).requires_grad_(True)
+    q = _quantizer(8, False, "lsq", x.detach())
+
+    def saved_bytes(fused):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        Q._FUSED_ENABLED = fused
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                q(x)
+        finally:
+            Q._FUSED_ENABLED = True
+        return sum(total)
+
+    # + 4 bytes: the 1-element scale saved by the quantizer's clamp_min
+    assert saved_bytes(True) == 2 * x.numel() + 4
+    assert saved_bytes(False) == 9 * x.numel() + 4 + 4  # x, out, mask and the 0-dim scale
+
+
+def test_weight_quantizer_keeps_only_the_weight_for_backward():
+    """Per-channel (weights): the backward recomputes the residual from the weight, which is saved without a copy."""
+    w = nn.Parameter(_input("random", 12, (16, 8, 3, 3)))
+    q = _quantizer(4, True, "lsq", w.detach())
+    ptrs = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append((t.data_ptr(), t.numel())) or t, lambda t: t):
+        q(w)
+    big = [p for p in ptrs if p[1] > 16]
+    assert big == [(w.data_ptr(), w.numel())]
+
+
+def test_fallback_without_compiler_warns_once_and_keeps_results(tmp_path):
+    """No compiler: one warning that says why and how to get the fused kernels; the PyTorch path runs and gives
+    the reference's outputs."""
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        warnings.simplefilter("always")
+        from detq_hooks.quantizers import FakeQuantizer, quantizer_mode
+        from detq_hooks import kernels
+        q = FakeQuantizer(bits=4, symmetric=False)
+        x = torch.randn(2, 3, 8, 8)
+        q.initialize_from(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y1 = q(x.requires_grad_(True)); y1.sum().backward()
+            y2 = q(x)
+        with quantizer_mode("reference"):
+            ref = q(x)
+        msgs = [str(w.message) for w in caught if "fused fake-quant" in str(w.message)]
+        print("WARNINGS", len(msgs))
+        print("MSG", msgs[0] if msgs else "")
+        print("AVAILABLE", kernels.available())
+        print("EQUAL", bool(torch.equal(y1, ref) and torch.equal(y2, ref)))
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), DETQ_KERNELS_DIR=str(tmp_path / "k"),
+               PYTHONPATH=str(ROOT), DETQ_NO_FUSED_KERNELS="")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "WARNINGS 1" in out
+    assert "could not be built" in out and "install a C++ compiler" in out
+    assert "AVAILABLE False" in out and "EQUAL True" in out
+
+
+# ------------------------------------------------------------------------------------------- weight cache
+def _qconv(c=8, seed=0):
+    torch.manual_seed(seed)
+    conv = QuantConv2d.from_float(nn.Conv2d(c, c, 3, padding=1), weight_spec=dict(bits=4, symmetric=True),
+                                  input_spec=None)
+    conv.weight_quantizer.initialize_from(conv.weight)
+    calls = []
+    conv.weight_quantizer.register_forward_hook(lambda *a: calls.append(1))
+    return conv, calls
+
+
+def test_shared_layer_quantizes_its_weight_once_per_step_with_the_same_gradients():
+    conv, calls = _qconv()
+    xs = [torch.randn(2, 8, s, s) for s in (16, 8, 4, 2, 1)]  # five pyramid levels, as FCOS's shared head
+    sum(conv(x).square().sum() for x in xs).backward()
+    assert len(calls) == 1
+    cached = (conv.weight.grad.clone(), conv.weight_quantizer.scale.grad.clone())
+    conv.zero_grad()
+    with quantizer_mode("reference"):  # no cache: five quantizations
+        sum(conv(x).square().sum() for x in xs).backward()
+    assert len(calls) == 6
+    torch.testing.assert_close(cached[0], conv.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached[1], conv.weight_quantizer.scale.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_cache_invalidation():
+    conv, calls = _qconv()
+    x = torch.randn(2, 8, 6, 6)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    conv(x).sum().backward()
+    conv(x).sum().backward()  # gradient accumulation: the first graph is freed, so the weight is quantized again
+    assert len(calls) == 2
+    opt.step()
+    y = conv(x)
+    assert len(calls) == 3
+    with quantizer_mode("reference"):
+        assert torch.equal(y, conv(x))  # the updated weight is the one quantized
+    conv.eval()
+    with torch.no_grad():
+        for _ in range(3):  # validation: once for all batches
+            conv(x)
+        assert len(calls) == 5  # (+1 reference call above)
+        conv.weight.mul_(0.5)  # an in-place change moves the version counter
+        y = conv(x)
+        assert len(calls) == 6
+        conv.weight_quantizer.scale.data.mul_(2.0)  # `.data` does not: the cached scale's content is compared
+        y2 = conv(x)
+        assert len(calls) == 7 and not torch.equal(y, y2)
+        conv.weight_quantizer.bits = 8
+        conv(x)
+        assert len(calls) == 8
