@@ -2,7 +2,7 @@
 
     YOLO_OFFLINE=1 python benchmarks/bench_deploy.py [--sizes 320 640 --reps 20 --rounds 5 --threads 2]
 
-From the cached float YOLO11n reference (``detq_hooks.zoo``: 20 epochs from scratch at 160 px on 256 synthetic
+From the cached float YOLO11n reference (``detq_hooks.tools.zoo``: 20 epochs from scratch at 160 px on 256 synthetic
 images, trained once) this builds, with the same calibration images (``--calib`` training images):
 
 * float: ONNX (onnxruntime, f32) and the same file in OpenVINO at its default precision (bf16 on CPUs with
@@ -177,10 +177,10 @@ def main() -> None:
     import openvino as ov
     import onnxruntime as ort
 
-    from detq_hooks.data import make_synthetic_dataset
+    from detq_hooks.tools.data import make_synthetic_dataset
     from detq_hooks.deploy import make_runner, runtime_precisions, time_runners
     from detq_hooks.ultralytics.evaluate import evaluate, load_images
-    from detq_hooks.zoo import cached_float_checkpoint, synthetic_data_dir
+    from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
 
     t0 = time.time()
     ds = make_synthetic_dataset(synthetic_data_dir(256, 64, 160), num_train=256, num_val=64, imgsz=160, seed=0)
