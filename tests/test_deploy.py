@@ -191,3 +191,28 @@ def test_unwritable_output_path_fails_clearly_and_keeps_old_file(models, x, tmp_
     with pytest.raises(ExportError, match=r"must end in \.xml"):
         export_openvino(models["w8a8"], x, tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("bits, symmetric, per_channel", [(8, True, True), (4, True, True), (8, False, False), (4, False, False)])
+def test_traced_quantizer_is_8bit_fake_quantize_computing_the_same_function(bits, symmetric, per_channel):
+    """Under torch.jit.trace (OpenVINO's PyTorch frontend, Ultralytics' format="openvino") a quantizer is one
+    8-bit fake_quantize (a clamp first below 8 bits; scale arithmetic on constants is folded by OpenVINO): same
+    values as the training forward."""
+    from detq_hooks.quantizers import FakeQuantizer
+
+    torch.manual_seed(0)
+    q = FakeQuantizer(bits=bits, symmetric=symmetric, per_channel=per_channel, num_channels=4 if per_channel else 1,
+                      role="weight" if symmetric else "activation")
+    x = torch.randn(4, 3, 5, 5) * 2
+    q.initialize_from(x)
+    with torch.no_grad():
+        ref = q(x)
+        traced = torch.jit.trace(q, x)
+        out = traced(x)
+    ops = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert ("aten::fake_quantize_per_channel_affine" if per_channel else "aten::fake_quantize_per_tensor_affine") in ops
+    assert not any("learnable" in k for k in ops)  # the op no exporter can read
+    step = float(q.scale.max())
+    d = (out - ref).abs()
+    # float x/s vs x*(1/s) may flip a value sitting on a rounding boundary by one step; none here in practice
+    assert (d > 1e-6).float().mean() <= 1e-3 and float(d.max()) <= step + 1e-6
