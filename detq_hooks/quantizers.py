@@ -467,45 +467,20 @@ class FakeQuantizer(nn.Module):
         scale = self.scale.float().clamp_min(1e-8)
         zero_point = self.zero_point.float()
         qmin, qmax = self.qmin, self.qmax
-        if mode == "export":
-            out = self._export_forward(xf, scale, zero_point)
-        else:
-            n = max(1, xf.numel() // scale.numel())
-            grad_factor = 1.0 / math.sqrt(n * qmax)
-            axis = self.channel_axis if self.per_channel else None
-            out = None
-            if mode == "reference":
-                out = fake_quantize_reference(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
-            elif _FUSED_ENABLED:
-                out = fake_quantize_fused(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
-            if out is not None:
-                pass  # reference or compiled kernels
-            elif axis is not None:  # the PyTorch implementation (no compiler, or another device)
-                out = torch._fake_quantize_learnable_per_channel_affine(
-                    xf, scale, zero_point, axis, qmin, qmax, grad_factor
-                )
+        n = max(1, xf.numel() // scale.numel())
+        grad_factor = 1.0 / math.sqrt(n * qmax)
+        axis = self.channel_axis if self.per_channel else None
+        out = None
+        if mode == "reference":
+            out = fake_quantize_reference(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
+        elif _FUSED_ENABLED:  # the compiled kernels (None where they do not apply, e.g. another device)
+            out = fake_quantize_fused(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
+        if out is None:  # the PyTorch implementation (no compiler, or another device)
+            if axis is not None:
+                out = torch._fake_quantize_learnable_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax, grad_factor)
             else:
                 out = _LSQPerTensor.apply(xf, scale, zero_point, qmin, qmax, grad_factor)
         return out if dtype == torch.float32 else out.to(dtype)
-
-    def _export_forward(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        # ONNX has 8-bit containers: QuantizeLinear to int8/uint8. Lower bit widths (and the narrow symmetric
-        # range) are kept exact by clipping to the representable range before quantizing.
-        qmin, qmax = self.qmin, self.qmax
-        cmin, cmax = (-128, 127) if self.symmetric else (0, 255)
-        zp = zero_point.round().clamp(qmin, qmax)
-        if (qmin, qmax) != (cmin, cmax):
-            lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
-            if self.per_channel:
-                shape = [1] * x.dim()
-                shape[self.channel_axis] = -1
-                lo, hi = lo.reshape(shape), hi.reshape(shape)
-            x = torch.maximum(torch.minimum(x, hi), lo)
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(
-                x, scale, zp.to(torch.int32), self.channel_axis, cmin, cmax
-            )
-        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()).to(torch.int32), cmin, cmax)
 
     def extra_repr(self) -> str:
         return (
