@@ -29,16 +29,21 @@ def ratio_stats(times: dict[str, list[float]], base: str = "float") -> dict[str,
     return out
 
 
-def saved_for_backward_bytes(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+def saved_for_backward_bytes(
+    forward: Callable[[], torch.Tensor], model: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, int]:
     """Run ``forward`` (forward pass and loss) and count the bytes autograd keeps for the backward pass: every
     saved tensor's storage once (a conv input that is also a quantizer output is counted once). With the
     parameters and gradients this is the peak memory of a training step on CPU, where PyTorch offers no
     allocator statistics. Returns the loss (backward still possible) and the byte count."""
     storages: dict[int, int] = {}
+    # Parameters saved for backward (a conv's weight; a weight quantizer's input) are counted by model_state_bytes.
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
 
     def pack(t: torch.Tensor):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -132,7 +132,7 @@ def main(argv=None):
         with implementation(k):
             step_time(m, x)
             m.zero_grad(set_to_none=True)
-            loss, saved = saved_for_backward_bytes(lambda: sum(o.float().square().mean() for o in m(x)))
+            loss, saved = saved_for_backward_bytes(lambda: sum(o.float().square().mean() for o in m(x)), m)
             loss.backward()
             memory[k] = saved + model_state_bytes(m)
             m.zero_grad(set_to_none=True)

@@ -43,14 +43,17 @@ class SavedBytes(pl.Callback):
         self.saved = 0
         self.state = 0
         self._ctx = None
+        self._params: set[int] = set()
 
     def _pack(self, t):
         s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in self._params:  # parameters are counted with the model state
+            self.storages[s.data_ptr()] = s.nbytes()
         return t
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.storages = {}
+        self._params = {p.untyped_storage().data_ptr() for p in pl_module.parameters()}
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._ctx.__enter__()
 

@@ -88,7 +88,7 @@ def main() -> None:
             parsed, _ = model.parse_losses(model._run_forward(data, mode="loss"))
             return parsed
 
-        loss, saved = saved_for_backward_bytes(loss_fn)
+        loss, saved = saved_for_backward_bytes(loss_fn, model)
         loss.backward()
         wrapper.zero_grad()
         memory[name] = saved + model_state_bytes(model, wrapper.optimizer)

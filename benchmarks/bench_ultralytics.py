@@ -109,7 +109,7 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
     for name, (model, opt) in variants.items():  # warm-up (3 steps), then one step with its memory counted
         for i in range(3):
             train_step(model, opt, batches[i % len(batches)])
-        loss, saved = saved_for_backward_bytes(lambda: model(batches[0])[0].sum())
+        loss, saved = saved_for_backward_bytes(lambda: model(batches[0])[0].sum(), model)
         loss.backward()
         opt.zero_grad()
         memory[name] = saved + model_state_bytes(model, opt)

@@ -2,9 +2,11 @@
 
 ``q = clamp(round(x / s) + z, qmin, qmax)``, ``x̂ = (q - z) · s``, with a straight-through estimator for
 ``round``. ``lsq`` learns ``s`` (gradient scaled by ``g = 1/sqrt(N · qmax)``), ``lsq_plus`` also learns ``z``,
-``fixed`` keeps the calibrated range. The training path uses PyTorch's fused learnable fake-quant
-kernels; :func:`fake_quantize_reference` is the plain autograd formula they are tested against (and the
-path used when a double backward is needed).
+``fixed`` keeps the calibrated range. On CPU the training and validation paths use the compiled kernels of
+:mod:`detq_hooks.kernels` (one pass forward, one pass backward); without them (no compiler, other devices) the
+PyTorch implementation below (:class:`_LSQPerTensor`, PyTorch's per-channel learnable op) runs.
+:func:`fake_quantize_reference` is the plain autograd formula both are tested against (and the path used when a
+double backward is needed).
 
 Everything a checkpoint needs (scale, zero point, bit width, enabled and initialised flags) is a registered
 parameter or buffer, so ``state_dict()`` round trips, EMA copies, pickling and DDP broadcasts carry it.
