@@ -148,6 +148,24 @@ def test_fit_quantizes_and_learns_scales(tmp_path):
     assert "detq/act_scale_mean" in t.logged_metrics and float(t.logged_metrics["detq/quantized_layers"]) == 4
 
 
+class NoForwardDet(TinyDet):
+    """training_step calls ``self.net`` directly and the module defines no ``forward`` (common with torchvision
+    detectors held as ``self.model``)."""
+
+    forward = pl.LightningModule.forward
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).float(), y)
+
+
+def test_calibration_without_module_forward_runs_the_target(tmp_path):
+    model = NoForwardDet()
+    cb = DetQCallback(recipe="w4a8", target="net", calibration_batches=2)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, loader())
+    assert cb.last_calibration is not None and cb.last_calibration.num_batches == 2
+
+
 def test_layers_created_in_configure_model_are_quantized(tmp_path):
     model = LazyDet()
     t = trainer(tmp_path, [DetQCallback(recipe="w8a8")], max_steps=2)

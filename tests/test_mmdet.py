@@ -405,3 +405,30 @@ def test_checkpoint_of_a_run_without_detq_loads_with_a_warning(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": hub}}, tmp_path / "safe.pth")
     assert torch.load(tmp_path / "safe.pth", weights_only=True)["message_hub"]["loss"].current() == 1.0
     assert CheckpointLoader._schemes[""] is dm.checkpoints._load_from_local
+
+
+@pytest.mark.parametrize("base,leaves", [
+    ("atss/atss_r50_fpn_1x_coco.py", {"atss_cls", "atss_reg", "atss_centerness"}),
+    ("gfl/gfl_r50_fpn_1x_coco.py", {"gfl_cls", "gfl_reg"}),
+    ("tood/tood_r50_fpn_1x_coco.py", {"tood_cls", "tood_reg"}),
+])
+def test_dense_heads_final_layers_are_prediction_layers(base, leaves, tmp_path):
+    """ATSS/GFL/TOOD name their final convs after the head; they stay at prediction_layer_bits (they were
+    quantized at 4 bits as body layers)."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from detq_hooks.detectors import family_for
+
+    register_all_modules()
+    (tmp_path / "cfg.py").write_text(f"_base_ = ['mmdet::{base}']\n")
+    cfg = Config.fromfile(str(tmp_path / "cfg.py")).model
+    cfg.backbone.update(depth=18, init_cfg=None)
+    cfg.neck.in_channels = [64, 128, 256, 512]
+    cfg.bbox_head.num_classes = 3
+    model = MODELS.build(cfg)
+    preds = family_for(model).prediction_layers(model)
+    assert {n.split(".")[-1] for n in preds} == leaves
+    dq.quantize(model, "w4a8", prediction_layers=preds)
+    roles = {n: m.detq_layer_role for n, m in dq.quantized_layers(model) if n.split(".")[-1] in leaves}
+    assert len(roles) == len(leaves) and set(roles.values()) == {"prediction"}

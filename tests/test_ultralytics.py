@@ -552,3 +552,25 @@ def test_ultralytics_export_of_quantized_best_pt_gives_the_integer_model(trained
     pt, _ = evaluate(model, ds.val_images, ds.coco_val_json, IMGSZ, images=images)
     ex, _ = evaluate(path, ds.val_images, ds.coco_val_json, IMGSZ, head_type="Detect", images=images, batch=1)
     assert abs(pt.map50_95 - ex.map50_95) <= 0.005, (pt.map50_95, ex.map50_95)
+
+
+def test_criterion_wrapper_passes_rtdetr_keywords_and_dict_losses():
+    """RT-DETR's model calls its criterion with dn_* keywords and sums the dict it returns; the session's terms
+    must join that dict (a curriculum-only recipe on RT-DETR used to fail at the first step)."""
+    from detq_hooks.loss_terms import FunctionTerm
+    from detq_hooks.session import QuantSession
+    from detq_hooks.ultralytics.criterion import DetQCriterion
+
+    seen = {}
+
+    def rtdetr_like(preds, batch, dn_bboxes=None, dn_scores=None, dn_meta=None):
+        seen.update(dn_bboxes=dn_bboxes, dn_meta=dn_meta)
+        return {"loss_giou": torch.tensor(1.0), "loss_class": torch.tensor(2.0), "loss_bbox": torch.tensor(3.0)}
+
+    session = QuantSession("w4a8")
+    session.add_loss_term(FunctionTerm("_anchor", lambda ctx: {"_anchor": torch.tensor(0.5)}))
+    crit = DetQCriterion(rtdetr_like, torch.nn.Linear(1, 1), session)
+    out = crit((None, None), {"cls": torch.zeros(0)}, dn_bboxes="b", dn_scores=None, dn_meta={"m": 1})
+    assert seen == {"dn_bboxes": "b", "dn_meta": {"m": 1}}
+    assert set(out) == {"loss_giou", "loss_class", "loss_bbox", "detq_anchor"}
+    assert float(sum(out.values())) == 6.5

@@ -28,7 +28,8 @@ from .base import DetectorFamily, UnsupportedDetectorError
 PREDICTION_LEAF = re.compile(
     r"(^|\.)(conv_cls|conv_reg|retina_cls|retina_reg|fc_cls|fc_reg|conv_centerness|conv_objectness|"
     r"rtm_cls\.\d+|rtm_reg\.\d+|rtm_obj\.\d+|multi_level_conv_cls\.\d+|multi_level_conv_reg\.\d+|"
-    r"multi_level_conv_obj\.\d+|cls_branches\.\d+)$"
+    r"multi_level_conv_obj\.\d+|cls_branches\.\d+|atss_cls|atss_reg|atss_centerness|gfl_cls|gfl_reg|tood_cls|"
+    r"tood_reg|vfnet_cls|vfnet_reg|vfnet_reg_refine|rpn_cls|rpn_reg)$"
 )
 PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
 CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")

@@ -316,6 +316,9 @@ class DetQCallback(Callback):
             return self.calibration_forward
         if callable(getattr(pl_module, "calibration_forward", None)):
             return lambda m, b: m.calibration_forward(b)
+        if self.target and type(pl_module).forward is pl.LightningModule.forward:
+            # the module defines no forward (training_step calls ``self.<target>`` directly): run the target
+            return lambda m, b: _default_calibration_forward(self.quantized_model(m), b)
         return _default_calibration_forward
 
     # ================================================================== curriculum and logging

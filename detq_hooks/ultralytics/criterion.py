@@ -25,9 +25,12 @@ class DetQCriterion:
     def __deepcopy__(self, memo):  # EMA copies of the model keep no training-time criterion
         return None
 
-    def __call__(self, preds, batch):
-        loss, items = self.base(preds, batch)
+    def __call__(self, preds, batch, **kwargs):
+        out = self.base(preds, batch, **kwargs)
         terms = self.session.loss_terms(self.model, batch, preds)
+        if isinstance(out, dict):  # RT-DETR: a dict of losses (the model sums its values), called with dn_* kwargs
+            return {**out, **{f"detq_{name.lstrip('_')}": t.float().reshape(()) for name, t in terms.items()}}
+        loss, items = out
         if not terms:
             return loss, items
         total = torch.stack([t.float().reshape(()) for t in terms.values()]).sum()
