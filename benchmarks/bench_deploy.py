@@ -34,18 +34,10 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-
-def head_export_mode(model, fmt="onnx"):
-    m = copy.deepcopy(model).float().eval()
-    for mod in m.modules():
-        if hasattr(mod, "export") and isinstance(getattr(mod, "export"), bool):
-            mod.export = True
-        if hasattr(mod, "format"):
-            mod.format = fmt
-    return m
+from detq_hooks.ultralytics.deploy import export_head_mode  # noqa: E402  (after the offline environment variables)
 
 
 def build_models(ref_pt: str, calib_images: list[np.ndarray], recipes: list[str]) -> dict:
@@ -76,14 +68,14 @@ def export_all(models: dict, imgsz: int, out: Path, calib: list[np.ndarray]) -> 
     names = dict(input_names=["images"], output_names=["output0"])
     calib_t = [torch.from_numpy(c[None]) for c in _resize(calib, imgsz)]
     files = {}
-    fm = head_export_mode(models["float"])
+    fm = export_head_mode(models["float"])
     export_onnx(fm, x, out / "float.onnx", **names)
     convert_onnx_to_openvino(out / "float.onnx", out / "float_ov" / "float.xml")
     files["float"] = {"onnx": out / "float.onnx", "ov": out / "float_ov" / "float.xml"}
     for r, m in models.items():
         if r == "float":
             continue
-        qm = head_export_mode(m)
+        qm = export_head_mode(m)
         export_onnx(qm, x, out / f"{r}_ort.onnx", target="onnxruntime", calibration_inputs=calib_t, **names)
         export_openvino(qm, x, out / f"{r}_ov" / f"{r}.xml", **names)
         files[r] = {"onnx": out / f"{r}_ort.onnx", "ov": out / f"{r}_ov" / f"{r}.xml"}
@@ -129,7 +121,7 @@ def nncf_ptq(float_model, imgsz: int, xml: Path, calib: list[torch.Tensor]) -> P
     from ultralytics.nn.modules import Detect
     from ultralytics.utils.export.openvino import torch2openvino
 
-    m = head_export_mode(float_model, "openvino")
+    m = export_head_mode(float_model, "openvino")
     ds = nncf.Dataset([c for c in calib], lambda t: t.numpy())
     ov_model = torch2openvino(m, torch.zeros(1, 3, imgsz, imgsz), quantize=8, calibration_dataset=ds,
                               int8_detect=isinstance(m.model[-1], Detect))
@@ -198,7 +190,7 @@ def main() -> None:
         files = export_all(models, 160, out / "s160", train_images)
         acc = {}
         for name, m in models.items():
-            res, _ = evaluate(head_export_mode(m), ds.val_images, ds.coco_val_json, 160, head_type="Detect", images=val)
+            res, _ = evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, 160, head_type="Detect", images=val)
             acc[f"{name} | pytorch"] = res.map50_95
         for name, run in runners_for(files, args.threads).items():
             acc[name] = evaluate_runner(run, ds, 160, val)

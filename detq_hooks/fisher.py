@@ -29,7 +29,8 @@ from torch import nn
 
 from .distributed import all_reduce_
 from .loss_terms import LossTerm, StepContext
-from .quantizers import quantizer_mode
+from .modules import uncached_weights
+from .quantizers import inside_range_mask, quantizer_mode
 from .ranges import calibrate_weight_quantizer
 from .recipe import MAX_BITS, MIN_BITS, RecipeError, check_budget
 from .surgery import META_ATTR, quantized_layers, recipe_of
@@ -822,9 +823,12 @@ class _STELinearisation:
         self.replay = self.passes > 0
         self.calls = {id(q): 0 for q in self.quantizers}
         self.handles = [q.register_forward_hook(self._hook) for q in self.quantizers]
+        self.uncached = uncached_weights()  # every weight quantizer call must reach the hook, in both passes
+        self.uncached.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self.uncached.__exit__(*exc)
         for h in self.handles:
             h.remove()
         self.passes += 1
@@ -844,15 +848,7 @@ class _STELinearisation:
 
 
 def _inside_mask(q, x: torch.Tensor) -> torch.Tensor:
-    """Where the straight-through estimator passes the gradient: the integer code is inside [qmin, qmax]."""
-    s = q.scale.detach().float().clamp_min(1e-8)
-    z = q.zero_point.detach().float().round().clamp(q.qmin, q.qmax)
-    if q.per_channel:
-        shape = [1] * x.dim()
-        shape[q.channel_axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
-    code = torch.round(x.float() / s) + z
-    return ((code >= q.qmin) & (code <= q.qmax)).to(x.dtype)
+    return inside_range_mask(q, x).to(x.dtype)
 
 
 __all__ = [

@@ -11,7 +11,9 @@ parameters (shared, not copied), hooks and any attributes the host framework set
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import weakref
 from typing import Optional
 
@@ -55,6 +57,24 @@ def is_swappable(module: nn.Module, base: type[nn.Module]) -> bool:
     """Whether ``module`` (an instance of ``base``) computes exactly ``base``'s function."""
     t = type(module)
     return t is base or (issubclass(t, base) and _qualname(t) in TRANSPARENT_SUBCLASSES)
+
+
+class _CacheOff(threading.local):
+    depth = 0
+
+
+_CACHE_OFF = _CacheOff()
+
+
+@contextlib.contextmanager
+def uncached_weights():
+    """Inside the block every layer runs its weight quantizer at every call (for code that hooks the
+    quantizers and must see each call, e.g. Fisher's straight-through linearisation)."""
+    _CACHE_OFF.depth += 1
+    try:
+        yield
+    finally:
+        _CACHE_OFF.depth -= 1
 
 
 class QuantModuleMixin:
@@ -121,7 +141,8 @@ class QuantModuleMixin:
         is keyed on the weight tensor and the version counters of the weight, scale and zero point (in-place
         updates by optimizers, EMA, ``load_state_dict`` and ``torch.no_grad`` copies move them), the quantizer's
         bits and flags, the quantizer mode and grad mode; a training entry is dropped as soon as the backward
-        pass has gone through it (its graph is then freed). Export, tracing and ``torch.compile`` bypass it.
+        pass has gone through it (its graph is then freed). Export, tracing, ``torch.compile`` and
+        :func:`uncached_weights` bypass it.
         """
         wq, w = self.weight_quantizer, self.weight  # type: ignore[attr-defined]
         if (
@@ -131,6 +152,7 @@ class QuantModuleMixin:
             or quantizers._mode() != "fused"
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
+            or _CACHE_OFF.depth
         ):
             _WEIGHT_CACHE.pop(self, None)
             return wq(w)

@@ -492,6 +492,19 @@ class FakeQuantizer(nn.Module):
         )
 
 
+@torch.no_grad()
+def inside_range_mask(q: "FakeQuantizer", x: torch.Tensor) -> torch.Tensor:
+    """Where the straight-through estimator passes the gradient: ``x``'s integer code is inside [qmin, qmax]."""
+    s = q.scale.detach().float().clamp_min(1e-8)
+    z = q.zero_point.detach().float().round().clamp(q.qmin, q.qmax)
+    if q.per_channel:
+        shape = [1] * x.dim()
+        shape[q.channel_axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    code = torch.round(x.float() / s) + z
+    return (code >= q.qmin) & (code <= q.qmax)
+
+
 def iter_quantizers(model: nn.Module):
     """Yield ``(name, quantizer)`` for every :class:`FakeQuantizer` in ``model``."""
     for name, m in model.named_modules():
@@ -517,5 +530,6 @@ __all__ = [
     "quant_range",
     "quantizer_mode",
     "iter_quantizers",
+    "inside_range_mask",
     "quantizer_parameters",
 ]
