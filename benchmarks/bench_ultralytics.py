@@ -49,11 +49,10 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
     the steps interleaved (float, W8A8, ..., float, W8A8, ...) so that load from other processes hits them alike."""
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    from detq_hooks import calibrate
-    from detq_hooks.ultralytics.trainer import calibration_forward, quantize_ultralytics
-    from detq_hooks.distill import Teacher
-    from detq_hooks.recipe import load_recipe
-    from detq_hooks.ultralytics.crqat import DistillCriterion, ultralytics_stages
+    from detq_hooks.detectors.ultralytics import UltralyticsFamily
+    from detq_hooks.session import QuantSession
+    from detq_hooks.ultralytics.criterion import DetQCriterion
+    from detq_hooks.ultralytics.trainer import calibration_forward
 
     trainer = DetectionTrainer(overrides=dict(model=model_yaml, data=data_yaml, imgsz=imgsz, batch=batch, device="cpu",
                                               workers=0, amp=False, plots=False, verbose=False, exist_ok=True,
@@ -77,14 +76,13 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
             from ultralytics.utils.torch_utils import prepare_qat
 
             model = prepare_qat(model, batches, lambda b: b, batches=2)
-        elif name != "float":
-            recipe = load_recipe(name)
-            teacher = Teacher.from_model(model) if recipe.distillation.enabled else None
-            quantize_ultralytics(model, recipe)
-            calibrate(model, [b["img"] for b in batches], forward_fn=lambda m, x: calibration_forward(m, x), num_batches=2)
-            if teacher is not None:  # CR-QAT: task loss + distillation from the float teacher (final stage: all terms)
-                model.criterion = DistillCriterion(model.init_criterion(), model, teacher, ultralytics_stages(model),
-                                                   recipe.distillation, lambda: 1)
+        elif name != "float":  # the session as DetQTrainer runs it
+            session = QuantSession(name, family=UltralyticsFamily(), calibration_batches=2)
+            session.convert(model)  # CR-QAT: the float teacher is copied first
+            session.calibrate(model, [b["img"] for b in batches], calibration_forward)
+            if session.terms:  # CR-QAT at its final stage (every layer quantized, every distillation term on)
+                session.start_training(model, progress=1.0)
+                model.criterion = DetQCriterion(model.init_criterion(), model, session)
         model.train()
         variants[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
 
