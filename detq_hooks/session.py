@@ -37,7 +37,6 @@ from .checkpoint import (
     CheckpointMismatchError,
     apply_plan,
     check_compatible,
-    has_quantizer_state,
     is_quantizer_key,
     load_quantizer_state,
     quantization_state,
@@ -461,16 +460,10 @@ class QuantSession:
                                   teacher=teacher, quantizer_state=quantizer_state)
 
     def verify(self, model: nn.Module, state_dict: Mapping[str, Any], entry: Optional[Mapping[str, Any]], *,
-               source: str = "checkpoint", prefix: str = "", resume: bool = True) -> Optional[dict]:
-        """Check a checkpoint against the model before its weights are copied (nothing half-loaded); returns
-        the entry in the current format."""
-        entry = read_state(entry, source=source) if entry is not None else None
-        if entry is None and not has_quantizer_state(state_dict, prefix) and is_quantized(model):
-            raise CheckpointMismatchError(
-                f"{source} holds float weights without quantizer state, but this run quantizes the model; "
-                "to start QAT from float weights load them into the model before conversion (no resume), "
-                "or resume from a checkpoint written by a quantized run"
-            )
+               source: str = "checkpoint", prefix: str = "") -> Optional[dict]:
+        """Check a checkpoint against the model before its weights are copied (nothing half-loaded; a float
+        checkpoint for a quantized model is refused there too); returns the entry in the current format."""
+        entry = read_state(entry, source=source)
         check_compatible(model, state_dict, entry, source=source, prefix=prefix)
         return entry
 
