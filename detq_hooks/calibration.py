@@ -91,6 +91,8 @@ class CalibrationResult:
     num_batches: int
     method: str
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # the Fisher-aware bit allocation that followed calibration (detq_hooks.fisher.MixedPrecisionPlan), if any
+    mixed_precision: Any = None
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

@@ -199,6 +199,7 @@ def task_aligned_positives(
     scores = teacher_logits.float().sigmoid() if score_kind == "sigmoid" else teacher_logits.float().softmax(-1)
     positives = torch.zeros(b, a, dtype=torch.bool, device=teacher_logits.device)
     labels = torch.zeros(b, a, dtype=torch.long, device=teacher_logits.device)
+    gt_index = torch.full((b, a), -1, dtype=torch.long, device=teacher_logits.device)
     for i in range(b):
         boxes, lab = gt_boxes[i].to(teacher_boxes.device).float(), gt_labels[i].to(teacher_boxes.device).long()
         if boxes.numel() == 0:
@@ -217,7 +218,8 @@ def task_aligned_positives(
         pos = best_val >= 0
         positives[i] = pos
         labels[i, pos] = lab[best_gt[pos]]
-    return Assignment(positives, labels)
+        gt_index[i, pos] = best_gt[pos]
+    return Assignment(positives, labels, gt_index)
 
 
 # ----------------------------------------------------------------------------------------------- teacher
@@ -299,10 +301,12 @@ class HeadOutputs:
 
 @dataclass
 class Assignment:
-    """The teacher's positive anchors/queries for a batch: (B, A) bool and (B, A) class labels."""
+    """The teacher's positive anchors/queries for a batch: (B, A) bool and (B, A) class labels; ``gt_index``
+    (B, A): which ground truth of the image each positive belongs to (where the assigner knows it)."""
 
     positives: torch.Tensor
     labels: torch.Tensor
+    gt_index: Optional[torch.Tensor] = None
 
 
 class DistillationLoss:

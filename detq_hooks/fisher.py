@@ -505,7 +505,11 @@ def plan_mixed_precision(
         pins[n] = b
     sizes = {n: m.weight.numel() for n, m in layers.items()}
     errors = {n: {b: quantization_error(m, b, method=method, p=p) for b in cands} for n, m in layers.items() if n not in pins}
-    omega = {n: {b: float(traces[n]) * e for b, e in errs.items()} for n, errs in errors.items()}
+    # A layer the objective does not reach (trace 0, e.g. the box branch of a batch without critical boxes)
+    # would be indifferent to its bits and take the narrowest; a floor of 1e-6 of the largest trace keeps
+    # its quantization error in play, so spare budget goes there instead of being left unused.
+    floor = 1e-6 * max([float(traces[n]) for n in errors] or [0.0])
+    omega = {n: {b: max(float(traces[n]), floor) * e for b, e in errs.items()} for n, errs in errors.items()}
     quantized_weight_ids = {id(m.weight) for m in layers.values()}
     fixed_bits = 32 * sum(t.numel() for t in model.parameters() if id(t) not in quantized_weight_ids)
     alloc = allocate_bits(omega, sizes, cands, budget, pins, macs=macs, fixed_bits=fixed_bits)
@@ -738,7 +742,11 @@ class FisherRegularizer(LossTerm):
         weights = weights if weights is not None else _weights_of(ctx.model)
         buffers = {k: b.clone() for k, b in ctx.model.named_buffers()}
         try:
-            return self._trace(ctx, weights)
+            # Eval mode, like the Fisher estimate of mixed precision: BatchNorm uses its running statistics, so
+            # the trace is a property of the weights, not of how the few images of a batch normalise each other
+            # (train-mode gradients of a small batch are orders of magnitude larger and noisier).
+            with _EvalMode(ctx.model):
+                return self._trace(ctx, weights)
         finally:  # the regulariser's own forwards must not move BatchNorm statistics
             named = dict(ctx.model.named_buffers())
             for k, b in buffers.items():

@@ -26,6 +26,7 @@ Example (a hand-written loop)::
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -141,6 +142,9 @@ class QuantSession:
         calibration_batches: overrides ``calibration.num_batches``.
         read_weights: ``fn(path) -> state dict`` for float checkpoints (the distillation teacher); the
             adapters pass their trainer's loader.
+        critical_loss: ``fn(model, batch) -> scalar``, your own objective for the Fisher methods (mixed
+            precision and the regulariser) instead of the detector family's critical objective
+            (:mod:`detq_hooks.critical`), e.g. for a model whose head no family reads.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class QuantSession:
         first_layers: Optional[Sequence[str]] = None,
         calibration_batches: Optional[int] = None,
         read_weights: Optional[Callable[[str], Mapping[str, torch.Tensor]]] = None,
+        critical_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
     ) -> None:
         self.recipe: Recipe = load_recipe(recipe)
         if calibration_batches is not None and (
@@ -167,6 +172,9 @@ class QuantSession:
         self.first_layers = list(first_layers) if first_layers is not None else None
         self.calibration_batches = calibration_batches
         self.read_weights = read_weights or read_state_dict
+        if critical_loss is not None and not callable(critical_loss):
+            raise TypeError(f"`critical_loss` = {critical_loss!r} must be a callable (model, batch) -> scalar")
+        self.critical_loss = critical_loss
         self.stages: list[Stage] = []
         self.schedule: Optional[CurriculumSchedule] = None
         self.teacher: Optional[Teacher] = None
@@ -176,6 +184,10 @@ class QuantSession:
         self.last_terms: dict[str, float] = {}
         self.last_calibration: Optional[CalibrationResult] = None
         self.last_mixed_precision = None  # a detq_hooks.fisher.MixedPrecisionPlan after mixed_precision()
+        # Class names of the data (adapters set them from the trainer: Ultralytics `names`, MMDetection
+        # `metainfo.classes`); the recipe's critical class names resolve against them, else the family's answer.
+        self.class_names: Optional[list[str]] = None
+        self.objective = None  # a detq_hooks.critical.CriticalObjective when a Fisher method is on
         self._recorder: Optional[Recorder] = None
         self._model_id: Optional[int] = None
 
@@ -204,11 +216,12 @@ class QuantSession:
             return self.adopt(model)
         family = family_for(model, self._family_arg)
         stages = self._plan_crqat(model, family) if training else []
+        objective = self._plan_fisher(model, family, training)
         teacher = self._new_teacher(model) if training else None
         preds = self.prediction_layers if self.prediction_layers is not None else family.prediction_layers(model)
         firsts = self.first_layers if self.first_layers is not None else family.first_layers(model)
         quantize(model, self.recipe, prediction_layers=preds, first_layers=firsts, float_layers=family.float_layers(model))
-        self.family, self.stages, self.teacher = family, stages, teacher
+        self.family, self.stages, self.teacher, self.objective = family, stages, teacher, objective
         self.teacher_ready = teacher is not None
         self._build_crqat(training)
         self._model_id = id(model)
@@ -224,6 +237,8 @@ class QuantSession:
                 f"uses {self.recipe.name!r}; is it quantized twice, or loaded from another recipe's checkpoint?"
             )
         self.family = family_for(model, self._family_arg)
+        if self.objective is None:
+            self.objective = self._plan_fisher(model, self.family, True)
         self._model_id = id(model)
         return model
 
@@ -242,9 +257,10 @@ class QuantSession:
             )
         family = family_for(model, self._family_arg)
         stages = self._plan_crqat(model, family) if training else []
+        objective = self._plan_fisher(model, family, training)
         teacher = self._new_teacher(model) if training else None
         rebuild(model, entry, source=source)
-        self.family, self.stages, self.teacher = family, stages, teacher
+        self.family, self.stages, self.teacher, self.objective = family, stages, teacher, objective
         # a structural copy unless the recipe names the teacher: its float weights come from load_state/set_teacher_weights
         self.teacher_ready = teacher is not None and bool(self.recipe.distillation.teacher)
         self._build_crqat(training)
@@ -287,6 +303,27 @@ class QuantSession:
                 raise UnsupportedDetectorError(str(err)) from None
         return list(stages or [])
 
+    def _plan_fisher(self, model: nn.Module, family: DetectorFamily, training: bool):
+        """The critical objective of the Fisher methods the recipe turns on (``None`` if none is), checked before
+        the model is touched: the critical class names exist, the family reads the head."""
+        mp, reg = self.recipe.mixed_precision.enabled, self.recipe.fisher_regularizer.enabled and training
+        if not (mp or reg):
+            return None
+        if self.critical_loss is not None:
+            user = self.critical_loss
+            return lambda m, b, which="critical": user(m, b)
+        from .critical import CriticalObjective
+
+        ids = self.critical_class_ids(model, family=family) if self.recipe.critical.classes else None
+        objective = CriticalObjective(family, ids, merge=self.recipe.critical.merge, alpha=self.recipe.critical.alpha)
+        try:
+            objective.check(model)
+        except UnsupportedDetectorError as err:
+            what = "fisher_regularizer" if reg else "mixed_precision"
+            raise UnsupportedDetectorError(
+                f"`{what}` needs the critical-category objective, read from the detection head: {err}") from None
+        return objective
+
     def _build_crqat(self, training: bool) -> None:
         self.terms = [t for t in self.terms if not isinstance(t, (DistillationTerm, DisabledQuantizerAnchor))]
         self.schedule = None
@@ -311,38 +348,63 @@ class QuantSession:
         self.terms.append(term)
 
     # ================================================================== Fisher-aware quantization
-    def critical_class_ids(self, model: nn.Module, class_names: Optional[Sequence[str]] = None) -> list[int]:
+    def critical_class_ids(self, model: nn.Module, class_names: Optional[Sequence[str]] = None, *,
+                           family: Optional[DetectorFamily] = None) -> list[int]:
         """The recipe's ``critical.classes`` as class indices, names resolved against ``class_names`` (default:
-        the detector family's answer). An unknown name fails, listing the known ones."""
+        :attr:`class_names` set by the trainer adapter, else the detector family's answer). An unknown name
+        fails, listing the known ones."""
         from .fisher import resolve_critical_classes
 
-        names = class_names if class_names is not None else family_for(model, self._family_arg).class_names(model)
+        names = class_names if class_names is not None else self.class_names
+        if names is None:
+            names = (family or family_for(model, self._family_arg)).class_names(model)
         return resolve_critical_classes(self.recipe.critical.classes, names)
 
-    def mixed_precision(self, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    def critical_category_names(self, model: nn.Module) -> list[str]:
+        """Names of the critical classes (for the critical-category metrics); empty when none are named."""
+        if not self.recipe.critical.classes:
+            return []
+        ids = self.critical_class_ids(model)
+        names = self.class_names or (self.family or family_for(model, self._family_arg)).class_names(model)
+        return [names[i] if names is not None and i < len(names) else str(i) for i in ids]
+
+    def mixed_precision(self, model: nn.Module, batches: Iterable[Any],
+                        loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
                         *, macs: Optional[Mapping[str, int]] = None):
         """The recipe's Fisher-aware mixed precision on the converted ``model`` (before QAT or PTQ): per-layer
         weight bits, applied all or nothing; they travel in :meth:`state`'s per-layer plan. ``loss_fn(model,
-        batch)`` is the recipe's objective (:func:`detq_hooks.fisher.sensitivity_loss`). Returns the plan (for
+        batch)`` is the recipe's objective (default: the detector family's critical objective, ``batches`` in the
+        family's convention). Returns the plan (for
         :mod:`detq_hooks.fisher_report`), or ``None`` when the recipe does not enable it. The random streams of
         training are left as they were."""
         from .fisher import mixed_precision_from_recipe
 
         if not self.recipe.mixed_precision.enabled:
             return None
+        if self.objective is None and loss_fn is None:
+            raise RuntimeError("QuantSession.mixed_precision: convert the model with this session first (or give loss_fn)")
+        if loss_fn is None:
+            which, objective = self.recipe.mixed_precision.objective, self.objective
+            loss_fn = lambda m, b: objective(m, b, which)  # noqa: E731
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             self.last_mixed_precision = mixed_precision_from_recipe(model, batches, loss_fn, self.recipe.mixed_precision,
                                                                     macs=macs)
         return self.last_mixed_precision
 
-    def add_fisher_regularizer(self, model: nn.Module, critical_loss: Callable[[StepContext], torch.Tensor]):
+    def add_fisher_regularizer(self, model: nn.Module,
+                               critical_loss: Optional[Callable[[StepContext], torch.Tensor]] = None):
         """Register the recipe's Fisher-trace regulariser as a loss term (checked against ``model`` first; its
-        warm-up follows the progress given to :meth:`before_step`). ``None`` when the recipe does not enable it."""
+        warm-up follows the progress given to :meth:`before_step`). ``critical_loss(ctx)`` defaults to the
+        detector family's critical objective on the step's batch; :meth:`start_training` registers it so.
+        ``None`` when the recipe does not enable it."""
         from .fisher import FisherRegularizer
 
         if not self.recipe.fisher_regularizer.enabled:
             return None
+        if critical_loss is None:
+            objective = self.objective or self._plan_fisher(model, self.family or family_for(model, self._family_arg), True)
+            critical_loss = lambda ctx: objective(ctx.model, ctx.batch, "critical")  # noqa: E731
         term = FisherRegularizer.from_recipe(self.recipe.fisher_regularizer, critical_loss)
         term.check(model)
         self.add_loss_term(term)
@@ -359,23 +421,45 @@ class QuantSession:
         return any(q.role == "activation" and q.enabled and not q.initialized for _, q in iter_quantizers(model))
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any], forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-                  *, progress: bool = False) -> CalibrationResult:
+                  *, progress: bool = False, family_batch: Optional[Callable[[Any], Any]] = None) -> CalibrationResult:
         """Activation ranges from the trainer's batches; the random streams of training are left as they were
-        (drawing batches and data augmentation do not shift the run), and statistics are reduced across ranks."""
+        (drawing batches and data augmentation do not shift the run), and statistics are reduced across ranks.
+
+        With the recipe's ``mixed_precision`` on, the Fisher-aware bit allocation follows on the same batches
+        (``family_batch(batch)`` turns one into the detector family's convention for the critical objective).
+        Calibration runs only on a fresh conversion, so a resumed run keeps its saved bits."""
         num = self.calibration_batches or self.recipe.calibration.num_batches
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        mp = self.recipe.mixed_precision
+        if mp.enabled:  # the same batches serve both estimates
+            batches = list(itertools.islice(iter(batches), max(num, mp.num_batches)))
         was = model.training
         with torch.random.fork_rng(devices=devices):
             try:
                 self.last_calibration = calibrate(model, batches, forward_fn=forward_fn, num_batches=num,
                                                   progress=progress and dist_utils.rank() == 0)
+                if mp.enabled:
+                    self._mixed_precision_after_calibration(model, batches, forward_fn, family_batch)
             finally:
                 model.train(was)
         return self.last_calibration
 
-    def run_ptq(self, model: nn.Module, batches: Iterable[Any], forward_fn=None, *, progress: bool = False) -> CalibrationResult:
-        """Post-training quantization of a converted model (the recipe's ``mode: ptq``): calibration."""
-        return self.calibrate(model, batches, forward_fn, progress=progress)
+    def _mixed_precision_after_calibration(self, model, batches: list, forward_fn, family_batch) -> None:
+        convert = family_batch or (lambda b: b)
+        macs = None
+        if "bops_ratio" in (self.recipe.mixed_precision.budget or {}):
+            from .fisher import layer_macs
+
+            macs = layer_macs(model, batches[0], forward_fn)
+        plan = self.mixed_precision(model, [convert(b) for b in batches[: self.recipe.mixed_precision.num_batches]],
+                                    macs=macs)
+        self.last_calibration.mixed_precision = plan
+
+    def run_ptq(self, model: nn.Module, batches: Iterable[Any], forward_fn=None, *, progress: bool = False,
+                family_batch: Optional[Callable[[Any], Any]] = None) -> CalibrationResult:
+        """Post-training quantization of a converted model (the recipe's ``mode: ptq``): calibration (and the
+        recipe's mixed precision)."""
+        return self.calibrate(model, batches, forward_fn, progress=progress, family_batch=family_batch)
 
     # ================================================================== 4. training
     def start_training(self, model: nn.Module, *, device: Any = None, progress: Optional[float] = None) -> Optional[str]:
@@ -389,6 +473,8 @@ class QuantSession:
                     "started from (or resume from a checkpoint of the distillation run)"
                 )
             self.teacher.to(device if device is not None else next(model.parameters()).device)
+        if self.recipe.fisher_regularizer.enabled and not any(t.name == "fisher_reg" for t in self.terms):
+            self.add_fisher_regularizer(model)
         self._remove_recorder()
         taps = Taps()
         for term in self.terms:

@@ -350,10 +350,10 @@ def test_quantization_error_refits_the_range_for_each_width():
 def test_mixed_precision_on_a_converted_model_survives_the_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = TinyDetector()
-    session = QuantSession("w4a8-fisher")
+    loss = lambda m, b: sum(o.pow(2).mean() for o in m(b))
+    session = QuantSession("w4a8-fisher", critical_loss=loss)
     session.convert(model)
     x = [torch.randn(2, 3, 32, 32) for _ in range(2)]
-    loss = lambda m, b: sum(o.pow(2).mean() for o in m(b))
     traces = fisher.fisher_traces(model, x, loss)
     plan = fisher.plan_mixed_precision(model, traces, budget={"avg_weight_bits": 4.0})
     roles = {n: m.detq_layer_role for n, m in quantized_layers(model)}
@@ -369,7 +369,7 @@ def test_mixed_precision_on_a_converted_model_survives_the_checkpoint(tmp_path):
     state, weights = session.state(model), model.state_dict()
     torch.manual_seed(1)
     fresh = TinyDetector()
-    other = QuantSession("w4a8-fisher")
+    other = QuantSession("w4a8-fisher", critical_loss=loss)
     other.restore(fresh, state)
     fresh.load_state_dict(weights, strict=True)
     assert {n: v["weight_bits"] for n, v in layer_plan(fresh).items()} == plan.allocation
@@ -516,13 +516,14 @@ def test_double_hvp_on_an_op_without_double_backward_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------------------ session seams
-def session_mlp(recipe):
+def session_mlp(recipe, calibrate=True):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                         nn.Linear(16, 2))
-    session = QuantSession(recipe)
+    session = QuantSession(recipe, critical_loss=mse)
     session.convert(net)
-    session.calibrate(net, [b[0] for b in data(2)])
+    if calibrate:
+        session.calibrate(net, data(2), lambda m, b: m(b[0]))
     return net, session
 
 
@@ -541,11 +542,12 @@ def test_session_mixed_precision_from_the_recipe_and_its_bad_budgets():
     plan2 = s2.mixed_precision(net2, data(2), mse, macs=macs)
     assert sum(macs[n] * b for n, b in plan2.allocation.items()) <= 0.75 * 8 * sum(macs.values())
     # infeasible: the pinned 8-bit layers alone exceed it; the model keeps its bits
-    net3, s3 = session_mlp({"preset": "w4a8-fisher", "mixed_precision": {"budget": {"avg_weight_bits": 2.0}}})
+    net3, s3 = session_mlp({"preset": "w4a8-fisher", "mixed_precision": {"budget": {"avg_weight_bits": 2.0}}},
+                           calibrate=False)
     before = layer_plan(net3)
     with pytest.raises(FisherError, match=r"avg_weight_bits` = 2 cannot be met.*smallest feasible budget is "
                                           r"avg_weight_bits = 2\.947369$"):  # (96·8 + 512·2) / 608, rounded up
-        s3.mixed_precision(net3, data(2), mse)
+        s3.calibrate(net3, data(2), lambda m, b: m(b[0]))  # calibration runs the recipe's mixed precision
     assert layer_plan(net3) == before
     s3.recipe.mixed_precision.budget = {"avg_weight_bits": 2.947369}  # the budget it names is feasible
     assert s3.mixed_precision(net3, data(2), mse).allocation == {"0": 8, "2": 2, "4": 2, "6": 8}

@@ -49,6 +49,7 @@ from ..surgery import is_quantized
 from ..detectors.ultralytics import UltralyticsFamily
 from .compat import DetQModelInfo
 from .criterion import DetQCriterion
+from .metrics import with_critical_metrics
 
 DETQ_KEY = CHECKPOINT_KEY
 TEACHER_KEY = "detq_teacher"
@@ -230,6 +231,9 @@ class _DetQMixin:
         if is_quantized(model):  # a subclass already converted it
             return model
         session, training = self.detq_session, self.detq_recipe.mode != "ptq"
+        names = (getattr(self, "data", None) or {}).get("names")
+        if names:  # the data set's names: the recipe's critical classes resolve against them
+            session.class_names = list(names.values()) if isinstance(names, dict) else list(names)
         if quantized_weights:  # a detq .pt: rebuilt from its own per-layer plan, then loaded strictly
             source = str(getattr(weights, "pt_path", "checkpoint"))
             entry = module_state(weights)
@@ -304,7 +308,11 @@ class _DetQMixin:
         # The validator re-checks the trainer's args against Ultralytics' keys: hide ours while it copies them.
         value = self.args.__dict__.pop(DETQ_KEY, None)
         try:
-            return super().get_validator()
+            validator = super().get_validator()
+            if self.detq_recipe.critical.classes:  # critical-category mAP beside the overall figures
+                validator.__class__ = with_critical_metrics(type(validator))
+                validator.detq_critical_ids = self.detq_session.critical_class_ids(unwrap_model(self.model))
+            return validator
         finally:
             if value is not None:
                 setattr(self.args, DETQ_KEY, value)
@@ -337,10 +345,16 @@ class _DetQMixin:
         device = next(model.parameters()).device
 
         def forward(m, batch):
-            return calibration_forward(m, self.preprocess_batch(batch)["img"].to(device))
+            return calibration_forward(m, self.preprocess_batch(dict(batch))["img"].to(device))
 
         session = self.detq_session
-        res = (session.run_ptq if session.ptq else session.calibrate)(model, self.train_loader, forward, progress=True)
+        # family_batch: the preprocessed batch (images and labels) the Fisher methods' critical objective reads
+        res = (session.run_ptq if session.ptq else session.calibrate)(
+            model, self.train_loader, forward, progress=True, family_batch=lambda b: self.preprocess_batch(dict(b)))
+        plan = res.mixed_precision
+        if plan is not None and RANK in {-1, 0}:
+            LOGGER.info(f"detq: Fisher mixed precision: {plan.used:.3f} average weight bits (budget {plan.budget}), "
+                        f"bits {sorted(set(plan.allocation.values()))} over {len(plan.allocation)} layers")
         if RANK in {-1, 0}:
             LOGGER.info(f"detq: calibrated {len(res.ranges)} activation ranges on {res.num_batches} training batches ({res.method})")
         return res

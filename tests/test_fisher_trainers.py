@@ -1,0 +1,112 @@
+"""Fisher-aware quantization in the three trainers: the recipe's mixed precision after calibration (kept on
+resume), the Fisher-trace regulariser as a loss term, critical-category mAP in each trainer's validation output.
+Real (tiny) training runs on the synthetic data."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+import pytest
+import torch
+
+from detq_hooks.detectors import UnsupportedDetectorError
+from detq_hooks.fisher import FisherError
+
+CRITICAL = ["circle", "ring"]  # frequent enough to have ground truth in a tiny validation split
+FISHER = {"preset": "w4a8-fisher", "critical": {"classes": CRITICAL}, "calibration": {"num_batches": 2},
+          "mixed_precision": {"num_batches": 2}, "fisher_regularizer": {"every": 2, "warmup": 0.0, "weight": 1.0}}
+
+
+def free_bits(layers: dict) -> list[int]:
+    return [v["weight_bits"] for v in layers.values() if v.get("role", "body") not in ("first", "prediction")]
+
+
+def average_bits(model) -> float:
+    from detq_hooks.fisher import average_weight_bits
+
+    return average_weight_bits(model)
+
+
+# ============================================================================================ Ultralytics
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=16, num_val=8, imgsz=64, seed=0)
+
+
+def test_ultralytics_fisher_recipe_end_to_end_and_resume(ds, tmp_path):
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+
+    from detq_hooks.ultralytics import DetQTrainer
+
+    common = dict(imgsz=64, batch=8, amp=False, plots=False, workers=0, device="cpu", verbose=False, exist_ok=True,
+                  seed=0, deterministic=True, val=True, nbs=8, warmup_epochs=0)
+    seen = {}
+
+    def at_start(trainer):
+        model = trainer.model
+        seen["bits"] = {n: m.weight_quantizer.bits for n, m in model.named_modules() if hasattr(m, "weight_quantizer")}
+        seen["avg"] = average_bits(model)
+        seen["plan"] = trainer.detq_session.last_mixed_precision
+        seen["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def interrupt(trainer):
+        seen["trace"] = trainer.detq_session.terms[-1].last_trace
+        seen["metrics"] = dict(trainer.metrics)
+        raise Interrupt
+
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_train_start", at_start)
+    model.add_callback("on_model_save", interrupt)
+    with pytest.raises(Interrupt):
+        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=FISHER, epochs=2, project=str(tmp_path),
+                    name="fisher", **common)
+    # mixed precision ran after calibration: really mixed, within the budget counted over every quantized weight
+    plan = seen["plan"]
+    assert plan is not None and plan.used <= 4.0 and seen["avg"] == pytest.approx(plan.used, abs=1e-9)
+    assert len(set(plan.allocation.values()) - {8}) >= 1 and len(set(plan.allocation.values())) >= 2
+    assert all(seen["bits"][n] == b for n, b in plan.allocation.items())
+    # the regulariser ran (every 2nd step) and its trace was logged; critical mAP beside the overall figures
+    assert seen["trace"] is not None and seen["trace"] > 0
+    m = seen["metrics"]
+    for key in ("metrics/critical_mAP50-95(B)", "metrics/critical_mAP50(B)", "metrics/mAP50-95(B)"):
+        assert key in m and not math.isnan(m[key]), key
+    assert 0.0 <= m["metrics/critical_mAP50-95(B)"] <= m["metrics/critical_mAP50(B)"] <= 1.0
+    # the saved plan is the mixed one; resume keeps it (no second allocation) and the results CSV has the columns
+    weights = tmp_path / "fisher" / "weights"
+    ckpt = torch.load(weights / "last.pt", map_location="cpu", weights_only=False)
+    assert {n: v["weight_bits"] for n, v in ckpt["detq"]["layers"].items()} == plan.allocation
+    resumed = {}
+    again = YOLO(str(weights / "last.pt"))
+    again.add_callback("on_train_start", lambda t: resumed.update(
+        bits={n: m.weight_quantizer.bits for n, m in t.model.named_modules() if hasattr(m, "weight_quantizer")},
+        plan=t.detq_session.last_mixed_precision))
+    again.train(resume=True, trainer=DetQTrainer)
+    assert resumed["plan"] is None and resumed["bits"] == seen["bits"]
+    header = (tmp_path / "fisher" / "results.csv").read_text().splitlines()[0]
+    assert "metrics/critical_mAP50-95(B)" in header and "fisher_reg" in header
+
+
+def test_ultralytics_unknown_critical_class_fails_before_training(ds, tmp_path):
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+
+    from detq_hooks.ultralytics import DetQTrainer
+
+    model = YOLO("yolo11n.yaml")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    with pytest.raises(FisherError, match=r"`critical.classes` names .pedestrian., which is not a class of the data set.*circle"):
+        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, epochs=1, imgsz=64, batch=8, workers=0,
+                    device="cpu", project=str(tmp_path), name="bad", plots=False, amp=False,
+                    detq={"preset": "w4a8-fisher", "critical": {"classes": ["pedestrian"]}})
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in before.items())
