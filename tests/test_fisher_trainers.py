@@ -110,3 +110,38 @@ def test_ultralytics_unknown_critical_class_fails_before_training(ds, tmp_path):
                     device="cpu", project=str(tmp_path), name="bad", plots=False, amp=False,
                     detq={"preset": "w4a8-fisher", "critical": {"classes": ["pedestrian"]}})
     assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in before.items())
+
+
+# ============================================================================================ MMDetection
+def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from test_mmdet import hook_recipe, load_cfg  # the shrunk configs of the MMDetection tests
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
+    recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
+    work = tmp_path / "detr"
+    runner = Runner.from_cfg(hook_recipe(load_cfg("detr_r18_synthetic_w4a8.py", synth, work, epochs=2), recipe))
+    metrics = {}
+    runner.train()
+    hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    plan = hook.session.last_mixed_precision
+    assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
+    assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
+    metrics = runner.val()
+    assert {"coco/critical_bbox_mAP", "coco/critical_bbox_mAP_50", "coco/bbox_mAP"} <= set(metrics)
+    assert 0.0 <= metrics["coco/critical_bbox_mAP"] <= metrics["coco/critical_bbox_mAP_50"] <= 1.0
+    saved = torch.load(work / "epoch_1.pth", map_location="cpu", weights_only=False)["meta"]["detq"]["layers"]
+    assert {n: v["weight_bits"] for n, v in saved.items()} == plan.allocation
+    # resume from epoch 1: the saved bits, no second allocation
+    resumed = Runner.from_cfg(hook_recipe(load_cfg("detr_r18_synthetic_w4a8.py", synth, tmp_path / "resume", epochs=2,
+                                                   resume=True, load_from=str(work / "epoch_1.pth")), recipe))
+    resumed.train()
+    again = next(h for h in resumed.hooks if type(h).__name__ == "DetQHook")
+    assert again.session.last_mixed_precision is None
+    from detq_hooks import quantized_layers
+
+    assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation

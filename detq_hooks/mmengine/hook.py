@@ -39,6 +39,7 @@ from ..detectors import DetectorFamily
 from ..session import QuantSession
 from ..surgery import is_quantized, quantized_layers
 from .checkpoints import read_weights
+from .metrics import add_critical_metrics
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,6 +52,34 @@ def mmdet_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(data, dict):
         return model(**data, mode="tensor")
     return model(*data, mode="tensor")
+
+
+def family_batch(model: nn.Module, batch: Any) -> tuple:
+    """A dataloader batch as the MMDetection family reads it: ``(inputs, data_samples)`` after the model's data
+    preprocessor (what ``forward(mode="loss")`` receives)."""
+    data = model.data_preprocessor(batch, False)
+    return (data["inputs"], data["data_samples"]) if isinstance(data, dict) else tuple(data)
+
+
+def dataset_classes(runner) -> Optional[list[str]]:
+    """Class names of the run's data: ``metainfo.classes`` of the first dataloader config that has them, else
+    the dataset class's own ``METAINFO`` (``CocoDataset``: the 80 COCO classes)."""
+    from mmengine.registry import DATASETS
+
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        dataset = (runner.cfg.get(key) or {}).get("dataset") or {}
+        while isinstance(dataset, dict) and "dataset" in dataset and "metainfo" not in dataset:
+            dataset = dataset["dataset"]  # wrappers (RepeatDataset, ClassBalancedDataset)
+        if not isinstance(dataset, dict):
+            continue
+        classes = (dataset.get("metainfo") or {}).get("classes")
+        if classes:
+            return list(classes)
+        cls = DATASETS.get(dataset.get("type")) if isinstance(dataset.get("type"), str) else dataset.get("type")
+        classes = getattr(cls, "METAINFO", {}).get("classes") if cls is not None else None
+        if classes:
+            return list(classes)
+    return None
 
 
 def _family(family: Any) -> Any:
@@ -119,6 +148,7 @@ class DetQHook(Hook):
         if is_quantized(model):
             raise RuntimeError("DetQHook: the model is already quantized; is DetQHook listed twice in `custom_hooks`?")
         training = isinstance(getattr(runner, "optim_wrapper", None), OptimWrapper)
+        self.session.class_names = dataset_classes(runner)  # the recipe's critical class names resolve against them
         self.session.convert(model, training=training and not self.session.ptq)
         # Modules that freeze parts of themselves in `train()` (mmdet backbones' `frozen_stages`) freeze the new
         # quantizer parameters too: now, before the optimizer group and the DDP wrapper are built.
@@ -251,9 +281,12 @@ class DetQHook(Hook):
 
     def _before_evaluation(self, runner, phase: str) -> None:
         """``Runner.val()`` / ``test()`` of float weights is PTQ: calibrate (training data if the config has
-        them, else the evaluation data) before evaluating."""
+        them, else the evaluation data) before evaluating. The evaluator reports the critical categories too."""
         model = unwrap(runner.model)
         self._load_pending(model, resume=False)
+        if self.recipe.critical.classes and self.session.owns(model):
+            loop = getattr(runner, f"{phase}_loop", None)
+            add_critical_metrics(getattr(loop, "evaluator", None), self.session.critical_class_ids(model))
         if not (self.calibrate and self.session.owns(model) and self.session.needs_calibration(model)):
             return
         loader = None
@@ -267,7 +300,12 @@ class DetQHook(Hook):
     # ------------------------------------------------------------------ helpers
     def _calibrate(self, runner, model: nn.Module, loader) -> None:
         run = self.session.run_ptq if self.session.ptq else self.session.calibrate
-        result = run(model, loader, mmdet_forward)
+        result = run(model, loader, mmdet_forward, family_batch=lambda batch: family_batch(model, batch))
+        if result.mixed_precision is not None:
+            plan = result.mixed_precision
+            runner.logger.info(f"DetQHook: Fisher mixed precision: {plan.used:.3f} average weight bits (budget "
+                               f"{plan.budget}), bits {sorted(set(plan.allocation.values()))} over "
+                               f"{len(plan.allocation)} layers")
         runner.logger.info(f"DetQHook: calibrated {len(result.ranges)} activation ranges on {result.num_batches} "
                            f"batches ({result.method})")
         # EMAHook copied the model in its before_run, before calibration; its first update copies again, but a
