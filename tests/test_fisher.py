@@ -645,3 +645,70 @@ def test_layers_a_recipe_rule_gives_bits_are_pinned():
     plan = fisher.plan_mixed_precision(net, {n: 1.0 for n in ("0", "2", "4", "6")}, budget={"avg_weight_bits": 5.0})
     assert plan.pinned == {"0": 8, "2": 6, "6": 8} and plan.allocation["2"] == 6
     assert plan.allocation["4"] == 2  # (64·8 + 256·6 + 256·b + 32·8) / 608 <= 5 leaves b = 2
+
+
+# ------------------------------------------------------------------------------------------------ critical objective
+def _dense_head(seed=0):
+    from detq_hooks.distill import HeadOutputs
+
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    points = torch.stack([xs.flatten(), ys.flatten()], 1) * 8 + 4  # 64 anchors on a 64-px image
+    boxes = torch.cat([points - 6, points + 6], 1)[None].repeat(2, 1, 1) + torch.randn(2, 64, 4, generator=g)
+    logits = torch.randn(2, 64, 4, generator=g)
+    return HeadOutputs(logits.requires_grad_(), boxes.requires_grad_(), score_kind="sigmoid", points=points)
+
+
+def test_critical_objective_reads_only_critical_boxes_and_transformed_scores():
+    from detq_hooks.critical import CriticalObjective
+
+    head = _dense_head()
+    gts = ([torch.tensor([[2.0, 2, 30, 30], [34, 34, 62, 62]]), torch.tensor([[10.0, 10, 50, 40]])],
+           [torch.tensor([0, 3]), torch.tensor([1])])
+    crit = CriticalObjective(None, [0, 1])
+    everyone = CriticalObjective(None, [0, 1, 2, 3])
+    assert float(everyone.loss(head, gts, "critical")) == pytest.approx(float(crit.loss(head, gts, "all")))
+    assert float(crit.loss(head, gts, "mix")) == pytest.approx(float(crit.loss(head, gts, "all") + crit.loss(head, gts, "critical")))
+    # box terms only on critical ground truths: no box gradient at the positives of class 3 for L_crit, for L_all there is
+    from detq_hooks.critical import assign_to_ground_truth
+
+    a = assign_to_ground_truth(head, *gts)
+    other, mine = a.positives & (a.labels == 3), a.positives & (a.labels <= 1)
+    assert other.any() and mine.any()
+    g_crit = torch.autograd.grad(crit.loss(head, gts, "critical"), head.boxes)[0]
+    g_all = torch.autograd.grad(crit.loss(head, gts, "all"), head.boxes)[0]
+    assert g_crit[other].abs().sum() == 0 and (g_crit[mine].abs().sum(-1) > 0).all()
+    assert (g_all[other].abs().sum(-1) > 0).all()
+    # the score term is the BCE of the transformed logits: other = max of classes 2, 3
+    loss = crit.loss(head, gts, "critical")
+    g_logits, g_boxes = torch.autograd.grad(loss, [head.cls_logits, head.boxes])
+    top = head.cls_logits[..., 2:].argmax(-1)
+    assert torch.all(g_logits[..., 2:].gather(-1, top[..., None]) != 0)  # the max non-critical logit is trained
+    assert torch.all(g_logits[..., 2:].abs().sum(-1) == g_logits[..., 2:].gather(-1, top[..., None]).abs().squeeze(-1))
+    assert g_boxes.abs().sum() > 0
+
+
+def test_critical_objective_on_a_softmax_query_head_uses_hungarian_positives():
+    from detq_hooks.critical import CriticalObjective, assign_to_ground_truth
+    from detq_hooks.distill import HeadOutputs
+
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(1, 10, 2, generator=g) * 0.5
+    boxes = torch.cat([boxes, boxes + 0.3], -1).requires_grad_()
+    logits = torch.randn(1, 10, 5, generator=g).requires_grad_()  # 4 classes + no-object
+    head = HeadOutputs(logits, boxes, score_kind="softmax")
+    gts = ([torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.8]])], [torch.tensor([1, 2])])
+    a = assign_to_ground_truth(head, *gts)
+    assert int(a.positives.sum()) == 2 and sorted(a.labels[a.positives].tolist()) == [1, 2]
+    crit = CriticalObjective(None, [1], merge="logsumexp")
+    loss = crit.loss(head, gts, "critical")
+    # by hand: 3 columns (class 1, other = logsumexp of 0, 2, 3, no-object); DETR's 0.1 weight on no-object
+    z = torch.stack([logits[..., 1], torch.logsumexp(logits[..., [0, 2, 3]], -1), logits[..., 4]], -1)[0]
+    target = torch.full((10,), 2)
+    target[a.positives[0]] = torch.where(a.labels[0][a.positives[0]] == 1, 0, 1)
+    ce = torch.nn.functional.cross_entropy(z, target, weight=torch.tensor([1.0, 1.0, 0.1]))
+    from detq_hooks.critical import generalized_iou
+
+    q = a.positives[0] & (a.labels[0] == 1)
+    box = (1 - generalized_iou(boxes[0][q], gts[0][0][a.gt_index[0][q]])).mean()
+    assert float(loss) == pytest.approx(float(ce + box), rel=1e-6)

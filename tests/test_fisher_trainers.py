@@ -145,3 +145,63 @@ def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
     from detq_hooks import quantized_layers
 
     assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation
+
+
+# ============================================================================================ Lightning
+def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from test_lightning import TinyFCOS, det_loader
+
+    from detq_hooks import quantized_layers
+    from detq_hooks.lightning import DetQCallback
+
+    class FCOSWithVal(TinyFCOS):
+        class_names = ["__background__", "a", "b", "c"]  # torchvision labels: 0 is the background
+
+        def validation_step(self, batch, batch_idx):
+            return self.model(batch[0])  # detections: the callback reads them
+
+        def test_step(self, batch, batch_idx):
+            return None  # no detections returned: the callback runs the quantized model itself
+
+    recipe = {**FISHER, "critical": {"classes": ["a", "b"]}}
+
+    def fit(ckpt_path=None, epochs=2):
+        torch.manual_seed(0)
+        cb = DetQCallback(recipe, target="model")
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                             callbacks=[cb, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1,
+                                                                         filename="{epoch}")])
+        module = FCOSWithVal()
+        trainer.fit(module, det_loader(), det_loader(n=4), ckpt_path=ckpt_path)
+        return trainer, cb, module
+
+    trainer, cb, module = fit()
+    plan = cb.session.last_mixed_precision
+    assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
+    assert "fisher_reg" in cb.last_loss_terms and cb.session.terms[-1].last_trace > 0
+    m = trainer.callback_metrics
+    assert {"val/critical_mAP50-95", "val/critical_mAP50"} <= set(m)
+    assert 0.0 <= float(m["val/critical_mAP50-95"]) <= float(m["val/critical_mAP50"]) <= 1.0
+    tested = trainer.test(module, det_loader(n=4), verbose=False)[0]
+    assert tested["test/critical_mAP50-95"] == pytest.approx(float(m["val/critical_mAP50-95"]), abs=1e-6)
+    # resume from the first epoch's checkpoint: the saved bits, no second allocation
+    trainer2, cb2, module2 = fit(ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert cb2.session.last_mixed_precision is None
+    assert {n: q.weight_quantizer.bits for n, q in quantized_layers(module2.model)} == plan.allocation
+
+
+def test_lightning_regulariser_on_a_head_no_family_reads_fails_before_training(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from test_lightning import TinyDet, loader, trainer
+
+    from detq_hooks import is_quantized
+    from detq_hooks.lightning import DetQCallback
+
+    model = TinyDet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedDetectorError, match=r"`fisher_regularizer` needs the critical-category objective.*"
+                                                      r"TinyDet is not a detector family"):
+        trainer(tmp_path, [DetQCallback("w4a8-fisher")]).fit(model, loader())
+    assert not is_quantized(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

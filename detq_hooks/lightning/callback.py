@@ -29,6 +29,7 @@ from ..session import QuantSession, quantization_figures
 from ..surgery import dequantize, is_quantized, quantized_layers
 from . import averaging
 from .loading import read_entry
+from .metrics import CriticalMAP, detections_in
 from .schedulers import _extend_schedulers
 
 UserLossTerm = Callable[["pl.LightningModule", Any, Any], "dict[str, torch.Tensor]"]
@@ -86,6 +87,13 @@ class DetQCallback(Callback):
             (0: never; default: the Trainer's ``log_every_n_steps``).
         family: a :class:`~detq_hooks.detectors.DetectorFamily` for your own detector (curriculum stages,
             distillation's head terms); default: found from the model (torchvision FCOS/RetinaNet, ...).
+        class_names: the data set's class names in label order (the recipe's ``critical.classes`` resolve
+            against them); default: ``pl_module.class_names`` or ``datamodule.class_names`` if either exists.
+
+    With ``critical.classes`` in the recipe, validation and test log ``val/critical_mAP50-95`` and
+    ``val/critical_mAP50`` (``test/...``): COCO mAP over the critical classes, from the detections that
+    ``validation_step`` returns (torchvision's list of ``{"boxes", "scores", "labels"}``, or under a
+    ``"detections"`` key) or, when it returns none, from one more forward of the quantized model on the batch.
 
     Attributes:
         session: the :class:`~detq_hooks.session.QuantSession` doing the work (stages, teacher, terms).
@@ -105,6 +113,7 @@ class DetQCallback(Callback):
         first_layers: Optional[list[str]] = None,
         log_every_n_steps: Optional[int] = None,
         family: Optional[DetectorFamily] = None,
+        class_names: Optional[list[str]] = None,
     ) -> None:
         if not isinstance(calibrate, bool):
             raise TypeError(f"DetQCallback: `calibrate` = {calibrate!r} must be True or False")
@@ -128,8 +137,12 @@ class DetQCallback(Callback):
         self.calibration_batches = calibration_batches
         self.calibration_forward = calibration_forward
         self.log_every_n_steps = log_every_n_steps
+        if class_names is not None and not (isinstance(class_names, (list, tuple)) and all(isinstance(c, str) for c in class_names)):
+            raise TypeError(f"DetQCallback: `class_names` = {class_names!r} must be a list of class names")
+        self.class_names = list(class_names) if class_names is not None else None
         self.distillation_inputs: Optional[Callable[[Any, Any], Any]] = None
         self.last_calibration = None
+        self._critical: Optional[CriticalMAP] = None  # critical-category mAP of the running evaluation
         self._module: Optional[pl.LightningModule] = None  # the module this callback converted
         self._fresh = False  # converted in this run's setup, no checkpoint loaded yet: its plan may be rebuilt
         self._training = False
@@ -173,6 +186,9 @@ class DetQCallback(Callback):
             return  # the same module again (validate/test after fit, a second fit)
         model = self.quantized_model(pl_module)
         self._fresh = not is_quantized(model)
+        dm = getattr(trainer, "datamodule", None)
+        names = self.class_names or getattr(pl_module, "class_names", None) or getattr(dm, "class_names", None)
+        self.session.class_names = list(names) if names else None
         self.session.convert(model, training=self._training)  # adopts a module quantized with this recipe
         self._converted(trainer, pl_module)
 
@@ -286,8 +302,12 @@ class DetQCallback(Callback):
 
         was = pl_module.training
         try:
-            self.last_calibration = self.session.run_ptq(model, batches(), fwd) if self.session.ptq else \
-                self.session.calibrate(model, batches(), fwd)
+            run = self.session.run_ptq if self.session.ptq else self.session.calibrate
+            self.last_calibration = run(model, batches(), fwd, family_batch=lambda b: self._family_batch(pl_module, b))
+            plan = self.last_calibration.mixed_precision
+            if plan is not None:
+                rank_zero_info(f"DetQCallback: Fisher mixed precision: {plan.used:.3f} average weight bits (budget "
+                               f"{plan.budget}), bits {sorted(set(plan.allocation.values()))} over {len(plan.allocation)} layers")
         finally:
             pl_module.train(was)
 
@@ -320,6 +340,55 @@ class DetQCallback(Callback):
             # the module defines no forward (training_step calls ``self.<target>`` directly): run the target
             return lambda m, b: _default_calibration_forward(self.quantized_model(m), b)
         return _default_calibration_forward
+
+    # ================================================================== critical-category mAP
+    def _critical_start(self, pl_module) -> None:
+        self._critical = None
+        if self.recipe.critical.classes and self._module is pl_module:
+            self._critical = CriticalMAP(self.session.critical_class_ids(self.quantized_model(pl_module)))
+
+    def _critical_update(self, pl_module, outputs, batch) -> None:
+        if self._critical is None:
+            return
+        detections = detections_in(outputs)
+        if detections is None:  # the step returned no detections: run the quantized model once more
+            images = self._family_batch(pl_module, batch)[0]
+            with torch.no_grad():
+                detections = detections_in(self.quantized_model(pl_module)(images))
+        targets = self._family_batch(pl_module, batch)[1]
+        if detections is None or targets is None:
+            rank_zero_warn("DetQCallback: no critical-category mAP: neither validation_step nor the model returns "
+                           "detections as a list of {'boxes', 'scores', 'labels'} dicts (with targets in the batch)")
+            self._critical = None
+            return
+        self._critical.update(detections, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+
+    def _critical_log(self, pl_module, prefix: str) -> None:
+        if self._critical is None:
+            return
+        for name, value in self._critical.compute().items():
+            pl_module.log(f"{prefix}/{name}", value, on_step=False, on_epoch=True, sync_dist=False)
+        self._critical = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._critical_start(pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._critical_start(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._critical_update(pl_module, outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._critical_update(pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._critical_log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._critical_log(pl_module, "test")
 
     # ================================================================== curriculum and logging
     def _progress(self, trainer) -> float:
