@@ -1,0 +1,185 @@
+"""Fisher-aware quantization, YOLO11n (Ultralytics): plain QAT vs + Fisher mixed precision vs + Fisher-trace
+regulariser vs both, at W4A8 and W4A4, from one cached float checkpoint with the same epoch budget, the synthetic
+data's rarest classes as the critical set.
+
+    YOLO_OFFLINE=1 python benchmarks/bench_fisher.py [--model yolo11n.yaml --float-epochs 20 --imgsz 160
+        --num-train 256 --num-val 64 --qat-epochs 6 --bits w4a8,w4a4 --variants plain,mp,reg,both
+        --critical star,checker --seeds 0 --out benchmarks/results/fisher]
+
+Every run starts from the same float ``best.pt`` (``detq_hooks.tools.zoo.cached_float_checkpoint``) with the same
+optimizer settings. Mixed precision gets the *measured* average weight bits of the plain run of the same preset
+(its first and prediction layers at 8 bits included), so both files have the same size. mAP is COCO mAP50-95
+(pycocotools) of each run's best.pt on the val split; critical mAP is COCO AP over the critical categories. Also
+written: each run's training time per epoch ÷ plain QAT of the same bits (the regulariser's amortised cost), the
+bits per layer beside each layer's Fisher trace (``bits_<run>.png``) and the per-class AP drop against float
+(``ap_drop_<run>.png``). Results: ``<out>/results.json``, ``<out>/fisher.md``, ``<out>/fisher.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+
+def variant_recipe(bits: str, variant: str, critical: list[str], avg_bits: float, reg_weight: float, reg_every: int) -> dict:
+    recipe = {"preset": bits, "name": f"{bits}-{variant}", "critical": {"classes": critical}}
+    if variant in ("mp", "both"):
+        recipe["mixed_precision"] = {"enabled": True, "budget": {"avg_weight_bits": avg_bits}, "num_batches": 8}
+    if variant in ("reg", "both"):
+        recipe["fisher_regularizer"] = {"enabled": True, "weight": reg_weight, "every": reg_every, "warmup": 0.1}
+    return recipe
+
+
+def plain_average_bits(checkpoint: Path, preset: str) -> float:
+    """Average weight bits of a plain ``preset`` conversion of the float model (every quantized weight)."""
+    from ultralytics import YOLO
+
+    from detq_hooks.fisher import average_weight_bits
+    from detq_hooks.session import QuantSession
+
+    model = copy.deepcopy(YOLO(str(checkpoint)).model).float()
+    QuantSession(preset).convert(model, training=False)
+    return round(average_weight_bits(model), 4)
+
+
+def run(start: Path, ds, imgsz: int, epochs: int, project: Path, label: str, recipe, seed: int) -> dict:
+    from ultralytics import YOLO
+
+    from detq_hooks.tools.zoo import evaluate_ultralytics
+    from detq_hooks.ultralytics import DetQTrainer
+
+    model = YOLO(str(start))
+    times, started, found = [], {}, {}
+    model.add_callback("on_train_epoch_start", lambda t: started.update(t=time.perf_counter()))
+    model.add_callback("on_train_epoch_end", lambda t: times.append(time.perf_counter() - started["t"]))
+    model.add_callback("on_train_start", lambda t: found.update(plan=t.detq_session.last_mixed_precision))
+    extra = {} if recipe is None else {"trainer": DetQTrainer, "detq": recipe}
+    model.train(data=str(ds.yolo_yaml), **extra, imgsz=imgsz, epochs=epochs, batch=16, amp=False, plots=False,
+                workers=0, device="cpu", exist_ok=True, project=str(project), name=label, seed=seed, deterministic=True,
+                verbose=False, optimizer="AdamW", lr0=0.0005, nbs=16, warmup_epochs=0, close_mosaic=epochs, val=True)
+    res = evaluate_ultralytics(model.trainer.best, ds, imgsz=imgsz)
+    return {"run": label, "seed": seed, "eval": res, "plan": found.get("plan"),
+            "s_per_epoch": statistics.median(times) if times else float("nan")}
+
+
+def critical_of(res, critical: list[str]) -> tuple[float, float]:
+    present = [c for c in critical if c in res.per_category]
+    if not present:
+        return float("nan"), float("nan")
+    return (sum(res.per_category[c] for c in present) / len(present),
+            sum(res.per_category_ap50[c] for c in present) / len(present))
+
+
+def save_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['bits']}\n{r['variant']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4))
+    ax.bar([x - 0.2 for x in xs], [r["kept"] for r in rows], 0.4, label="overall mAP50-95 kept")
+    ax.bar([x + 0.2 for x in xs], [r["critical_kept"] for r in rows], 0.4, label="critical mAP50-95 kept")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.97, color="#c44e52", lw=0.8, ls="--", label="97 % (goal for critical)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("fraction of float")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="yolo11n.yaml")
+    p.add_argument("--float-epochs", type=int, default=20)
+    p.add_argument("--qat-epochs", type=int, default=6)
+    p.add_argument("--imgsz", type=int, default=160)
+    p.add_argument("--num-train", type=int, default=256)
+    p.add_argument("--num-val", type=int, default=64)
+    p.add_argument("--bits", default="w4a8,w4a4")
+    p.add_argument("--variants", default="plain,mp,reg,both")
+    p.add_argument("--critical", default="star,checker", help="critical class names (default: the two rarest)")
+    p.add_argument("--reg-weight", type=float, default=0.01)
+    p.add_argument("--reg-every", type=int, default=4)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher"))
+    a = p.parse_args(argv)
+
+    from detq_hooks import fisher_report
+    from detq_hooks.tools.data import make_synthetic_dataset
+    from detq_hooks.tools.zoo import cached_float_checkpoint, evaluate_ultralytics, synthetic_data_dir
+
+    critical = [c for c in a.critical.split(",") if c]
+    a.out.mkdir(parents=True, exist_ok=True)
+    root = synthetic_data_dir(a.num_train, a.num_val, a.imgsz)
+    ds = make_synthetic_dataset(root, num_train=a.num_train, num_val=a.num_val, imgsz=a.imgsz, seed=0)
+    unknown = [c for c in critical if c not in ds.classes]
+    if unknown:
+        raise SystemExit(f"--critical {unknown} are not classes of the synthetic data {ds.classes}")
+    ref = cached_float_checkpoint(ds, a.model, epochs=a.float_epochs, imgsz=a.imgsz, verbose=False)
+    float_eval = evaluate_ultralytics(ref.checkpoint, ds, imgsz=a.imgsz)
+    float_crit, float_crit50 = critical_of(float_eval, critical)
+    print(f"float {a.model}: mAP50-95 {float_eval.map50_95:.4f}, critical {critical} {float_crit:.4f} "
+          f"({'cached' if ref.cached else 'trained'}: {ref.checkpoint})", flush=True)
+
+    rows = []
+    for bits in a.bits.split(","):
+        avg = plain_average_bits(ref.checkpoint, bits)
+        for variant in a.variants.split(","):
+            for seed in [int(s) for s in a.seeds.split(",")]:
+                recipe = variant_recipe(bits, variant, critical, avg, a.reg_weight, a.reg_every)
+                label = f"{bits}_{variant}_s{seed}"
+                r = run(ref.checkpoint, ds, a.imgsz, a.qat_epochs, a.out / "runs", label, recipe, seed)
+                res, plan = r.pop("eval"), r.pop("plan")
+                crit, crit50 = critical_of(res, critical)
+                r.update(bits=bits, variant=variant, map50_95=res.map50_95, map50=res.map50, critical_map50_95=crit,
+                         critical_map50=crit50, kept=res.map50_95 / max(float_eval.map50_95, 1e-9),
+                         critical_kept=crit / max(float_crit, 1e-9), per_category=res.per_category,
+                         avg_weight_bits=plan.used if plan is not None else avg)
+                if plan is not None:
+                    fisher_report.save_bits_plot(plan, a.out / f"bits_{label}.png")
+                    r["bits_per_layer"] = plan.allocation
+                drops = fisher_report.ap_drop_table(float_eval, res, critical)
+                fisher_report.save_ap_drop_plot(drops, a.out / f"ap_drop_{label}.png")
+                rows.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("per_category", "bits_per_layer")}), flush=True)
+
+    plain = {}
+    for r in rows:
+        if r["variant"] == "plain":
+            plain.setdefault(r["bits"], []).append(r["s_per_epoch"])
+    lines = [f"float mAP50-95 {float_eval.map50_95:.4f}, critical ({', '.join(critical)}) {float_crit:.4f}; "
+             f"QAT {a.qat_epochs} epochs from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
+             f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps",
+             "", "| bits | variant | seed | avg weight bits | mAP50-95 | kept | critical mAP50-95 | critical kept | time/epoch ÷ plain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = statistics.median(plain.get(r["bits"], [float("nan")]))
+        r["time_vs_plain"] = r["s_per_epoch"] / base
+        lines.append(f"| {r['bits']} | {r['variant']} | {r['seed']} | {r['avg_weight_bits']:.3f} | {r['map50_95']:.4f} | "
+                     f"{r['kept']:.1%} | {r['critical_map50_95']:.4f} | {r['critical_kept']:.1%} | {r['time_vs_plain']:.2f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    (a.out / "fisher.md").write_text(table + "\n")
+    save_plot(rows, a.out / "fisher.png")
+    (a.out / "results.json").write_text(json.dumps({
+        "float": {"map50_95": float_eval.map50_95, "critical_map50_95": float_crit, "critical_map50": float_crit50,
+                  "per_category": float_eval.per_category},
+        "critical": critical, "config": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
