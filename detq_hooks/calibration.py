@@ -93,6 +93,8 @@ class CalibrationResult:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # the Fisher-aware bit allocation that followed calibration (detq_hooks.fisher.MixedPrecisionPlan), if any
     mixed_precision: Any = None
+    # PTQ block reconstruction that followed (detq_hooks.reconstruction.ReconstructionResult), if any
+    reconstruction: Any = None
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

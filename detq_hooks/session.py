@@ -26,6 +26,7 @@ Example (a hand-written loop)::
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
@@ -51,6 +52,7 @@ from .loss_terms import DisabledQuantizerAnchor, DistillationTerm, LossTerm, Ste
 from .optim import add_quantizer_param_group
 from .quantizers import iter_quantizers
 from .recipe import Recipe, RecipeError, load_recipe
+from .reconstruction import reconstruct_from_recipe
 from .recording import Recorder, Taps
 from .surgery import is_quantized, quantize, quantized_layers, recipe_of
 
@@ -188,6 +190,7 @@ class QuantSession:
         # `metainfo.classes`); the recipe's critical class names resolve against them, else the family's answer.
         self.class_names: Optional[list[str]] = None
         self.objective = None  # a detq_hooks.critical.CriticalObjective when a Fisher method is on
+        self.float_copy: Optional[nn.Module] = None  # PTQ block reconstruction's reference, from convert to run_ptq
         self._recorder: Optional[Recorder] = None
         self._model_id: Optional[int] = None
 
@@ -218,10 +221,12 @@ class QuantSession:
         stages = self._plan_crqat(model, family) if training else []
         objective = self._plan_fisher(model, family, training)
         teacher = self._new_teacher(model) if training else None
+        float_copy = copy.deepcopy(model) if self.ptq and self.recipe.ptq.reconstructs else None
         preds = self.prediction_layers if self.prediction_layers is not None else family.prediction_layers(model)
         firsts = self.first_layers if self.first_layers is not None else family.first_layers(model)
         quantize(model, self.recipe, prediction_layers=preds, first_layers=firsts, float_layers=family.float_layers(model))
         self.family, self.stages, self.teacher, self.objective = family, stages, teacher, objective
+        self.float_copy = float_copy
         self.teacher_ready = teacher is not None
         self._build_crqat(training)
         self._model_id = id(model)
@@ -458,8 +463,25 @@ class QuantSession:
     def run_ptq(self, model: nn.Module, batches: Iterable[Any], forward_fn=None, *, progress: bool = False,
                 family_batch: Optional[Callable[[Any], Any]] = None) -> CalibrationResult:
         """Post-training quantization of a converted model (the recipe's ``mode: ptq``): calibration (and the
-        recipe's mixed precision)."""
-        return self.calibrate(model, batches, forward_fn, progress=progress, family_batch=family_batch)
+        recipe's mixed precision), then, with ``ptq.method`` other than ``calibration``, block reconstruction
+        against the float copy :meth:`convert` kept (:mod:`detq_hooks.reconstruction`; TASKQ's parts as the
+        recipe says). The result's ``reconstruction`` holds each block's error before and after."""
+        ptq = self.recipe.ptq
+        if not ptq.reconstructs:
+            return self.calibrate(model, batches, forward_fn, progress=progress, family_batch=family_batch)
+        if self.float_copy is None:
+            raise RuntimeError("QuantSession.run_ptq: block reconstruction needs the float model; convert it with "
+                               "this session (convert keeps a float copy for PTQ recipes)")
+        calib = self.calibration_batches or self.recipe.calibration.num_batches
+        kept = list(itertools.islice(iter(batches), max(calib, ptq.num_batches or calib)))
+        result = self.calibrate(model, kept, forward_fn, progress=progress, family_batch=family_batch)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            result.reconstruction = reconstruct_from_recipe(
+                model, self.float_copy, kept[: ptq.num_batches or calib], forward_fn, ptq, self.family,
+                progress=progress and dist_utils.rank() == 0)
+        self.float_copy = None  # the reconstructed model is the result; the copy is not needed any more
+        return result
 
     # ================================================================== 4. training
     def start_training(self, model: nn.Module, *, device: Any = None, progress: Optional[float] = None) -> Optional[str]:

@@ -60,6 +60,7 @@ def test_fisher_presets_and_sections():
     r = load_recipe("w4a4-fisher")
     assert r.mixed_precision.enabled and r.mixed_precision.budget == {"avg_weight_bits": 4.0}
     assert r.mixed_precision.candidates == [2, 4, 8] and r.fisher_regularizer.enabled
+    assert r.fisher_regularizer.every == 12  # amortised cost near 1.25x plain QAT
     assert (r.quantization.weight.bits, r.quantization.activation.bits) == (4, 4)
     assert load_recipe("w4a8-fisher").quantization.activation.bits == 8
     # Mixed precision lives in the saved per-layer plan, not in the fingerprint.

@@ -95,6 +95,22 @@ class DetectorFamily:
             blocks.extend(kids or [root])
         return blocks
 
+    def head_paths(self, model: nn.Module) -> list[str]:
+        """The detection head's paths as module names — each scale's box branch and class branch — for head-wise
+        PTQ reconstruction (TASKQ's STAHQ); each is called once per forward. ``[]``: not known (the head is
+        reconstructed as the blocks :meth:`reconstruction_blocks` gives)."""
+        return []
+
+    def head_block(self, model: nn.Module) -> Optional[str]:
+        """The module whose output is the head's (decoded in eval mode): where PTQ's detection-aware task
+        regularisation reads boxes and scores (:meth:`decode_head_output`). ``None``: not known."""
+        return None
+
+    def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(boxes (B, A, 4) xyxy, class scores (B, A, C) in [0, 1])`` from the eval-mode output of
+        :meth:`head_block`, decoded the way the trainer's own inference does."""
+        raise self._unsupported(model, "decode_head_output")
+
     def class_names(self, model: nn.Module) -> Optional[list[str]]:
         """Class names in label order, where the model knows them."""
         return None

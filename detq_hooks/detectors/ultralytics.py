@@ -96,6 +96,35 @@ class UltralyticsFamily(DetectorFamily):
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         return [f"model.{i}" for i in range(len(model.model))]
 
+    def head_paths(self, model: nn.Module) -> list[str]:
+        """Box (``cv2``) and class (``cv3``) branch of each scale; end-to-end heads (YOLOv10, YOLO26): the
+        one-to-one branches, the ones inference runs."""
+        if not is_yolo_head(model):
+            return []
+        head = model.model[-1]
+        prefix = "one2one_" if getattr(head, "end2end", False) and hasattr(head, "one2one_cv2") else ""
+        return [f"{head_name(model)}.{prefix}{branch}.{i}" for i in range(head.nl) for branch in ("cv2", "cv3")]
+
+    def head_block(self, model: nn.Module) -> Optional[str]:
+        return head_name(model) if is_yolo_head(model) else None
+
+    def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Detect head's own inference decoding (``Detect._inference`` on the branch inference uses: the
+        one-to-one branch of end-to-end heads) of its eval-mode raw predictions: xyxy boxes in pixels and
+        sigmoid class scores."""
+        head = model.model[-1]
+        preds = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], dict) else None
+        if preds is None or not hasattr(head, "_inference"):
+            raise UnsupportedDetectorError(f"{type(head).__name__} gave no raw predictions (export mode?): the decoded "
+                                           "boxes per anchor cannot be read")
+        end2end = bool(getattr(head, "end2end", False))
+        branch = preds["one2one" if end2end else "one2many"] if "one2one" in preds else preds
+        decoded = head._inference(branch)  # (B, 4 + C, A)
+        boxes, scores = decoded[:, :4].transpose(1, 2), decoded[:, 4 : 4 + head.nc].transpose(1, 2)
+        if not end2end and not getattr(head, "xyxy", False):  # xywh -> xyxy
+            boxes = torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+        return boxes, scores
+
     def class_names(self, model: nn.Module) -> Optional[list[str]]:
         names = getattr(model, "names", None)
         if isinstance(names, dict):
