@@ -71,7 +71,9 @@ class ReconstructionConfig:
         iterations: optimisation steps per block (the papers use 20 000 on a GPU; a few hundred already help).
         batch_size: images per step, drawn from the cached calibration images.
         lr: Adam learning rate of AdaRound's ``V``.
-        scale_lr: Adam learning rate of the activation step sizes.
+        scale_lr: Adam learning rate of the activation step sizes, relative to each step size's value at the start
+            (Adam moves a parameter by about its learning rate whatever the gradient's size: an absolute rate fit
+            for one layer's step size would be far too large for a layer with small activations).
         round_weight: λ of the rounding regulariser.
         beta: (start, end) of the regulariser's exponent β, annealed linearly after the warm-up.
         warmup: fraction of the iterations without the rounding regulariser.
@@ -81,12 +83,15 @@ class ReconstructionConfig:
         num_batches: use at most this many calibration batches (``None``: all).
         cache_on_cpu: keep the cached block inputs/outputs in CPU memory (else on the model's device).
         seed: seed of the mini-batch draws and QDrop masks.
+
+    A block whose loss (measured with the quantized model's own input) ends higher than it started is put back
+    as it was (:attr:`BlockResult.reverted`), so no block ends worse than calibration left it.
     """
 
     iterations: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
-    scale_lr: float = 4e-5
+    scale_lr: float = 1e-3
     round_weight: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
@@ -155,6 +160,7 @@ class BlockResult:
     soft_fraction: float = 0.0  # h(V) strictly between 0 and 1 just before hard rounding (0 when converged)
     cached_bytes_per_image: int = 0
     seconds: float = 0.0
+    reverted: bool = False  # the optimised block was worse than before and was put back
     skipped: Optional[str] = None
 
 
@@ -579,13 +585,14 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     result.cached_bytes_per_image = max(result.cached_bytes_per_image, out.cached_bytes_per_image)
 
     out.loss_before = _evaluate(block, cache, cfg.batch_size, device, name, "before")
+    initial_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
     rounders = [_AdaRoundLayer(m) for m in layers if cfg.adaround and m.weight_quantizer.enabled]
     scales = []
     if cfg.learn_activation_scales:
         for m in layers:
             q = m.input_quantizer
             if q is not None and q.enabled and isinstance(q.scale, nn.Parameter):
-                scales += [p for p in q.parameters(recurse=False)]
+                scales.append(q.scale)  # the step size only: an LSQ+ offset stays as calibrated
     out.rounded_layers, out.learned_scales = len(rounders), len(scales)
     if rounders or scales:
         _optimise(block, cache, rounders, scales, cfg, device, name, progress)
@@ -597,6 +604,9 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     out.flipped_fraction = flipped / total if total else 0.0
     out.soft_fraction = soft / total if total else 0.0
     out.loss_after = _evaluate(block, cache, cfg.batch_size, device, name, "after")
+    if out.loss_after > out.loss_before:
+        block.load_state_dict(initial_state)
+        out.reverted, out.loss_after, out.flipped_fraction = True, out.loss_before, 0.0
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -606,10 +616,9 @@ def _optimise(block, cache: _BlockCache, rounders: list[_AdaRoundLayer], scales:
     groups = []
     if rounders:
         groups.append({"params": [r.v for r in rounders], "lr": cfg.lr})
-    if scales:
-        for p in scales:
-            p.requires_grad_(True)
-        groups.append({"params": scales, "lr": cfg.scale_lr})
+    for p in scales:
+        p.requires_grad_(True)
+        groups.append({"params": [p], "lr": cfg.scale_lr * float(p.detach().abs().mean().clamp_min(1e-12))})
     optimizer = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(cfg.seed)
     steps: Iterable[int] = range(cfg.iterations)

@@ -144,6 +144,17 @@ def test_parts_can_be_switched_off():
     assert all(torch.equal(m.input_quantizer.scale, scales[n]) for n, m in quantized_layers(quant))
 
 
+def test_a_block_that_ends_worse_is_put_back():
+    quant, float_, batches = quantized_pair()
+    before = state_of(quant)
+    # A learning rate far too large: the rounding and step sizes go astray and the block loses to nearest rounding.
+    cfg = ReconstructionConfig(iterations=20, batch_size=16, lr=100.0, scale_lr=0.9, warmup=0.0, round_weight=0)
+    result = reconstruct(quant, float_, batches, blocks=["1"], config=cfg)
+    (block,) = result.blocks
+    assert block.reverted and block.loss_after == block.loss_before and block.flipped_fraction == 0
+    assert_same_state(quant, before)
+
+
 def test_reconstructed_model_saves_and_reloads_to_identical_outputs():
     quant, float_, batches = quantized_pair()
     reconstruct(quant, float_, batches, blocks=["0", "1", "2", "3"], config=ReconstructionConfig(**{**FAST, "iterations": 50}))
@@ -262,10 +273,21 @@ def test_yolo11n_reconstruction_over_the_family_blocks_lowers_the_output_error()
     from detq_hooks.session import QuantSession
 
     torch.manual_seed(0)
-    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False).eval()
-    float_ = copy.deepcopy(model)
+    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(4, 3, 64, 64, generator=g) for _ in range(3)]
+    # At random initialisation YOLO's activations shrink ~10x per layer (deep features ~1e-8): re-estimate the
+    # BatchNorm statistics on the data so every layer sees unit-variance inputs, as in a trained model.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the batches
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    model.eval()
+    float_ = copy.deepcopy(model)
     forward = lambda m, b: m(b)  # noqa: E731
     session = QuantSession("w4a8-ptq")
     session.convert(model, training=False)
@@ -273,8 +295,16 @@ def test_yolo11n_reconstruction_over_the_family_blocks_lowers_the_output_error()
     model.eval()
 
     def error():
+        """Squared error of the decoded output (boxes in pixels, class probabilities) and the relative error
+        of the raw box (DFL) and class logits, summed over the batches."""
+        totals = {"decoded": 0.0, "boxes": 0.0, "scores": 0.0}
         with torch.no_grad():
-            return sum((model(b)[0] - float_(b)[0]).pow(2).mean().item() for b in batches)
+            for b in batches:
+                (yq, pq), (yf, pf) = model(b), float_(b)
+                totals["decoded"] += (yq - yf).pow(2).mean().item()
+                for k in ("boxes", "scores"):
+                    totals[k] += ((pq[k] - pf[k]).pow(2).mean() / pf[k].var()).item()
+        return totals
 
     calibrated = error()
     blocks = UltralyticsFamily().reconstruction_blocks(model)
@@ -287,7 +317,8 @@ def test_yolo11n_reconstruction_over_the_family_blocks_lowers_the_output_error()
     skipped = {b.name for b in result.blocks if b.skipped}
     assert skipped and all(n in {"model.11", "model.12", "model.14", "model.15", "model.17", "model.18", "model.20",
                                  "model.21"} for n in skipped)  # Upsample / Concat
-    assert reconstructed < calibrated, (calibrated, reconstructed)
-    print(f"yolo11n 64px W4A8: output error {calibrated:.4g} -> {reconstructed:.4g}, {seconds:.1f} s, "
-          f"cache {result.cached_bytes_per_image} B/image")
+    print(f"yolo11n 64px W4A8 output error, calibration only -> reconstructed: {calibrated} -> {reconstructed}; "
+          f"{seconds:.1f} s, cache {result.cached_bytes_per_image} B/image")
+    assert all(reconstructed[k] < 0.8 * calibrated[k] for k in calibrated), (calibrated, reconstructed)
+    assert all(a < b for b, a in result.losses().values())
     assert seconds < 60
