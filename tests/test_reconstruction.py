@@ -155,6 +155,15 @@ def test_a_block_that_ends_worse_is_put_back():
     assert_same_state(quant, before)
 
 
+def test_capture_stops_the_forward_after_the_block():
+    quant, float_, batches = quantized_pair()
+    calls = {"quant": 0, "float": 0}
+    quant[3].register_forward_hook(lambda *a: calls.__setitem__("quant", calls["quant"] + 1))
+    float_[3].register_forward_hook(lambda *a: calls.__setitem__("float", calls["float"] + 1))
+    reconstruct(quant, float_, batches, blocks=["0", "1"], config=ReconstructionConfig(iterations=3, batch_size=16))
+    assert calls == {"quant": 0, "float": 0}  # the layers after the reconstructed blocks never ran
+
+
 def test_reconstructed_model_saves_and_reloads_to_identical_outputs():
     quant, float_, batches = quantized_pair()
     reconstruct(quant, float_, batches, blocks=["0", "1", "2", "3"], config=ReconstructionConfig(**{**FAST, "iterations": 50}))
