@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .modules import QuantModuleMixin, is_quantized_module
+from .quantizers import FakeQuantizer
 
 # Rectified sigmoid stretch of AdaRound: h can reach exactly 0 and 1 with a non-vanishing gradient nearby.
 ZETA, GAMMA = 1.1, -0.1
@@ -591,8 +592,12 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     if cfg.learn_activation_scales:
         for m in layers:
             q = m.input_quantizer
-            if q is not None and q.enabled and isinstance(q.scale, nn.Parameter):
-                scales.append(q.scale)  # the step size only: an LSQ+ offset stays as calibrated
+            if q is None or not q.enabled:
+                continue
+            # q.modules(): a wrapper such as sparse.SparseOutlierQuantizer holds the FakeQuantizer inside.
+            for fq in q.modules():
+                if isinstance(fq, FakeQuantizer) and isinstance(fq.scale, nn.Parameter):
+                    scales.append(fq.scale)  # the step size only: an LSQ+ offset stays as calibrated
     out.rounded_layers, out.learned_scales = len(rounders), len(scales)
     if rounders or scales:
         _optimise(block, cache, rounders, scales, cfg, device, name, progress)
