@@ -203,8 +203,9 @@ def _rebuild(template: Any, tensors: Iterable[torch.Tensor]) -> Any:
 
 
 def _detached_copy(obj: Any, device: Optional[torch.device]) -> Any:
-    # New containers too: YOLO's Detect head assigns into the list it is given.
-    return _map_tensors(lambda t: t.detach().to(device) if device is not None else t.detach(), obj)
+    # Copies of the tensors (the block may work in place on its input once the hook returns) and new
+    # containers (YOLO's Detect head assigns into the list it is given).
+    return _map_tensors(lambda t: t.detach().to(device or t.device, copy=True), obj)
 
 
 def _nbytes(obj: Any) -> int:
@@ -246,6 +247,7 @@ def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *
     module = model.get_submodule(block)
     inputs: list = []
     outputs: list = []
+    current = [0]  # index of the batch being run
 
     def pre_hook(mod, args, kwargs):
         if len(inputs) < current[0] + 1:  # first call in this batch's forward
@@ -258,7 +260,6 @@ def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *
             outputs.append(_detached_copy(output, device))
         raise _StopForward
 
-    current = [0]
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     if want_output:
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
@@ -280,9 +281,17 @@ def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *
     return inputs, outputs
 
 
+_PLACEHOLDER = torch.empty(0)
+
+
 def _concat_batches(trees: list, block: str, what: str) -> tuple[Any, int]:
-    """One tree whose tensors hold every batch, concatenated along dim 0, and the number of images."""
+    """One tree whose tensors hold every batch, concatenated along dim 0, and the number of images.
+
+    Empties ``trees`` and frees each batch's tensors as soon as they are concatenated, so the peak memory is the
+    cache plus one tensor's worth of batches, not twice the cache."""
+    template = _map_tensors(lambda t: _PLACEHOLDER, trees[0])  # the structure, without the batch's tensors
     columns = [_leaves(t) for t in trees]
+    trees.clear()
     if not columns[0]:
         raise ReconstructionError(f"block {block!r}: its {what} holds no tensor")
     images = 0
@@ -295,12 +304,17 @@ def _concat_batches(trees: list, block: str, what: str) -> tuple[Any, int]:
                 f"(batch {i}: shapes {[tuple(t.shape) for t in leaves]})"
             )
         images += n
-    try:
-        merged = [torch.cat(col) for col in zip(*columns)]
-    except RuntimeError as e:
-        raise ReconstructionError(f"block {block!r}: the calibration batches give its {what} different shapes ({e}); "
-                                  "use batches of one image size") from None
-    return _rebuild(trees[0], merged), images
+    by_leaf = [list(col) for col in zip(*columns)]
+    columns.clear()
+    merged = []
+    for i, col in enumerate(by_leaf):
+        try:
+            merged.append(torch.cat(col))
+        except RuntimeError as e:
+            raise ReconstructionError(f"block {block!r}: the calibration batches give its {what} different shapes "
+                                      f"({e}); use batches of one image size") from None
+        by_leaf[i] = None
+    return _rebuild(template, merged), images
 
 
 # ============================================================================================== AdaRound

@@ -195,6 +195,52 @@ def test_default_blocks_come_from_the_family_and_blocks_without_quantized_layers
                for b in result.blocks if b.skipped)
 
 
+class KeywordBlocks(nn.Module):
+    """A block called with a keyword argument that returns a dict (reconstruction must pass both through)."""
+
+    class Head(nn.Module):
+        def __init__(self, w: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(w, w, 3, padding=1)
+            self.out = nn.Conv2d(w, 2, 1)
+
+        def forward(self, x, *, gain: float = 1.0):
+            h = nn.functional.silu(self.conv(x)) * gain
+            return {"score": self.out(h), "feature": h}
+
+    def __init__(self, w: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.SiLU())
+        self.head = self.Head(w)
+
+    def forward(self, x):
+        return self.head(self.stem(x), gain=2.0)["score"]
+
+
+def test_blocks_called_with_keywords_and_returning_dicts():
+    torch.manual_seed(0)
+    model = KeywordBlocks().eval()
+    float_ = copy.deepcopy(model)
+    batches = images()
+    dq.quantize(model, "w4a8", first_layers=[], prediction_layers=[])
+    dq.calibrate(model, batches)
+    before = output_error(model, float_, batches)
+    result = reconstruct(model, float_, batches, blocks=["stem", "head"], config=ReconstructionConfig(**FAST))
+    assert all(a < b for b, a in result.losses().values())
+    assert output_error(model, float_, batches) < before
+    # The head's cache: both inputs (8x12x12) and both dict outputs (2x12x12 and 8x12x12), float32.
+    assert result.blocks[1].cached_bytes_per_image == (2 * 8 + 2 + 8) * 12 * 12 * 4
+
+
+def test_batches_of_different_image_sizes_are_refused():
+    quant, float_, batches = quantized_pair()
+    batches[1] = torch.randn(8, 3, 16, 16)
+    before = state_of(quant)
+    with pytest.raises(ReconstructionError, match=r"block '0': the calibration batches give its input different shapes"):
+        reconstruct(quant, float_, batches, blocks=["0"], config=ReconstructionConfig(iterations=3, batch_size=16))
+    assert_same_state(quant, before)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _nan_float_output(quant, float_, batches):
     with torch.no_grad():
