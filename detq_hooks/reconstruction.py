@@ -1,0 +1,679 @@
+"""Block reconstruction for post-training quantization (BRECQ / QDrop style), trainer-free.
+
+After calibration, each block of the quantized model (a sub-module such as ``model.4`` of a YOLO, by default
+:meth:`DetectorFamily.reconstruction_blocks`) is optimised in turn to reproduce the float block's output from
+the input the *quantized* model feeds it, so later blocks learn to absorb the error of earlier ones:
+
+* **AdaRound** weight rounding: each quantized layer of the block gets a learnable ``V`` (same shape as the
+  weight) and uses ``W̃ = s·(clamp(floor(W/s) + h(V) + z, qmin, qmax) − z)`` with the rectified sigmoid
+  ``h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1). A regulariser ``λ·Σ(1 − |2h − 1|^β)``, off for
+  the first ``warmup`` fraction of the iterations and then with β annealed from 20 to 2, pushes ``h`` to 0 or 1.
+  At the end the rounding is made hard (``h = [V ≥ 0]``) and *folded into the stored weight*:
+  ``W := s·(clamp(floor(W/s) + h + z, qmin, qmax) − z)`` lies on the quantization grid, so the layer's ordinary
+  nearest-rounding weight quantizer reproduces it exactly and the model saves, reloads and exports like any
+  other quantized model (nothing new in its ``state_dict``).
+* **LSQ** step sizes of the block's activation quantizers (the ``input_quantizer`` of its layers) are learned
+  by the same loss, with their own (smaller) learning rate.
+* **QDrop**: each element of the block's quantized-model input is replaced by the float model's input with
+  probability ``qdrop_prob`` at every iteration, which flattens the loss landscape the rounding is fit on.
+
+Memory: only one block's inputs (from both models) and float outputs are cached at a time, on the CPU by
+default; :attr:`ReconstructionResult.cached_bytes_per_image` reports the largest such cache per image. The
+inputs are captured by forward hooks while ``forward_fn`` runs the whole model, which stop the forward (a
+private exception) as soon as the block has been seen. A block is assumed to be called once per forward
+(only its first call is cached) and every tensor it reads or returns to have the batch as leading dimension.
+
+Example:
+    >>> import copy, torch, detq_hooks as dq
+    >>> from detq_hooks.reconstruction import ReconstructionConfig, reconstruct
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3))
+    >>> float_net = copy.deepcopy(net)  # before conversion
+    >>> batches = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    >>> dq.quantize(net, "w4a8"); dq.calibrate(net, batches)  # doctest: +SKIP
+    >>> result = reconstruct(net, float_net, batches, blocks=["0", "2"],
+    ...                      config=ReconstructionConfig(iterations=200, batch_size=16))  # doctest: +SKIP
+    >>> result.losses()  # {'0': (before, after), '2': (before, after)}  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .modules import QuantModuleMixin, is_quantized_module
+from .quantizers import FakeQuantizer
+
+# Rectified sigmoid stretch of AdaRound: h can reach exactly 0 and 1 with a non-vanishing gradient nearby.
+ZETA, GAMMA = 1.1, -0.1
+
+
+class ReconstructionError(ValueError):
+    """Block reconstruction cannot run as asked (no data, unknown block, NaN/inf, ...); the message names the
+    culprit. The quantized model was restored to exactly its state before the call."""
+
+
+class _StopForward(BaseException):
+    # A BaseException so that a trainer's `except Exception` in its forward does not swallow it.
+    pass
+
+
+# ============================================================================================== configuration
+@dataclass(kw_only=True)
+class ReconstructionConfig:
+    """Settings of :func:`reconstruct`.
+
+    Attributes:
+        iterations: optimisation steps per block (the papers use 20 000 on a GPU; a few hundred already help).
+        batch_size: images per step, drawn from the cached calibration images.
+        lr: Adam learning rate of AdaRound's ``V``.
+        scale_lr: Adam learning rate of the activation step sizes, relative to each step size's value at the start
+            (Adam moves a parameter by about its learning rate whatever the gradient's size: an absolute rate fit
+            for one layer's step size would be far too large for a layer with small activations).
+        round_weight: λ of the rounding regulariser.
+        beta: (start, end) of the regulariser's exponent β, annealed linearly after the warm-up.
+        warmup: fraction of the iterations without the rounding regulariser.
+        qdrop_prob: probability that an element of the block's quantized input is replaced by the float input.
+        adaround: learn the weight rounding (else nearest rounding stays).
+        learn_activation_scales: learn the step sizes of the block's activation quantizers.
+        num_batches: use at most this many calibration batches (``None``: all).
+        cache_on_cpu: keep the cached block inputs/outputs in CPU memory (else on the model's device).
+        seed: seed of the mini-batch draws and QDrop masks.
+
+    A block whose loss (measured with the quantized model's own input) ends higher than it started is put back
+    as it was (:attr:`BlockResult.reverted`), so no block ends worse than calibration left it.
+    """
+
+    iterations: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    scale_lr: float = 1e-3
+    round_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    qdrop_prob: float = 0.5
+    adaround: bool = True
+    learn_activation_scales: bool = True
+    num_batches: Optional[int] = None
+    cache_on_cpu: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ReconstructionError(f"`{name}` = {value!r} must be a positive integer")
+        if self.num_batches is not None and (isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int)
+                                             or self.num_batches < 1):
+            raise ReconstructionError(f"`num_batches` = {self.num_batches!r} must be a positive integer or None")
+        for name in ("lr", "scale_lr"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0:
+                raise ReconstructionError(f"`{name}` = {value!r} must be a positive number")
+        if not _is_number(self.round_weight) or self.round_weight < 0:
+            raise ReconstructionError(f"`round_weight` = {self.round_weight!r} must be a number >= 0")
+        beta = tuple(self.beta) if isinstance(self.beta, (list, tuple)) else None
+        if beta is None or len(beta) != 2 or not all(_is_number(b) and b > 0 for b in beta) or beta[0] < beta[1]:
+            raise ReconstructionError(f"`beta` = {self.beta!r} must be (start, end) with start >= end > 0, e.g. (20, 2)")
+        self.beta = (float(beta[0]), float(beta[1]))
+        if not _is_number(self.warmup) or not 0 <= self.warmup < 1:
+            raise ReconstructionError(f"`warmup` = {self.warmup!r} must be a fraction in [0, 1)")
+        if not _is_number(self.qdrop_prob) or not 0 <= self.qdrop_prob <= 1:
+            raise ReconstructionError(f"`qdrop_prob` = {self.qdrop_prob!r} must be a probability in [0, 1]")
+        for name in ("adaround", "learn_activation_scales", "cache_on_cpu"):
+            if not isinstance(getattr(self, name), bool):
+                raise ReconstructionError(f"`{name}` = {getattr(self, name)!r} must be true or false")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "beta": list(self.beta)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReconstructionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ReconstructionError(f"unknown reconstruction setting(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ============================================================================================== results
+@dataclass
+class BlockResult:
+    """One block: its reconstruction loss (squared error summed per image, averaged over the calibration
+    images, with the quantized model's own input) before and after, or why it was skipped."""
+
+    name: str
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    quantized_layers: int = 0
+    rounded_layers: int = 0  # layers whose rounding AdaRound learned
+    learned_scales: int = 0  # activation quantizers whose step size was learned
+    flipped_fraction: float = 0.0  # weights AdaRound rounded the other way than nearest rounding
+    soft_fraction: float = 0.0  # h(V) strictly between 0 and 1 just before hard rounding (0 when converged)
+    cached_bytes_per_image: int = 0
+    seconds: float = 0.0
+    reverted: bool = False  # the optimised block was worse than before and was put back
+    skipped: Optional[str] = None
+
+
+@dataclass
+class ReconstructionResult:
+    blocks: list[BlockResult] = field(default_factory=list)
+    num_images: int = 0
+    seconds: float = 0.0
+    cached_bytes_per_image: int = 0  # the largest per-image cache of any block
+
+    def losses(self) -> dict[str, tuple[float, float]]:
+        """``{block: (loss before, loss after)}`` of the reconstructed (not skipped) blocks."""
+        return {b.name: (b.loss_before, b.loss_after) for b in self.blocks if b.skipped is None}
+
+
+# ============================================================================================== nested tensors
+# Blocks read and return tensors, lists of tensors (YOLO's Concat and Detect) or dicts of them.
+def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(fn, v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _leaves(obj: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    _map_tensors(found.append, obj)
+    return found
+
+
+def _rebuild(template: Any, tensors: Iterable[torch.Tensor]) -> Any:
+    it = iter(tensors)
+    return _map_tensors(lambda _: next(it), template)
+
+
+def _detached_copy(obj: Any, device: Optional[torch.device]) -> Any:
+    # Copies of the tensors (the block may work in place on its input once the hook returns) and new
+    # containers (YOLO's Detect head assigns into the list it is given).
+    return _map_tensors(lambda t: t.detach().to(device or t.device, copy=True), obj)
+
+
+def _nbytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _leaves(obj))
+
+
+def _first_non_finite(obj: Any) -> Optional[str]:
+    for t in _leaves(obj):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return "NaN" if torch.isnan(t).any() else "inf"
+    return None
+
+
+# ============================================================================================== block cache
+@dataclass
+class _BlockCache:
+    """One block's cached data for all calibration images: the quantized model's input, the float model's
+    input and output (``args``/``kwargs`` trees whose tensors are concatenated along the batch dimension)."""
+
+    quant_input: tuple[tuple, dict]
+    float_input: tuple[tuple, dict]
+    float_output: Any
+    num_images: int
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.quant_input) + _nbytes(self.float_input) + _nbytes(self.float_output)
+
+    def select(self, index: torch.Tensor, device: torch.device):
+        take = lambda t: t[index.to(t.device)].to(device)  # noqa: E731
+        return (_map_tensors(take, self.quant_input), _map_tensors(take, self.float_input),
+                _map_tensors(take, self.float_output))
+
+
+def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *, want_output: bool,
+             device: Optional[torch.device]) -> tuple[list, list]:
+    """Run ``forward_fn`` on each batch and keep the block's first-call input (and output); the forward stops
+    right after what is needed."""
+    module = model.get_submodule(block)
+    inputs: list = []
+    outputs: list = []
+    current = [0]  # index of the batch being run
+
+    def pre_hook(mod, args, kwargs):
+        if len(inputs) < current[0] + 1:  # first call in this batch's forward
+            inputs.append(_detached_copy((args, kwargs), device))
+        if not want_output:
+            raise _StopForward
+
+    def post_hook(mod, args, kwargs, output):
+        if len(outputs) < current[0] + 1:
+            outputs.append(_detached_copy(output, device))
+        raise _StopForward
+
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    if want_output:
+        handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        for i, batch in enumerate(batches):
+            current[0] = i
+            try:
+                forward_fn(model, batch)
+            except _StopForward:
+                pass
+            if len(inputs) != i + 1:
+                raise ReconstructionError(
+                    f"block {block!r} did not run in the forward of calibration batch {i}; is it on the path of "
+                    "`forward_fn`?"
+                )
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, outputs
+
+
+_PLACEHOLDER = torch.empty(0)
+
+
+def _concat_batches(trees: list, block: str, what: str) -> tuple[Any, int]:
+    """One tree whose tensors hold every batch, concatenated along dim 0, and the number of images.
+
+    Empties ``trees`` and frees each batch's tensors as soon as they are concatenated, so the peak memory is the
+    cache plus one tensor's worth of batches, not twice the cache."""
+    template = _map_tensors(lambda t: _PLACEHOLDER, trees[0])  # the structure, without the batch's tensors
+    columns = [_leaves(t) for t in trees]
+    trees.clear()
+    if not columns[0]:
+        raise ReconstructionError(f"block {block!r}: its {what} holds no tensor")
+    images = 0
+    for i, leaves in enumerate(columns):
+        n = leaves[0].shape[0] if leaves[0].dim() else 0
+        bad = [tuple(t.shape) for t in leaves if t.dim() == 0 or t.shape[0] != n]
+        if len(leaves) != len(columns[0]) or bad:
+            raise ReconstructionError(
+                f"block {block!r}: every tensor of its {what} must have the batch as leading dimension "
+                f"(batch {i}: shapes {[tuple(t.shape) for t in leaves]})"
+            )
+        images += n
+    by_leaf = [list(col) for col in zip(*columns)]
+    columns.clear()
+    merged = []
+    for i, col in enumerate(by_leaf):
+        try:
+            merged.append(torch.cat(col))
+        except RuntimeError as e:
+            raise ReconstructionError(f"block {block!r}: the calibration batches give its {what} different shapes "
+                                      f"({e}); use batches of one image size") from None
+        by_leaf[i] = None
+    return _rebuild(template, merged), images
+
+
+# ============================================================================================== AdaRound
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+class _AdaRoundLayer:
+    """Learnable rounding of one quantized layer's weight, with the layer's (fixed) weight scale and zero point.
+
+    While active, the layer's ``quantized_weight`` is replaced by :meth:`soft_weight` (an instance attribute
+    shadowing the method, removed by :meth:`detach`).
+    """
+
+    def __init__(self, module: QuantModuleMixin) -> None:
+        self.module = module
+        wq = module.weight_quantizer
+        if not wq.initialized:
+            wq.initialize_from(module.weight)
+        w = module.weight.detach().float()
+        shape = [1] * w.dim()
+        if wq.per_channel:
+            shape[wq.channel_axis] = -1
+        # The quantizer's own arithmetic (quantizers.fake_quantize_reference): clamped scale, rounded zero point.
+        self.scale = wq.scale.detach().float().clamp_min(1e-8).reshape(shape)
+        self.zero_point = wq.zero_point.detach().float().round().clamp(wq.qmin, wq.qmax).reshape(shape)
+        self.qmin, self.qmax = wq.qmin, wq.qmax
+        scaled = w / self.scale
+        self.floor = torch.floor(scaled)
+        self.nearest = torch.round(scaled)
+        # Start from the float weight: h(V) equals the fractional part, i.e. W̃ = W inside the range.
+        frac = ((scaled - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.v = nn.Parameter(torch.log(frac / (1 - frac)))
+
+    def attach(self) -> None:
+        self.module.quantized_weight = self.soft_weight  # type: ignore[method-assign]
+
+    def detach(self) -> None:
+        self.module.__dict__.pop("quantized_weight", None)
+
+    def h(self) -> torch.Tensor:
+        return _rectified_sigmoid(self.v)
+
+    def _weight_from(self, h: torch.Tensor) -> torch.Tensor:
+        code = (self.floor + h + self.zero_point).clamp(self.qmin, self.qmax)
+        return ((code - self.zero_point) * self.scale).to(self.module.weight.dtype)
+
+    def soft_weight(self) -> torch.Tensor:
+        return self._weight_from(self.h())
+
+    def hard_weight(self) -> torch.Tensor:
+        return self._weight_from((self.v.detach() >= 0).float())
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def fold(self) -> tuple[int, int, int]:
+        """Write the hard rounding into the stored weight; returns (flipped vs nearest, still soft, total)."""
+        h = self.h()
+        soft = int(((h > 0) & (h < 1)).sum())
+        hard = (self.v >= 0).float()
+        flipped = int((self.floor + hard != self.nearest).sum())
+        self.module.weight.copy_(self.hard_weight())  # in place: the weight-cache version key moves
+        return flipped, soft, h.numel()
+
+
+def _beta_at(step: int, cfg: ReconstructionConfig) -> Optional[float]:
+    """β of the rounding regulariser at ``step`` (``None`` during the warm-up: no regulariser)."""
+    start = int(cfg.warmup * cfg.iterations)
+    if step < start:
+        return None
+    progress = (step - start) / max(1, cfg.iterations - start)
+    return cfg.beta[1] + (cfg.beta[0] - cfg.beta[1]) * (1 - progress)
+
+
+# ============================================================================================== loss
+def _reconstruction_loss(output: Any, target: Any) -> torch.Tensor:
+    """Squared error summed over each image's elements, averaged over images, summed over output tensors
+    (QDrop's measure; the summed scale keeps it comparable to the summed rounding regulariser)."""
+    total = None
+    for o, t in zip(_leaves(output), _leaves(target)):
+        if not t.is_floating_point():
+            continue
+        err = (o.float() - t.float()).pow(2).reshape(o.shape[0], -1).sum(1).mean()
+        total = err if total is None else total + err
+    if total is None:
+        raise ReconstructionError("the block's output holds no floating-point tensor to reconstruct")
+    return total
+
+
+def _mix_qdrop(quant: Any, float_: Any, prob: float, generator: torch.Generator) -> Any:
+    if prob <= 0:
+        return quant
+    mixed = []
+    for q, f in zip(_leaves(quant), _leaves(float_)):
+        if q.is_floating_point():
+            keep_float = torch.rand(q.shape, generator=generator).to(q.device) < prob
+            q = torch.where(keep_float, f, q)
+        mixed.append(q)
+    return _rebuild(quant, mixed)
+
+
+def _run_block(block: nn.Module, inputs: tuple[tuple, dict]) -> Any:
+    args, kwargs = inputs
+    # Fresh containers each call: the block may write into the list it is given.
+    return block(*_map_tensors(lambda t: t, args), **_map_tensors(lambda t: t, kwargs))
+
+
+@torch.no_grad()
+def _evaluate(block: nn.Module, cache: _BlockCache, batch_size: int, device, name: str, when: str) -> float:
+    total = 0.0
+    for start in range(0, cache.num_images, batch_size):
+        index = torch.arange(start, min(start + batch_size, cache.num_images))
+        quant_in, _, target = cache.select(index, device)
+        out = _run_block(block, quant_in)
+        bad = _first_non_finite(out)
+        if bad:
+            raise ReconstructionError(f"block {name!r}: {bad} in the quantized model's output ({when} reconstruction)")
+        total += float(_reconstruction_loss(out, target)) * len(index)
+    return total / cache.num_images
+
+
+# ============================================================================================== entry point
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    return model(batch)
+
+
+def _check_blocks(quant_model: nn.Module, float_model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    if isinstance(blocks, str):
+        raise ReconstructionError(f"`blocks` = {blocks!r} must be a list of module names, not one string")
+    blocks = list(blocks)
+    if not blocks:
+        raise ReconstructionError("`blocks` is empty: name the sub-modules to reconstruct, or pass None")
+    quant_modules, float_modules = dict(quant_model.named_modules()), dict(float_model.named_modules())
+    for name in blocks:
+        if not isinstance(name, str):
+            raise ReconstructionError(f"block {name!r} must be a module name (a string)")
+        for label, modules, model in (("quantized", quant_modules, quant_model), ("float", float_modules, float_model)):
+            if name not in modules:
+                examples = [n for n, _ in model.named_children()][:5]
+                raise ReconstructionError(f"no block named {name!r} in the {label} model ({type(model).__name__}); "
+                                          f"block names are module names such as {examples}")
+    if len(set(blocks)) != len(blocks):
+        twice = sorted({b for b in blocks if blocks.count(b) > 1})
+        raise ReconstructionError(f"`blocks` names {twice} more than once")
+    for a in blocks:
+        for b in blocks:
+            if a != b and (a == "" or b.startswith(a + ".")):
+                raise ReconstructionError(f"blocks {a!r} and {b!r} overlap; name disjoint sub-modules")
+    return blocks
+
+
+def reconstruct(
+    quant_model: nn.Module,
+    float_model: nn.Module,
+    batches: Iterable[Any],
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    *,
+    blocks: Optional[Sequence[str]] = None,
+    config: Optional[ReconstructionConfig] = None,
+    family=None,
+    progress: bool = False,
+) -> ReconstructionResult:
+    """Optimise the quantized model block by block to reproduce the float model (AdaRound, LSQ, QDrop).
+
+    Args:
+        quant_model: the model converted by :func:`detq_hooks.quantize`, calibrated (:func:`detq_hooks.calibrate`);
+            changed in place. Its activation quantizers that have no range yet initialise from the first data.
+        float_model: the float model it was converted from (a deep copy taken before conversion); only read.
+        batches: calibration batches (read once and kept, so both models see the same images).
+        forward_fn: ``forward_fn(model, batch)`` runs one batch (default: ``model(batch)``, unpacking
+            tuples/dicts), as for :func:`detq_hooks.calibrate`.
+        blocks: module names to reconstruct, in data-flow order (default: the detector family's
+            :meth:`~detq_hooks.detectors.DetectorFamily.reconstruction_blocks`). Blocks without a quantized layer
+            are skipped.
+        config: :class:`ReconstructionConfig` (default settings if ``None``).
+        family: the :class:`~detq_hooks.detectors.DetectorFamily` asked for the blocks (default: found from
+            the model).
+        progress: a progress bar per block, with its loss.
+
+    Returns:
+        :class:`ReconstructionResult` with each block's loss before and after, times and cache size.
+
+    Raises:
+        ReconstructionError: no batches, fewer images than ``config.batch_size``, a block name that is not a
+            module of both models, NaN/inf in a block's float or quantized output, a model without quantized
+            layers. The quantized model is then restored exactly (its ``state_dict`` and modes).
+    """
+    config = config if config is not None else ReconstructionConfig()
+    if not isinstance(config, ReconstructionConfig):
+        raise TypeError(f"`config` must be a ReconstructionConfig, got {type(config).__name__}")
+    if not any(is_quantized_module(m) for m in quant_model.modules()):
+        raise ReconstructionError(f"reconstruct() needs a model converted by detq_hooks.quantize(); this "
+                                  f"{type(quant_model).__name__} has no quantized layers")
+    if any(is_quantized_module(m) for m in float_model.modules()):
+        raise ReconstructionError("`float_model` has quantized layers: pass a deep copy of the model taken before "
+                                  "detq_hooks.quantize()")
+    if blocks is None:
+        from .detectors import family_for
+
+        blocks = (family or family_for(quant_model)).reconstruction_blocks(quant_model)
+    blocks = _check_blocks(quant_model, float_model, blocks)
+    if config.num_batches is not None:
+        batches = [b for _, b in zip(range(config.num_batches), batches)]
+    else:
+        batches = list(batches)
+    if not batches:
+        raise ReconstructionError("reconstruct() got no calibration batches: the iterable given as `batches` is empty")
+
+    forward_fn = forward_fn or _default_forward
+    started = time.perf_counter()
+    snapshot = {k: v.detach().clone() for k, v in quant_model.state_dict(keep_vars=True).items()}
+    modes = {m: m.training for m in quant_model.modules()}
+    float_modes = {m: m.training for m in float_model.modules()}
+    grad_flags = {p: p.requires_grad for p in quant_model.parameters()}
+    result = ReconstructionResult()
+    quant_model.eval()  # BatchNorm uses its running statistics, as in deployment
+    float_model.eval()
+    try:
+        for p in quant_model.parameters():
+            p.requires_grad_(False)
+        for name in blocks:
+            result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
+                                                    progress, result))
+    except BaseException:
+        for m in quant_model.modules():
+            m.__dict__.pop("quantized_weight", None)
+        quant_model.load_state_dict(snapshot)
+        raise
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        for m, flag in modes.items():
+            m.train(flag)
+        for m, flag in float_modes.items():
+            m.train(flag)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg: ReconstructionConfig, progress,
+                       result: ReconstructionResult) -> BlockResult:
+    block = quant_model.get_submodule(name)
+    out = BlockResult(name)
+    layers = [m for m in block.modules() if is_quantized_module(m)]
+    out.quantized_layers = len(layers)
+    if not layers:
+        out.skipped = "no quantized layer"
+        return out
+    t0 = time.perf_counter()
+    device = next(iter(quant_model.parameters())).device
+    cache_device = torch.device("cpu") if cfg.cache_on_cpu else None
+    with torch.no_grad():
+        quant_in, _ = _capture(quant_model, name, batches, forward_fn, want_output=False, device=cache_device)
+        float_in, float_out = _capture(float_model, name, batches, forward_fn, want_output=True, device=cache_device)
+    for i, tree in enumerate(float_out):
+        bad = _first_non_finite(tree)
+        if bad:
+            raise ReconstructionError(f"block {name!r}: {bad} in the float model's output (calibration batch {i})")
+    for i, tree in enumerate(quant_in):
+        bad = _first_non_finite(tree)
+        if bad:
+            raise ReconstructionError(f"block {name!r}: {bad} in its input from the quantized model (calibration "
+                                      f"batch {i}), i.e. in an earlier block's quantized output")
+    quant_input, n = _concat_batches(quant_in, name, "input")
+    float_input, _ = _concat_batches(float_in, name, "input")
+    float_output, _ = _concat_batches(float_out, name, "output")
+    del quant_in, float_in, float_out
+    if len(_leaves(quant_input)) != len(_leaves(float_input)):
+        raise ReconstructionError(f"block {name!r} reads differently structured inputs in the float and quantized models")
+    if n < cfg.batch_size:
+        raise ReconstructionError(f"block {name!r}: the calibration batches hold {n} images, fewer than one "
+                                  f"reconstruction batch (`batch_size` = {cfg.batch_size}); pass more batches or "
+                                  "lower `batch_size`")
+    cache = _BlockCache(quant_input, float_input, float_output, n)
+    out.cached_bytes_per_image = math.ceil(cache.nbytes / n)
+    result.num_images = n
+    result.cached_bytes_per_image = max(result.cached_bytes_per_image, out.cached_bytes_per_image)
+
+    out.loss_before = _evaluate(block, cache, cfg.batch_size, device, name, "before")
+    initial_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    rounders = [_AdaRoundLayer(m) for m in layers if cfg.adaround and m.weight_quantizer.enabled]
+    scales = []
+    if cfg.learn_activation_scales:
+        for m in layers:
+            q = m.input_quantizer
+            if q is None or not q.enabled:
+                continue
+            # q.modules(): a wrapper such as sparse.SparseOutlierQuantizer holds the FakeQuantizer inside.
+            for fq in q.modules():
+                if isinstance(fq, FakeQuantizer) and isinstance(fq.scale, nn.Parameter):
+                    scales.append(fq.scale)  # the step size only: an LSQ+ offset stays as calibrated
+    out.rounded_layers, out.learned_scales = len(rounders), len(scales)
+    if rounders or scales:
+        _optimise(block, cache, rounders, scales, cfg, device, name, progress)
+    flipped = soft = total = 0
+    for r in rounders:
+        r.detach()
+        f, s, t = r.fold()
+        flipped, soft, total = flipped + f, soft + s, total + t
+    out.flipped_fraction = flipped / total if total else 0.0
+    out.soft_fraction = soft / total if total else 0.0
+    out.loss_after = _evaluate(block, cache, cfg.batch_size, device, name, "after")
+    if out.loss_after > out.loss_before:
+        block.load_state_dict(initial_state)
+        out.reverted, out.loss_after, out.flipped_fraction = True, out.loss_before, 0.0
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _optimise(block, cache: _BlockCache, rounders: list[_AdaRoundLayer], scales: list[nn.Parameter],
+              cfg: ReconstructionConfig, device, name: str, progress: bool) -> None:
+    groups = []
+    if rounders:
+        groups.append({"params": [r.v for r in rounders], "lr": cfg.lr})
+    for p in scales:
+        p.requires_grad_(True)
+        groups.append({"params": [p], "lr": cfg.scale_lr * float(p.detach().abs().mean().clamp_min(1e-12))})
+    optimizer = torch.optim.Adam(groups)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps: Iterable[int] = range(cfg.iterations)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = bar = tqdm(steps, desc=f"reconstruct {name}", leave=False)
+    for r in rounders:
+        r.attach()
+    try:
+        with torch.enable_grad():
+            for step in steps:
+                index = torch.randperm(cache.num_images, generator=generator)[: cfg.batch_size]
+                quant_in, float_in, target = cache.select(index, device)
+                inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
+                rec = _reconstruction_loss(_run_block(block, inputs), target)
+                beta = _beta_at(step, cfg)
+                loss = rec
+                if beta is not None and rounders and cfg.round_weight > 0:
+                    loss = rec + cfg.round_weight * sum(r.regularizer(beta) for r in rounders)
+                if not torch.isfinite(loss):
+                    raise ReconstructionError(f"block {name!r}: the reconstruction loss became {float(loss)} at "
+                                              f"iteration {step}; lower `lr` / `scale_lr`")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if bar is not None and step % 10 == 0:
+                    bar.set_postfix(loss=f"{rec.item():.4g}", beta="warm-up" if beta is None else f"{beta:.1f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for r in rounders:
+            r.detach()
+        for p in scales:
+            p.requires_grad_(False)
+
+
+__all__ = ["reconstruct", "ReconstructionConfig", "ReconstructionResult", "BlockResult", "ReconstructionError"]
