@@ -48,6 +48,10 @@ def __getattr__(name):  # heavy optional parts load on first use
         from . import deploy
 
         return getattr(deploy, name)
+    if name == "ptq":
+        from .post_training import ptq
+
+        return ptq
     if name in ("quantization_report", "QuantizationReport"):
         from . import report
 
@@ -63,6 +67,7 @@ __all__ = [
     "register_family",
     "quantize",
     "calibrate",
+    "ptq",
     "dequantize",
     "load_recipe",
     "Recipe",

@@ -425,7 +425,8 @@ def _run_block(block: nn.Module, inputs: tuple[tuple, dict]) -> Any:
 
 
 @torch.no_grad()
-def _evaluate(block: nn.Module, cache: _BlockCache, batch_size: int, device, name: str, when: str) -> float:
+def _evaluate(block: nn.Module, cache: _BlockCache, batch_size: int, device, name: str, when: str,
+              extra_loss=None) -> float:
     total = 0.0
     for start in range(0, cache.num_images, batch_size):
         index = torch.arange(start, min(start + batch_size, cache.num_images))
@@ -434,7 +435,7 @@ def _evaluate(block: nn.Module, cache: _BlockCache, batch_size: int, device, nam
         bad = _first_non_finite(out)
         if bad:
             raise ReconstructionError(f"block {name!r}: {bad} in the quantized model's output ({when} reconstruction)")
-        total += float(_reconstruction_loss(out, target)) * len(index)
+        total += float(_block_loss(name, out, target, extra_loss)) * len(index)
     return total / cache.num_images
 
 
@@ -465,10 +466,13 @@ def _check_blocks(quant_model: nn.Module, float_model: nn.Module, blocks: Sequen
     if len(set(blocks)) != len(blocks):
         twice = sorted({b for b in blocks if blocks.count(b) > 1})
         raise ReconstructionError(f"`blocks` names {twice} more than once")
-    for a in blocks:
-        for b in blocks:
-            if a != b and (a == "" or b.startswith(a + ".")):
-                raise ReconstructionError(f"blocks {a!r} and {b!r} overlap; name disjoint sub-modules")
+    # A block may contain blocks reconstructed *before* it (a second, coarser pass, e.g. the whole head after its
+    # paths for detection-aware regularisation); one inside a block already done would undo nothing useful.
+    for i, a in enumerate(blocks):
+        for b in blocks[i + 1:]:
+            if a == "" or b.startswith(a + "."):
+                raise ReconstructionError(f"block {b!r} lies inside {a!r}, which comes before it; name disjoint "
+                                          "sub-modules, or the enclosing block after the ones inside it")
     return blocks
 
 
@@ -482,6 +486,7 @@ def reconstruct(
     config: Optional[ReconstructionConfig] = None,
     family=None,
     progress: bool = False,
+    extra_loss: Optional[Callable[[str, Any, Any, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> ReconstructionResult:
     """Optimise the quantized model block by block to reproduce the float model (AdaRound, LSQ, QDrop).
 
@@ -499,6 +504,9 @@ def reconstruct(
         family: the :class:`~detq_hooks.detectors.DetectorFamily` asked for the blocks (default: found from
             the model).
         progress: a progress bar per block, with its loss.
+        extra_loss: ``extra_loss(block, quantized output, float output, reconstruction loss) -> term or None``
+            added to a block's loss (e.g. TASKQ's detection-aware task regularisation on the head block); it
+            counts in the before/after comparison too.
 
     Returns:
         :class:`ReconstructionResult` with each block's loss before and after, times and cache size.
@@ -543,7 +551,7 @@ def reconstruct(
             p.requires_grad_(False)
         for name in blocks:
             result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
-                                                    progress, result))
+                                                    progress, result, extra_loss))
     except BaseException:
         for m in quant_model.modules():
             m.__dict__.pop("quantized_weight", None)
@@ -561,7 +569,7 @@ def reconstruct(
 
 
 def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg: ReconstructionConfig, progress,
-                       result: ReconstructionResult) -> BlockResult:
+                       result: ReconstructionResult, extra_loss=None) -> BlockResult:
     block = quant_model.get_submodule(name)
     out = BlockResult(name)
     layers = [m for m in block.modules() if is_quantized_module(m)]
@@ -599,7 +607,7 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     result.num_images = n
     result.cached_bytes_per_image = max(result.cached_bytes_per_image, out.cached_bytes_per_image)
 
-    out.loss_before = _evaluate(block, cache, cfg.batch_size, device, name, "before")
+    out.loss_before = _evaluate(block, cache, cfg.batch_size, device, name, "before", extra_loss)
     initial_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
     rounders = [_AdaRoundLayer(m) for m in layers if cfg.adaround and m.weight_quantizer.enabled]
     scales = []
@@ -614,7 +622,7 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
                     scales.append(fq.scale)  # the step size only: an LSQ+ offset stays as calibrated
     out.rounded_layers, out.learned_scales = len(rounders), len(scales)
     if rounders or scales:
-        _optimise(block, cache, rounders, scales, cfg, device, name, progress)
+        _optimise(block, cache, rounders, scales, cfg, device, name, progress, extra_loss)
     flipped = soft = total = 0
     for r in rounders:
         r.detach()
@@ -622,7 +630,7 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
         flipped, soft, total = flipped + f, soft + s, total + t
     out.flipped_fraction = flipped / total if total else 0.0
     out.soft_fraction = soft / total if total else 0.0
-    out.loss_after = _evaluate(block, cache, cfg.batch_size, device, name, "after")
+    out.loss_after = _evaluate(block, cache, cfg.batch_size, device, name, "after", extra_loss)
     if out.loss_after > out.loss_before:
         block.load_state_dict(initial_state)
         out.reverted, out.loss_after, out.flipped_fraction = True, out.loss_before, 0.0
@@ -630,8 +638,14 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     return out
 
 
+def _block_loss(name: str, output: Any, target: Any, extra_loss) -> torch.Tensor:
+    rec = _reconstruction_loss(output, target)
+    term = extra_loss(name, output, target, rec) if extra_loss is not None else None
+    return rec if term is None else rec + term
+
+
 def _optimise(block, cache: _BlockCache, rounders: list[_AdaRoundLayer], scales: list[nn.Parameter],
-              cfg: ReconstructionConfig, device, name: str, progress: bool) -> None:
+              cfg: ReconstructionConfig, device, name: str, progress: bool, extra_loss=None) -> None:
     groups = []
     if rounders:
         groups.append({"params": [r.v for r in rounders], "lr": cfg.lr})
@@ -654,7 +668,7 @@ def _optimise(block, cache: _BlockCache, rounders: list[_AdaRoundLayer], scales:
                 index = torch.randperm(cache.num_images, generator=generator)[: cfg.batch_size]
                 quant_in, float_in, target = cache.select(index, device)
                 inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
-                rec = _reconstruction_loss(_run_block(block, inputs), target)
+                rec = _block_loss(name, _run_block(block, inputs), target, extra_loss)
                 beta = _beta_at(step, cfg)
                 loss = rec
                 if beta is not None and rounders and cfg.round_weight > 0:

@@ -52,7 +52,7 @@ from .loss_terms import DisabledQuantizerAnchor, DistillationTerm, LossTerm, Ste
 from .optim import add_quantizer_param_group
 from .quantizers import iter_quantizers
 from .recipe import Recipe, RecipeError, load_recipe
-from .reconstruction import reconstruct_from_recipe
+from .post_training import reconstruct_from_recipe
 from .recording import Recorder, Taps
 from .surgery import is_quantized, quantize, quantized_layers, recipe_of
 
@@ -607,6 +607,14 @@ class QuantSession:
                 self.teacher_ready = True
             else:
                 self.set_teacher_weights(self.read_weights(saved["source"]), saved["source"])
+
+    def set_float_weights(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+        """Float weights that arrive after conversion (MMEngine's ``load_from``): into the distillation teacher
+        (unless the recipe names its own) and PTQ reconstruction's float copy."""
+        if self.teacher is not None and not self.recipe.distillation.teacher:
+            self.set_teacher_weights(state_dict, source)
+        if self.float_copy is not None:
+            self.float_copy.load_state_dict(fit_state_dict(self.float_copy, state_dict, source))
 
     def set_teacher_weights(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
         """Fill the teacher with float weights that arrive after conversion (MMEngine's ``load_from``)."""

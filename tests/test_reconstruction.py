@@ -265,7 +265,7 @@ BAD_INPUTS = {
         dict(config=ReconstructionConfig(iterations=5, batch_size=64)),
         r"block '0': the calibration batches hold 32 images, fewer than one reconstruction batch \(`batch_size` = 64\)"),
     "unknown block": lambda q, f, b: (dict(blocks=["0", "backbone"]), r"no block named 'backbone' in the quantized model"),
-    "overlapping blocks": lambda q, f, b: (dict(blocks=["0", "0.0"]), r"blocks '0' and '0.0' overlap"),
+    "overlapping blocks": lambda q, f, b: (dict(blocks=["0", "0.0"]), r"block '0.0' lies inside '0', which comes before it"),
     "nan in the float output": _nan_float_output,
     "nan in the quantized output": _nan_quantized_output,
     "inf in the data": _inf_input,

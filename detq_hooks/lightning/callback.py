@@ -8,6 +8,7 @@ where the loss terms are added (the ``training_step`` loss, inside the DDP forwa
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -296,9 +297,14 @@ class DetQCallback(Callback):
             for batch in loader:
                 yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-        def fwd(_model, batch):
+        def fwd(target_model, batch):
             with trainer.precision_plugin.forward_context():
-                return forward(pl_module, batch)
+                if target_model is model:
+                    return forward(pl_module, batch)
+                if self.target:  # PTQ reconstruction's float copy of the target, in the target's place for this call
+                    with self._in_place_of_target(pl_module, target_model):
+                        return forward(pl_module, batch)
+                return forward(target_model, batch)  # the float copy of the whole module
 
         was = pl_module.training
         try:
@@ -310,6 +316,18 @@ class DetQCallback(Callback):
                                f"{plan.budget}), bits {sorted(set(plan.allocation.values()))} over {len(plan.allocation)} layers")
         finally:
             pl_module.train(was)
+
+    @contextlib.contextmanager
+    def _in_place_of_target(self, pl_module, replacement: nn.Module):
+        """``replacement`` stands in for the quantized target sub-module of ``pl_module`` for one call."""
+        parent_name, _, attr = self.target.rpartition(".")
+        parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+        original = getattr(parent, attr)
+        parent._modules[attr] = replacement
+        try:
+            yield
+        finally:
+            parent._modules[attr] = original
 
     def _calibration_loader(self, trainer, pl_module, fitting: bool):
         if fitting:

@@ -186,9 +186,9 @@ class DetQHook(Hook):
                     f"DetQHook: cannot resume from {source}: it was written by a float run (no quantizer state). "
                     "Use `load_from` (without `resume`) to start QAT from float weights."
                 )
-            # `load_from` float weights: the usual start of QAT (or PTQ); they are the distillation teacher too.
-            if self.session.teacher is not None and not self.recipe.distillation.teacher:
-                self.session.set_teacher_weights(state_dict, source)
+            # `load_from` float weights: the usual start of QAT (or PTQ); they are the distillation teacher and
+            # PTQ reconstruction's float reference too.
+            self.session.set_float_weights(state_dict, source)
             return
         for m in [model] + self._averaged(runner):  # EMAHook loads its copy right after this hook
             self.session.apply_plan(m, entry, source=source)
