@@ -1,0 +1,193 @@
+"""PTQ with block reconstruction (``mode: ptq`` with ``ptq.method``) from each trainer and from the one-call API:
+runs end to end, the result is an ordinary quantized model (weights on the quantizer grid, saved, reloaded,
+exported), and bad input fails clearly with the model left as it was. Tiny real runs on the synthetic data."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+import pytest
+import torch
+from torch import nn
+
+import detq_hooks as dq
+from detq_hooks.recipe import RecipeError
+from detq_hooks.reconstruction import ReconstructionError
+
+FAST = {"iterations": 6, "batch_size": 4}
+
+
+def on_grid(layer) -> bool:
+    """The stored weight is exactly representable by the layer's weight quantizer (AdaRound folded in)."""
+    q = layer.weight_quantizer
+    with torch.no_grad():
+        return torch.equal(q(layer.weight), layer.weight)
+
+
+@torch.no_grad()
+def codes(layer) -> torch.Tensor:
+    """The integer codes of a layer's quantized weight (per-channel symmetric weight quantizer)."""
+    q = layer.weight_quantizer
+    scale = q.scale.detach().reshape(-1, *([1] * (layer.weight.dim() - 1))) if q.scale.numel() > 1 else q.scale.detach()
+    return torch.round(q(layer.weight) / scale)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 16, 3, padding=1), nn.SiLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def test_one_call_ptq_reconstructs_lowers_error_saves_reloads_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    reference = copy.deepcopy(model)
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    calibrated = copy.deepcopy(model)
+    dq.ptq(calibrated, batches, {"preset": "w4a4-ptq", "calibration": {"num_batches": 2}}, progress=False)
+    dq.ptq(model, batches, {"preset": "w4a4-ptq", "calibration": {"num_batches": 2},
+                            "ptq": {"method": "qdrop", "iterations": 100, "batch_size": 8}}, progress=False)
+    result = model.detq_ptq.reconstruction
+    assert [b.name for b in result.blocks] == ["stem", "body", "head"] and result.cached_bytes_per_image > 0
+    for b in result.blocks:
+        assert b.loss_after <= b.loss_before
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        err_recon = (model(x) - reference(x)).pow(2).mean()
+        err_calib = (calibrated(x) - reference(x)).pow(2).mean()
+    assert err_recon < 0.95 * err_calib, (float(err_recon), float(err_calib))  # measured: 0.90
+    assert all(on_grid(m) for _, m in dq.quantized_layers(model))
+    # an ordinary quantized model: its state dict restores it exactly, and it exports
+    path = tmp_path / "ptq.pt"
+    torch.save({"model": model.state_dict(), "detq": dq.QuantSession("w4a4-ptq").state(model)}, path)
+    fresh = ConvNet()
+    saved = torch.load(path, weights_only=False)
+    dq.QuantSession("w4a4-ptq").restore(fresh, saved["detq"])
+    fresh.load_state_dict(saved["model"])
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    onnx_path = dq.export_onnx(fresh, torch.randn(1, 3, 16, 16), tmp_path / "ptq.onnx").path
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), fresh(x[:1]), atol=0.05, rtol=0.05)
+
+
+def test_one_call_ptq_bad_input_leaves_the_model_float():
+    torch.manual_seed(0)
+    model = ConvNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = {"preset": "w4a8-ptq", "ptq": {"method": "adaround", "iterations": 2, "batch_size": 64}}
+    with pytest.raises(ReconstructionError, match=r"fewer than one reconstruction batch \(`batch_size` = 64\)"):
+        dq.ptq(model, [torch.randn(4, 3, 16, 16)], recipe, progress=False)
+    assert not dq.is_quantized(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(dq.CalibrationError, match=r"calibration got no batches"):
+        dq.ptq(model, [], {**recipe, "ptq": {"method": "adaround"}}, progress=False)
+    assert not dq.is_quantized(model)
+    nan = torch.randn(8, 3, 16, 16)
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(dq.CalibrationError, match=r"NaN in the input of quantizer 'stem.0.input_quantizer'"):
+        dq.ptq(model, [nan], {**recipe, "ptq": {"method": "adaround", "batch_size": 4}}, progress=False)
+    assert not dq.is_quantized(model)
+    with pytest.raises(RecipeError, match=r"`ptq.sparse_ratio` = 0.5 must be in \(0, 0.2\]"):
+        dq.ptq(model, [torch.randn(8, 3, 16, 16)], {"preset": "w4a8-ptq", "ptq": {"method": "taskq", "sparse_ratio": 0.5}})
+    with pytest.raises(RecipeError, match=r"`ptq.method` = 'qdrop' is post-training quantization; it needs `mode: ptq`"):
+        dq.load_recipe({"preset": "w4a8", "ptq": {"method": "qdrop"}})
+    with pytest.raises(RecipeError, match=r"detq_hooks.ptq needs a post-training recipe"):
+        dq.ptq(model, [torch.randn(8, 3, 16, 16)], "w4a8")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ============================================================================================ Ultralytics
+def test_ultralytics_taskq_ptq_end_to_end(tmp_path):
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+
+    from detq_hooks.tools.data import make_synthetic_dataset
+    from detq_hooks.ultralytics import DetQTrainer
+
+    ds = make_synthetic_dataset(tmp_path / "synth", num_train=16, num_val=8, imgsz=64, seed=0)
+    model = YOLO("yolo11n.yaml")
+    recipe = {"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": {**FAST, "sparse": False}}
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=recipe, epochs=1, imgsz=64, batch=8, workers=0,
+                device="cpu", amp=False, plots=False, project=str(tmp_path), name="taskq", exist_ok=True, verbose=False)
+    session = model.trainer.detq_session
+    result = session.last_calibration.reconstruction
+    names = [b.name for b in result.blocks]
+    # head-wise units (STAHQ): each scale's box and class branch, then the whole head once more for DTR
+    assert names[-7:] == ["model.23.cv2.0", "model.23.cv3.0", "model.23.cv2.1", "model.23.cv3.1", "model.23.cv2.2",
+                          "model.23.cv3.2", "model.23"]
+    assert session.float_copy is None  # freed after reconstruction
+    trained = dict(dq.quantized_layers(model.trainer.model))
+    kept = [b.name for b in result.blocks if b.skipped is None and not b.reverted and b.rounded_layers]
+    assert kept  # the learned rounding of the blocks that kept it is folded into their weights
+    assert all(on_grid(m) for n, m in trained.items() if any(n.startswith(b + ".") for b in kept))
+    best = YOLO(str(tmp_path / "taskq" / "weights" / "best.pt"))
+    assert dq.is_quantized(best.model)
+    # best.pt stores fp16 weights and quantizer scales: off the grid by fp16 rounding, but the integer codes (the
+    # learned rounding) of the reconstructed layers are the same (on-grid weights sit far from rounding boundaries)
+    checked = 0
+    for name, layer in dq.quantized_layers(best.model.float()):
+        if any(name.startswith(b + ".") for b in kept):
+            assert torch.equal(codes(layer), codes(trained[name])), name
+            checked += 1
+    assert checked >= 1
+    assert best.predict(str(ds.root / "images" / "val"), imgsz=64, verbose=False)
+
+
+def test_ultralytics_decoder_of_dtr_is_the_trainers_own():
+    """DTR's boxes at each anchor are those of Ultralytics' own inference (before NMS)."""
+    pytest.importorskip("ultralytics")
+    from ultralytics.nn.tasks import DetectionModel
+
+    from detq_hooks.detectors.ultralytics import UltralyticsFamily
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False).eval()
+    out = {}
+    handle = model.model[-1].register_forward_hook(lambda m, a, o: out.update(head=o))
+    with torch.no_grad():
+        decoded = model(torch.rand(2, 3, 64, 64))[0]  # (B, 4 + nc, A): xywh in pixels, scores
+    handle.remove()
+    boxes, scores = UltralyticsFamily().decode_head_output(model, out["head"])
+    xywh = decoded[:, :4].transpose(1, 2)
+    torch.testing.assert_close(boxes, torch.cat([xywh[..., :2] - xywh[..., 2:] / 2, xywh[..., :2] + xywh[..., 2:] / 2], -1))
+    torch.testing.assert_close(scores, decoded[:, 4:].transpose(1, 2))
+
+
+def test_dtr_term_has_gradients_and_vanishes_at_the_float_output():
+    pytest.importorskip("ultralytics")
+    from ultralytics.nn.tasks import DetectionModel
+
+    from detq_hooks.detectors.ultralytics import UltralyticsFamily
+    from detq_hooks.post_training import detection_task_loss
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False).eval()
+    out = {}
+    model.model[-1].register_forward_hook(lambda m, a, o: out.update(head=o))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    target = out["head"]
+    model.model[-1].cv2[0][-1].bias.data += 0.5  # perturb the box branch
+    model(x)
+    loss = detection_task_loss(model, UltralyticsFamily(), weight=1.0)
+    term = loss("model.23", out["head"], target, torch.tensor(1.0))
+    assert term.requires_grad and float(term) > 0
+    grad = torch.autograd.grad(term, model.model[-1].cv2[0][-1].bias)[0]
+    assert grad.abs().sum() > 0
+    assert loss("model.22", out["head"], target, torch.tensor(1.0)) is None
+    assert float(loss("model.23", target, target, torch.tensor(1.0))) == pytest.approx(0.0, abs=1e-6)
