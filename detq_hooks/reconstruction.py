@@ -13,9 +13,12 @@ the input the *quantized* model feeds it, so later blocks learn to absorb the er
   nearest-rounding weight quantizer reproduces it exactly and the model saves, reloads and exports like any
   other quantized model (nothing new in its ``state_dict``).
 * **LSQ** step sizes of the block's activation quantizers (the ``input_quantizer`` of its layers) are learned
-  by the same loss, with their own (smaller) learning rate.
+  by the same loss, at a learning rate relative to each step size.
 * **QDrop**: each element of the block's quantized-model input is replaced by the float model's input with
   probability ``qdrop_prob`` at every iteration, which flattens the loss landscape the rounding is fit on.
+
+A block whose loss ends higher than it started (measured on all cached images with the quantized model's own
+input) is put back as it was.
 
 Memory: only one block's inputs (from both models) and float outputs are cached at a time, on the CPU by
 default; :attr:`ReconstructionResult.cached_bytes_per_image` reports the largest such cache per image. The
