@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
 from .modules import QuantModuleMixin, is_quantized_module
 from .quantizers import FakeQuantizer
 
@@ -506,6 +507,10 @@ def reconstruct(
     Returns:
         :class:`ReconstructionResult` with each block's loss before and after, times and cache size.
 
+    Under ``torch.distributed`` every rank reconstructs on its own batches and then takes rank 0's weights and
+    step sizes (broadcast), so all ranks hold the same model. An error on one rank only (e.g. NaN in its data)
+    leaves the others waiting at that broadcast: give every rank clean data.
+
     Raises:
         ReconstructionError: no batches, fewer images than ``config.batch_size``, a block name that is not a
             module of both models, NaN/inf in a block's float or quantized output, a model without quantized
@@ -546,7 +551,10 @@ def reconstruct(
             p.requires_grad_(False)
         for name in blocks:
             result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
-                                                    progress, result))
+                                                    progress and dist_utils.rank() == 0, result))
+        with torch.no_grad():  # under torch.distributed every rank ends with rank 0's weights and step sizes
+            for tensor in quant_model.state_dict().values():
+                dist_utils.broadcast_(tensor)
     except BaseException:
         for m in quant_model.modules():
             m.__dict__.pop("quantized_weight", None)
