@@ -13,9 +13,12 @@ the input the *quantized* model feeds it, so later blocks learn to absorb the er
   nearest-rounding weight quantizer reproduces it exactly and the model saves, reloads and exports like any
   other quantized model (nothing new in its ``state_dict``).
 * **LSQ** step sizes of the block's activation quantizers (the ``input_quantizer`` of its layers) are learned
-  by the same loss, with their own (smaller) learning rate.
+  by the same loss, at a learning rate relative to each step size.
 * **QDrop**: each element of the block's quantized-model input is replaced by the float model's input with
   probability ``qdrop_prob`` at every iteration, which flattens the loss landscape the rounding is fit on.
+
+A block whose loss ends higher than it started (measured on all cached images with the quantized model's own
+input) is put back as it was.
 
 Memory: only one block's inputs (from both models) and float outputs are cached at a time, on the CPU by
 default; :attr:`ReconstructionResult.cached_bytes_per_image` reports the largest such cache per image. The
@@ -46,6 +49,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
 from .modules import QuantModuleMixin, is_quantized_module
 from .quantizers import FakeQuantizer
 
@@ -511,6 +515,10 @@ def reconstruct(
     Returns:
         :class:`ReconstructionResult` with each block's loss before and after, times and cache size.
 
+    Under ``torch.distributed`` every rank reconstructs on its own batches and then takes rank 0's weights and
+    step sizes (broadcast), so all ranks hold the same model. An error on one rank only (e.g. NaN in its data)
+    leaves the others waiting at that broadcast: give every rank clean data.
+
     Raises:
         ReconstructionError: no batches, fewer images than ``config.batch_size``, a block name that is not a
             module of both models, NaN/inf in a block's float or quantized output, a model without quantized
@@ -551,7 +559,10 @@ def reconstruct(
             p.requires_grad_(False)
         for name in blocks:
             result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
-                                                    progress, result, extra_loss))
+                                                    progress and dist_utils.rank() == 0, result, extra_loss))
+        with torch.no_grad():  # under torch.distributed every rank ends with rank 0's weights and step sizes
+            for tensor in quant_model.state_dict().values():
+                dist_utils.broadcast_(tensor)
     except BaseException:
         for m in quant_model.modules():
             m.__dict__.pop("quantized_weight", None)

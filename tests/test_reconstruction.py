@@ -3,7 +3,12 @@ QDrop, bounded caches, and the model left exactly as it was on bad input. Tiny m
 
 import copy
 import io
+import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +244,35 @@ def test_batches_of_different_image_sizes_are_refused():
     with pytest.raises(ReconstructionError, match=r"block '0': the calibration batches give its input different shapes"):
         reconstruct(quant, float_, batches, blocks=["0"], config=ReconstructionConfig(iterations=3, batch_size=16))
     assert_same_state(quant, before)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, os.environ["TESTS_DIR"])
+    from test_reconstruction import quantized_pair
+    from detq_hooks.reconstruction import ReconstructionConfig, reconstruct
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    quant, float_, batches = quantized_pair()
+    batches = [b * (1 + rank) for b in batches]  # different data on each rank
+    reconstruct(quant, float_, batches, blocks=["1", "2"], config=ReconstructionConfig(iterations=10, batch_size=16))
+    torch.save(quant.state_dict(), os.path.join(os.environ["OUT"], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_end_with_identical_models(tmp_path):
+    script = tmp_path / "reconstruct_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "TESTS_DIR": str(Path(__file__).parent), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=localhost:0", str(script)], check=True, env=env, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
