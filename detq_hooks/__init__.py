@@ -49,7 +49,7 @@ def __getattr__(name):  # heavy optional parts load on first use
 
         return getattr(deploy, name)
     if name == "ptq":
-        from .post_training import ptq
+        from .api import ptq
 
         return ptq
     if name in ("quantization_report", "QuantizationReport"):

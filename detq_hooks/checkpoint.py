@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .recipe import load_recipe
+from .sparse import SparseOutlierQuantizer, outlier_ratio
 from .surgery import META_ATTR, QuantizationError, quantize, quantized_layers
 
 STATE_FORMAT = "detq-hooks"
@@ -63,6 +64,8 @@ def layer_plan(model: nn.Module) -> dict[str, dict]:
             "weight_enabled": m.weight_quantizer.enabled,
             "input_enabled": iq.enabled if iq is not None else None,
         }
+        if outlier_ratio(iq) is not None:  # TASKQ's sparse outliers (simulated)
+            plan[name]["input_outliers"] = round(outlier_ratio(iq), 6)  # a float32 buffer: 0.005 reads 0.0049999999
     return plan
 
 
@@ -213,9 +216,14 @@ def apply_plan(model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: 
     _check_recipe(entry["recipe"], meta["recipe"], source)
     layers = dict(quantized_layers(model))
     _check_layer_names(entry["layers"], layers, source)
-    changes = []
+    changes, sparse = [], []
     for name, plan in entry["layers"].items():
         layer = layers[name]
+        if plan.get("input_outliers") and outlier_ratio(layer.input_quantizer) is None:
+            if layer.input_quantizer is None:
+                raise CheckpointMismatchError(f"{source}: layer {name!r} has sparse input outliers in the checkpoint and "
+                                              "no input quantizer in the model")
+            sparse.append((layer, float(plan["input_outliers"])))
         for q, bits_key, enabled_key in ((layer.weight_quantizer, "weight_bits", "weight_enabled"),
                                          (layer.input_quantizer, "input_bits", "input_enabled")):
             bits, enabled = plan.get(bits_key), plan.get(enabled_key)
@@ -233,7 +241,9 @@ def apply_plan(model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: 
             q.bits = int(bits)
         if enabled is not None:
             q.enabled = bool(enabled)
-    return len(changes)
+    for layer, ratio in sparse:
+        layer.input_quantizer = SparseOutlierQuantizer(layer.input_quantizer, ratio)
+    return len(changes) + len(sparse)
 
 
 def _fingerprint_diff(a: dict, b: dict) -> list[str]:

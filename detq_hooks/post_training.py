@@ -1,8 +1,6 @@
-"""Post-training quantization in one call, and the recipe's ``ptq:`` section turned into block reconstruction.
+"""The recipe's ``ptq:`` section turned into block reconstruction (the one-call API is :func:`detq_hooks.ptq`).
 
-    model = detq_hooks.ptq(model, batches, "w4a8-taskq")            # float model in, quantized model out
-
-The trainers run the same thing through :meth:`QuantSession.run_ptq` (``mode: ptq`` recipes): calibration, then,
+The trainers run it through :meth:`QuantSession.run_ptq` (``mode: ptq`` recipes): calibration, then,
 for ``ptq.method`` ``adaround``/``qdrop``/``taskq``, :func:`detq_hooks.reconstruction.reconstruct` over the detector
 family's blocks — with TASKQ's head-wise units (each scale's box and class branch, :meth:`DetectorFamily.head_paths`)
 and detection-aware task regularisation on the head block when the recipe turns them on.
@@ -10,7 +8,7 @@ and detection-aware task regularisation on the head block when the recipe turns 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -107,41 +105,4 @@ def reconstruct_from_recipe(model: nn.Module, float_model: nn.Module, batches: l
                        family=family, progress=progress, **({"extra_loss": extra} if extra is not None else {}))
 
 
-def ptq(model: nn.Module, batches: Iterable[Any], recipe: Any = "w8a8-ptq", *,
-        forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None, family: Optional[DetectorFamily] = None,
-        progress: bool = True):
-    """Quantize a float ``model`` post-training, in place: convert with ``recipe`` (a PTQ preset such as
-    ``w8a8-ptq``, ``w4a8-ptq``, ``w4a8-taskq``, ``w4a4-taskq``, a YAML path or a dict with ``mode: ptq``),
-    calibrate on ``batches`` and, if the recipe says so, reconstruct block by block. All or nothing: on an error
-    the model is left float.
-
-    Args:
-        batches: calibration batches (a list or a loader; the recipe's ``calibration.num_batches`` and
-            ``ptq.num_batches`` are read from it).
-        forward_fn: ``forward_fn(model, batch)`` (default: ``model(batch)``, unpacking tuples/dicts).
-
-    Returns:
-        The model, with ``model.detq_ptq`` holding the :class:`~detq_hooks.calibration.CalibrationResult`
-        (its ``reconstruction``: each block's error before and after).
-    """
-    from .checkpoint import CheckpointMismatchError  # noqa: F401  (re-exported errors stay importable)
-    from .recipe import RecipeError, load_recipe
-    from .session import QuantSession
-    from .surgery import dequantize
-
-    recipe = load_recipe(recipe)
-    if recipe.mode != "ptq":
-        raise RecipeError(f"detq_hooks.ptq needs a post-training recipe (`mode: ptq`), {recipe.name!r} is {recipe.mode!r}; "
-                          "use a PTQ preset (w8a8-ptq, w4a8-ptq, w4a4-ptq, w4a8-taskq, w4a4-taskq)")
-    session = QuantSession(recipe, family=family)
-    session.convert(model, training=False)
-    try:
-        result = session.run_ptq(model, batches, forward_fn, progress=progress)
-    except BaseException:
-        dequantize(model)
-        raise
-    model.detq_ptq = result
-    return model
-
-
-__all__ = ["ptq", "reconstruct_from_recipe", "reconstruction_blocks", "reconstruction_config"]
+__all__ = ["reconstruct_from_recipe", "detection_task_loss", "reconstruction_blocks_for", "reconstruction_blocks", "reconstruction_config"]

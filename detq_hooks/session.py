@@ -474,6 +474,10 @@ class QuantSession:
                                "this session (convert keeps a float copy for PTQ recipes)")
         calib = self.calibration_batches or self.recipe.calibration.num_batches
         kept = list(itertools.islice(iter(batches), max(calib, ptq.num_batches or calib)))
+        if ptq.part("sparse"):  # before calibration: the dense ranges are searched without the outliers
+            from .sparse import add_outlier_quantizers
+
+            add_outlier_quantizers(model, ptq.sparse_ratio)
         result = self.calibrate(model, kept, forward_fn, progress=progress, family_batch=family_batch)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):

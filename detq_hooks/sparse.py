@@ -172,4 +172,31 @@ class SparseOutlierQuantizer(nn.Module):
         return f"ratio={self.ratio}, outlier_bits={self.outlier_bits or 'float'}, simulated"
 
 
-__all__ = ["SparseOutlierQuantizer", "SparseQuantizationError", "dense_range", "outlier_mask", "check_ratio"]
+def outlier_ratio(quantizer: Optional[nn.Module]) -> Optional[float]:
+    """The outlier ratio of a layer's input quantizer, ``None`` when it is not sparse."""
+    return quantizer.ratio if isinstance(quantizer, SparseOutlierQuantizer) else None
+
+
+def add_outlier_quantizers(model: nn.Module, ratio: float = 0.005, *, skip_roles=("first",)) -> list[str]:
+    """Wrap the per-tensor activation (input) quantizer of every quantized layer of ``model`` in a
+    :class:`SparseOutlierQuantizer` (TASKQ's sparse part; layers whose role is in ``skip_roles`` — the image input
+    of the first layer has no long tail — are left dense). Idempotent; returns the names of the wrapped layers.
+    The ratio travels in the checkpoint's per-layer plan (``input_outliers``)."""
+    from .modules import is_quantized_module
+
+    ratio = check_ratio(ratio)
+    todo = []
+    for name, layer in model.named_modules():
+        q = getattr(layer, "input_quantizer", None) if is_quantized_module(layer) else None
+        if q is None or isinstance(q, SparseOutlierQuantizer) or getattr(layer, "detq_layer_role", "body") in skip_roles:
+            continue
+        if not isinstance(q, FakeQuantizer) or q.per_channel:
+            raise SparseQuantizationError(f"layer {name!r}: its input quantizer is not a per-tensor FakeQuantizer")
+        todo.append((name, layer, q))
+    for _, layer, q in todo:  # checked first: all or nothing
+        layer.input_quantizer = SparseOutlierQuantizer(q, ratio)
+    return [n for n, _, _ in todo]
+
+
+__all__ = ["SparseOutlierQuantizer", "SparseQuantizationError", "dense_range", "outlier_mask", "check_ratio",
+           "outlier_ratio", "add_outlier_quantizers"]

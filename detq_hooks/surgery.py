@@ -236,6 +236,10 @@ def quantize(
             new.weight_quantizer.enabled = bool(saved["weight_enabled"])
         if new.input_quantizer is not None and saved.get("input_enabled") is not None:
             new.input_quantizer.enabled = bool(saved["input_enabled"])
+        if new.input_quantizer is not None and saved.get("input_outliers"):  # TASKQ's sparse outliers (simulated)
+            from .sparse import SparseOutlierQuantizer
+
+            new.input_quantizer = SparseOutlierQuantizer(new.input_quantizer, float(saved["input_outliers"]))
         built.append((float_mod, new))
     refs = _parents_of(model)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []

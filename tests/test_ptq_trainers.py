@@ -120,7 +120,7 @@ def test_ultralytics_taskq_ptq_end_to_end(tmp_path):
 
     ds = make_synthetic_dataset(tmp_path / "synth", num_train=16, num_val=8, imgsz=64, seed=0)
     model = YOLO("yolo11n.yaml")
-    recipe = {"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": {**FAST, "sparse": False}}
+    recipe = {"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": FAST}
     model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=recipe, epochs=1, imgsz=64, batch=8, workers=0,
                 device="cpu", amp=False, plots=False, project=str(tmp_path), name="taskq", exist_ok=True, verbose=False)
     session = model.trainer.detq_session
@@ -145,6 +145,20 @@ def test_ultralytics_taskq_ptq_end_to_end(tmp_path):
             checked += 1
     assert checked >= 1
     assert best.predict(str(ds.root / "images" / "val"), imgsz=64, verbose=False)
+    # TASKQ's sparse outliers (simulated) are in the per-layer plan: a float model rebuilt from it loads strictly
+    from ultralytics.nn.tasks import DetectionModel
+
+    from detq_hooks.sparse import SparseOutlierQuantizer, SparseQuantizationError
+
+    ckpt = torch.load(tmp_path / "taskq" / "weights" / "best.pt", map_location="cpu", weights_only=False)
+    sparse = [n for n, v in ckpt["detq"]["layers"].items() if v.get("input_outliers") == 0.005]
+    assert len(sparse) == len(ckpt["detq"]["layers"]) - 1  # every layer but the first (the image has no long tail)
+    fresh = DetectionModel("yolo11n.yaml", nc=len(ds.classes), verbose=False)
+    dq.QuantSession(recipe).restore(fresh, ckpt["detq"])
+    fresh.load_state_dict(ckpt["model"].float().state_dict(), strict=True)
+    assert all(isinstance(m.input_quantizer, SparseOutlierQuantizer) for n, m in dq.quantized_layers(fresh) if n in sparse)
+    with pytest.raises(SparseQuantizationError, match=r"sparse outlier quantization is simulated"):
+        dq.export_onnx(fresh.eval(), torch.zeros(1, 3, 64, 64), tmp_path / "taskq.onnx")
 
 
 def test_ultralytics_decoder_of_dtr_is_the_trainers_own():
