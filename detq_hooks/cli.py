@@ -2,11 +2,14 @@
 
     detq demo [--epochs 30 --qat-epochs 8 --imgsz 128 --num-train 192 --num-val 48 --out detq-demo]
     detq train ultralytics model=yolo11n.pt data=data.yaml detq=w4a8 epochs=50 imgsz=640
+    detq ptq model=best.pt data=data.yaml detq=w4a8-taskq imgsz=640 batch=16
     detq presets
 
 ``detq train ultralytics`` takes Ultralytics-style ``key=value`` arguments (values parsed as YAML, as the
 ``yolo`` CLI does) plus ``detq=`` (preset name or recipe YAML path) and runs
-``YOLO(model).train(trainer=DetQTrainer, ...)`` (``RTDETR`` for RT-DETR models).
+``YOLO(model).train(trainer=DetQTrainer, ...)`` (``RTDETR`` for RT-DETR models). ``detq ptq`` does the same with a
+post-training recipe (default ``w8a8-ptq``): calibration and, for ``*-taskq`` / ``ptq.method`` recipes, block
+reconstruction on the training images of ``data``; it validates and writes ``best.pt`` without a training epoch.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t.add_argument("host", choices=["ultralytics"])
     t.add_argument("args", nargs="*", help="key=value arguments (Ultralytics style) incl. detq=<preset|recipe.yaml>")
 
+    q = sub.add_parser("ptq", help="post-training quantization of an Ultralytics model (calibration, reconstruction)")
+    q.add_argument("args", nargs="*", help="key=value arguments (Ultralytics style) incl. detq=<PTQ preset|recipe.yaml>")
+
     sub.add_parser("presets", help="list recipe presets")
 
     ns = parser.parse_args(argv)
@@ -89,6 +95,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         for name, p in PRESETS.items():
             print(f"{name:12s} mode={p.get('mode', 'qat')}")
+        return 0
+    if ns.command == "ptq":
+        from .recipe import RecipeError, load_recipe
+
+        kv = _parse_kv(ns.args)
+        kv.setdefault("detq", "w8a8-ptq")
+        try:
+            if load_recipe(kv["detq"]).mode != "ptq":
+                raise RecipeError(f"detq ptq: recipe {kv['detq']!r} is quantization-aware training; give a PTQ recipe "
+                                  "(w8a8-ptq, w4a8-ptq, w4a4-ptq, w4a8-taskq, w4a4-taskq or `mode: ptq`)")
+            train_ultralytics(kv)
+        except (RecipeError, ValueError) as e:
+            print(f"detq ptq: {e}", file=sys.stderr)
+            return 2
         return 0
     if ns.command == "train":
         from .recipe import RecipeError

@@ -480,7 +480,8 @@ class QuantSession:
             add_outlier_quantizers(model, ptq.sparse_ratio)
         result = self.calibrate(model, kept, forward_fn, progress=progress, family_batch=family_batch)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
+        # Trainers evaluate under inference mode (Lightning's validate/test): reconstruction needs autograd.
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
             result.reconstruction = reconstruct_from_recipe(
                 model, self.float_copy, kept[: ptq.num_batches or calib], forward_fn, ptq, self.family,
                 progress=progress and dist_utils.rank() == 0)

@@ -53,3 +53,21 @@ def test_cli_train_ultralytics(tmp_path, capsys):
     assert is_quantized(ckpt["model"]) and ckpt["detq"]["recipe"]["mode"] == "ptq"
     rc = main(["train", "ultralytics", "model=yolo11n.yaml", "detq=w5a5", "name=bad", *common])
     assert rc == 2 and "unknown recipe preset" in capsys.readouterr().err
+
+
+def test_cli_ptq_reconstructs_an_ultralytics_model(tmp_path, capsys):
+    import yaml
+
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(tmp_path / "data", num_train=16, num_val=8, imgsz=64, seed=0)
+    recipe = tmp_path / "qdrop.yaml"
+    recipe.write_text(yaml.safe_dump({"preset": "w4a8-ptq", "calibration": {"num_batches": 2},
+                                      "ptq": {"method": "qdrop", "iterations": 4, "batch_size": 4}}))
+    common = [f"data={ds.yolo_yaml}", "imgsz=64", "batch=8", "amp=False", "plots=False", "workers=0", "device=cpu",
+              f"project={tmp_path / 'runs'}", "exist_ok=True"]
+    assert main(["ptq", "model=yolo11n.yaml", f"detq={recipe}", "name=ptq", *common]) == 0
+    ckpt = torch.load(tmp_path / "runs" / "ptq" / "weights" / "best.pt", map_location="cpu", weights_only=False)
+    assert is_quantized(ckpt["model"]) and ckpt["detq"]["recipe"]["name"] == "ptq-w4a8"
+    assert main(["ptq", "model=yolo11n.yaml", "detq=w4a8", "name=qat", *common]) == 2
+    assert "is quantization-aware training; give a PTQ recipe" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def load_cfg(name, synth, work_dir, epochs=1, batch=4, **options):
 def hook_recipe(cfg, recipe, **kw):
     for h in cfg.custom_hooks:
         if h["type"] == "DetQHook":
-            h.update(recipe=recipe, calibration_batches=1, **kw)
+            h.update(recipe=recipe, calibration_batches=kw.pop("calibration_batches", 1), **kw)
     return cfg
 
 

@@ -205,3 +205,50 @@ def test_dtr_term_has_gradients_and_vanishes_at_the_float_output():
     assert grad.abs().sum() > 0
     assert loss("model.22", out["head"], target, torch.tensor(1.0)) is None
     assert float(loss("model.23", target, target, torch.tensor(1.0))) == pytest.approx(0.0, abs=1e-6)
+
+
+# ============================================================================================ MMDetection
+def test_mmdet_rtmdet_qdrop_ptq_from_runner_test(tmp_path):
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from test_mmdet import hook_recipe, load_cfg
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
+    recipe = {"preset": "w8a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "qdrop", **FAST}}
+    runner = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "rtm"), recipe))
+    metrics = runner.test()
+    hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    result = hook.session.last_calibration.reconstruction
+    done = [b for b in result.blocks if b.skipped is None]
+    assert len(done) >= 10 and all(b.loss_after <= b.loss_before for b in done)
+    assert {b.name.split(".")[0] for b in done} >= {"backbone", "neck", "bbox_head"}
+    assert isinstance(metrics, dict) and hook.session.float_copy is None  # random weights: no detection to score
+
+
+# ============================================================================================ Lightning
+def test_lightning_adaround_ptq_from_validate(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from test_lightning import TinyFCOS, det_loader
+
+    from detq_hooks.lightning import DetQCallback
+
+    class FCOSWithVal(TinyFCOS):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.tensor(0.0))
+
+    torch.manual_seed(0)
+    module = FCOSWithVal()
+    float_copy = copy.deepcopy(module.model)
+    cb = DetQCallback({"preset": "w4a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "adaround", **FAST}},
+                      target="model")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[cb])
+    trainer.validate(module, det_loader(n=4))
+    result = cb.last_calibration.reconstruction
+    done = [b for b in result.blocks if b.skipped is None]
+    assert len(done) >= 5 and all(b.loss_after <= b.loss_before for b in done)
+    # the float copy ran in the target's place during reconstruction, and the module holds the quantized model again
+    assert dq.is_quantized(module.model) and not dq.is_quantized(float_copy) and cb.session.float_copy is None

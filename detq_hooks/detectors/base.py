@@ -35,6 +35,18 @@ PREDICTION_LEAF = re.compile(
 )
 
 
+def called_blocks(module: nn.Module, prefix: str) -> list[str]:
+    """``module``'s name, or — for containers that are never called themselves (``ModuleList``/``ModuleDict``)
+    — the names of their items, recursively: the units a forward hook sees run."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        out = []
+        for name, child in module.named_children():
+            if any(True for _ in child.parameters()):
+                out.extend(called_blocks(child, f"{prefix}.{name}" if prefix else name))
+        return out
+    return [prefix]
+
+
 class DetectorFamily:
     """Answers detq-hooks' questions about one family of detectors. Subclass it for your own detector.
 
@@ -91,7 +103,8 @@ class DetectorFamily:
         roots = [p for st in stages for p in st.prefixes if p in mods] if stages else [""]
         blocks = []
         for root in roots:
-            kids = [f"{root}.{k}" if root else k for k, c in mods[root].named_children() if any(True for _ in c.parameters())]
+            kids = [b for k, c in mods[root].named_children() if any(True for _ in c.parameters())
+                    for b in called_blocks(c, f"{root}.{k}" if root else k)]
             blocks.extend(kids or [root])
         return blocks
 
@@ -169,4 +182,4 @@ class DetectorFamily:
         )
 
 
-__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF"]
+__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "called_blocks"]

@@ -23,7 +23,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import Assignment, HeadOutputs, hungarian_match
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, UnsupportedDetectorError
+from .base import DetectorFamily, called_blocks, UnsupportedDetectorError
 
 PREDICTION_LEAF = re.compile(
     r"(^|\.)(conv_cls|conv_reg|retina_cls|retina_reg|fc_cls|fc_reg|conv_centerness|conv_objectness|"
@@ -79,11 +79,15 @@ class MMDetFamily(DetectorFamily):
         return stages if len(stages) >= 2 else None
 
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
+        """Children of the backbone, neck and head, with containers (``ModuleList`` of levels or convs)
+        expanded into the modules a forward calls (a head tower shared across levels is reconstructed on the
+        first level it runs on)."""
         blocks = []
         for name, child in model.named_children():
             if not any(True for _ in child.parameters()):
                 continue
-            kids = [f"{name}.{k}" for k, c in child.named_children() if any(True for _ in c.parameters())]
+            kids = [b for k, c in child.named_children() if any(True for _ in c.parameters())
+                    for b in called_blocks(c, f"{name}.{k}")]
             blocks.extend(kids or [name])
         return blocks
 
