@@ -164,6 +164,8 @@ def main(argv=None) -> int:
                 fisher_report.save_ap_drop_plot(drops, a.out / f"ap_drop_{label}.png")
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("per_category", "bits_per_layer")}), flush=True)
+                with open(a.out / "rows.jsonl", "a") as f:  # a long run keeps what it measured
+                    f.write(json.dumps(r) + "\n")
 
     plain = {}
     for r in rows:

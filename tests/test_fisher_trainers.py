@@ -18,7 +18,8 @@ from detq_hooks.fisher import FisherError
 
 CRITICAL = ["circle", "ring"]  # frequent enough to have ground truth in a tiny validation split
 FISHER = {"preset": "w4a8-fisher", "critical": {"classes": CRITICAL}, "calibration": {"num_batches": 2},
-          "mixed_precision": {"num_batches": 2}, "fisher_regularizer": {"every": 2, "warmup": 0.0, "weight": 1.0}}
+          "mixed_precision": {"num_batches": 2}, "fisher_regularizer": {"every": 1, "warmup": 0.1, "weight": 1.0}}
+# warm-up 0.1: the first step adds nothing, later ones do (each trainer passes the progress of its budget)
 
 
 def free_bits(layers: dict) -> list[int]:

@@ -207,8 +207,10 @@ class _DetQMixin:
         setattr(self.args, DETQ_KEY, recipe.to_dict())  # plain data: DDP workers, checkpoints, resume
         self._detq_entry: Optional[dict] = None
         self._detq_iter = 0
-        if recipe.curriculum.enabled:  # once (DDP workers receive the launcher's callbacks, ours included)
-            for event, fn in (("on_train_epoch_start", _reset_iteration), ("on_train_batch_start", _curriculum_step)):
+        # The curriculum and terms with a schedule (the Fisher regulariser's warm-up) follow the progress of the
+        # budget; registered once (DDP workers receive the launcher's callbacks, ours included).
+        if recipe.curriculum.enabled or recipe.fisher_regularizer.enabled:
+            for event, fn in (("on_train_epoch_start", _reset_iteration), ("on_train_batch_start", _before_step)):
                 if not any(getattr(f, "__name__", "") == fn.__name__ for f in self.callbacks.get(event, [])):
                     self.add_callback(event, fn)
         if recipe.mode == "ptq" and RANK in {-1, 0}:
@@ -281,7 +283,7 @@ class _DetQMixin:
             model.criterion = DetQCriterion(base.base if isinstance(base, DetQCriterion) else base, model, session)
 
     def _detq_progress(self, epoch: int, i: int) -> float:
-        if self.detq_recipe.curriculum.unit == "epoch":
+        if self.detq_recipe.curriculum.enabled and self.detq_recipe.curriculum.unit == "epoch":
             return epoch / max(self.epochs, 1)
         nb = max(len(self.train_loader), 1)
         return (epoch * nb + i) / max(self.epochs * nb, 1)
@@ -445,10 +447,9 @@ def _reset_iteration(trainer) -> None:
     trainer._detq_iter = 0
 
 
-def _curriculum_step(trainer) -> None:
-    if trainer.detq_session.schedule is not None:
-        trainer._detq_log_stage(trainer.detq_session.before_step(unwrap_model(trainer.model),
-                                                                 trainer._detq_progress(trainer.epoch, trainer._detq_iter)))
+def _before_step(trainer) -> None:
+    trainer._detq_log_stage(trainer.detq_session.before_step(unwrap_model(trainer.model),
+                                                             trainer._detq_progress(trainer.epoch, trainer._detq_iter)))
     trainer._detq_iter += 1
 
 
