@@ -131,9 +131,10 @@ def head_type_of(model: nn.Module) -> str:
 
 
 def evaluate(model_or_onnx, images_dir, gt_json, imgsz: int, head_type: Optional[str] = None, batch: int = 8,
-             images=None):
+             images=None, ov_precision: Optional[str] = None):
     """COCO metrics (``EvalResult``) and ms/image of a PyTorch Ultralytics model, an ONNX file or an OpenVINO
-    ``.xml`` IR (run one image at a time, as exported with batch 1)."""
+    ``.xml`` IR (run one image at a time, as exported with batch 1; ``ov_precision``: OpenVINO's inference
+    precision hint, e.g. ``f32``, default its own: bf16 on CPUs that have it)."""
     from ..evaluation import coco_evaluate
 
     images = images if images is not None else load_images(images_dir, imgsz)
@@ -143,7 +144,7 @@ def evaluate(model_or_onnx, images_dir, gt_json, imgsz: int, head_type: Optional
     elif str(model_or_onnx).endswith(".xml"):  # OpenVINO IR
         from ..deploy import make_runner
 
-        ov_run = make_runner(model_or_onnx, "openvino")
+        ov_run = make_runner(model_or_onnx, "openvino", precision=ov_precision)
         run = lambda x: torch.from_numpy(np.concatenate([ov_run(x[i:i + 1])[0] for i in range(len(x))]))  # noqa: E731
     else:
         run = onnx_runner(model_or_onnx)

@@ -1,0 +1,173 @@
+"""PTQ of a trained float YOLO11n: calibration (min-max, percentile, MSE) vs block reconstruction (AdaRound, QDrop)
+vs TASKQ (sparse outliers, detection-aware task regularisation, head-wise units; each part off in turn), at
+W8A8 / W4A8 / W4A4, beside NNCF's own PTQ (``nncf.quantize`` through Ultralytics' OpenVINO int8 export path).
+
+    YOLO_OFFLINE=1 python benchmarks/bench_ptq.py [--bits w8a8,w4a8,w4a4 --images 64 --iterations 200
+        --threads 1 --out benchmarks/results/ptq]
+
+Float model: the cached YOLO11n of ``detq_hooks.tools.zoo.cached_float_checkpoint`` (synthetic data, 160 px, 256
+train / 64 val images). Every variant runs in its own process (``detq_hooks.ptq`` on the first ``--images``
+training images), so its wall time and peak resident memory are its own. mAP50-95 (pycocotools) on the val split
+of the raw network with Ultralytics' NMS (``detq_hooks.ultralytics.evaluate``); NNCF's model runs in OpenVINO
+(f32 inference precision, so only its quantization differs). Results: ``<out>/ptq.json``, ``ptq.md``, ``ptq.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+CALIBRATORS = ("minmax", "percentile", "mse")
+RECONSTRUCTION = {  # variant -> ptq section
+    "adaround": {"method": "adaround"},
+    "qdrop": {"method": "qdrop"},
+    "taskq": {"method": "taskq"},
+    "taskq-no-sparse": {"method": "taskq", "sparse": False},
+    "taskq-no-dtr": {"method": "taskq", "dtr": False},
+    "taskq-no-headwise": {"method": "taskq", "headwise": False},
+}
+
+
+def recipe_for(bits: str, variant: str, num_batches: int, iterations: int, batch: int) -> dict:
+    recipe = {"preset": f"{bits}-ptq", "calibration": {"num_batches": num_batches}}
+    if variant in CALIBRATORS:
+        recipe["calibration"]["method"] = variant
+    else:
+        recipe["ptq"] = {**RECONSTRUCTION[variant], "iterations": iterations, "batch_size": batch, "lr": 1e-2}
+    return recipe
+
+
+def data_and_checkpoint():
+    from detq_hooks.tools.data import make_synthetic_dataset
+    from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
+
+    ds = make_synthetic_dataset(synthetic_data_dir(256, 64, 160), num_train=256, num_val=64, imgsz=160, seed=0)
+    return ds, cached_float_checkpoint(ds, "yolo11n.yaml", epochs=20, imgsz=160, verbose=False).checkpoint
+
+
+def run_one(args) -> dict:
+    """One variant in this process: PTQ, then mAP; prints a JSON line."""
+    import numpy as np
+    import torch
+    from ultralytics.nn.tasks import load_checkpoint
+
+    import detq_hooks as dq
+    from detq_hooks.ultralytics.evaluate import evaluate, load_images
+    from detq_hooks.ultralytics.trainer import calibration_forward
+
+    torch.set_num_threads(args.threads)
+    ds, checkpoint = data_and_checkpoint()
+    model = load_checkpoint(str(checkpoint))[0].float().eval()
+    train = load_images(ds.root / "images" / "train", 160)[: args.images]
+    batches = [torch.from_numpy(np.stack([t[1] for t in train[i:i + args.batch]])) for i in range(0, len(train), args.batch)]
+    val = load_images(ds.root / "images" / "val", 160)
+    gt = ds.coco_json("val")
+    row = {"bits": args.one[0], "variant": args.one[1]}
+    if args.one[1] == "float":
+        row["map50_95"] = evaluate(model, None, gt, 160, images=val)[0].map50_95
+    elif args.one[1] == "nncf":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_deploy import nncf_ptq
+
+        t = time.perf_counter()
+        xml = nncf_ptq(model, 160, Path(args.out) / "nncf" / "nncf.xml", [b[i:i + 1] for b in batches for i in range(len(b))])
+        row["seconds"] = time.perf_counter() - t
+        row["map50_95"] = evaluate(str(xml), None, gt, 160, images=val, ov_precision="f32")[0].map50_95
+    else:
+        recipe = recipe_for(args.one[0], args.one[1], len(batches), args.iterations, args.batch)
+        t = time.perf_counter()
+        dq.ptq(model, batches, recipe, forward_fn=calibration_forward, progress=False)
+        row["seconds"] = time.perf_counter() - t
+        rec = model.detq_ptq.reconstruction
+        if rec is not None:
+            row["cached_kib_per_image"] = rec.cached_bytes_per_image / 1024
+            row["blocks_improved"] = sum(b.loss_after < b.loss_before for b in rec.blocks if b.skipped is None)
+            row["blocks"] = sum(b.skipped is None for b in rec.blocks)
+        row["map50_95"] = evaluate(model, None, gt, 160, images=val)[0].map50_95
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("ROW " + json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bits", default="w8a8,w4a8,w4a4")
+    p.add_argument("--variants", default=",".join(CALIBRATORS + tuple(RECONSTRUCTION)))
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--nncf", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq"))
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        run_one(a)
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    jobs = [("float", "float")] + ([("w8a8", "nncf")] if a.nncf else [])
+    jobs += [(bits, v) for bits in a.bits.split(",") for v in a.variants.split(",")]
+    rows = []
+    for bits, variant in jobs:
+        cmd = [sys.executable, __file__, "--one", bits, variant, "--images", str(a.images), "--batch", str(a.batch),
+               "--iterations", str(a.iterations), "--threads", str(a.threads), "--out", str(a.out)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
+        if out.returncode or not line:
+            print(f"{bits} {variant}: failed\n{out.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(line[-1][4:])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(a.out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    float_map = next(r["map50_95"] for r in rows if r["variant"] == "float")
+    lines = [f"float YOLO11n mAP50-95 {float_map:.4f}; {a.images} calibration images, {a.iterations} iterations per "
+             f"block, {a.threads} thread(s)", "",
+             "| bits | method | mAP50-95 | kept | wall s | peak RSS MiB | blocks improved |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] == "float":
+            continue
+        r["kept"] = r["map50_95"] / max(float_map, 1e-9)
+        improved = f"{r['blocks_improved']}/{r['blocks']}" if "blocks" in r else ""
+        lines.append(f"| {r['bits']} | {r['variant']} | {r['map50_95']:.4f} | {r['kept']:.1%} | {r.get('seconds', 0):.0f} | "
+                     f"{r['peak_rss_mib']:.0f} | {improved} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    (a.out / "ptq.md").write_text(table + "\n")
+    (a.out / "ptq.json").write_text(json.dumps({"float_map50_95": float_map, "config": {k: str(v) for k, v in vars(a).items()},
+                                                "rows": rows}, indent=2))
+    _plot(rows, float_map, a.out / "ptq.png")
+    return 0
+
+
+def _plot(rows, float_map, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["variant"] != "float"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 4))
+    ax.bar(range(len(rows)), [r["map50_95"] / max(float_map, 1e-9) for r in rows],
+           color=["#4c72b0" if r["bits"] == "w8a8" else "#55a868" if r["bits"] == "w4a8" else "#c44e52" for r in rows])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['bits']} {r['variant']}" for r in rows], rotation=90, fontsize=7)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("fraction of float mAP50-95")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
