@@ -97,7 +97,8 @@ class CalibrationResult:
     reconstruction: Any = None
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(*batch)`` for a tuple/list, ``model(**batch)`` for a dict, else ``model(batch)``."""
     if isinstance(batch, (list, tuple)):
         return model(*batch)
     if isinstance(batch, dict):
@@ -146,7 +147,7 @@ def calibrate(
     if method is not None or num_batches is not None:
         cfg = CalibrationSection.from_dict({**cfg.to_dict(), **({"method": method} if method else {}),
                                             **({"num_batches": num_batches} if num_batches else {})})
-    forward_fn = forward_fn or _default_forward
+    forward_fn = forward_fn or default_forward
     snapshot = _snapshot(model)
     generator = torch.Generator().manual_seed(1234 + dist_utils.rank())
     act_quantizers = [(n, q) for n, q in iter_quantizers(model) if q.role == "activation" and q.enabled]

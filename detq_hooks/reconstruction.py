@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
+from .calibration import default_forward
 from .modules import QuantModuleMixin, is_quantized_module
 from .quantizers import FakeQuantizer
 
@@ -444,14 +445,6 @@ def _evaluate(block: nn.Module, cache: _BlockCache, batch_size: int, device, nam
 
 
 # ============================================================================================== entry point
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, (list, tuple)):
-        return model(*batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    return model(batch)
-
-
 def _check_blocks(quant_model: nn.Module, float_model: nn.Module, blocks: Sequence[str]) -> list[str]:
     if isinstance(blocks, str):
         raise ReconstructionError(f"`blocks` = {blocks!r} must be a list of module names, not one string")
@@ -545,7 +538,7 @@ def reconstruct(
     if not batches:
         raise ReconstructionError("reconstruct() got no calibration batches: the iterable given as `batches` is empty")
 
-    forward_fn = forward_fn or _default_forward
+    forward_fn = forward_fn or default_forward
     started = time.perf_counter()
     snapshot = {k: v.detach().clone() for k, v in quant_model.state_dict(keep_vars=True).items()}
     modes = {m: m.training for m in quant_model.modules()}

@@ -156,7 +156,7 @@ def quantization_report(
         forward_fn: ``forward_fn(model, batch)``, as for :func:`detq_hooks.calibrate`.
         max_batches: how many batches to run.
     """
-    from .calibration import _default_forward
+    from .calibration import default_forward
 
     meta = getattr(model, META_ATTR, {}) or {}
     report = QuantizationReport(recipe=str(meta.get("recipe", {}).get("name", "?")))
@@ -179,7 +179,7 @@ def quantization_report(
         was_training = model.training
         model.eval()
         try:
-            forward_fn = forward_fn or _default_forward
+            forward_fn = forward_fn or default_forward
             for i, batch in enumerate(batches):
                 if i >= max_batches:
                     break
