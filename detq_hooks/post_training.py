@@ -8,6 +8,7 @@ and detection-aware task regularisation on the head block when the recipe turns 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -71,12 +72,25 @@ def detection_task_loss(model: nn.Module, family: DetectorFamily, *, weight: flo
     return loss
 
 
-def reconstruction_blocks_for(model: nn.Module, family: DetectorFamily, section) -> list[str]:
+def uses_dtr(model: nn.Module, family: DetectorFamily, section) -> bool:
+    """Whether detection-aware task regularisation runs: asked for explicitly (an error later if the family has
+    no head decoder), or on by default for ``taskq`` where the family names a head block (else skipped, warned)."""
+    if not section.part("dtr"):
+        return False
+    if section.dtr is None and family.head_block(model) is None:
+        warnings.warn(f"ptq: the {family.name!r} detector family names no head block (DetectorFamily.head_block / "
+                      "decode_head_output); TASKQ runs without detection-aware task regularisation", stacklevel=2)
+        return False
+    return True
+
+
+def reconstruction_blocks_for(model: nn.Module, family: DetectorFamily, section, dtr: Optional[bool] = None) -> list[str]:
     """Blocks of a recipe's ``ptq`` section: head-wise paths if on, and the head block once more at the end
     when detection-aware task regularisation is on but the head was split into paths (DTR reads the whole
     head's decoded boxes; its layers' rounding is already learned, so that pass mostly tunes step sizes)."""
     blocks = reconstruction_blocks(model, family, section.part("headwise"))
-    head = family.head_block(model) if section.part("dtr") else None
+    dtr = uses_dtr(model, family, section) if dtr is None else dtr
+    head = family.head_block(model) if dtr else None
     if head is not None and head not in blocks:
         blocks.append(head)
     return blocks
@@ -97,9 +111,10 @@ def reconstruct_from_recipe(model: nn.Module, float_model: nn.Module, batches: l
     from .reconstruction import reconstruct
 
     family = family or family_for(model)
-    blocks = reconstruction_blocks_for(model, family, section)
+    dtr = uses_dtr(model, family, section)
+    blocks = reconstruction_blocks_for(model, family, section, dtr)
     extra = None
-    if section.part("dtr"):
+    if dtr:
         extra = detection_task_loss(model, family, weight=section.dtr_weight, kl_weight=section.kl_weight)
     return reconstruct(model, float_model, batches, forward_fn, blocks=blocks, config=reconstruction_config(section),
                        family=family, progress=progress, **({"extra_loss": extra} if extra is not None else {}))

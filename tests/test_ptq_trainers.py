@@ -252,3 +252,19 @@ def test_lightning_adaround_ptq_from_validate(tmp_path):
     assert len(done) >= 5 and all(b.loss_after <= b.loss_before for b in done)
     # the float copy ran in the target's place during reconstruction, and the module holds the quantized model again
     assert dq.is_quantized(module.model) and not dq.is_quantized(float_copy) and cb.session.float_copy is None
+
+
+def test_taskq_on_a_family_without_a_head_decoder_runs_without_dtr_unless_asked():
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    model = ConvNet().eval()
+    with pytest.warns(UserWarning, match=r"names no head block.*TASKQ runs without detection-aware"):
+        dq.ptq(model, batches, {"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": FAST}, progress=False)
+    assert [b.name for b in model.detq_ptq.reconstruction.blocks] == ["stem", "body", "head"]
+    other = ConvNet().eval()
+    from detq_hooks.detectors import UnsupportedDetectorError
+
+    with pytest.raises(UnsupportedDetectorError, match=r"`ptq.dtr` needs the head of ConvNet"):
+        dq.ptq(other, batches, {"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": {**FAST, "dtr": True}},
+               progress=False)
+    assert not dq.is_quantized(other)
