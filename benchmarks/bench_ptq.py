@@ -37,12 +37,13 @@ RECONSTRUCTION = {  # variant -> ptq section
 }
 
 
-def recipe_for(bits: str, variant: str, num_batches: int, iterations: int, batch: int) -> dict:
+def recipe_for(bits: str, variant: str, num_batches: int, iterations: int, batch: int, seed: int = 0) -> dict:
     recipe = {"preset": f"{bits}-ptq", "calibration": {"num_batches": num_batches}}
     if variant in CALIBRATORS:
         recipe["calibration"]["method"] = variant
     else:
-        recipe["ptq"] = {**RECONSTRUCTION[variant], "iterations": iterations, "batch_size": batch, "lr": 1e-2}
+        recipe["ptq"] = {**RECONSTRUCTION[variant], "iterations": iterations, "batch_size": batch, "lr": 1e-2,
+                         "seed": seed}
     return recipe
 
 
@@ -71,7 +72,7 @@ def run_one(args) -> dict:
     batches = [torch.from_numpy(np.stack([t[1] for t in train[i:i + args.batch]])) for i in range(0, len(train), args.batch)]
     val = load_images(ds.root / "images" / "val", 160)
     gt = ds.coco_json("val")
-    row = {"bits": args.one[0], "variant": args.one[1]}
+    row = {"bits": args.one[0], "variant": args.one[1], "seed": args.seed}
     if args.one[1] == "float":
         row["map50_95"] = evaluate(model, None, gt, 160, images=val)[0].map50_95
     elif args.one[1] == "nncf":
@@ -83,7 +84,7 @@ def run_one(args) -> dict:
         row["seconds"] = time.perf_counter() - t
         row["map50_95"] = evaluate(str(xml), None, gt, 160, images=val, ov_precision="f32")[0].map50_95
     else:
-        recipe = recipe_for(args.one[0], args.one[1], len(batches), args.iterations, args.batch)
+        recipe = recipe_for(args.one[0], args.one[1], len(batches), args.iterations, args.batch, args.seed)
         t = time.perf_counter()
         dq.ptq(model, batches, recipe, forward_fn=calibration_forward, progress=False)
         row["seconds"] = time.perf_counter() - t
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
     p.add_argument("--nncf", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq"))
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     rows = []
     for bits, variant in jobs:
         cmd = [sys.executable, __file__, "--one", bits, variant, "--images", str(a.images), "--batch", str(a.batch),
-               "--iterations", str(a.iterations), "--threads", str(a.threads), "--out", str(a.out)]
+               "--iterations", str(a.iterations), "--threads", str(a.threads), "--out", str(a.out), "--seed", str(a.seed)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
         if out.returncode or not line:

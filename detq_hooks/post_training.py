@@ -102,7 +102,7 @@ def reconstruction_config(section, batch_images: Optional[int] = None):
 
     return ReconstructionConfig(iterations=section.iterations, batch_size=section.batch_size, lr=section.lr,
                                 scale_lr=section.scale_lr, round_weight=section.round_weight, warmup=section.warmup,
-                                qdrop_prob=section.mixing_probability())
+                                qdrop_prob=section.mixing_probability(), seed=section.seed)
 
 
 def reconstruct_from_recipe(model: nn.Module, float_model: nn.Module, batches: list, forward_fn, section,

@@ -538,6 +538,7 @@ class PTQSection(_Section):
             ``kl_weight`` × KL of the class scores.
         sparse: sparse outlier quantization of activations: the top ``sparse_ratio`` by magnitude kept at high
             precision (simulated: see the README), the dense rest on an MSE-searched range.
+        seed: seed of the reconstruction's mini-batch draws and QDrop masks.
     """
 
     method: str = "calibration"
@@ -555,6 +556,7 @@ class PTQSection(_Section):
     kl_weight: float = 0.0
     sparse: Optional[bool] = None
     sparse_ratio: float = 0.005
+    seed: int = 0
 
     _path = "ptq"
 
@@ -572,6 +574,8 @@ class PTQSection(_Section):
         _check_number("ptq.warmup", self.warmup, low=0.0, high=1.0)
         _check_number("ptq.dtr_weight", self.dtr_weight, low=0.0)
         _check_number("ptq.kl_weight", self.kl_weight, low=0.0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise RecipeError(f"`ptq.seed` = {self.seed!r} must be an integer >= 0")
         for name in ("headwise", "dtr", "sparse"):
             if getattr(self, name) is not None:
                 _check_type(f"ptq.{name}", getattr(self, name), bool)
