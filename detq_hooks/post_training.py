@@ -96,7 +96,7 @@ def reconstruction_blocks_for(model: nn.Module, family: DetectorFamily, section,
     return blocks
 
 
-def reconstruction_config(section, batch_images: Optional[int] = None):
+def reconstruction_config(section):
     """The :class:`~detq_hooks.reconstruction.ReconstructionConfig` of a recipe's ``ptq`` section."""
     from .reconstruction import ReconstructionConfig
 

@@ -15,6 +15,7 @@ from torch import nn
 from .modules import QUANT_MODULES, QuantModuleMixin, is_quantized_module, is_swappable
 from .quantizers import FakeQuantizer, iter_quantizers
 from .ranges import calibrate_weight_quantizer
+from .sparse import SparseOutlierQuantizer
 from .recipe import Recipe, RecipeError, load_recipe
 
 META_ATTR = "_detq_meta"
@@ -237,8 +238,6 @@ def quantize(
         if new.input_quantizer is not None and saved.get("input_enabled") is not None:
             new.input_quantizer.enabled = bool(saved["input_enabled"])
         if new.input_quantizer is not None and saved.get("input_outliers"):  # TASKQ's sparse outliers (simulated)
-            from .sparse import SparseOutlierQuantizer
-
             new.input_quantizer = SparseOutlierQuantizer(new.input_quantizer, float(saved["input_outliers"]))
         built.append((float_mod, new))
     refs = _parents_of(model)

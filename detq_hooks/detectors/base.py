@@ -35,6 +35,11 @@ PREDICTION_LEAF = re.compile(
 )
 
 
+def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    """Centre-size boxes (..., 4) as corner boxes."""
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+
 def called_blocks(module: nn.Module, prefix: str) -> list[str]:
     """``module``'s name, or — for containers that are never called themselves (``ModuleList``/``ModuleDict``)
     — the names of their items, recursively: the units a forward hook sees run."""
@@ -182,4 +187,4 @@ class DetectorFamily:
         )
 
 
-__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "called_blocks"]
+__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "called_blocks", "cxcywh_to_xyxy"]

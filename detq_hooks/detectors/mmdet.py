@@ -23,7 +23,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import Assignment, HeadOutputs, hungarian_match
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, called_blocks, UnsupportedDetectorError
+from .base import DetectorFamily, UnsupportedDetectorError, called_blocks, cxcywh_to_xyxy
 
 PREDICTION_LEAF = re.compile(
     r"(^|\.)(conv_cls|conv_reg|retina_cls|retina_reg|fc_cls|fc_reg|conv_centerness|conv_objectness|"
@@ -34,10 +34,6 @@ PREDICTION_LEAF = re.compile(
 PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
 CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")
 HEAD_ROOTS = ("bbox_head", "roi_head", "rpn_head")
-
-
-def _cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
 
 
 class MMDetFamily(DetectorFamily):
@@ -139,7 +135,7 @@ class MMDetFamily(DetectorFamily):
             num_classes = model.bbox_head.num_classes
             kind = "softmax" if logits.shape[-1] > num_classes else "sigmoid"
             anchors = dict(model.named_modules())[name].weight.detach().float()[:num_classes]
-            return HeadOutputs(logits, _cxcywh_to_xyxy(outs[1][-1]), emb, anchors, None, kind)
+            return HeadOutputs(logits, cxcywh_to_xyxy(outs[1][-1]), emb, anchors, None, kind)
         return self._dense(model, outs, recorded, classifiers)
 
     @staticmethod

@@ -20,7 +20,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import HeadOutputs
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, UnsupportedDetectorError
+from .base import DetectorFamily, UnsupportedDetectorError, cxcywh_to_xyxy
 
 # Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
 HEAD_BRANCHES = (
@@ -122,7 +122,7 @@ class UltralyticsFamily(DetectorFamily):
         decoded = head._inference(branch)  # (B, 4 + C, A)
         boxes, scores = decoded[:, :4].transpose(1, 2), decoded[:, 4 : 4 + head.nc].transpose(1, 2)
         if not end2end and not getattr(head, "xyxy", False):  # xywh -> xyxy
-            boxes = torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], -1)
+            boxes = cxcywh_to_xyxy(boxes)
         return boxes, scores
 
     def class_names(self, model: nn.Module) -> Optional[list[str]]:
@@ -180,7 +180,7 @@ class UltralyticsFamily(DetectorFamily):
         for i in range(img.shape[0]):
             sel = batch["batch_idx"].view(-1) == i
             b = batch["bboxes"][sel].to(img.device).float() * scale
-            boxes.append(torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1))
+            boxes.append(cxcywh_to_xyxy(b))
             labels.append(batch["cls"][sel].view(-1).long().to(img.device))
         return boxes, labels
 

@@ -19,7 +19,8 @@ CRITICAL_KEYS = ("metrics/critical_mAP50-95(B)", "metrics/critical_mAP50(B)")
 def critical_figures(all_ap: np.ndarray, class_index: Sequence[int], critical_ids: Sequence[int]) -> dict[str, float]:
     """Mean AP50-95 and AP50 over the critical classes that have ground truth (``nan`` when none has)."""
     ap = np.asarray(all_ap, dtype=np.float64).reshape(-1, 10) if len(all_ap) else np.zeros((0, 10))
-    rows = [i for i, c in enumerate(class_index) if int(c) in set(int(k) for k in critical_ids)]
+    wanted = {int(k) for k in critical_ids}
+    rows = [i for i, c in enumerate(class_index) if int(c) in wanted]
     if not rows:
         return dict.fromkeys(CRITICAL_KEYS, float("nan"))
     return {CRITICAL_KEYS[0]: float(ap[rows].mean()), CRITICAL_KEYS[1]: float(ap[rows, 0].mean())}
