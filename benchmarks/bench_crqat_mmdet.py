@@ -12,36 +12,12 @@ runs the float fine-tune only.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
-import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
-
-
-def _cfg(name, work, imgsz, batch, **options):
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(str(CONFIGS / f"{name}.py"))
-    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        cfg[loader]["batch_size"] = batch
-        for step in cfg[loader]["dataset"]["pipeline"]:
-            for k in ("scale", "size"):
-                if k in step:
-                    step[k] = (imgsz, imgsz)
-    cfg.work_dir = str(work)
-    cfg.log_level = "WARNING"
-    cfg.randomness = dict(seed=0)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=50)
-    cfg.default_hooks.visualization = dict(type="DetVisualizationHook", draw=False)
-    cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[])
-    cfg.merge_from_dict(options)
-    return cfg
+from _mmdet import cached_float_mmdet, mmdet_cfg as _cfg, synthetic_mmdet_data
 
 
 def main() -> None:
@@ -62,31 +38,9 @@ def main() -> None:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    import detq_hooks.mmengine  # noqa: F401  (registers DetQHook; lets torch's weights_only load MMEngine checkpoints)
-    from detq_hooks.tools.data import make_synthetic_dataset
-    from detq_hooks.tools.zoo import float_refs_dir
-
     torch.set_num_threads(args.threads)
-    data_root = Path(tempfile.gettempdir()) / f"detq_crqat_synth_{args.imgsz}_{args.num_train}"
-    ds = make_synthetic_dataset(data_root, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz, seed=0)
-    os.environ["DETQ_SYNTH_ROOT"] = str(ds.root) + "/"
-
-    key = hashlib.sha256(json.dumps([args.config, args.imgsz, args.batch, args.float_epochs, ds.params()]).encode()).hexdigest()[:16]
-    float_dir = float_refs_dir() / "mmdet" / key
-    float_ckpt = float_dir / "float.pth"
-    if not float_ckpt.exists():
-        work = Path(tempfile.mkdtemp(prefix="detq_float_"))
-        cfg = _cfg(args.config, work, args.imgsz, args.batch)
-        cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=args.float_epochs, val_interval=args.float_epochs)
-        cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=100),
-                               dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=args.float_epochs,
-                                    T_max=args.float_epochs, eta_min_ratio=0.05, convert_to_iter_based=True)]
-        cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=args.float_epochs, max_keep_ckpts=1)
-        t = time.time()
-        Runner.from_cfg(cfg).train()
-        float_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(work / f"epoch_{args.float_epochs}.pth", float_ckpt)
-        print(f"float model trained in {time.time() - t:.0f} s")
+    ds = synthetic_mmdet_data(args.imgsz, args.num_train, args.num_val)
+    float_ckpt = cached_float_mmdet(args.config, args.imgsz, args.batch, args.float_epochs, ds)
 
     class StepTimer(Hook):
         def __init__(self):

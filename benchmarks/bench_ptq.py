@@ -115,26 +115,40 @@ def main(argv=None) -> int:
     if a.one:
         run_one(a)
         return 0
-    a.out.mkdir(parents=True, exist_ok=True)
     jobs = [("float", "float")] + ([("w8a8", "nncf")] if a.nncf else [])
     jobs += [(bits, v) for bits in a.bits.split(",") for v in a.variants.split(",")]
+    rows = run_jobs(__file__, jobs, ["--images", str(a.images), "--batch", str(a.batch), "--iterations",
+                                      str(a.iterations), "--threads", str(a.threads), "--out", str(a.out),
+                                      "--seed", str(a.seed)], a.out)
+    write_results(rows, a.out, vars(a), f"float YOLO11n mAP50-95 {{float}}; {a.images} calibration images, "
+                  f"{a.iterations} iterations per block, {a.threads} thread(s)")
+    return 0
+
+
+def run_jobs(script: str, jobs: list[tuple[str, str]], args: list[str], out: Path) -> list[dict]:
+    """Each (bits, variant) in its own process (``script --one bits variant *args``), so its wall time and peak
+    memory are its own; the rows are appended to ``out/rows.jsonl`` as they come."""
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for bits, variant in jobs:
-        cmd = [sys.executable, __file__, "--one", bits, variant, "--images", str(a.images), "--batch", str(a.batch),
-               "--iterations", str(a.iterations), "--threads", str(a.threads), "--out", str(a.out), "--seed", str(a.seed)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
-        if out.returncode or not line:
-            print(f"{bits} {variant}: failed\n{out.stderr[-2000:]}", flush=True)
+        proc = subprocess.run([sys.executable, script, "--one", bits, variant, *args], capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+        if proc.returncode or not line:
+            print(f"{bits} {variant}: failed\n{proc.stderr[-2000:]}", flush=True)
             continue
         row = json.loads(line[-1][4:])
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(a.out / "rows.jsonl", "a") as f:
+        with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def write_results(rows: list[dict], out: Path, config: dict, header: str) -> None:
+    """Table (printed and ``ptq.md``), ``ptq.json`` and ``ptq.png`` of the rows against the float row;
+    ``{float}`` in ``header`` becomes the float mAP."""
     float_map = next(r["map50_95"] for r in rows if r["variant"] == "float")
-    lines = [f"float YOLO11n mAP50-95 {float_map:.4f}; {a.images} calibration images, {a.iterations} iterations per "
-             f"block, {a.threads} thread(s)", "",
+    lines = [header.format(float=f"{float_map:.4f}"), "",
              "| bits | method | mAP50-95 | kept | wall s | peak RSS MiB | blocks improved |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["variant"] == "float":
@@ -145,11 +159,10 @@ def main(argv=None) -> int:
                      f"{r['peak_rss_mib']:.0f} | {improved} |")
     table = "\n".join(lines)
     print("\n" + table)
-    (a.out / "ptq.md").write_text(table + "\n")
-    (a.out / "ptq.json").write_text(json.dumps({"float_map50_95": float_map, "config": {k: str(v) for k, v in vars(a).items()},
-                                                "rows": rows}, indent=2))
-    _plot(rows, float_map, a.out / "ptq.png")
-    return 0
+    (out / "ptq.md").write_text(table + "\n")
+    (out / "ptq.json").write_text(json.dumps({"float_map50_95": float_map, "config": {k: str(v) for k, v in config.items()},
+                                              "rows": rows}, indent=2))
+    _plot(rows, float_map, out / "ptq.png")
 
 
 def _plot(rows, float_map, path) -> None:

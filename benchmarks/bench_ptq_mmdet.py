@@ -1,0 +1,104 @@
+"""PTQ of a trained float RTMDet-tiny through MMDetection's own ``Runner.test()`` with ``DetQHook`` and a
+post-training recipe: calibration (min-max, percentile, MSE) vs block reconstruction (AdaRound, QDrop) vs TASKQ,
+at W8A8 / W4A8 / W4A4 — the MMDetection row of ``bench_ptq.py``.
+
+    python benchmarks/bench_ptq_mmdet.py [--bits w8a8,w4a8,w4a4 --images 64 --iterations 150 --threads 1
+        --out benchmarks/results/ptq_mmdet]
+
+Float model: ``integrations/mmdet/rtmdet_tiny_synthetic.py`` trained 40 epochs from scratch on the synthetic data
+(160 px, 256 train / 64 val images; cached like ``bench_crqat_mmdet.py``'s). Every variant runs in its own
+process; "wall s" is the time ``DetQHook`` spends before the first test batch (calibration and reconstruction on
+the first ``--images`` training images), peak RSS that of the process. mAP50-95 is MMDetection's CocoMetric on
+the val split. Results: ``<out>/ptq.json``, ``ptq.md``, ``ptq.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _mmdet import cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
+from bench_ptq import CALIBRATORS, RECONSTRUCTION, recipe_for, run_jobs, write_results  # noqa: E402
+
+CONFIG = "rtmdet_tiny_synthetic"
+
+
+def run_one(a) -> dict:
+    import torch
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    from detq_hooks.mmengine import DetQHook
+
+    torch.set_num_threads(a.threads)
+    ds = synthetic_mmdet_data(160, 256, 64)
+    float_ckpt = cached_float_mmdet(CONFIG, 160, 8, a.float_epochs, ds)
+    bits, variant = a.one
+    row = {"bits": bits, "variant": variant, "seed": a.seed}
+    cfg = mmdet_cfg(CONFIG, tempfile.mkdtemp(prefix="detq_ptq_"), 160, a.batch, load_from=str(float_ckpt))
+    if variant != "float":
+        recipe = recipe_for(bits, variant, a.images // a.batch, a.iterations, a.batch, a.seed)
+        cfg.custom_imports = dict(imports=["detq_hooks.mmengine"], allow_failed_imports=False)
+        cfg.custom_hooks = list(cfg.custom_hooks) + [dict(type="DetQHook", recipe=recipe)]
+    runner = Runner.from_cfg(cfg)
+
+    class PTQTimer(Hook):  # before_test (DetQHook: calibration + reconstruction) up to the first test batch
+        def before_test(self, runner):
+            self.start = time.perf_counter()
+
+        def before_test_iter(self, runner, batch_idx, data_batch=None):
+            if batch_idx == 0:
+                row["seconds"] = time.perf_counter() - self.start
+
+    runner.register_hook(PTQTimer(), priority="HIGHEST")
+    results = []
+    for hook in runner.hooks:
+        if isinstance(hook, DetQHook):
+            run_ptq = hook.session.run_ptq
+            hook.session.run_ptq = lambda *args, **kw: results.append(run_ptq(*args, **kw)) or results[-1]
+    row["map50_95"] = runner.test()["coco/bbox_mAP"]
+    if variant == "float":
+        row.pop("seconds", None)
+    rec = results[0].reconstruction if results else None
+    if rec is not None:
+        row["cached_kib_per_image"] = rec.cached_bytes_per_image / 1024
+        row["blocks_improved"] = sum(b.loss_after < b.loss_before for b in rec.blocks if b.skipped is None)
+        row["blocks"] = sum(b.skipped is None for b in rec.blocks)
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("ROW " + json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bits", default="w8a8,w4a8,w4a4")
+    p.add_argument("--variants", default=",".join(CALIBRATORS + tuple(RECONSTRUCTION)))
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
+    p.add_argument("--float-epochs", type=int, default=40)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq_mmdet"))
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        run_one(a)
+        return 0
+    jobs = [("float", "float")] + [(bits, v) for bits in a.bits.split(",") for v in a.variants.split(",")]
+    rows = run_jobs(__file__, jobs, ["--images", str(a.images), "--batch", str(a.batch), "--iterations",
+                                      str(a.iterations), "--threads", str(a.threads), "--out", str(a.out),
+                                      "--seed", str(a.seed), "--float-epochs", str(a.float_epochs)], a.out)
+    write_results(rows, a.out, vars(a), f"float RTMDet-tiny mAP50-95 {{float}}; {a.images} calibration images, "
+                  f"{a.iterations} iterations per block, {a.threads} thread(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
