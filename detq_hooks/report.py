@@ -2,7 +2,7 @@
 
 Weight SQNR compares each layer's weight with its fake-quantized version. Activation SQNR compares each
 layer's input with its quantized input on the batches given (the model's own forward, with forward
-pre-hooks). Printed with rich, saved as JSON, plotted as PNG.
+pre-hooks). Printed with rich, saved as JSON and as a Markdown table, plotted as PNG.
 """
 
 from __future__ import annotations
@@ -84,7 +84,22 @@ class QuantizationReport:
         path.write_text(json.dumps(data, indent=2))
         return path
 
+    def save_markdown(self, path: str | Path) -> Path:
+        """The table of :meth:`print` as a Markdown file (one row per quantized layer, then the summary)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"# detq-hooks quantization report ({self.recipe})", "",
+                 "| " + " | ".join(TABLE_COLUMNS) + " |",
+                 "|" + "|".join("---:" if _right_aligned(c) else "---" for c in TABLE_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in self._table_rows()]
+        lines += ["", self._summary_line()]
+        lines += [f"- kept float: {name} — {why}" for name, why in self.kept_float]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def save_plot(self, path: str | Path) -> Path:
+        """Per-layer SQNR in dB, layers in model order: weight SQNR as bars coloured by weight bits, activation
+        SQNR as markers. Non-finite values (a quantizer that changes nothing) are left out."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -92,19 +107,31 @@ class QuantizationReport:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+
+        def finite_or_nan(x):
+            return x if x is not None and math.isfinite(x) else float("nan")
+
         n = len(self.layers)
+        weights = [finite_or_nan(l.weight_sqnr_db) for l in self.layers]
+        acts = [finite_or_nan(l.activation_sqnr_db) for l in self.layers]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2), 4.0))
-        xs = range(n)
-        ax.plot(xs, [l.weight_sqnr_db for l in self.layers], "o-", ms=3, label="weight SQNR")
-        acts = [l.activation_sqnr_db if l.activation_sqnr_db is not None else float("nan") for l in self.layers]
-        ax.plot(xs, acts, "s-", ms=3, label="activation SQNR")
-        ax.set_xlabel("layer (execution-independent module order)")
+        bits = sorted({l.weight_bits for l in self.layers})
+        colours = dict(zip(bits, plt.get_cmap("tab10").colors))
+        for b in bits:  # one bar series per bit width, so the legend names each colour
+            idx = [i for i, l in enumerate(self.layers) if l.weight_bits == b]
+            ax.bar(idx, [weights[i] for i in idx], width=0.8, color=colours[b], label=f"weight SQNR, W{b}")
+        if any(math.isfinite(a) for a in acts):
+            ax.plot(range(n), acts, "k_", ms=8, mew=2, ls="none", label="activation SQNR")
+        ax.set_xlim(-0.6, n - 0.4)
+        # a little below 0 dB, so that a ~0 dB marker (a quantizer that zeroes its input) is not hidden by the axis
+        ax.set_ylim(bottom=min([0.0, *(v for v in weights + acts if math.isfinite(v))]) - 2.0)
+        ax.set_xlabel("layer (model order)")
         ax.set_ylabel("SQNR [dB]")
         ax.set_title(f"detq-hooks per-layer SQNR — recipe {self.recipe}")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a bar
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         return path
 
@@ -114,11 +141,22 @@ class QuantizationReport:
 
         console = console or Console()
         table = Table(title=f"detq-hooks quantization report ({self.recipe})", show_lines=False)
-        for col in ("layer", "type", "role", "W bits", "A bits", "W SQNR dB", "A SQNR dB"):
-            table.add_column(col, justify="right" if "SQNR" in col or "bits" in col else "left")
-        rows = self.layers if max_rows is None else self.layers[:max_rows]
-        for l in rows:
-            table.add_row(
+        for col in TABLE_COLUMNS:
+            table.add_column(col, justify="right" if _right_aligned(col) else "left")
+        rows = self._table_rows()
+        for cells in rows if max_rows is None else rows[:max_rows]:
+            table.add_row(*cells)
+        if max_rows is not None and len(rows) > max_rows:
+            table.add_row(f"... {len(rows) - max_rows} more", *[""] * (len(TABLE_COLUMNS) - 1))
+        console.print(table)
+        console.print(self._summary_line())
+        for name, why in self.kept_float:
+            console.print(f"  kept float: {name} — {why}")
+
+    # ------------------------------------------------- shared by print and save_markdown
+    def _table_rows(self) -> list[tuple[str, ...]]:
+        return [
+            (
                 l.name,
                 l.type,
                 l.role,
@@ -127,17 +165,23 @@ class QuantizationReport:
                 f"{l.weight_sqnr_db:.1f}",
                 "-" if l.activation_sqnr_db is None else f"{l.activation_sqnr_db:.1f}",
             )
-        if max_rows is not None and len(self.layers) > max_rows:
-            table.add_row(f"... {len(self.layers) - max_rows} more", "", "", "", "", "", "")
-        console.print(table)
+            for l in self.layers
+        ]
+
+    def _summary_line(self) -> str:
         s = self.summary()
-        console.print(
+        return (
             f"{s['quantized_layers']} quantized layers, {s['float_layers']} kept float; "
             f"weight SQNR mean {s['mean_weight_sqnr_db']:.1f} dB (min {s['min_weight_sqnr_db']:.1f}), "
             f"activation SQNR mean {s['mean_activation_sqnr_db']:.1f} dB (min {s['min_activation_sqnr_db']:.1f})"
         )
-        for name, why in self.kept_float:
-            console.print(f"  kept float: {name} — {why}")
+
+
+TABLE_COLUMNS = ("layer", "type", "role", "W bits", "A bits", "W SQNR dB", "A SQNR dB")
+
+
+def _right_aligned(column: str) -> bool:
+    return "SQNR" in column or "bits" in column
 
 
 @torch.no_grad()

@@ -33,6 +33,49 @@ def test_demo_smoke(tmp_path, capsys):
     assert (out / "deploy" / "qat_w4a8" / "model.xml").is_file() and (out / "deploy" / "float" / "model.onnx").is_file()
     printed = capsys.readouterr().out
     assert "mAP50-95" in printed and "QAT W4A8" in printed
+    _check_demo_pictures(out, printed)
+
+
+def _png_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def _check_demo_pictures(out, printed):
+    from statistics import median
+
+    reports = out / "reports"
+    for stem, weight_bits in (("ptq_w8a8", {8}), ("qat_w4a8", {4, 8})):
+        data = json.loads((reports / f"{stem}.json").read_text())
+        layers = data["layers"]
+        # YOLO11n has dozens of convolutions; each quantized one is one entry, named once
+        assert len(layers) > 50 and len({l["name"] for l in layers}) == len(layers)
+        assert data["summary"]["quantized_layers"] == len(layers)
+        assert {l["weight_bits"] for l in layers} == weight_bits  # W4A8: first and prediction layers stay W8
+        weight_sqnr = {b: [l["weight_sqnr_db"] for l in layers if l["weight_bits"] == b and l["weight_sqnr_db"] is not None]
+                       for b in weight_bits}
+        act_sqnr = [l["activation_sqnr_db"] for l in layers if l["activation_sqnr_db"] is not None]
+        assert sum(map(len, weight_sqnr.values())) >= 0.9 * len(layers) and len(act_sqnr) >= 0.8 * len(layers)
+        # about 6 dB per weight bit: W8 layers above 40 dB, W4 layers around 20-25 dB
+        assert median(weight_sqnr[8]) > 40
+        if 4 in weight_bits:
+            assert 15 < median(weight_sqnr[4]) < 30
+        # 8-bit activations: every layer of the calibrated PTQ model, and the typical layer after QAT
+        assert (min(act_sqnr) if stem == "ptq_w8a8" else median(act_sqnr)) > 25
+        table = (reports / f"{stem}.md").read_text().splitlines()
+        assert sum(line.startswith("| ") for line in table) == len(layers) + 1  # header + one row per layer
+        assert all(sum(line.startswith(f"| {l['name']} |") for line in table) == 1 for l in layers)
+        width, height = _png_size(reports / f"{stem}_sqnr.png")
+        assert width > 1500 and height > 300  # the bar chart widens with the number of layers
+    width, height = _png_size(out / "map_vs_latency.png")
+    assert width >= 600 and height >= 400
+    for path in (reports / "ptq_w8a8_sqnr.png", reports / "qat_w4a8.md", out / "map_vs_latency.png"):
+        assert str(path) in printed
 
 
 def test_parse_kv_keeps_paths_as_strings():

@@ -50,5 +50,24 @@ def test_report_table_json_and_plot(tmp_path):
     r4.print()
     data = json.loads(r4.save_json(tmp_path / "r.json").read_text())
     assert data["recipe"] == "w4a4" and len(data["layers"]) == 8
+    table = r4.save_markdown(tmp_path / "r.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ")]
+    assert len(rows) == 1 + 8 and rows[0].startswith("| layer | type | role | W bits")
+    assert f"| {r4.layers[1].name} | Conv2d | body | 4 | 4 | {r4.layers[1].weight_sqnr_db:.1f} |" in rows[2]
+    assert table[-1].startswith("8 quantized layers, 0 kept float")
+
+
+def test_report_plot_colours_bars_by_weight_bits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    r4 = quantization_report(_calibrated("w4a4"), [torch.randn(2, 3, 32, 32)])
+    assert {l.weight_bits for l in r4.layers} == {4, 8}  # W4 body, W8 first and prediction layers
     png = r4.save_plot(tmp_path / "r.png")
-    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.width > 600 and im.height > 400
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    # the bars are filled with tab10's first two colours, one per bit width (4 -> blue, 8 -> orange)
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(pixels.astype(int) - colour).sum(axis=1) < 10).sum() > 2000, colour

@@ -10,12 +10,16 @@ Steps (each with a progress bar or Ultralytics' own epoch bars):
 6. each model exported as deployed (:mod:`detq_hooks.ultralytics.deploy`: float ONNX/IR; quantized ones as
    integer ONNX for onnxruntime and int8 OpenVINO IR), its file size, latency in onnxruntime and OpenVINO
    (default and f32 precision, timed side by side) and the exported model's mAP;
-7. one table, also written to ``<out>/results.json``.
+7. one table, also written to ``<out>/results.json``;
+8. pictures: the per-layer quantization report of each quantized model (``<out>/reports/<name>.json``, ``.md``
+   table, ``_sqnr.png``; :func:`detq_hooks.quantization_report` on a few validation images) and
+   ``<out>/map_vs_latency.png`` (mAP50-95 against deployed latency, one point per model and runtime).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +56,16 @@ class Row:
     ort_map50_95: float = float("nan")
     ov_map50_95: float = float("nan")
     extra: dict = field(default_factory=dict)
+
+
+# the per-layer report runs the PyTorch models on this many validation images: enough for activation SQNR,
+# negligible next to the demo's training and timing
+REPORT_IMAGES = 4
+
+
+def file_stem(model_name: str) -> str:
+    """``"QAT W4A8"`` -> ``"qat_w4a8"``: the model's name in file and folder names."""
+    return model_name.lower().replace(" ", "_")
 
 
 def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
@@ -116,8 +130,7 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
     calib = [a for _, a, _ in load_images(ds.train_images, cfg.imgsz)][:32]
     files = {}
     for row in track(rows, description="exporting + evaluating", console=console):
-        f = files[row.name] = export_deployed(models[row.name], out / "deploy" / row.name.lower().replace(" ", "_"),
-                                              cfg.imgsz, calib)
+        f = files[row.name] = export_deployed(models[row.name], out / "deploy" / file_stem(row.name), cfg.imgsz, calib)
         row.onnx_mb, row.deployed_mb = file_bytes(f["onnxruntime"]) / 1e6, file_bytes(f["openvino"]) / 1e6
         for rt in ("onnxruntime", "openvino"):
             ores, _ = evaluate(str(f[rt]), ds.val_images, ds.coco_val_json, cfg.imgsz, head_type="Detect",
@@ -129,8 +142,78 @@ def run_demo(cfg: DemoConfig, console=None) -> list[Row]:
 
     print_table(rows, console, title=f"detq demo: {cfg.model} on synthetic data ({cfg.imgsz}px, {time.time() - t0:.0f}s)")
     (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows]}, indent=2))
+    pictures = save_quantization_reports(models, images[:REPORT_IMAGES], out / "reports")
+    pictures.append(save_map_vs_latency_plot(rows, out / "map_vs_latency.png", title=f"{cfg.model}, {cfg.imgsz}px"))
     console.print(f"results: {out / 'results.json'}; checkpoints under {out / 'runs'}; deployed files under {out / 'deploy'}")
+    console.print("pictures:\n" + "\n".join(f"  {p}" for p in pictures), soft_wrap=True)  # paths unbroken, to copy
     return rows
+
+
+def save_quantization_reports(models: dict, images: list, out_dir: Path) -> list[Path]:
+    """The per-layer quantization report of each quantized model on ``images`` (``load_images`` tuples):
+    ``<name>.json``, ``<name>.md`` (table) and ``<name>_sqnr.png`` under ``out_dir``; returns the paths."""
+    import numpy as np
+    import torch
+
+    from .. import is_quantized
+    from ..report import quantization_report
+
+    batch = torch.from_numpy(np.stack([im for _, im, _ in images]))
+    paths = []
+    for name, model in models.items():
+        if not is_quantized(model):
+            continue
+        report = quantization_report(model, [batch])
+        stem = file_stem(name)
+        paths += [report.save_json(out_dir / f"{stem}.json"), report.save_markdown(out_dir / f"{stem}.md"),
+                  report.save_plot(out_dir / f"{stem}_sqnr.png")]
+    return paths
+
+
+# (legend label, latency field, mAP field, marker). The demo measures OpenVINO's mAP at its default precision only
+# (f32 on CPUs without bf16), so the f32 point shows that mAP at the f32 latency.
+LATENCY_POINTS = (("onnxruntime", "ort_ms", "ort_map50_95", "o"),
+                  ("OpenVINO", "ov_ms", "ov_map50_95", "s"),
+                  ("OpenVINO f32", "ov_f32_ms", "ov_map50_95", "^"))
+
+
+def _exported_map_or_pytorch(row: Row, map_field: str) -> float:
+    exported = getattr(row, map_field)
+    return exported if math.isfinite(exported) else row.map50_95
+
+
+def save_map_vs_latency_plot(rows: list[Row], path: Path, title: str = "") -> Path:
+    """mAP50-95 against deployed latency: one point per model and runtime, a colour per model (named once, at
+    its fastest point), a marker per runtime; the exported model's mAP where it was measured, else the PyTorch one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    colours = plt.get_cmap("tab10").colors
+    for i, row in enumerate(rows):
+        colour = colours[i % len(colours)]
+        points = [(getattr(row, ms_field), _exported_map_or_pytorch(row, map_field), marker)
+                  for _, ms_field, map_field, marker in LATENCY_POINTS if math.isfinite(getattr(row, ms_field))]
+        for ms, m, marker in points:
+            ax.scatter(ms, m, marker=marker, color=colour, s=45)
+        if points:
+            ms, m, _ = min(points)
+            ax.annotate(row.name, (ms, m), textcoords="offset points", xytext=(4, 6), fontsize=8, color=colour)
+    ax.legend(handles=[Line2D([], [], marker=marker, ls="none", color="0.4", label=label)
+                       for label, _, _, marker in LATENCY_POINTS], fontsize=8)
+    ax.margins(x=0.1, y=0.1)  # room for the names
+    ax.set_xlabel("deployed latency [ms] (batch 1, median)")
+    ax.set_ylabel("mAP50-95 (exported model)")
+    ax.set_title(f"detq demo: mAP against deployed latency{' — ' + title if title else ''}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def print_table(rows: list[Row], console, title: str = "") -> None:
@@ -148,4 +231,4 @@ def print_table(rows: list[Row], console, title: str = "") -> None:
     console.print(table)
 
 
-__all__ = ["DemoConfig", "Row", "run_demo", "print_table"]
+__all__ = ["DemoConfig", "Row", "run_demo", "print_table", "save_quantization_reports", "save_map_vs_latency_plot"]
