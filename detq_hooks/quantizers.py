@@ -101,6 +101,25 @@ def _scalar_bounds(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+class _ScaleFloor(torch.autograd.Function):
+    """``scale.clamp_min(floor)`` whose gradient passes through below the floor too. A learned step size that one
+    large optimizer step takes to or below zero would otherwise sit under a plain clamp with no gradient for good,
+    quantizing its layer to nothing; with the gradient passing it moves back up as the loss asks."""
+
+    @staticmethod
+    def forward(ctx, scale, floor: float):
+        return scale.clamp_min(floor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def learned_scale(scale: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
+    """The step size a quantizer uses: ``scale`` floored at ``floor``, with a straight-through gradient."""
+    return _ScaleFloor.apply(scale, floor) if scale.requires_grad else scale.clamp_min(floor)
+
+
 class _LSQPerTensor(torch.autograd.Function):
     """LSQ/LSQ+ per-tensor fake quantization with few memory passes.
 
@@ -466,7 +485,7 @@ class FakeQuantizer(nn.Module):
             return out if x.dtype == torch.float32 else out.to(x.dtype)
         dtype = x.dtype
         xf = x.float()
-        scale = self.scale.float().clamp_min(1e-8)
+        scale = learned_scale(self.scale.float())
         zero_point = self.zero_point.float()
         qmin, qmax = self.qmin, self.qmax
         n = max(1, xf.numel() // scale.numel())

@@ -196,9 +196,9 @@ def test_saved_state_is_two_bytes_per_activation_element():
             Q._FUSED_ENABLED = True
         return sum(total)
 
-    # + 4 bytes: the 1-element scale saved by the quantizer's clamp_min
-    assert saved_bytes(True) == 2 * x.numel() + 4
-    assert saved_bytes(False) == 9 * x.numel() + 4 + 4  # x, out, mask and the 0-dim scale
+    # The step size's floor (straight-through) saves nothing.
+    assert saved_bytes(True) == 2 * x.numel()
+    assert saved_bytes(False) == 9 * x.numel() + 4  # x, out, mask and the 0-dim scale
 
 
 def test_weight_quantizer_keeps_only_the_weight_for_backward():

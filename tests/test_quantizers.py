@@ -130,3 +130,22 @@ def test_invalid_construction():
         FakeQuantizer(bits=9, symmetric=True)
     with pytest.raises(ValueError, match="lsq_plus"):
         FakeQuantizer(bits=4, symmetric=True, kind="lsq_plus")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_step_size_pushed_below_zero_recovers(per_channel):
+    """One too-large optimizer step can take a learned step size to or below zero. The floor in the forward
+    must not cut its gradient, or the layer quantizes everything to zero for good."""
+    q, x = _pair(4, per_channel, per_channel)
+    with torch.no_grad():
+        good = q.scale.clone()
+        q.scale.fill_(-1e-4)
+    assert (q(x) - x).pow(2).mean() > 0.9 * x.pow(2).mean()  # everything quantized to ~0
+    opt = torch.optim.Adam([q.scale], lr=0.02)
+    for _ in range(200):
+        opt.zero_grad()
+        (q(x) - x).pow(2).mean().backward()
+        opt.step()
+    assert (q.scale > 0).all()
+    assert (q(x) - x).pow(2).mean() < 0.05 * x.pow(2).mean()
+    assert torch.allclose(q.scale, good, rtol=0.5)
