@@ -531,6 +531,17 @@ def iter_quantizers(model: nn.Module):
             yield name, m
 
 
+@torch.no_grad()
+def keep_step_sizes_positive(model: nn.Module, floor: float = 1e-8) -> None:
+    """After an optimizer step: a learned step size the step took below zero is reflected back (``|s|``, at
+    least ``floor``). On a small calibrated scale (1e-5 is common for a weak layer's activations) one SGD step
+    of an ordinary learning rate overshoots zero; left there the layer would pass nothing until the gradient
+    climbed all the way back."""
+    for _, q in iter_quantizers(model):
+        if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad and (q.scale < floor).any():
+            q.scale.abs_().clamp_min_(floor)
+
+
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned quantizer parameters (scales, LSQ+ offsets): they get their own optimizer group,
     without weight decay and at ``quantizer_lr_scale`` × the base rate."""
@@ -544,6 +555,7 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 __all__ = [
+    "keep_step_sizes_positive",
     "FakeQuantizer",
     "fake_quantize_reference",
     "quant_range",

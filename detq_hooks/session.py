@@ -50,7 +50,7 @@ from .detectors import DetectorFamily, UnsupportedDetectorError, family_for
 from .distill import DistillationLoss, Teacher
 from .loss_terms import DisabledQuantizerAnchor, DistillationTerm, LossTerm, StepContext
 from .optim import add_quantizer_param_group
-from .quantizers import iter_quantizers
+from .quantizers import iter_quantizers, keep_step_sizes_positive
 from .recipe import Recipe, RecipeError, load_recipe
 from .post_training import reconstruct_from_recipe
 from .recording import Recorder, Taps
@@ -542,8 +542,9 @@ class QuantSession:
         return out
 
     def after_optimizer_step(self, model: nn.Module, averaged: Sequence[nn.Module] = ()) -> None:
-        """Frozen curriculum stages undo what the optimizer did to them; averaged copies (EMA) get the live
-        model's integer quantizer flags exactly."""
+        """Learned step sizes stay positive; frozen curriculum stages undo what the optimizer did to them;
+        averaged copies (EMA) get the live model's integer quantizer flags exactly."""
+        keep_step_sizes_positive(model)
         if self.schedule is not None:
             self.schedule.after_optimizer_step(model)
         for avg in averaged:

@@ -220,3 +220,20 @@ def test_family_answers_set_prediction_and_float_layers():
     QuantSession("w4a8", family=Fam()).convert(model)
     assert isinstance(model.pool_fc, nn.Linear) and not dq.is_quantized(model.pool_fc)
     assert model.cls_head.weight_quantizer.bits == 8 and model.box_head.weight_quantizer.bits == 4
+
+
+def test_optimizer_step_past_zero_leaves_step_sizes_positive():
+    """A plain SGD step on a small calibrated scale overshoots zero; the session reflects it back after the step
+    (all three trainers call ``after_optimizer_step``), so no layer ends up quantizing to nothing."""
+    model, session = converted()
+    scales = [q.scale for _, q in dq.quantizers.iter_quantizers(model) if q.scale.requires_grad]
+    assert len(scales) > 4
+    with torch.no_grad():
+        before = [s.detach().clone() for s in scales]
+        scales[0].sub_(3 * scales[0].abs().max())  # what one too-large step does
+        scales[1].neg_()
+    session.after_optimizer_step(model)
+    assert all((s > 0).all() for s in scales)
+    assert torch.allclose(scales[1], before[1])
+    assert torch.allclose(scales[0], 3 * before[0].max() - before[0])
+    assert all(torch.equal(s, b) for s, b in zip(scales[2:], before[2:]))
