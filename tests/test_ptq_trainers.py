@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
@@ -19,6 +20,7 @@ from detq_hooks.recipe import RecipeError
 from detq_hooks.reconstruction import ReconstructionError
 
 FAST = {"iterations": 6, "batch_size": 4}
+INTEGRATIONS = Path(__file__).resolve().parents[1] / "integrations"
 
 
 def on_grid(layer) -> bool:
@@ -208,7 +210,7 @@ def test_dtr_term_has_gradients_and_vanishes_at_the_float_output():
 
 
 # ============================================================================================ MMDetection
-def test_mmdet_rtmdet_qdrop_ptq_from_runner_test(tmp_path):
+def test_mmdet_rtmdet_taskq_ptq_from_runner_test(tmp_path):
     pytest.importorskip("mmdet")
     pytest.importorskip("mmcv.ops")
     from mmengine.runner import Runner
@@ -217,7 +219,8 @@ def test_mmdet_rtmdet_qdrop_ptq_from_runner_test(tmp_path):
     from detq_hooks.tools.data import make_synthetic_dataset
 
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
-    recipe = {"preset": "w8a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "qdrop", **FAST}}
+    recipe = {"preset": "w8a8-ptq", "calibration": {"num_batches": 2},
+              "ptq": {"method": "taskq", "sparse": False, **FAST}}  # QDrop plus DTR on the whole head at the end
     runner = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "rtm"), recipe))
     metrics = runner.test()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
@@ -225,7 +228,48 @@ def test_mmdet_rtmdet_qdrop_ptq_from_runner_test(tmp_path):
     done = [b for b in result.blocks if b.skipped is None]
     assert len(done) >= 10 and all(b.loss_after <= b.loss_before for b in done)
     assert {b.name.split(".")[0] for b in done} >= {"backbone", "neck", "bbox_head"}
+    assert result.blocks[-1].name == "bbox_head" and result.blocks[-1].skipped is None  # the DTR pass
     assert isinstance(metrics, dict) and hook.session.float_copy is None  # random weights: no detection to score
+
+
+def test_mmdet_decoder_of_dtr_is_the_heads_own():
+    """DTR's boxes and scores per prior on an MMDetection dense head are those of the head's own
+    ``predict_by_feat`` before NMS (every prior and class kept), up to its clipping to the image (``predict`` clips
+    to [0, image size]; DTR compares unclipped boxes; here the image is made large enough that only 0 clips)."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.config import Config, ConfigDict
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+
+    from detq_hooks.detectors.mmdet import MMDetFamily
+
+    init_default_scope("mmdet")
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(str(INTEGRATIONS / "mmdet" / "rtmdet_tiny_synthetic.py")).model).eval()
+    family = MMDetFamily()
+    assert family.head_block(model) == "bbox_head"
+    with torch.no_grad():
+        cls_scores, bbox_preds = model(torch.rand(2, 3, 64, 64), mode="tensor")
+        boxes, scores = family.decode_head_output(model, (cls_scores, bbox_preds))
+        metas = [dict(img_shape=(10_000, 10_000), ori_shape=(64, 64), scale_factor=(1.0, 1.0))] * 2
+        theirs = model.bbox_head.predict_by_feat(cls_scores, bbox_preds, batch_img_metas=metas, rescale=False,
+                                                 with_nms=False, cfg=ConfigDict(score_thr=0.0, nms_pre=10**9))
+    num_classes = model.bbox_head.num_classes
+    assert boxes.shape == (2, 8 * 8 + 4 * 4 + 2 * 2, 4) and scores.shape == (2, boxes.shape[1], num_classes)
+    for image, result in enumerate(theirs):
+        # ours per (prior, class): box and score; theirs: the same pairs in score order
+        ours = torch.cat([scores[image].reshape(-1, 1), boxes[image].clamp(min=0).repeat_interleave(num_classes, 0)], 1)
+        other = torch.cat([result.scores[:, None], result.bboxes], 1)
+        assert len(other) == len(ours)
+        torch.testing.assert_close(_rows_sorted(ours), _rows_sorted(other))
+
+
+def _rows_sorted(t: torch.Tensor) -> torch.Tensor:
+    """Rows in lexicographic order (score first, then the box), ties and all."""
+    for col in reversed(range(t.shape[1])):
+        t = t[torch.argsort(t[:, col], stable=True)]
+    return t
 
 
 # ============================================================================================ Lightning

@@ -139,9 +139,9 @@ class MMDetFamily(DetectorFamily):
         return self._dense(model, outs, recorded, classifiers)
 
     @staticmethod
-    def _dense(model: nn.Module, outs: Any, recorded: Recorded, classifiers: Sequence[str]) -> HeadOutputs:
-        head = model.bbox_head
-        cls_scores, bbox_preds = outs[0], outs[1]
+    def _decode_dense(head: nn.Module, cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.Tensor]):
+        """Per-level dense outputs flattened to ``(logits (B, A, C), boxes (B, A, 4) xyxy, level (A,), centers
+        (A, 2))``, boxes decoded by the head's own ``bbox_coder`` at its priors, as its ``predict_by_feat`` does."""
         b, c, na = cls_scores[0].shape[0], head.cls_out_channels, head.num_base_priors
         logits = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, c) for s in cls_scores], 1)
         deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, p.shape[1] // na) for p in bbox_preds], 1)
@@ -154,6 +154,13 @@ class MMDetFamily(DetectorFamily):
             decode_from = centers = priors[:, :2]
         n = decode_from.shape[0]
         boxes = head.bbox_coder.decode(decode_from.repeat(b, 1), deltas.reshape(b * n, -1).float()).reshape(b, n, 4)
+        return logits, boxes, level, centers
+
+    @classmethod
+    def _dense(cls, model: nn.Module, outs: Any, recorded: Recorded, classifiers: Sequence[str]) -> HeadOutputs:
+        head = model.bbox_head
+        logits, boxes, level, centers = cls._decode_dense(head, outs[0], outs[1])
+        b, c, na = logits.shape[0], head.cls_out_channels, head.num_base_priors
         inputs = [x for name in classifiers for x in recorded.inputs[name]]
         emb = torch.cat([x.permute(0, 2, 3, 1).reshape(b, -1, x.shape[1]).repeat_interleave(na, 1) for x in inputs], 1)
         mods = dict(model.named_modules())
@@ -163,6 +170,26 @@ class MMDetFamily(DetectorFamily):
         else:  # one classifier per level (RTMDet): anchors per level
             class_anchors, anchor_index = torch.stack(weights), level.long()
         return HeadOutputs(logits, boxes, emb, class_anchors, anchor_index, "sigmoid", centers)
+
+    # ------------------------------------------------------------------ PTQ: the head's decoded boxes
+    def head_block(self, model: nn.Module) -> Optional[str]:
+        """``bbox_head`` of dense heads with priors and a box coder, and of DETR heads."""
+        head = getattr(model, "bbox_head", None)
+        dense = head is not None and hasattr(head, "prior_generator") and hasattr(head, "bbox_coder")
+        return "bbox_head" if dense or (head is not None and self._is_detr(model)) else None
+
+    def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense heads: boxes decoded by the head's ``bbox_coder`` at its priors (pixels, xyxy) and sigmoid (or
+        softmax without background) class scores, per prior; DETR heads: the last decoder layer's boxes (xyxy,
+        normalised by the image size) and class scores, per query."""
+        head = model.bbox_head
+        if self._is_detr(model):
+            logits, boxes = output[0][-1], cxcywh_to_xyxy(output[1][-1])
+        else:
+            logits, boxes, _, _ = self._decode_dense(head, output[0], output[1])
+        if logits.shape[-1] > head.num_classes:  # softmax with a background / no-object class
+            return boxes, logits.float().softmax(-1)[..., : head.num_classes]
+        return boxes, logits.float().sigmoid()
 
     def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         from mmdet.structures.bbox import get_box_tensor

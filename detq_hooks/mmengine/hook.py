@@ -47,11 +47,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def mmdet_forward(model: nn.Module, batch: Any) -> Any:
-    """Run one dataloader batch through an MMEngine model the way its test step does (raw head outputs)."""
+    """Run one dataloader batch through an MMEngine model the way its test step does (raw head outputs).
+
+    MMDetection's single-stage and DETR detectors compute ``forward(mode="tensor")`` with
+    ``bbox_head.forward(...)``, past the head's module hooks; the same steps are run here with the head called
+    as a module, so that PTQ can read the head's output (DTR's decoded boxes)."""
     data = model.data_preprocessor(batch, False)
-    if isinstance(data, dict):
-        return model(**data, mode="tensor")
-    return model(*data, mode="tensor")
+    inputs, samples = (data["inputs"], data.get("data_samples")) if isinstance(data, dict) else tuple(data)
+    head = getattr(model, "bbox_head", None)
+    if isinstance(head, nn.Module) and hasattr(model, "extract_feat") and not hasattr(model, "roi_head"):
+        feats = model.extract_feat(inputs)
+        if hasattr(model, "forward_transformer"):  # DETR family
+            return head(**model.forward_transformer(feats, samples))
+        return head(feats)
+    return model(inputs, samples, mode="tensor")
 
 
 def family_batch(model: nn.Module, batch: Any) -> tuple:
