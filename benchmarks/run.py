@@ -51,7 +51,7 @@ YOLO_SIZES = [
 ]
 SIZES = {
     "accuracy": YOLO_SIZES + [
-        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,lightning", "ptq,qat", "which scripts (see SOURCES)"),
+        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,lightning", "ptq,qat", "which scripts run"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
@@ -63,7 +63,7 @@ SIZES = {
         ("threads", int, SCRIPT_DEFAULT, 1, "torch threads of each script"),
     ],
     "cost": [
-        ("sources", str, "convnet,ultralytics,mmdet,lightning,fisher-step", "convnet,ultralytics", "which scripts"),
+        ("sources", str, "convnet,ultralytics,mmdet,lightning,fisher-step", "convnet,ultralytics", "which scripts run"),
         ("imgsz", int, SCRIPT_DEFAULT, 64, "input size"),
         ("batch", int, SCRIPT_DEFAULT, 4, "images per step"),
         ("steps", int, SCRIPT_DEFAULT, 3, "timed repetitions (interleaved over the configurations)"),
@@ -508,8 +508,7 @@ def report(args) -> int:
 def section(envelope: dict, path: Path, readme_dir: Path) -> str:
     m, git = envelope["machine"], envelope["git"]
     commit = (git["commit"] or "unknown")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
-    quick = " **Quick smoke run: a tiny float model that learned next to nothing; not a measurement.**" \
-        if envelope["settings"].get("quick") else ""
+    quick = " **Quick smoke run (`--quick`): tiny sizes, not a measurement.**" if envelope["settings"].get("quick") else ""
     png = Path(os.path.relpath(path.with_suffix(".png"), readme_dir)).as_posix()
     load = f", load average {m['load_average'][0]}" if m.get("load_average") else ""
     lines = [f"#### `{envelope['question']}`: {envelope['title']}", "",
