@@ -44,6 +44,7 @@ SCRIPT_DEFAULT = None  # a size left to the wrapped script's own default
 # (dest, flag type, full-size value, --quick value, help) per question; None = the script's default
 YOLO_SIZES = [
     ("model", str, SCRIPT_DEFAULT, "yolo11n.yaml", "Ultralytics model yaml of the float model (trained from scratch)"),
+    # accuracy: these apply to the Ultralytics and Lightning scripts; the MMDetection ones keep their own sizes
     ("imgsz", int, SCRIPT_DEFAULT, 64, "image size of the synthetic data, training and mAP"),
     ("num_train", int, SCRIPT_DEFAULT, 64, "synthetic training images"),
     ("num_val", int, SCRIPT_DEFAULT, 16, "synthetic validation images"),
@@ -57,7 +58,7 @@ SIZES = {
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
         ("qat_variants", str, "plain,both", "plain", "bench_crqat_*.py variants (plain: LSQ, both: CR-QAT)"),
         ("fisher_variants", str, "plain,mp,reg,both", "plain", "bench_fisher.py variants"),
-        ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics)"),
+        ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
         ("ptq_images", int, SCRIPT_DEFAULT, 16, "calibration images (PTQ)"),
         ("ptq_iterations", int, SCRIPT_DEFAULT, 4, "reconstruction iterations per block (PTQ)"),
         ("threads", int, SCRIPT_DEFAULT, 1, "torch threads of each script"),
@@ -198,7 +199,7 @@ def qat_mmdet_runs(args, seed):
         "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--json", path,
         *flags(args, ["threads"])])
     data = read_json(path, ran)
-    float_map = data["float_finetune_map50_95"]
+    float_map = max(data["float_map50_95"], data["float_finetune_map50_95"])
     return ran, [{"trainer": "MMDetection", "model": "RTMDet-tiny", "bits": r["bits"], "method": QAT_METHODS[r["variant"]],
                   "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
                   "float_map50_95": float_map} for r in data["rows"]]
@@ -208,7 +209,7 @@ def lightning_runs(args, seed):
     path = args.out / "raw" / "lightning" / f"seed{seed}.json"
     ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
         "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
-        "--recipes", *split(args.bits)])
+        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)])
     data = read_json(path, ran)
     float_map = data["float_map50_95"]
     return ran, [{"trainer": "Lightning", "model": "FCOS-R18 (torchvision)", "bits": r["recipe"], "method": "QAT LSQ",
@@ -339,7 +340,8 @@ def cost_lightning(args):
 
 def cost_fisher_step(args):
     path = args.out / "raw" / "fisher_step.json"
-    ran = run_logged(args, "fisher-step", "bench_fisher_step.py", ["--json", path, *flags(args, ["imgsz"])])
+    ran = run_logged(args, "fisher-step", "bench_fisher_step.py", [
+        "--json", path, *flags(args, ["imgsz"]), *flags(args, ["steps"], {"steps": "rounds"})])
     data = read_json(path, ran)
     ratios = [r["ratio"] for r in data["rows"]]
     every = data["config"]["every"]
