@@ -30,7 +30,6 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,9 +52,12 @@ def nncf_pytorch_qat(float_model, calib: list[torch.Tensor], loader_args: dict, 
     model = copy.deepcopy(float_model).float().eval()
     quantized = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib))
     trainer = DetectionTrainer(overrides=loader_args)
+    trainer.model = quantized  # the data loader reads the model's strides
     quantized.args = trainer.args
     loader = trainer.get_dataloader(trainer.data["train"], batch_size=loader_args["batch"], rank=-1, mode="train")
-    optimizer = torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad], lr=5e-4)
+    for p in quantized.parameters():  # a loaded checkpoint comes frozen
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(quantized.parameters(), lr=5e-4)
     quantized.train()
     for _ in range(epochs):
         for batch in loader:
