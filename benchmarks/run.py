@@ -120,7 +120,10 @@ def read_json(path: Path, ran: dict) -> dict:
 
 
 def ratio(value, reference, what: str):
-    if not isinstance(value, (int, float)) or not isinstance(reference, (int, float)):
+    """``value ÷ reference`` (``what`` names the reference), or why there is none."""
+    if not isinstance(value, (int, float)):
+        return not_measured("no value to divide")
+    if not isinstance(reference, (int, float)):
         return not_measured(f"no {what}")
     if reference <= 0:
         return not_measured(f"{what} is {reference:g}")
