@@ -10,7 +10,7 @@ export YOLO_AUTOINSTALL := false
 export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?= --timeout=1200 --durations=15
 
-.PHONY: demo test env env-mmdet bench
+.PHONY: demo test env env-mmdet bench bench-quick
 
 env:
 	bash scripts/setup_env.sh >/dev/null
@@ -26,3 +26,11 @@ test: env-mmdet
 
 bench: env
 	$(VENV)/bin/python benchmarks/bench_fakequant_overhead.py
+
+# every question of benchmarks/run.py at --quick sizes (a smoke run, a few minutes), then `report` into a copy of
+# the README beside those results (the real README is only rewritten by `run.py report` on measured results)
+QUICK_RESULTS := benchmarks/results/suite-quick
+bench-quick: env
+	for q in accuracy cost deploy peers; do $(VENV)/bin/python benchmarks/run.py $$q --quick || exit 1; done
+	cp README.md $(QUICK_RESULTS)/README.md
+	$(VENV)/bin/python benchmarks/run.py report --quick --readme $(QUICK_RESULTS)/README.md

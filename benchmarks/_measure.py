@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -63,3 +65,11 @@ def model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
 
 def fmt_ratio(st: dict[str, float]) -> str:
     return f"{st['ratio_median']:.3f} ({st['ratio_min']:.3f}-{st['ratio_max']:.3f})"
+
+
+def save_json(path, args, rows: list[dict], **extra) -> None:
+    """A script's ``--json PATH`` output, read by ``benchmarks/run.py``: its options, ``extra`` and its rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, **extra, "rows": rows},
+                               indent=2, default=str))

@@ -2,6 +2,7 @@
 from the same float checkpoint with the same iteration budget, on the synthetic COCO data.
 
     python benchmarks/bench_crqat_mmdet.py [--config rtmdet_tiny_synthetic] [--float-epochs 40] [--qat-iters 200]
+        [--seed 0] [--json results.json]
 
 The float model is trained once and cached in ~/.cache/detq-hooks/float_refs/mmdet/<key>/ (delete it to retrain).
 Prints mAP50-95, the fraction of float mAP retained (against the float model fine-tuned for the same
@@ -17,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import save_json
 from _mmdet import cached_float_mmdet, mmdet_cfg as _cfg, synthetic_mmdet_data
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="rtmdet_tiny_synthetic", help="float config under integrations/mmdet")
     ap.add_argument("--imgsz", type=int, default=160)
@@ -32,7 +34,9 @@ def main() -> None:
     ap.add_argument("--bits", default="w4a4,w4a8")
     ap.add_argument("--variants", default="plain,curriculum,distillation,both")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the fine-tunes (the float model: seed 0)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
 
     import torch
     from mmengine.hooks import Hook
@@ -60,6 +64,7 @@ def main() -> None:
         """Train ``args.qat_iters`` iterations from the float checkpoint (lr x 0.1, cosine); (mAP, median step)."""
         work = Path(tempfile.mkdtemp(prefix=f"detq_{label}_"))
         cfg = _cfg(config, work, args.imgsz, args.batch, load_from=str(float_ckpt))
+        cfg.randomness = dict(seed=args.seed)
         for h in cfg.custom_hooks:
             if h["type"] == "DetQHook":
                 h.update(recipe=recipe, calibration_batches=4)
@@ -96,6 +101,10 @@ def main() -> None:
     for bits, variant, m, step in rows:
         plain = next((s for b, v, _, s in rows if b == bits and v == "plain"), step)
         print(f"| {bits} | {variant} | {m:.3f} | {100 * m / max(float_ft_map, 1e-9):.0f}% | {step / plain:.2f}x |")
+    if args.json:
+        save_json(args.json, args, [{"bits": b, "variant": v, "seed": args.seed, "map50_95": m,
+                                     "kept": m / max(float_ft_map, 1e-9), "step_s": s} for b, v, m, s in rows],
+                  float_map50_95=float_map, float_finetune_map50_95=float_ft_map, float_finetune_step_s=float_step)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 W4A8, from one cached float YOLO checkpoint with the same epoch budget, on the synthetic data.
 
     YOLO_OFFLINE=1 python benchmarks/bench_crqat_ultralytics.py [--model yolo11n.yaml --float-epochs 60
-        --qat-epochs 6 --imgsz 160 --num-train 512 --num-val 96 --bits w4a4,w4a8]
+        --qat-epochs 6 --imgsz 160 --num-train 512 --num-val 96 --bits w4a4,w4a8 --seed 0]
 
 The float model comes from ``detq_hooks.tools.zoo.cached_float_checkpoint`` (trained once, then reused). Every QAT run
 uses the same optimizer settings and seed; mAP is COCO mAP50-95 (pycocotools) of each run's best.pt on the val
@@ -29,7 +29,7 @@ VARIANTS = {  # name -> recipe sections added to the bit-width preset
 }
 
 
-def run_qat(start: Path, data: str, imgsz: int, epochs: int, project: Path, label: str, recipe, ds) -> dict:
+def run_qat(start: Path, data: str, imgsz: int, epochs: int, project: Path, label: str, recipe, ds, seed: int = 0) -> dict:
     """``recipe=None``: float fine-tuning with the same budget (the fair float reference)."""
     from ultralytics import YOLO
 
@@ -40,7 +40,7 @@ def run_qat(start: Path, data: str, imgsz: int, epochs: int, project: Path, labe
     t = time.time()
     extra = {} if recipe is None else {"trainer": DetQTrainer, "detq": recipe}
     model.train(data=data, **extra, imgsz=imgsz, epochs=epochs, batch=16, amp=False,
-                plots=False, workers=0, device="cpu", exist_ok=True, project=str(project), name=label, seed=0,
+                plots=False, workers=0, device="cpu", exist_ok=True, project=str(project), name=label, seed=seed,
                 deterministic=True, verbose=False, optimizer="AdamW", lr0=0.0005, nbs=16, warmup_epochs=0,
                 close_mosaic=epochs, val=True)
     wall = time.time() - t
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="w4a4,w4a8")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("/tmp/detq_bench_crqat_ultralytics"))
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run (float fine-tune included)")
     a = p.parse_args(argv)
 
     from detq_hooks.tools.data import make_synthetic_dataset
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     float_map = ref.metrics["map50_95"]
     print(f"float {a.model}: mAP50-95 {float_map:.4f} ({'cached' if ref.cached else 'trained'}: {ref.checkpoint})")
 
-    ft = run_qat(ref.checkpoint, str(ds.yolo_yaml), a.imgsz, a.qat_epochs, a.out / "runs", "float_finetune", None, ds)
+    ft = run_qat(ref.checkpoint, str(ds.yolo_yaml), a.imgsz, a.qat_epochs, a.out / "runs", "float_finetune", None, ds,
+                 a.seed)
     print(json.dumps(ft))
     # Retained fraction against the better float model: the reference, or the reference trained on with the
     # same budget as QAT (else QAT gets credit for training the float model does not get).
@@ -80,8 +82,8 @@ def main(argv=None) -> int:
         for variant in a.variants.split(","):
             recipe = {"preset": bits, "name": f"{bits}-{variant}", **VARIANTS[variant]}
             row = run_qat(ref.checkpoint, str(ds.yolo_yaml), a.imgsz, a.qat_epochs, a.out / "runs", f"{bits}_{variant}",
-                          recipe, ds)
-            row.update(bits=bits, variant=variant, retained=row["map50_95"] / max(float_map, 1e-9))
+                          recipe, ds, a.seed)
+            row.update(bits=bits, variant=variant, seed=a.seed, retained=row["map50_95"] / max(float_map, 1e-9))
             rows.append(row)
             print(json.dumps(row))
     plain = {r["bits"]: r["s_per_epoch"] for r in rows if r["variant"] == "plain"}

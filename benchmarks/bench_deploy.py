@@ -1,6 +1,7 @@
 """Deployed integer models (issue 10): file size, CPU latency in onnxruntime and OpenVINO, and mAP50-95.
 
-    YOLO_OFFLINE=1 python benchmarks/bench_deploy.py [--sizes 320 640 --reps 20 --rounds 5 --threads 2]
+    YOLO_OFFLINE=1 python benchmarks/bench_deploy.py [--sizes 320 640 --reps 20 --rounds 5 --threads 2
+        --model yolo11n.yaml --imgsz 160 --num-train 256 --num-val 64 --float-epochs 20]
 
 From the cached float YOLO11n reference (``detq_hooks.tools.zoo``: 20 epochs from scratch at 160 px on 256 synthetic
 images, trained once) this builds, with the same calibration images (``--calib`` training images):
@@ -152,7 +153,7 @@ def evaluate_runner(run, ds, imgsz: int, images) -> float:
     return coco_evaluate(ds.coco_val_json, dets).map50_95
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[320, 640])
     p.add_argument("--reps", type=int, default=20)
@@ -162,7 +163,13 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
     p.add_argument("--out", default="/tmp/detq_bench_deploy")
     p.add_argument("--skip-map", action="store_true")
-    args = p.parse_args()
+    # the float model, its synthetic data and the size mAP is measured at (benchmarks/run.py --quick shrinks them)
+    p.add_argument("--model", default="yolo11n.yaml")
+    p.add_argument("--imgsz", type=int, default=160)
+    p.add_argument("--num-train", type=int, default=256)
+    p.add_argument("--num-val", type=int, default=64)
+    p.add_argument("--float-epochs", type=int, default=20)
+    args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -175,37 +182,40 @@ def main() -> None:
     from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
 
     t0 = time.time()
-    ds = make_synthetic_dataset(synthetic_data_dir(256, 64, 160), num_train=256, num_val=64, imgsz=160, seed=0)
-    ref = cached_float_checkpoint(ds, "yolo11n.yaml", epochs=20, imgsz=160, verbose=False)
-    train_images = [a for _, a, _ in load_images(ds.train_images, 160)][: args.calib]
+    imgsz = args.imgsz
+    ds = make_synthetic_dataset(synthetic_data_dir(args.num_train, args.num_val, imgsz), num_train=args.num_train,
+                                num_val=args.num_val, imgsz=imgsz, seed=0)
+    ref = cached_float_checkpoint(ds, args.model, epochs=args.float_epochs, imgsz=imgsz, verbose=False)
+    train_images = [a for _, a, _ in load_images(ds.train_images, imgsz)][: args.calib]
     models = build_models(str(ref.checkpoint), train_images, args.recipes)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "threads": args.threads, "shared": True},
               "versions": {"onnxruntime": ort.__version__, "openvino": ov.__version__, "torch": torch.__version__},
               "float_reference": {"checkpoint": str(ref.checkpoint), "map50_95": ref.map50_95},
-              "sizes": {}, "map50_95": {}}
+              "sizes": {}, "map50_95": {}, "map_imgsz": imgsz}
+    exported = {}  # image size -> files (the mAP size is often a latency size too)
 
     if not args.skip_map:  # accuracy at the training size, exported the same way
-        val = load_images(ds.val_images, 160)
-        files = export_all(models, 160, out / "s160", train_images)
+        val = load_images(ds.val_images, imgsz)
+        files = exported[imgsz] = export_all(models, imgsz, out / f"s{imgsz}", train_images)
         acc = {}
         for name, m in models.items():
-            res, _ = evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, 160, head_type="Detect", images=val)
+            res, _ = evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, imgsz, head_type="Detect", images=val)
             acc[f"{name} | pytorch"] = res.map50_95
         for name, run in runners_for(files, args.threads).items():
-            acc[name] = evaluate_runner(run, ds, 160, val)
+            acc[name] = evaluate_runner(run, ds, imgsz, val)
         report["map50_95"] = acc
         print(json.dumps(acc, indent=1))
 
-    for imgsz in args.sizes:
-        files = export_all(models, imgsz, out / f"s{imgsz}", train_images)
+    for size in args.sizes:
+        files = exported.get(size) or export_all(models, size, out / f"s{size}", train_images)
         runners = runners_for(files, args.threads)
-        x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+        x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
         lat = time_runners(runners, x, reps=args.reps, rounds=args.rounds)
         prec = {n: runtime_precisions(v["ov"]) for n, v in files.items() if "ov" in v}
-        report["sizes"][imgsz] = {"latency": lat, "bytes": {n: v["bytes"] for n, v in files.items()},
+        report["sizes"][size] = {"latency": lat, "bytes": {n: v["bytes"] for n, v in files.items()},
                                   "openvino_conv_precisions": prec}
-        print(imgsz, json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}, indent=1))
+        print(size, json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}, indent=1))
     report["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     md = table(report)
@@ -220,7 +230,8 @@ def table(report: dict) -> str:
     acc = report.get("map50_95", {})
     for imgsz, r in report["sizes"].items():
         lines += [f"\n### YOLO11n {imgsz} px, batch 1, {report['machine']['threads']} threads (shared machine)\n",
-                  "| model | runtime | latency median ms (p10-p90) | vs float f32 | vs float default | file MB | mAP50-95 (160 px) |",
+                  "| model | runtime | latency median ms (p10-p90) | vs float f32 | vs float default | file MB | "
+                  f"mAP50-95 ({report.get('map_imgsz', 160)} px) |",
                   "|---|---|---|---|---|---|---|"]
         lat = r["latency"]
         f32 = {"onnxruntime": lat.get("float | onnxruntime", {}).get("median_ms"),

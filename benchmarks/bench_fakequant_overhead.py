@@ -2,7 +2,7 @@
 the same float net, measured side by side in one run (interleaved repetitions; per-repetition ratios, median
 and min-max), plus the validation forward (eval, no_grad) and the memory a training step holds for backward.
 
-    python benchmarks/bench_fakequant_overhead.py [--imgsz 320] [--batch 8] [--reps 10] [--threads 2]
+    python benchmarks/bench_fakequant_overhead.py [--imgsz 320] [--batch 8] [--reps 10] [--threads 2] [--json PATH]
 
 Variants: float, W8A8, W4A8, W4A4 with the fused kernels (detq_hooks/kernels.py), and W8A8 on the PyTorch
 implementation (``w8a8-pytorch``: the path used when the kernels cannot be built), in the same run.
@@ -26,7 +26,7 @@ from detq_hooks import kernels
 from detq_hooks import quantizers as Q
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, save_json, saved_for_backward_bytes  # noqa: E402
 
 
 def conv_bn_silu(c1, c2, k=3, s=1):
@@ -113,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="w8a8,w4a8,w4a4,w8a8-pytorch")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -152,6 +153,10 @@ def main(argv=None):
     for k in models:
         print(f"{k:<13} {train[k]['median_s'] * 1e3:>12.1f} {fmt_ratio(train[k]):>27} {val[k]['median_s'] * 1e3:>12.1f} "
               f"{fmt_ratio(val[k]):>25} {memory[k] / 2**20:>11.1f} {memory[k] / memory['float']:>9.3f}")
+    if args.json:
+        save_json(args.json, args, [{"variant": k, "train": train[k], "val": val[k], "memory_bytes": memory[k],
+                                     "memory_ratio": memory[k] / memory["float"]} for k in models],
+                  kernels=kernels.status(), parameters=params, clock=os.environ.get("DETQ_BENCH_CLOCK", "wall"))
     return {"train": train, "val": val, "memory": memory}
 
 

@@ -10,7 +10,12 @@ interleaved (float, W8A8, W4A8, float, ...) so that load from other processes hi
     python benchmarks/bench_lightning.py --imgsz 96 --steps 6 --rounds 1
 
 Also printed: the memory one training step holds for backward (every saved tensor's storage once) plus
-parameters, gradients and optimizer state, as a ratio to float.
+parameters, gradients and optimizer state, as a ratio to float. ``--json PATH`` also writes the figures.
+
+``--accuracy`` measures mAP instead: the example's own run (``examples/lightning_fcos.py``: float training on
+synthetic COCO data, then QAT with each recipe from the float weights, COCO mAP50-95 of each)::
+
+    python benchmarks/bench_lightning.py --accuracy [--float-epochs 6 --qat-epochs 2 --seed 0 --json out.json]
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from lightning_fcos import FCOSModule, StepTimer, collate  # noqa: E402
 from detq_hooks.lightning import DetQCallback  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import model_state_bytes  # noqa: E402
+from _measure import model_state_bytes, save_json  # noqa: E402
 
 
 class SavedBytes(pl.Callback):
@@ -114,7 +119,18 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    accuracy = p.add_argument_group("--accuracy: float training then QAT, COCO mAP (examples/lightning_fcos.py)")
+    accuracy.add_argument("--accuracy", action="store_true")
+    accuracy.add_argument("--num-train", type=int, default=128)
+    accuracy.add_argument("--num-val", type=int, default=32)
+    accuracy.add_argument("--float-epochs", type=int, default=6)
+    accuracy.add_argument("--qat-epochs", type=int, default=2)
+    accuracy.add_argument("--seed", type=int, default=0, help="data and training seed")
+    accuracy.add_argument("--out", default="/tmp/detq_bench_lightning_accuracy")
     args = p.parse_args(argv)
+    if args.accuracy:
+        return accuracy_rows(args)
     configs = [None, *args.recipes]
     times = {c: [] for c in configs}
     memory = {}
@@ -132,7 +148,28 @@ def main(argv=None):
         per_round = " ".join(f"{t / b:.2f}" for t, b in zip(times[c], times[None]))
         print(f"{c or 'float':<8} {med[c]:>9.1f} {med[c] / med[None]:>7.2f} {per_round:>18} {memory[c] / 2**20:>10.1f} "
               f"{memory[c] / memory[None]:>9.3f}   {rounds}")
+    if args.json:
+        save_json(args.json, args, [
+            {"config": c or "float", "step_ms": med[c], "step_ratio": med[c] / med[None],
+             "step_ratio_per_round": [t / b for t, b in zip(times[c], times[None])], "memory_bytes": memory[c],
+             "memory_ratio": memory[c] / memory[None]} for c in configs])
     return med
+
+
+def accuracy_rows(args) -> list[dict]:
+    from lightning_fcos import main as train_and_evaluate
+
+    runs = train_and_evaluate(["--num-train", str(args.num_train), "--num-val", str(args.num_val), "--imgsz",
+                               str(args.imgsz), "--batch-size", str(args.batch_size), "--backbone", args.backbone,
+                               "--fpn-channels", str(args.fpn_channels), "--float-epochs", str(args.float_epochs),
+                               "--qat-epochs", str(args.qat_epochs), "--seed", str(args.seed), "--out", args.out,
+                               "--root", f"{args.out}/data", "--recipes", *args.recipes])
+    float_map = runs[0]["mAP"]
+    rows = [{"recipe": r["recipe"], "seed": args.seed, "map50_95": r["mAP"], "map50": r["mAP50"],
+             "kept": r["mAP"] / float_map if float_map > 0 else float("nan"), "step_ms": r["step_ms"]} for r in runs]
+    if args.json:
+        save_json(args.json, args, rows, float_map50_95=float_map)
+    return rows
 
 
 if __name__ == "__main__":

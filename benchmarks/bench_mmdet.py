@@ -1,6 +1,7 @@
 """Training step time of a quantized MMDetection model as a ratio to the float model (CPU), side by side.
 
     python benchmarks/bench_mmdet.py [--config rtmdet_tiny_synthetic.py] [--imgsz 320] [--batch 8] [--reps 6]
+        [--json PATH]
 
 Builds the model from `integrations/mmdet/<config>` (random weights), takes one batch of the synthetic COCO
 data through the config's own pipeline and data preprocessor, and times `train_step` (forward, loss,
@@ -21,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
+from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, save_json, saved_for_backward_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "integrations" / "mmdet"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="rtmdet_tiny_synthetic.py")
     ap.add_argument("--imgsz", type=int, default=320)
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipes", default="w8a8,w4a8")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from mmengine.config import Config
@@ -100,6 +102,10 @@ def main() -> None:
         st = stats[name]
         print(f"  {name:6s} {st['median_s'] * 1000:8.1f} ms   {fmt_ratio(st)} x float (per-rep median, min-max)   "
               f"memory {memory[name] / 2**20:7.1f} MB = {memory[name] / memory['float']:.3f} x float")
+    if args.json:
+        save_json(args.json, args, [{"variant": k, "train": stats[k], "memory_bytes": memory[k],
+                                     "memory_ratio": memory[k] / memory["float"]} for k in times],
+                  clock=os.environ.get("DETQ_BENCH_CLOCK", "wall"))
 
 
 if __name__ == "__main__":

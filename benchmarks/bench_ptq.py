@@ -3,7 +3,7 @@ vs TASKQ (sparse outliers, detection-aware task regularisation, head-wise units;
 W8A8 / W4A8 / W4A4, beside NNCF's own PTQ (``nncf.quantize`` through Ultralytics' OpenVINO int8 export path).
 
     YOLO_OFFLINE=1 python benchmarks/bench_ptq.py [--bits w8a8,w4a8,w4a4 --images 64 --iterations 200
-        --threads 1 --out benchmarks/results/ptq]
+        --threads 1 --out benchmarks/results/ptq --imgsz 160 --num-train 256 --num-val 64 --float-epochs 20]
 
 Float model: the cached YOLO11n of ``detq_hooks.tools.zoo.cached_float_checkpoint`` (synthetic data, 160 px, 256
 train / 64 val images). Every variant runs in its own process (``detq_hooks.ptq`` on the first ``--images``
@@ -47,12 +47,13 @@ def recipe_for(bits: str, variant: str, num_batches: int, iterations: int, batch
     return recipe
 
 
-def data_and_checkpoint():
+def data_and_checkpoint(a):
     from detq_hooks.tools.data import make_synthetic_dataset
     from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
 
-    ds = make_synthetic_dataset(synthetic_data_dir(256, 64, 160), num_train=256, num_val=64, imgsz=160, seed=0)
-    return ds, cached_float_checkpoint(ds, "yolo11n.yaml", epochs=20, imgsz=160, verbose=False).checkpoint
+    ds = make_synthetic_dataset(synthetic_data_dir(a.num_train, a.num_val, a.imgsz), num_train=a.num_train,
+                                num_val=a.num_val, imgsz=a.imgsz, seed=0)
+    return ds, cached_float_checkpoint(ds, a.model, epochs=a.float_epochs, imgsz=a.imgsz, verbose=False).checkpoint
 
 
 def run_one(args) -> dict:
@@ -66,23 +67,24 @@ def run_one(args) -> dict:
     from detq_hooks.ultralytics.trainer import calibration_forward
 
     torch.set_num_threads(args.threads)
-    ds, checkpoint = data_and_checkpoint()
+    ds, checkpoint = data_and_checkpoint(args)
+    imgsz = args.imgsz
     model = load_checkpoint(str(checkpoint))[0].float().eval()
-    train = load_images(ds.root / "images" / "train", 160)[: args.images]
+    train = load_images(ds.root / "images" / "train", imgsz)[: args.images]
     batches = [torch.from_numpy(np.stack([t[1] for t in train[i:i + args.batch]])) for i in range(0, len(train), args.batch)]
-    val = load_images(ds.root / "images" / "val", 160)
+    val = load_images(ds.root / "images" / "val", imgsz)
     gt = ds.coco_json("val")
     row = {"bits": args.one[0], "variant": args.one[1], "seed": args.seed}
     if args.one[1] == "float":
-        row["map50_95"] = evaluate(model, None, gt, 160, images=val)[0].map50_95
+        row["map50_95"] = evaluate(model, None, gt, imgsz, images=val)[0].map50_95
     elif args.one[1] == "nncf":
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_deploy import nncf_ptq
 
         t = time.perf_counter()
-        xml = nncf_ptq(model, 160, Path(args.out) / "nncf" / "nncf.xml", [b[i:i + 1] for b in batches for i in range(len(b))])
+        xml = nncf_ptq(model, imgsz, Path(args.out) / "nncf" / "nncf.xml", [b[i:i + 1] for b in batches for i in range(len(b))])
         row["seconds"] = time.perf_counter() - t
-        row["map50_95"] = evaluate(str(xml), None, gt, 160, images=val, ov_precision="f32")[0].map50_95
+        row["map50_95"] = evaluate(str(xml), None, gt, imgsz, images=val, ov_precision="f32")[0].map50_95
     else:
         recipe = recipe_for(args.one[0], args.one[1], len(batches), args.iterations, args.batch, args.seed)
         t = time.perf_counter()
@@ -93,7 +95,7 @@ def run_one(args) -> dict:
             row["cached_kib_per_image"] = rec.cached_bytes_per_image / 1024
             row["blocks_improved"] = sum(b.loss_after < b.loss_before for b in rec.blocks if b.skipped is None)
             row["blocks"] = sum(b.skipped is None for b in rec.blocks)
-        row["map50_95"] = evaluate(model, None, gt, 160, images=val)[0].map50_95
+        row["map50_95"] = evaluate(model, None, gt, imgsz, images=val)[0].map50_95
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("ROW " + json.dumps(row), flush=True)
     return row
@@ -110,6 +112,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
     p.add_argument("--nncf", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq"))
+    # the float model and its synthetic data (benchmarks/run.py --quick shrinks them)
+    p.add_argument("--model", default="yolo11n.yaml")
+    p.add_argument("--imgsz", type=int, default=160)
+    p.add_argument("--num-train", type=int, default=256)
+    p.add_argument("--num-val", type=int, default=64)
+    p.add_argument("--float-epochs", type=int, default=20)
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
@@ -119,7 +127,9 @@ def main(argv=None) -> int:
     jobs += [(bits, v) for bits in a.bits.split(",") for v in a.variants.split(",")]
     rows = run_jobs(__file__, jobs, ["--images", str(a.images), "--batch", str(a.batch), "--iterations",
                                       str(a.iterations), "--threads", str(a.threads), "--out", str(a.out),
-                                      "--seed", str(a.seed)], a.out)
+                                      "--seed", str(a.seed), "--model", a.model, "--imgsz", str(a.imgsz),
+                                      "--num-train", str(a.num_train), "--num-val", str(a.num_val),
+                                      "--float-epochs", str(a.float_epochs)], a.out)
     write_results(rows, a.out, vars(a), f"float YOLO11n mAP50-95 {{float}}; {a.images} calibration images, "
                   f"{a.iterations} iterations per block, {a.threads} thread(s)")
     return 0

@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--pre-epochs", type=int, default=60)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16, help="images per step of the step-time measurement")
     p.add_argument("--model", default="yolo11n.yaml")
     p.add_argument("--out", default="/tmp/detq_bench_ultralytics")
     p.add_argument("--skip-accuracy", action="store_true")
@@ -184,7 +185,7 @@ def main() -> None:
 
     report["quantizer_kernels"] = kernels.status()
     print("quantizer kernels:", report["quantizer_kernels"], "| modelopt:", modelopt_check())
-    st = step_times(a.model, data, a.imgsz, a.steps, 16, ["w8a8", "w4a8", "w4a4", "w4a4-crqat"])
+    st = step_times(a.model, data, a.imgsz, a.steps, a.batch, ["w8a8", "w4a8", "w4a4", "w4a4-crqat"])
     report["step_time_s"] = {k: v["median_s"] for k, v in st["train"].items()}
     report["step_time_ratio"] = {k: v["ratio_median"] for k, v in st["train"].items()}
     report["step_time_ratio_stats"] = st["train"]
@@ -194,7 +195,7 @@ def main() -> None:
     if "w4a4-crqat" in st["train"]:
         report["teacher_cost_vs_plain_w4a4"] = st["train"]["w4a4-crqat"]["median_s"] / st["train"]["w4a4"]["median_s"]
     report["clock"] = os.environ.get("DETQ_BENCH_CLOCK", "wall")
-    print(f"YOLO11n, batch 16, {a.imgsz} px, {a.steps} interleaved steps, torch threads {torch.get_num_threads()}, "
+    print(f"YOLO11n, batch {a.batch}, {a.imgsz} px, {a.steps} interleaved steps, torch threads {torch.get_num_threads()}, "
           f"clock {report['clock']}")
     print(f"{'variant':<22} {'step [s]':>8} {'train ratio med (min-max)':>27} {'val ratio med (min-max)':>25} {'memory ratio':>12}")
     for k, v in st["train"].items():

@@ -4,19 +4,23 @@
     detq train ultralytics model=yolo11n.pt data=data.yaml detq=w4a8 epochs=50 imgsz=640
     detq ptq model=best.pt data=data.yaml detq=w4a8-taskq imgsz=640 batch=16
     detq presets
+    detq bench accuracy|cost|deploy|peers|report [--quick --out DIR ...]
 
 ``detq train ultralytics`` takes Ultralytics-style ``key=value`` arguments (values parsed as YAML, as the
 ``yolo`` CLI does) plus ``detq=`` (preset name or recipe YAML path) and runs
 ``YOLO(model).train(trainer=DetQTrainer, ...)`` (``RTDETR`` for RT-DETR models). ``detq ptq`` does the same with a
 post-training recipe (default ``w8a8-ptq``): calibration and, for ``*-taskq`` / ``ptq.method`` recipes, block
 reconstruction on the training images of ``data``; it validates and writes ``best.pt`` without a training epoch.
+``detq bench`` runs ``benchmarks/run.py`` of the checkout this package is installed from (``--help`` is its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -54,7 +58,20 @@ def train_ultralytics(kv: dict):
     return cls(model).train(trainer=DetQTrainer, **kv)
 
 
+def bench_script() -> Path:
+    """``benchmarks/run.py`` beside the package: the benchmarks ship with the repository, not in the wheel."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise SystemExit(f"detq bench: {script} does not exist: the benchmarks live in the detq-hooks repository, "
+                         "not in the installed package; install it from a checkout (pip install -e .) or run "
+                         "`python benchmarks/run.py` there")
+    return script
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every argument, --help included, is benchmarks/run.py's
+        return subprocess.call([sys.executable, str(bench_script()), *argv[1:]])
     parser = argparse.ArgumentParser(prog="detq", description="detq-hooks: quantize detectors inside their trainers")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     q.add_argument("args", nargs="*", help="key=value arguments (Ultralytics style) incl. detq=<PTQ preset|recipe.yaml>")
 
     sub.add_parser("presets", help="list recipe presets")
+    sub.add_parser("bench", help="benchmark questions: accuracy, cost, deploy, peers, report (benchmarks/run.py)")
 
     ns = parser.parse_args(argv)
     if ns.command == "demo":

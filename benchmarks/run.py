@@ -1,0 +1,587 @@
+"""One command per question a user asks of detq-hooks, each answered with a table, a JSON file and a plot.
+
+    python benchmarks/run.py accuracy [--quick] [--out DIR] [options]   # mAP kept after PTQ / QAT, per trainer
+    python benchmarks/run.py cost     [--quick] [--out DIR] [options]   # step time and memory ÷ float
+    python benchmarks/run.py deploy   [--quick] [--out DIR] [options]   # exported models: size, latency, mAP
+    python benchmarks/run.py peers    [--quick] [--out DIR] [options]   # other tools' quantization, same model
+    python benchmarks/run.py report   [--quick] [--results DIR] [--readme README.md]
+
+(``detq bench <question> ...`` runs the same from a checkout.) Each question runs the existing
+``benchmarks/bench_*.py`` scripts, each in its own process, and normalises what they write into one envelope
+(``benchmarks/suite.py``: command, settings, machine, versions, date, git commit, wall time, columns, rows),
+written to ``DIR/<question>.json``, ``.md`` and ``.png`` (default ``benchmarks/results/suite/<question>/``; the
+scripts' own outputs and logs under ``DIR/raw/``). ``report`` rewrites the README's section between
+``<!-- detq-bench:begin -->`` and ``<!-- detq-bench:end -->`` from those JSON files.
+
+``--quick``: a smoke run of each question in a few minutes on 2 CPU cores -- a tiny float YOLO11n trained on
+the spot (64 px, 64 images, 3 epochs; it learns next to nothing, so its figures are not measurements), one bit
+width, few methods, one thread -- written under ``benchmarks/results/suite-quick/`` so that it never mixes with
+real results. Every size option can be given explicitly; ``--help`` of a question shows its full and quick
+defaults ("script default": the wrapped script's own default, as the README's tables were measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import suite  # noqa: E402
+from suite import Column, is_reason, not_available, not_measured, run_script  # noqa: E402
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # the scripts inherit it: nothing can be downloaded here
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+RESULTS = suite.REPO / "benchmarks" / "results"
+BEGIN, END = "<!-- detq-bench:begin -->", "<!-- detq-bench:end -->"
+SCRIPT_DEFAULT = None  # a size left to the wrapped script's own default
+
+# (dest, flag type, full-size value, --quick value, help) per question; None = the script's default
+YOLO_SIZES = [
+    ("model", str, SCRIPT_DEFAULT, "yolo11n.yaml", "Ultralytics model yaml of the float model (trained from scratch)"),
+    # accuracy: these apply to the Ultralytics and Lightning scripts; the MMDetection ones keep their own sizes
+    ("imgsz", int, SCRIPT_DEFAULT, 64, "image size of the synthetic data, training and mAP"),
+    ("num_train", int, SCRIPT_DEFAULT, 64, "synthetic training images"),
+    ("num_val", int, SCRIPT_DEFAULT, 16, "synthetic validation images"),
+    ("float_epochs", int, SCRIPT_DEFAULT, 3, "epochs of the float model (trained once, cached by detq_hooks.tools.zoo)"),
+]
+SIZES = {
+    "accuracy": YOLO_SIZES + [
+        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,lightning", "ptq,qat", "which scripts run"),
+        ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
+        ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
+        ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
+        ("qat_variants", str, "plain,both", "plain", "bench_crqat_*.py variants (plain: LSQ, both: CR-QAT)"),
+        ("fisher_variants", str, "plain,mp,reg,both", "plain", "bench_fisher.py variants"),
+        ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
+        ("ptq_images", int, SCRIPT_DEFAULT, 16, "calibration images (PTQ)"),
+        ("ptq_iterations", int, SCRIPT_DEFAULT, 4, "reconstruction iterations per block (PTQ)"),
+        ("threads", int, SCRIPT_DEFAULT, 1, "torch threads of each script"),
+    ],
+    "cost": [
+        ("sources", str, "convnet,ultralytics,mmdet,lightning,fisher-step", "convnet,ultralytics", "which scripts run"),
+        ("imgsz", int, SCRIPT_DEFAULT, 64, "input size"),
+        ("batch", int, SCRIPT_DEFAULT, 4, "images per step"),
+        ("steps", int, SCRIPT_DEFAULT, 3, "timed repetitions (interleaved over the configurations)"),
+        ("threads", int, SCRIPT_DEFAULT, 1, "torch threads"),
+    ],
+    "deploy": YOLO_SIZES + [
+        ("sizes", str, "320,640", "64", "latency image sizes"),
+        ("recipes", str, "w8a8,w4a8", "w8a8", "our recipes (PTQ) to export"),
+        ("reps", int, 20, 3, "calls per timing round"),
+        ("rounds", int, 5, 1, "interleaved timing rounds"),
+        ("calib", int, 64, 8, "calibration images (every method)"),
+        ("threads", int, 2, 1, "onnxruntime / OpenVINO threads"),
+    ],
+    "peers": YOLO_SIZES + [
+        ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs of the QAT rows (and the float fine-tune)"),
+        ("calib", int, SCRIPT_DEFAULT, 8, "calibration images (every tool)"),
+        ("threads", int, SCRIPT_DEFAULT, 1, "onnxruntime / OpenVINO threads"),
+        ("seed", int, 0, 0, "training seed"),
+    ],
+}
+
+
+# ================================================================================================ helpers
+def flags(args, names: list[str], rename: dict | None = None) -> list[str]:
+    """``--name value`` for each of ``names`` that is set (a ``None`` size keeps the script's default)."""
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            out += [f"--{(rename or {}).get(name, name).replace('_', '-')}", str(value)]
+    return out
+
+
+def yolo_flags(args) -> list[str]:
+    return flags(args, [d for d, *_ in YOLO_SIZES])
+
+
+def run_logged(args, name: str, script: str, script_args: list) -> dict:
+    """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran."""
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+    log = args.out / "raw" / "logs" / f"{name}.log"
+    print(f"[{name}] {script} {' '.join(map(str, script_args))}", flush=True)
+    seconds = run_script(script, script_args, log, env)
+    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    return {"name": name, "script": script, "args": [str(a) for a in script_args], "env": env,
+            "seconds": round(seconds, 1), "log": str(log)}
+
+
+def read_json(path: Path, ran: dict) -> dict:
+    if not path.is_file():
+        raise suite.ScriptFailed(f"{ran['script']} finished but wrote no {path} (log: {ran['log']})")
+    return json.loads(path.read_text())
+
+
+def ratio(value, reference, what: str):
+    """``value ÷ reference`` (``what`` names the reference), or why there is none."""
+    if not isinstance(value, (int, float)):
+        return not_measured("no value to divide")
+    if not isinstance(reference, (int, float)):
+        return not_measured(f"no {what}")
+    if reference <= 0:
+        return not_measured(f"{what} is {reference:g}")
+    return value / reference
+
+
+def mean_spread(values: list, key: str) -> dict:
+    """``{key: mean, key_min, key_max}`` of numbers, or the first reason among them."""
+    reasons = [v for v in values if is_reason(v)]
+    if reasons:
+        return {key: reasons[0]}
+    return {key: statistics.fmean(values), f"{key}_min": min(values), f"{key}_max": max(values)}
+
+
+def split(text: str) -> list[str]:
+    return [t for t in str(text).split(",") if t]
+
+
+def label_of(row: dict, keys: list[str]) -> str:
+    return " ".join(str(row[k]) for k in keys if row.get(k))
+
+
+# ================================================================================================ accuracy
+QAT_METHODS = {"plain": "QAT LSQ", "curriculum": "QAT + curriculum", "distillation": "QAT + distillation",
+               "both": "CR-QAT (curriculum + distillation)"}
+FISHER_METHODS = {"plain": "Fisher study: plain QAT", "mp": "QAT + Fisher mixed precision",
+                  "reg": "QAT + Fisher-trace regulariser", "both": "QAT + Fisher mixed precision + regulariser"}
+
+
+def ptq_runs(args, name, script, trainer, model, seed):
+    out = args.out / "raw" / name / f"seed{seed}"
+    extra = ["--no-nncf"] + yolo_flags(args) if script == "bench_ptq.py" else []  # NNCF is the `peers` question's
+    ran = run_logged(args, f"{name}_seed{seed}", script, [
+        "--bits", args.bits, "--variants", args.ptq_methods, "--seed", seed, "--out", out, *extra,
+        *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})])
+    data = read_json(out / "ptq.json", ran)
+    got = {(r["bits"], r["variant"]) for r in data["rows"]}
+    missing = [f"{b} {v}" for b in split(args.bits) for v in split(args.ptq_methods) if (b, v) not in got]
+    if missing:
+        raise suite.ScriptFailed(f"{script}: no result for {', '.join(missing)} (see {ran['log']})")
+    float_map = data["float_map50_95"]
+    return ran, [{"trainer": trainer, "model": model, "bits": r["bits"], "method": f"PTQ {r['variant']}",
+                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
+                  "float_map50_95": float_map} for r in data["rows"] if r["variant"] != "float"]
+
+
+def qat_ultralytics_runs(args, seed):
+    out = args.out / "raw" / "qat" / f"seed{seed}"
+    ran = run_logged(args, f"qat_seed{seed}", "bench_crqat_ultralytics.py", [
+        "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--out", out, *yolo_flags(args),
+        *flags(args, ["qat_epochs"])])
+    data = read_json(out / "results.json", ran)
+    # its "retained" is of the better of the float model and its fine-tune with QAT's budget
+    float_map = max(data["float"]["map50_95"], data["float_finetune"]["map50_95"])
+    return ran, [{"trainer": "Ultralytics", "model": "YOLO11n", "bits": r["bits"], "method": QAT_METHODS[r["variant"]],
+                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
+                  "float_map50_95": float_map} for r in data["rows"]]
+
+
+def fisher_runs(args, seed):
+    out = args.out / "raw" / "fisher" / f"seed{seed}"
+    ran = run_logged(args, f"fisher_seed{seed}", "bench_fisher.py", [
+        "--bits", args.bits, "--variants", args.fisher_variants, "--seeds", seed, "--out", out, *yolo_flags(args),
+        *flags(args, ["qat_epochs"])])
+    data = read_json(out / "results.json", ran)
+    float_map = data["float"]["map50_95"]
+    return ran, [{"trainer": "Ultralytics", "model": "YOLO11n", "bits": r["bits"], "method": FISHER_METHODS[r["variant"]],
+                  "seed": seed, "map50_95": r["map50_95"], "critical_map50_95": r["critical_map50_95"],
+                  "kept": ratio(r["map50_95"], float_map, "float mAP50-95"), "float_map50_95": float_map}
+                 for r in data["rows"]]
+
+
+def qat_mmdet_runs(args, seed):
+    path = args.out / "raw" / "qat-mmdet" / f"seed{seed}.json"
+    ran = run_logged(args, f"qat-mmdet_seed{seed}", "bench_crqat_mmdet.py", [
+        "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--json", path,
+        *flags(args, ["threads"])])
+    data = read_json(path, ran)
+    float_map = max(data["float_map50_95"], data["float_finetune_map50_95"])
+    return ran, [{"trainer": "MMDetection", "model": "RTMDet-tiny", "bits": r["bits"], "method": QAT_METHODS[r["variant"]],
+                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
+                  "float_map50_95": float_map} for r in data["rows"]]
+
+
+def lightning_runs(args, seed):
+    path = args.out / "raw" / "lightning" / f"seed{seed}.json"
+    ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
+        "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
+        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)])
+    data = read_json(path, ran)
+    float_map = data["float_map50_95"]
+    return ran, [{"trainer": "Lightning", "model": "FCOS-R18 (torchvision)", "bits": r["recipe"], "method": "QAT LSQ",
+                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
+                  "float_map50_95": float_map} for r in data["rows"] if r["recipe"] != "float"]
+
+
+SOURCES = {  # name -> rows of one seed
+    "ptq": lambda a, s: ptq_runs(a, "ptq", "bench_ptq.py", "Ultralytics", "YOLO11n", s),
+    "qat": qat_ultralytics_runs,
+    "fisher": fisher_runs,
+    "ptq-mmdet": lambda a, s: ptq_runs(a, "ptq-mmdet", "bench_ptq_mmdet.py", "MMDetection", "RTMDet-tiny", s),
+    "qat-mmdet": qat_mmdet_runs,
+    "lightning": lightning_runs,
+}
+
+ACCURACY_COLUMNS = [
+    Column("trainer", "trainer"), Column("model", "model"), Column("bits", "bits"), Column("method", "method"),
+    Column("seeds", "seeds"),
+    Column("map50_95", "mAP50-95", "number", ".4f", spread=True),
+    Column("critical_map50_95", "critical mAP50-95", "number", ".4f", spread=True),
+    Column("kept", "kept of float", "number", ".1%", spread=True),
+    Column("float_map50_95", "float mAP50-95", "number", ".4f"),
+]
+
+
+def accuracy(args):
+    unknown = [s for s in split(args.sources) if s not in SOURCES]
+    if unknown:
+        raise SystemExit(f"accuracy: unknown --sources {unknown}; known: {', '.join(SOURCES)}")
+    commands, runs = [], []
+    for source in split(args.sources):
+        for seed in split(args.seeds):
+            ran, rows = SOURCES[source](args, seed)
+            commands.append(ran)
+            runs += rows
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["trainer"], r["model"], r["bits"].upper(), r["method"]), []).append(r)
+    rows = []
+    for (trainer, model, bits, method), group in groups.items():
+        row = {"trainer": trainer, "model": model, "bits": bits, "method": method,
+               "seeds": ",".join(str(r["seed"]) for r in group)}
+        row.update(mean_spread([r["map50_95"] for r in group], "map50_95"))
+        critical = [r.get("critical_map50_95") for r in group]
+        row.update(mean_spread(critical, "critical_map50_95") if all(isinstance(c, (int, float)) for c in critical)
+                   else {"critical_map50_95": not_measured("no critical-class score")})
+        row.update(mean_spread([r["kept"] for r in group], "kept"))
+        row["float_map50_95"] = statistics.fmean(r["float_map50_95"] for r in group)
+        rows.append(row)
+    notes = ["kept: mAP50-95 ÷ the float model's; QAT rows against the better of the float model and the float "
+             "model fine-tuned with the same budget, as each script does; a cell with a range shows the mean and "
+             "min–max over seeds"]
+    return "mAP50-95 kept after quantization", ACCURACY_COLUMNS, rows, {"runs": runs, "commands": commands,
+                                                                        "notes": notes}, plot_accuracy
+
+
+def plot_accuracy(envelope, path):
+    rows = envelope["rows"]
+    suite.bar_plot(path, [label_of(r, ["trainer", "bits", "method"]) for r in rows],
+                   {"kept of float mAP50-95": [r["kept"] for r in rows]}, "fraction of float mAP50-95",
+                   envelope["title"], reference=1.0,
+                   errors={"kept of float mAP50-95": [(r.get("kept_min"), r.get("kept_max")) for r in rows]})
+
+
+# ================================================================================================ cost
+COST_COLUMNS = [
+    Column("trainer", "trainer"), Column("model", "model"), Column("config", "configuration"),
+    Column("baseline", "÷"), Column("step_ms", "step ms", "number", ".1f"),
+    Column("step_ratio", "step time ÷ (min–max)", "number", ".3f", spread=True),
+    Column("val_ratio", "validation forward ÷ (min–max)", "number", ".3f", spread=True),
+    Column("memory_mb", "memory MB", "number", ".1f"), Column("memory_ratio", "memory ÷", "number", ".3f"),
+]
+MEMORY_NOTE = "memory: what one training step holds for backward (each saved storage once) + parameters, " \
+              "gradients and optimizer state (CPU PyTorch has no allocator peak)"
+
+
+def ratio_cells(stats: dict, key: str) -> dict:
+    return {key: stats["ratio_median"], f"{key}_min": stats["ratio_min"], f"{key}_max": stats["ratio_max"]}
+
+
+def cost_convnet(args):
+    path = args.out / "raw" / "convnet.json"
+    ran = run_logged(args, "convnet", "bench_fakequant_overhead.py", [
+        "--json", path, *flags(args, ["imgsz", "batch", "threads"]), *flags(args, ["steps"], {"steps": "reps"})])
+    data = read_json(path, ran)
+    return ran, [{"trainer": "none (plain PyTorch)", "model": "YOLO-sized conv net", "config": r["variant"],
+                  "baseline": "float", "step_ms": r["train"]["median_s"] * 1e3, **ratio_cells(r["train"], "step_ratio"),
+                  **ratio_cells(r["val"], "val_ratio"), "memory_mb": r["memory_bytes"] / 2**20,
+                  "memory_ratio": r["memory_ratio"]} for r in data["rows"]]
+
+
+def cost_ultralytics(args):
+    out = args.out / "raw" / "ultralytics"
+    tiny_data = ["--num-train", "16", "--num-val", "4"] if args.quick else []  # it needs only 4 batches
+    ran = run_logged(args, "ultralytics", "bench_ultralytics.py", [
+        "--skip-accuracy", "--out", out, *tiny_data, *flags(args, ["imgsz", "batch", "steps"])])
+    data = read_json(out / "results.json", ran)
+    return ran, [{"trainer": "Ultralytics", "model": "YOLO11n", "config": name, "baseline": "float",
+                  "step_ms": st["median_s"] * 1e3, **ratio_cells(st, "step_ratio"),
+                  **ratio_cells(data["validation_forward_ratio_stats"][name], "val_ratio"),
+                  "memory_mb": data["memory_bytes"][name] / 2**20, "memory_ratio": data["memory_ratio"][name]}
+                 for name, st in data["step_time_ratio_stats"].items()]
+
+
+def cost_mmdet(args):
+    path = args.out / "raw" / "mmdet.json"
+    ran = run_logged(args, "mmdet", "bench_mmdet.py", [
+        "--json", path, *flags(args, ["imgsz", "batch", "threads"]), *flags(args, ["steps"], {"steps": "reps"})])
+    data = read_json(path, ran)
+    return ran, [{"trainer": "MMDetection", "model": "RTMDet-tiny", "config": r["variant"], "baseline": "float",
+                  "step_ms": r["train"]["median_s"] * 1e3, **ratio_cells(r["train"], "step_ratio"),
+                  "val_ratio": not_measured("bench_mmdet.py times train_step only"),
+                  "memory_mb": r["memory_bytes"] / 2**20, "memory_ratio": r["memory_ratio"]} for r in data["rows"]]
+
+
+def cost_lightning(args):
+    path = args.out / "raw" / "lightning.json"
+    ran = run_logged(args, "lightning", "bench_lightning.py", [
+        "--json", path, *flags(args, ["imgsz", "steps"]), *flags(args, ["batch"], {"batch": "batch_size"})])
+    data = read_json(path, ran)
+    return ran, [{"trainer": "Lightning", "model": "FCOS-R18 (torchvision)", "config": r["config"], "baseline": "float",
+                  "step_ms": r["step_ms"], "step_ratio": r["step_ratio"],
+                  "step_ratio_min": min(r["step_ratio_per_round"]), "step_ratio_max": max(r["step_ratio_per_round"]),
+                  "val_ratio": not_measured("bench_lightning.py times training steps only"),
+                  "memory_mb": r["memory_bytes"] / 2**20, "memory_ratio": r["memory_ratio"]} for r in data["rows"]]
+
+
+def cost_fisher_step(args):
+    path = args.out / "raw" / "fisher_step.json"
+    ran = run_logged(args, "fisher-step", "bench_fisher_step.py", [
+        "--json", path, *flags(args, ["imgsz"]), *flags(args, ["steps"], {"steps": "rounds"})])
+    data = read_json(path, ran)
+    ratios = [r["ratio"] for r in data["rows"]]
+    every = data["config"]["every"]
+    return ran, [{"trainer": "Ultralytics", "model": "YOLO11n", "config": f"W4A8 + Fisher-trace regulariser every {every}",
+                  "baseline": "plain W4A8 QAT", "step_ms": not_measured("per-epoch time only"),
+                  "step_ratio": data["ratio_median"], "step_ratio_min": min(ratios), "step_ratio_max": max(ratios),
+                  "val_ratio": not_measured("validation is unchanged by a training regulariser"),
+                  "memory_mb": not_measured("bench_fisher_step.py times epochs only"),
+                  "memory_ratio": not_measured("bench_fisher_step.py times epochs only")}]
+
+
+COST_SOURCES = {"convnet": cost_convnet, "ultralytics": cost_ultralytics, "mmdet": cost_mmdet,
+                "lightning": cost_lightning, "fisher-step": cost_fisher_step}
+
+
+def cost(args):
+    unknown = [s for s in split(args.sources) if s not in COST_SOURCES]
+    if unknown:
+        raise SystemExit(f"cost: unknown --sources {unknown}; known: {', '.join(COST_SOURCES)}")
+    commands, rows = [], []
+    for source in split(args.sources):
+        ran, got = COST_SOURCES[source](args)
+        commands.append(ran)
+        rows += got
+    notes = ["each script measures its configurations side by side in one process, interleaved, so that load "
+             "from other processes hits them alike; ratios are medians of per-repetition ratios", MEMORY_NOTE]
+    return "training step time and memory ÷ float", COST_COLUMNS, rows, {"commands": commands, "notes": notes}, plot_cost
+
+
+def plot_cost(envelope, path):
+    rows = envelope["rows"]
+    suite.bar_plot(path, [label_of(r, ["model", "config"]) for r in rows],
+                   {"step time ÷": [r["step_ratio"] for r in rows], "memory ÷": [r["memory_ratio"] for r in rows]},
+                   "ratio to the baseline", envelope["title"], reference=1.0,
+                   errors={"step time ÷": [(r.get("step_ratio_min"), r.get("step_ratio_max")) for r in rows]})
+
+
+# ================================================================================================ deploy
+def deploy(args):
+    out = args.out / "raw" / "deploy"
+    ran = run_logged(args, "deploy", "bench_deploy.py", [
+        "--out", out, "--sizes", *split(args.sizes), "--recipes", *split(args.recipes), *yolo_flags(args),
+        *flags(args, ["reps", "rounds", "calib", "threads"])])
+    data = read_json(out / "results.json", ran)
+    acc, sizes = data["map50_95"], data["sizes"]
+    float_map = acc.get("float | pytorch")
+    columns = [Column("model", "model"), Column("runtime", "runtime"), Column("file_mb", "file MB", "number", ".2f"),
+               Column("map50_95", f"mAP50-95 ({data.get('map_imgsz', 160)} px)", "number", ".4f"),
+               Column("kept", "kept of float", "number", ".1%")]
+    for size in sizes:
+        columns += [Column(f"latency_ms_{size}", f"ms @{size} px (p10–p90)", "number", ".2f", spread=True),
+                    Column(f"speedup_{size}", f"× float f32 @{size}", "number", ".2f")]
+    rows = []
+    first = next(iter(sizes.values()))
+    for key in first["latency"]:
+        model, runtime = key.split(" | ")
+        kind = "onnx" if runtime == "onnxruntime" else "ov"
+        reference = "float | onnxruntime" if kind == "onnx" else "float | openvino f32"
+        row = {"model": model, "runtime": runtime, "file_mb": first["bytes"][model][kind] / 1e6,
+               "map50_95": acc.get(key, not_measured("run without mAP (--skip-map)")),
+               "kept": ratio(acc.get(key), float_map, "float mAP50-95")}
+        for size, r in sizes.items():
+            lat = r["latency"][key]
+            row.update({f"latency_ms_{size}": lat["median_ms"], f"latency_ms_{size}_min": lat["p10_ms"],
+                        f"latency_ms_{size}_max": lat["p90_ms"],
+                        f"speedup_{size}": r["latency"][reference]["median_ms"] / lat["median_ms"]})
+        rows.append(row)
+    for key, value in acc.items():  # the PyTorch models the files were exported from
+        model, runtime = key.split(" | ")
+        if runtime == "pytorch":
+            row = {"model": model, "runtime": "PyTorch" + (" (fake-quant)" if model != "float" else ""),
+                   "file_mb": not_measured("not exported"),
+                   "map50_95": value, "kept": ratio(value, float_map, "float mAP50-95")}
+            row.update({f"{c}_{s}": not_measured("PyTorch is not timed") for s in sizes for c in ("latency_ms", "speedup")})
+            rows.append(row)
+    notes = [f"batch 1, {data['machine']['threads']} thread(s); every runner of one size timed side by side in "
+             "interleaved rounds; × float f32: float's median in the same runtime (OpenVINO at f32) ÷ this one's"]
+    return "exported models in onnxruntime and OpenVINO vs float", columns, rows, \
+        {"commands": [ran], "notes": notes, "raw": {k: data[k] for k in ("float_reference", "sizes")}}, plot_deploy
+
+
+def plot_deploy(envelope, path):
+    rows = envelope["rows"]
+    suite.bar_plot(path, [label_of(r, ["model", "runtime"]) for r in rows],
+                   {"mAP50-95 kept of float": [r["kept"] for r in rows]}, "fraction of float mAP50-95",
+                   envelope["title"], reference=1.0)
+
+
+# ================================================================================================ peers
+PEERS_COLUMNS = [Column("tool", "tool"), Column("method", "method"), Column("bits", "bits"), Column("runtime", "runs in"),
+                 Column("map50_95", "mAP50-95", "number", ".4f"), Column("kept", "kept of float", "number", ".1%"),
+                 Column("seconds", "wall s", "number", ".0f")]
+
+
+def peers(args):
+    path = args.out / "raw" / "peers.json"
+    ran = run_logged(args, "peers", "bench_peers.py", [
+        "--json", path, "--out", args.out / "raw" / "peers", *yolo_flags(args),
+        *flags(args, ["qat_epochs", "calib", "threads", "seed"])])
+    data = read_json(path, ran)
+    measured = {r["kind"]: r.get("map50_95") for r in data["rows"]}
+    float_map = measured.get("float")
+    # QAT rows: against the better of the float model and its fine-tune with the same budget
+    qat_reference = max((m for k, m in measured.items() if k in ("float", "float-finetune") and m is not None),
+                        default=None)
+    rows = []
+    for r in data["rows"]:
+        row = {k: r[k] for k in ("tool", "method", "bits", "runtime")}
+        if "error" in r:
+            row.update(map50_95=not_available(r["error"]), kept=not_available("see mAP50-95"))
+        else:
+            reference = qat_reference if r["kind"] in ("qat", "float-finetune") else float_map
+            row.update(map50_95=r["map50_95"], kept=ratio(r["map50_95"], reference, "float mAP50-95"))
+        row["seconds"] = r["seconds"]
+        rows.append(row)
+    notes = ["same float model, data and calibration images for every tool; kept: PTQ rows ÷ the float model's mAP, "
+             "QAT rows ÷ the better of it and its fine-tune with the same budget"]
+    return "other tools' quantization of the same float model", PEERS_COLUMNS, rows, \
+        {"commands": [ran], "notes": notes, "raw_rows": data["rows"]}, plot_peers
+
+
+def plot_peers(envelope, path):
+    rows = envelope["rows"]
+    suite.bar_plot(path, [label_of(r, ["tool", "method"]) for r in rows],
+                   {"mAP50-95 kept of float": [r["kept"] for r in rows]}, "fraction of float mAP50-95",
+                   envelope["title"], reference=1.0)
+
+
+# ================================================================================================ report
+def report(args) -> int:
+    """Rewrite the README section between the markers from ``<results>/<question>/<question>.json``."""
+    readme = args.readme.resolve()
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"report: {readme} needs one `{BEGIN}` line followed by one `{END}` line")
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = Table(title=f"README section from {args.results}", title_justify="left")
+    for label in ("question", "status", "date", "commit", "rows"):
+        summary.add_column(label)
+    sections = []
+    for question in suite.QUESTIONS:
+        path = args.results / question / f"{question}.json"
+        if not path.is_file():
+            sections.append(f"#### `{question}`\n\nNot run yet: `python benchmarks/run.py {question}`.\n")
+            summary.add_row(question, "not run yet", "", "", "")
+            continue
+        envelope = json.loads(path.read_text())
+        problems = suite.envelope_problems(envelope)
+        if problems:
+            raise SystemExit(f"report: {path} is malformed: {'; '.join(problems)}")
+        sections.append(section(envelope, path, readme.parent))
+        summary.add_row(question, "quick (smoke)" if envelope["settings"].get("quick") else "measured",
+                        envelope["date"], (envelope["git"]["commit"] or "?")[:10], str(len(envelope["rows"])))
+    body = "\n".join(sections)
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{BEGIN}\n<!-- written by `python benchmarks/run.py report`; edit the JSON, not this -->\n\n"
+                      f"{body}\n{END}{tail}")
+    Console(width=120).print(summary)
+    print(f"wrote {readme}")
+    return 0
+
+
+def section(envelope: dict, path: Path, readme_dir: Path) -> str:
+    m, git = envelope["machine"], envelope["git"]
+    commit = (git["commit"] or "unknown")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
+    quick = " **Quick smoke run (`--quick`): tiny sizes, not a measurement.**" if envelope["settings"].get("quick") else ""
+    png = Path(os.path.relpath(path.with_suffix(".png"), readme_dir)).as_posix()
+    load = f", load average {m['load_average'][0]}" if m.get("load_average") else ""
+    lines = [f"#### `{envelope['question']}`: {envelope['title']}", "",
+             f"`{envelope['command']}` — {envelope['date']}, commit {commit}, {envelope['wall_s']:.0f} s on "
+             f"{m['cpu']} ({m['logical_cores']} logical cores, {m['ram_gib']} GiB, {m['os']}, Python {m['python']}"
+             f"{load}).{quick}", "",
+             suite.markdown_table(suite.columns_of(envelope), envelope["rows"]).rstrip("\n"), ""]
+    lines += [f"{note}." if not note.endswith(".") else note for note in envelope.get("notes", [])]
+    lines += ["", f"[plot]({png}) · [JSON]({Path(os.path.relpath(path, readme_dir)).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+# ================================================================================================ main
+QUESTIONS = {"accuracy": accuracy, "cost": cost, "deploy": deploy, "peers": peers}
+HELP = {"accuracy": "mAP50-95 kept after PTQ / QAT per trainer, model, bits and method (seeds: mean, min–max)",
+        "cost": "training step time, validation time and memory of each configuration ÷ float",
+        "deploy": "exported models in onnxruntime and OpenVINO: file size, latency and mAP vs float",
+        "peers": "onnxruntime quantize_static, NNCF PTQ / QAT, Ultralytics quantize=8 beside ours, same float model",
+        "report": "rewrite the README's results section from the questions' JSON files"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="question", required=True)
+    for name, text in HELP.items():
+        q = sub.add_parser(name, help=text, description=text)
+        q.add_argument("--quick", action="store_true", help="smoke-test sizes: a few minutes on 2 CPU cores")
+        if name == "report":
+            q.add_argument("--results", type=Path, default=None,
+                           help="folder of <question>/<question>.json (default benchmarks/results/suite, "
+                                "with --quick benchmarks/results/suite-quick)")
+            q.add_argument("--readme", type=Path, default=suite.REPO / "README.md")
+            continue
+        q.add_argument("--out", type=Path, default=None,
+                       help=f"results folder (default benchmarks/results/suite/{name}; --quick: suite-quick/{name})")
+        for dest, kind, full, quick, text in SIZES[name]:
+            full_text = "the script's default" if full is None else full
+            q.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind, default=None,
+                           help=f"{text} (default: {full_text}; --quick: {quick})")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    folder = "suite-quick" if args.quick else "suite"
+    if args.question == "report":
+        args.results = args.results or RESULTS / folder
+        return report(args)
+    for dest, _, full, quick, _ in SIZES[args.question]:
+        if getattr(args, dest) is None:
+            setattr(args, dest, quick if args.quick else full)
+    args.out = (args.out or RESULTS / folder / args.question).resolve()
+    started = time.perf_counter()
+    try:
+        title, columns, rows, extra, plot = QUESTIONS[args.question](args)
+    except suite.ScriptFailed as e:
+        print(f"{args.question}: {e}", file=sys.stderr)
+        return 1
+    settings = {k: v for k, v in vars(args).items() if k != "question"}
+    envelope = suite.build_envelope(args.question, title, argv, settings, columns, rows,
+                                    time.perf_counter() - started, **extra)
+    paths = suite.write_outputs(args.out, envelope, plot)
+    suite.print_rich_table(envelope)
+    print(f"wrote {paths['json']}, {paths['md'].name}, {paths['png'].name} in {envelope['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""The benchmark suite (``benchmarks/run.py``, issue 14): every question's ``--quick`` run writes a well-formed
+results envelope, a markdown table with one line per row and a valid PNG; ``report`` regenerates a README copy
+idempotently from those files; ``detq bench`` runs the script of the checkout or names the missing path.
+
+The quick runs start from an empty float-model cache (``DETQ_CACHE_DIR`` in a temporary folder), as CI's fresh
+clone does; the first of them trains the tiny float YOLO11n, the others reuse it. About 4–5 minutes on 2 cores.
+A question whose quick run fails (a library it needs is missing, say) fails its test with the run's output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "benchmarks" / "run.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import run as bench_run  # noqa: E402
+import suite  # noqa: E402
+
+REASONS = (suite.NOT_AVAILABLE, suite.NOT_MEASURED)
+_runs: dict[str, tuple[Path, subprocess.CompletedProcess, float]] = {}
+
+
+@pytest.fixture(scope="module")
+def quick_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_suite")
+
+
+@pytest.fixture(scope="module")
+def quick(quick_root):
+    """``quick(question)``: the question's ``--quick`` run into ``quick_root/<question>`` (once per module)."""
+    env = {**os.environ, "DETQ_CACHE_DIR": str(quick_root / "cache"), "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+    def run(question: str):
+        if question not in _runs:
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, str(RUN), question, "--quick", "--out", str(quick_root / question)],
+                                  capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+            _runs[question] = (quick_root / question, proc, time.perf_counter() - started)
+        out, proc, seconds = _runs[question]
+        assert proc.returncode == 0, (f"`run.py {question} --quick` failed (exit {proc.returncode}) after {seconds:.0f} s:\n"
+                                      f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return out, proc
+
+    return run
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_envelope(envelope: dict, question: str) -> None:
+    assert set(suite.ENVELOPE_KEYS) <= set(envelope), set(suite.ENVELOPE_KEYS) - set(envelope)
+    assert envelope["question"] == question
+    assert re.search(rf"benchmarks/run\.py {question} --quick --out \S+$", envelope["command"]), envelope["command"]
+    assert envelope["settings"]["quick"] is True and envelope["settings"]["threads"] == 1
+    machine = envelope["machine"]
+    assert machine["logical_cores"] == os.cpu_count() and machine["cpu"] and machine["python"] == sys.version.split()[0]
+    assert machine["ram_gib"] > 0 and machine["os"]
+    import torch
+
+    assert envelope["versions"]["torch"] == torch.__version__.split("+")[0]  # the distribution's version
+    assert set(envelope["versions"]) == set(suite.LIBRARIES.values())
+    from datetime import datetime
+
+    assert datetime.fromisoformat(envelope["date"]).utcoffset() == timedelta(0)
+    if (REPO / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", envelope["git"]["commit"]) and isinstance(envelope["git"]["dirty"], bool)
+    assert 0 < envelope["wall_s"] < 600
+    assert envelope["rows"], "no rows"
+    for row in envelope["rows"]:
+        for column in envelope["columns"]:
+            value = row[column["key"]]
+            if column["kind"] == "number":
+                assert _is_finite_number(value) or (isinstance(value, str) and value.startswith(REASONS)
+                                                    and len(value) > max(map(len, REASONS))), (column["key"], value)
+            else:
+                assert isinstance(value, str) and value, (column["key"], value)
+    assert envelope["commands"] and all(Path(c["log"]).is_file() for c in envelope["commands"])
+
+
+def _check_markdown(path: Path, envelope: dict) -> None:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "| " + " | ".join(c["label"] for c in envelope["columns"]) + " |"
+    assert lines[1] == "|" + "---|" * len(envelope["columns"])
+    assert len(lines) == len(envelope["rows"]) + 2
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])
+
+
+def _check_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 200
+
+
+def _outputs(quick, question: str) -> tuple[dict, dict]:
+    out, _ = quick(question)
+    envelope = json.loads((out / f"{question}.json").read_text())
+    return envelope, {"md": out / f"{question}.md", "png": out / f"{question}.png"}
+
+
+@pytest.mark.parametrize("question", suite.QUESTIONS)
+def test_quick_run_writes_a_well_formed_envelope_table_and_plot(quick, question):
+    envelope, paths = _outputs(quick, question)
+    _check_envelope(envelope, question)
+    _check_markdown(paths["md"], envelope)
+    _check_png(paths["png"])
+
+
+def test_quick_accuracy_normalises_ptq_and_qat_rows(quick):
+    envelope, _ = _outputs(quick, "accuracy")
+    rows = {(r["trainer"], r["model"], r["bits"], r["method"]): r for r in envelope["rows"]}
+    assert set(rows) == {("Ultralytics", "YOLO11n", "W4A8", m) for m in ("PTQ minmax", "PTQ adaround", "QAT LSQ")}
+    for row in rows.values():
+        assert row["seeds"] == "0" and 0 <= row["map50_95"] <= 1
+        assert row["critical_map50_95"].startswith(suite.NOT_MEASURED)  # neither script scores critical classes
+        # one float reference per script; kept is mAP ÷ it, or says why not
+        assert row["kept"] == pytest.approx(row["map50_95"] / row["float_map50_95"]) if row["float_map50_95"] > 0 \
+            else row["kept"].startswith(suite.NOT_MEASURED)
+    assert [c["script"] for c in envelope["commands"]] == ["bench_ptq.py", "bench_crqat_ultralytics.py"]
+
+
+def test_quick_cost_has_float_at_one_and_every_configuration(quick):
+    envelope, _ = _outputs(quick, "cost")
+    yolo = {r["config"]: r for r in envelope["rows"] if r["model"] == "YOLO11n"}
+    assert {"float", "w8a8", "w4a8", "w4a4", "w4a4-crqat"} <= set(yolo)
+    assert yolo["float"]["step_ratio"] == 1.0 and yolo["float"]["memory_ratio"] == 1.0
+    assert all(r["step_ratio_min"] <= r["step_ratio"] <= r["step_ratio_max"] for r in yolo.values())
+    assert yolo["w8a8"]["memory_mb"] > yolo["float"]["memory_mb"]  # quantizer state is held for backward
+    assert {r["config"] for r in envelope["rows"] if r["model"] == "YOLO-sized conv net"} >= {"float", "w8a8"}
+
+
+def test_quick_deploy_compares_exported_files_with_float(quick):
+    envelope, _ = _outputs(quick, "deploy")
+    rows = {(r["model"], r["runtime"]): r for r in envelope["rows"]}
+    assert {("float", "onnxruntime"), ("w8a8", "onnxruntime"), ("w8a8", "openvino f32"), ("nncf_ptq", "openvino f32"),
+            ("ort_quantize_static", "onnxruntime"), ("w8a8", "PyTorch (fake-quant)")} <= set(rows)
+    assert rows[("w8a8", "onnxruntime")]["file_mb"] < rows[("float", "onnxruntime")]["file_mb"] / 2
+    assert rows[("float", "onnxruntime")]["speedup_64"] == 1.0
+
+
+def test_quick_peers_has_a_number_or_a_reason_for_every_tool(quick):
+    envelope, _ = _outputs(quick, "peers")
+    tools = {(r["tool"], r["method"].split(",")[0]): r for r in envelope["rows"]}
+    assert {t for t, _ in tools} == {"float", "detq-hooks", "onnxruntime", "NNCF", "Ultralytics"}
+    for (tool, _), row in tools.items():
+        if tool in ("float", "detq-hooks", "onnxruntime"):  # these always run here
+            assert _is_finite_number(row["map50_95"]), row
+        else:  # NNCF / ModelOpt may not run on this machine: then the row says why
+            assert _is_finite_number(row["map50_95"]) or row["map50_95"].startswith(suite.NOT_AVAILABLE), row
+
+
+def test_report_regenerates_a_readme_copy_idempotently(quick, quick_root, tmp_path):
+    for question in suite.QUESTIONS:
+        quick(question)
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    original = readme.read_text()
+    command = [sys.executable, str(RUN), "report", "--results", str(quick_root), "--readme", str(readme)]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert first.returncode == 0, first.stderr
+    once = readme.read_text()
+    assert subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120).returncode == 0
+    assert readme.read_text() == once  # idempotent
+    head, rest = once.split(bench_run.BEGIN)
+    section, tail = rest.split(bench_run.END)
+    assert original.startswith(head) and original.endswith(tail)  # nothing outside the markers changed
+    for question in suite.QUESTIONS:
+        envelope = json.loads((quick_root / question / f"{question}.json").read_text())
+        assert f"#### `{question}`: {envelope['title']}" in section
+        assert f"`{envelope['command']}`" in section and envelope["date"] in section
+        assert envelope["git"]["commit"] is None or envelope["git"]["commit"][:10] in section
+        assert suite.markdown_table(suite.columns_of(envelope), envelope["rows"]) in section
+        link = re.search(rf"\[plot\]\(([^)]*{question}\.png)\)", section).group(1)
+        assert (readme.parent / link).resolve() == (quick_root / question / f"{question}.png").resolve()
+    assert "Not run yet" not in section
+
+
+def test_report_lists_questions_without_results_as_not_run_yet(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{bench_run.BEGIN}\nold text\n{bench_run.END}\nafter\n")
+    assert bench_run.main(["report", "--results", str(tmp_path / "none"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{bench_run.END}\nafter\n")
+    for question in suite.QUESTIONS:
+        assert f"#### `{question}`\n\nNot run yet: `python benchmarks/run.py {question}`." in text
+
+
+def test_report_refuses_a_readme_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="needs one `<!-- detq-bench:begin -->` line"):
+        bench_run.main(["report", "--results", str(tmp_path), "--readme", str(readme)])
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_envelope_rejects_nan_and_missing_keys_and_renders_spread():
+    columns = [suite.Column("name", "name"), suite.Column("map", "mAP", "number", ".3f", spread=True)]
+    envelope = suite.build_envelope("accuracy", "t", ["accuracy"], {"quick": False}, columns,
+                                    [{"name": "a", "map": float("nan")}, {"name": "b", "map": 0.5, "map_min": 0.4,
+                                                                         "map_max": 0.6}], 1.0)
+    assert envelope["rows"][0]["map"] == suite.not_measured("the measurement gave nan")
+    assert suite.markdown_table(columns, envelope["rows"]).splitlines()[3] == "| b | 0.500 (0.400–0.600) |"
+    assert suite.envelope_problems({k: v for k, v in envelope.items() if k != "git"}) == ["missing key 'git'"]
+    bad = dict(envelope, rows=[{"name": "c", "map": "n/a"}])
+    assert suite.envelope_problems(bad) == ["row 0 'map' = 'n/a' is neither a finite number nor a reason"]
+    with pytest.raises(ValueError, match="malformed results: no rows"):
+        suite.build_envelope("cost", "t", [], {}, columns, [], 1.0)
+
+
+def test_seed_aggregation_gives_mean_and_range_or_the_reason():
+    assert bench_run.mean_spread([0.2, 0.4], "kept") == {"kept": pytest.approx(0.3), "kept_min": 0.2, "kept_max": 0.4}
+    reason = suite.not_measured("float mAP50-95 is 0")
+    assert bench_run.mean_spread([0.2, reason], "kept") == {"kept": reason}
+    assert bench_run.ratio(0.15, 0.2, "float mAP50-95") == pytest.approx(0.75)
+    assert bench_run.ratio(0.1, 0.0, "float mAP50-95") == reason
+
+
+def test_detq_bench_runs_the_checkout_script(capfd):
+    from detq_hooks import cli
+
+    assert cli.main(["bench", "--help"]) == 0
+    assert "{accuracy,cost,deploy,peers,report}" in capfd.readouterr().out
+
+
+def test_detq_bench_names_the_missing_script(monkeypatch, tmp_path):
+    from detq_hooks import cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "detq_hooks" / "cli.py"))
+    missing = tmp_path / "site-packages" / "benchmarks" / "run.py"
+    with pytest.raises(SystemExit, match=re.escape(f"detq bench: {missing} does not exist")):
+        cli.main(["bench", "accuracy", "--quick"])
