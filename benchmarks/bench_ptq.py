@@ -2,7 +2,7 @@
 vs TASKQ (sparse outliers, detection-aware task regularisation, head-wise units; each part off in turn), at
 W8A8 / W4A8 / W4A4, beside NNCF's own PTQ (``nncf.quantize`` through Ultralytics' OpenVINO int8 export path).
 
-    YOLO_OFFLINE=1 python benchmarks/bench_ptq.py [--bits w8a8,w4a8,w4a4 --images 64 --iterations 200
+    YOLO_OFFLINE=1 python benchmarks/bench_ptq.py [--bits w8a8,w4a8,w4a4 --images 64 --iterations 150
         --threads 1 --out benchmarks/results/ptq --imgsz 160 --num-train 256 --num-val 64 --float-epochs 20]
 
 Float model: the cached YOLO11n of ``detq_hooks.tools.zoo.cached_float_checkpoint`` (synthetic data, 160 px, 256
@@ -102,23 +102,14 @@ def run_one(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bits", default="w8a8,w4a8,w4a4")
-    p.add_argument("--variants", default=",".join(CALIBRATORS + tuple(RECONSTRUCTION)))
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
+    p = ptq_arguments(__doc__, Path("benchmarks/results/ptq"))
     p.add_argument("--nncf", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq"))
     # the float model and its synthetic data (benchmarks/run.py --quick shrinks them)
     p.add_argument("--model", default="yolo11n.yaml")
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-val", type=int, default=64)
     p.add_argument("--float-epochs", type=int, default=20)
-    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
         run_one(a)
@@ -133,6 +124,21 @@ def main(argv=None) -> int:
     write_results(rows, a.out, vars(a), f"float YOLO11n mAP50-95 {{float}}; {a.images} calibration images, "
                   f"{a.iterations} iterations per block, {a.threads} thread(s)")
     return 0
+
+
+def ptq_arguments(doc: str, out: Path) -> argparse.ArgumentParser:
+    """The options every PTQ benchmark takes (bits, methods, calibration images, reconstruction settings)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--bits", default="w8a8,w4a8,w4a4")
+    p.add_argument("--variants", default=",".join(CALIBRATORS + tuple(RECONSTRUCTION)))
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    return p
 
 
 def run_jobs(script: str, jobs: list[tuple[str, str]], args: list[str], out: Path) -> list[dict]:

@@ -14,7 +14,6 @@ the val split. Results: ``<out>/ptq.json``, ``ptq.md``, ``ptq.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _mmdet import cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
-from bench_ptq import CALIBRATORS, RECONSTRUCTION, recipe_for, run_jobs, write_results  # noqa: E402
+from bench_ptq import ptq_arguments, recipe_for, run_jobs, write_results  # noqa: E402
 
 CONFIG = "rtmdet_tiny_synthetic"
 
@@ -76,17 +75,8 @@ def run_one(a) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bits", default="w8a8,w4a8,w4a4")
-    p.add_argument("--variants", default=",".join(CALIBRATORS + tuple(RECONSTRUCTION)))
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=150)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
+    p = ptq_arguments(__doc__, Path("benchmarks/results/ptq_mmdet"))
     p.add_argument("--float-epochs", type=int, default=40)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq_mmdet"))
-    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
         run_one(a)

@@ -153,6 +153,12 @@ FISHER_METHODS = {"plain": "Fisher study: plain QAT", "mp": "QAT + Fisher mixed 
                   "reg": "QAT + Fisher-trace regulariser", "both": "QAT + Fisher mixed precision + regulariser"}
 
 
+def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_95, float_map, **extra) -> dict:
+    """One normalised accuracy row: the fraction of float kept is computed here, the same way for every source."""
+    return {"trainer": trainer, "model": model, "bits": bits, "method": method, "seed": seed, "map50_95": map50_95,
+            **extra, "kept": ratio(map50_95, float_map, "float mAP50-95"), "float_map50_95": float_map}
+
+
 def ptq_runs(args, name, script, trainer, model, seed):
     out = args.out / "raw" / name / f"seed{seed}"
     extra = ["--no-nncf"] + yolo_flags(args) if script == "bench_ptq.py" else []  # NNCF is the `peers` question's
@@ -165,9 +171,8 @@ def ptq_runs(args, name, script, trainer, model, seed):
     if missing:
         raise suite.ScriptFailed(f"{script}: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float_map50_95"]
-    return ran, [{"trainer": trainer, "model": model, "bits": r["bits"], "method": f"PTQ {r['variant']}",
-                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
-                  "float_map50_95": float_map} for r in data["rows"] if r["variant"] != "float"]
+    return ran, [accuracy_row(trainer, model, r["bits"], f"PTQ {r['variant']}", seed, r["map50_95"], float_map)
+                 for r in data["rows"] if r["variant"] != "float"]
 
 
 def qat_ultralytics_runs(args, seed):
@@ -178,9 +183,8 @@ def qat_ultralytics_runs(args, seed):
     data = read_json(out / "results.json", ran)
     # its "retained" is of the better of the float model and its fine-tune with QAT's budget
     float_map = max(data["float"]["map50_95"], data["float_finetune"]["map50_95"])
-    return ran, [{"trainer": "Ultralytics", "model": "YOLO11n", "bits": r["bits"], "method": QAT_METHODS[r["variant"]],
-                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
-                  "float_map50_95": float_map} for r in data["rows"]]
+    return ran, [accuracy_row("Ultralytics", "YOLO11n", r["bits"], QAT_METHODS[r["variant"]], seed, r["map50_95"],
+                              float_map) for r in data["rows"]]
 
 
 def fisher_runs(args, seed):
@@ -190,10 +194,8 @@ def fisher_runs(args, seed):
         *flags(args, ["qat_epochs"])])
     data = read_json(out / "results.json", ran)
     float_map = data["float"]["map50_95"]
-    return ran, [{"trainer": "Ultralytics", "model": "YOLO11n", "bits": r["bits"], "method": FISHER_METHODS[r["variant"]],
-                  "seed": seed, "map50_95": r["map50_95"], "critical_map50_95": r["critical_map50_95"],
-                  "kept": ratio(r["map50_95"], float_map, "float mAP50-95"), "float_map50_95": float_map}
-                 for r in data["rows"]]
+    return ran, [accuracy_row("Ultralytics", "YOLO11n", r["bits"], FISHER_METHODS[r["variant"]], seed, r["map50_95"],
+                              float_map, critical_map50_95=r["critical_map50_95"]) for r in data["rows"]]
 
 
 def qat_mmdet_runs(args, seed):
@@ -203,9 +205,8 @@ def qat_mmdet_runs(args, seed):
         *flags(args, ["threads"])])
     data = read_json(path, ran)
     float_map = max(data["float_map50_95"], data["float_finetune_map50_95"])
-    return ran, [{"trainer": "MMDetection", "model": "RTMDet-tiny", "bits": r["bits"], "method": QAT_METHODS[r["variant"]],
-                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
-                  "float_map50_95": float_map} for r in data["rows"]]
+    return ran, [accuracy_row("MMDetection", "RTMDet-tiny", r["bits"], QAT_METHODS[r["variant"]], seed, r["map50_95"],
+                              float_map) for r in data["rows"]]
 
 
 def lightning_runs(args, seed):
@@ -215,9 +216,8 @@ def lightning_runs(args, seed):
         *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)])
     data = read_json(path, ran)
     float_map = data["float_map50_95"]
-    return ran, [{"trainer": "Lightning", "model": "FCOS-R18 (torchvision)", "bits": r["recipe"], "method": "QAT LSQ",
-                  "seed": seed, "map50_95": r["map50_95"], "kept": ratio(r["map50_95"], float_map, "float mAP50-95"),
-                  "float_map50_95": float_map} for r in data["rows"] if r["recipe"] != "float"]
+    return ran, [accuracy_row("Lightning", "FCOS-R18 (torchvision)", r["recipe"], "QAT LSQ", seed, r["map50_95"], float_map)
+                 for r in data["rows"] if r["recipe"] != "float"]
 
 
 SOURCES = {  # name -> rows of one seed
