@@ -210,7 +210,8 @@ def test_dtr_term_has_gradients_and_vanishes_at_the_float_output():
 
 
 # ============================================================================================ MMDetection
-def test_mmdet_rtmdet_taskq_ptq_from_runner_test(tmp_path):
+@pytest.mark.parametrize("config", ["rtmdet_tiny_synthetic_w4a8.py", "detr_r18_synthetic_w4a8.py"])
+def test_mmdet_taskq_ptq_from_runner_test(config, tmp_path):
     pytest.importorskip("mmdet")
     pytest.importorskip("mmcv.ops")
     from mmengine.runner import Runner
@@ -220,16 +221,24 @@ def test_mmdet_rtmdet_taskq_ptq_from_runner_test(tmp_path):
 
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
     recipe = {"preset": "w8a8-ptq", "calibration": {"num_batches": 2},
-              "ptq": {"method": "taskq", "sparse": False, **FAST}}  # QDrop plus DTR on the whole head at the end
-    runner = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "rtm"), recipe))
+              # QDrop, sparse outliers, DTR on the whole head at the end; a DETR head's "samples" are its decoder
+              # layers' outputs
+              "ptq": {"method": "taskq", **FAST, "batch_size": 2}}
+    runner = Runner.from_cfg(hook_recipe(load_cfg(config, synth, tmp_path / "work"), recipe))
     metrics = runner.test()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
     result = hook.session.last_calibration.reconstruction
     done = [b for b in result.blocks if b.skipped is None]
     assert len(done) >= 10 and all(b.loss_after <= b.loss_before for b in done)
     assert {b.name.split(".")[0] for b in done} >= {"backbone", "neck", "bbox_head"}
-    assert result.blocks[-1].name == "bbox_head" and result.blocks[-1].skipped is None  # the DTR pass
+    # in data-flow order (DETR defines its head before the encoder and decoder), the head last, for DTR
+    assert result.blocks[-1].name == "bbox_head" and result.blocks[-1].skipped is None
     assert isinstance(metrics, dict) and hook.session.float_copy is None  # random weights: no detection to score
+    # EMAHook's copy (what the test ran) took the sparse outlier quantizers calibration added, with their ranges
+    model = runner.model
+    for ema in hook._averaging_wrappers(runner):
+        assert set(ema.module.state_dict()) == set(model.state_dict())
+        assert any(".dense.scale" in k for k in ema.module.state_dict())
 
 
 def test_mmdet_decoder_of_dtr_is_the_heads_own():

@@ -77,10 +77,16 @@ class MMDetFamily(DetectorFamily):
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         """Children of the backbone, neck and head, with containers (``ModuleList`` of levels or convs)
         expanded into the modules a forward calls (a head tower shared across levels is reconstructed on the
-        first level it runs on)."""
+        first level it runs on). A DETR head is one block: its layers run on all decoder layers' queries stacked
+        in front of the batch dimension."""
         blocks = []
-        for name, child in model.named_children():
+        # heads last: DETR models define bbox_head before the encoder and decoder that feed it
+        children = sorted(model.named_children(), key=lambda kv: kv[0] in HEAD_ROOTS)
+        for name, child in children:
             if not any(True for _ in child.parameters()):
+                continue
+            if name == "bbox_head" and self._is_detr(model):
+                blocks.append(name)
                 continue
             kids = [b for k, c in child.named_children() if any(True for _ in c.parameters())
                     for b in called_blocks(c, f"{name}.{k}")]

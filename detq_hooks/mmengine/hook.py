@@ -25,6 +25,7 @@ before ``EMAHook``)                parameters into the optimizer, schedulers reb
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any, Optional, Sequence
 
@@ -319,18 +320,25 @@ class DetQHook(Hook):
                            f"batches ({result.method})")
         # EMAHook copied the model in its before_run, before calibration; its first update copies again, but a
         # validation before that update (or a test run) would otherwise see uncalibrated ranges.
-        for averaged in self._averaged(runner):
-            averaged.load_state_dict(model.state_dict())
+        for ema in self._averaging_wrappers(runner):
+            if set(ema.module.state_dict()) == set(model.state_dict()):
+                ema.module.load_state_dict(model.state_dict())
+            else:  # calibration changed the structure (TASKQ's sparse outlier quantizers): copy the model anew
+                ema.module = copy.deepcopy(model).requires_grad_(False)
+                buffers = getattr(ema, "update_buffers", False)
+                ema.avg_parameters = ema.module.state_dict() if buffers else dict(ema.module.named_parameters())
 
     @staticmethod
-    def _averaged(runner) -> list[nn.Module]:
+    def _averaging_wrappers(runner) -> list[nn.Module]:
+        """``EMAHook``'s averaged-model wrappers (``.module`` is the averaged copy of the model)."""
+        return [hook.ema_model for hook in runner.hooks
+                if isinstance(getattr(hook, "ema_model", None), nn.Module)
+                and isinstance(getattr(hook.ema_model, "module", None), nn.Module)]
+
+    @classmethod
+    def _averaged(cls, runner) -> list[nn.Module]:
         """The averaged copies of the model (``EMAHook``'s)."""
-        out = []
-        for hook in runner.hooks:
-            ema = getattr(hook, "ema_model", None)
-            if isinstance(ema, nn.Module) and isinstance(getattr(ema, "module", None), nn.Module):
-                out.append(ema.module)
-        return out
+        return [ema.module for ema in cls._averaging_wrappers(runner)]
 
 
 __all__ = ["DetQHook", "mmdet_forward", "unwrap"]
