@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         return 0
     jobs = [("float", "float")] + ([("w8a8", "nncf")] if a.nncf else [])
     jobs += [(bits, v) for bits in a.bits.split(",") for v in a.variants.split(",")]
-    rows = run_jobs(__file__, jobs, ["--images", str(a.images), "--batch", str(a.batch), "--iterations",
+    rows = logged_rows(a.out) if a.table_only else run_jobs(__file__, jobs, [
+                                      "--images", str(a.images), "--batch", str(a.batch), "--iterations",
                                       str(a.iterations), "--threads", str(a.threads), "--out", str(a.out),
                                       "--seed", str(a.seed), "--model", a.model, "--imgsz", str(a.imgsz),
                                       "--num-train", str(a.num_train), "--num-val", str(a.num_val),
@@ -137,8 +138,27 @@ def ptq_arguments(doc: str, out: Path) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="reconstruction seed (mini-batches, QDrop masks)")
     p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--table-only", action="store_true",
+                   help="rebuild the table, JSON and plot from <out>/rows.jsonl (every run logged there, the latest "
+                        "of each bits/method/seed) without running anything: after re-running some methods")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     return p
+
+
+def logged_rows(out: Path) -> list[dict]:
+    """Every row logged in ``out/rows.jsonl``, the latest of each (bits, method, seed), float first, then by bit
+    width and method in the benchmark's order."""
+    latest = {}
+    for line in (out / "rows.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        latest[(row["bits"], row["variant"], row.get("seed", 0))] = row
+    bits_order = ("float", "w8a8", "w4a8", "w4a4")
+    variant_order = ("float", "nncf", *CALIBRATORS, *RECONSTRUCTION)
+    rank = lambda r: (bits_order.index(r["bits"]) if r["bits"] in bits_order else 9,  # noqa: E731
+                      variant_order.index(r["variant"]) if r["variant"] in variant_order else 99, r.get("seed", 0))
+    rows = sorted(latest.values(), key=rank)
+    floats = [r for r in rows if r["variant"] == "float"]
+    return floats[-1:] + [r for r in rows if r["variant"] != "float"]
 
 
 def run_jobs(script: str, jobs: list[tuple[str, str]], args: list[str], out: Path) -> list[dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _mmdet import cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
-from bench_ptq import ptq_arguments, recipe_for, run_jobs, write_results  # noqa: E402
+from bench_ptq import logged_rows, ptq_arguments, recipe_for, run_jobs, write_results  # noqa: E402
 
 CONFIG = "rtmdet_tiny_synthetic"
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         run_one(a)
         return 0
     jobs = [("float", "float")] + [(bits, v) for bits in a.bits.split(",") for v in a.variants.split(",")]
-    rows = run_jobs(__file__, jobs, ["--images", str(a.images), "--batch", str(a.batch), "--iterations",
+    rows = logged_rows(a.out) if a.table_only else run_jobs(__file__, jobs, ["--images", str(a.images), "--batch", str(a.batch), "--iterations",
                                       str(a.iterations), "--threads", str(a.threads), "--out", str(a.out),
                                       "--seed", str(a.seed), "--float-epochs", str(a.float_epochs)], a.out)
     write_results(rows, a.out, vars(a), f"float RTMDet-tiny mAP50-95 {{float}}; {a.images} calibration images, "
