@@ -537,9 +537,11 @@ def keep_step_sizes_positive(model: nn.Module, floor: float = 1e-8) -> None:
     least ``floor``). On a small calibrated scale (1e-5 is common for a weak layer's activations) one SGD step
     of an ordinary learning rate overshoots zero; left there the layer would pass nothing until the gradient
     climbed all the way back."""
-    for _, q in iter_quantizers(model):
-        if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad and (q.scale < floor).any():
-            q.scale.abs_().clamp_min_(floor)
+    scales = [q.scale for _, q in iter_quantizers(model) if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad]
+    # every step: one reduction and one host sync for all of them, not one per quantizer
+    if scales and torch.cat([s.reshape(-1) for s in scales]).min() < floor:
+        for s in scales:
+            s.abs_().clamp_min_(floor)
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
