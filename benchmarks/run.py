@@ -16,7 +16,8 @@ scripts' own outputs and logs under ``DIR/raw/``). ``report`` rewrites the READM
 ``--quick``: a smoke run of each question in a few minutes on 2 CPU cores -- a tiny float YOLO11n trained on
 the spot (64 px, 64 images, 3 epochs; it learns next to nothing, so its figures are not measurements), one bit
 width, few methods, one thread -- written under ``benchmarks/results/suite-quick/`` so that it never mixes with
-real results. Every size option can be given explicitly; ``--help`` of a question shows its full and quick
+real results. ``accuracy --resume`` reuses every script run already finished with the same settings, so its
+hours can be spread over several sittings. Every size option can be given explicitly; ``--help`` of a question shows its full and quick
 defaults ("script default": the wrapped script's own default, as the README's tables were measured).
 """
 
@@ -102,15 +103,37 @@ def yolo_flags(args) -> list[str]:
     return flags(args, [d for d, *_ in YOLO_SIZES])
 
 
-def run_logged(args, name: str, script: str, script_args: list) -> dict:
-    """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran."""
+def _portable(value, out: Path) -> str:
+    """An argument with the results folder's and this checkout's paths replaced, so that a record made in one
+    clone (or folder) matches in another."""
+    return str(value).replace(str(out), "<out>").replace(str(suite.REPO), "<repo>")
+
+
+def run_logged(args, name: str, script: str, script_args: list, output: Path | None = None) -> dict:
+    """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran.
+
+    With ``--resume`` a unit whose record (``raw/logs/<name>.run.json``) shows the same script, arguments and
+    environment, and whose ``output`` is still there, is not run again: its record is returned, marked
+    ``reused``. That lets a question of several hours be finished over several sittings, one unit at a time."""
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     log = args.out / "raw" / "logs" / f"{name}.log"
+    record_path = log.with_suffix(".run.json")
+    wanted = {"name": name, "script": script, "args": [_portable(a, args.out) for a in script_args], "env": env}
+    if getattr(args, "resume", False) and output is not None and output.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in wanted} == wanted:
+            print(f"[{name}] reused: finished {record.get('finished', '?')} in {record['seconds']:.0f} s "
+                  f"({record_path.name})", flush=True)
+            return {**record, "log": str(log), "reused": True}
+        print(f"[{name}] its record differs from this run's settings: running it again", flush=True)
     print(f"[{name}] {script} {' '.join(map(str, script_args))}", flush=True)
     seconds = run_script(script, script_args, log, env)
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
-    return {"name": name, "script": script, "args": [str(a) for a in script_args], "env": env,
-            "seconds": round(seconds, 1), "log": str(log)}
+    record = {**wanted, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "commit": suite.git_state().get("commit")}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1))
+    return {**record, "args": [str(a) for a in script_args], "log": str(log)}
 
 
 def read_json(path: Path, ran: dict) -> dict:
@@ -164,7 +187,8 @@ def ptq_runs(args, name, script, trainer, model, seed):
     extra = ["--no-nncf"] + yolo_flags(args) if script == "bench_ptq.py" else []  # NNCF is the `peers` question's
     ran = run_logged(args, f"{name}_seed{seed}", script, [
         "--bits", args.bits, "--variants", args.ptq_methods, "--seed", seed, "--out", out, *extra,
-        *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})])
+        *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})],
+        output=out / "ptq.json")
     data = read_json(out / "ptq.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}
     missing = [f"{b} {v}" for b in split(args.bits) for v in split(args.ptq_methods) if (b, v) not in got]
@@ -179,7 +203,7 @@ def qat_ultralytics_runs(args, seed):
     out = args.out / "raw" / "qat" / f"seed{seed}"
     ran = run_logged(args, f"qat_seed{seed}", "bench_crqat_ultralytics.py", [
         "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--out", out, *yolo_flags(args),
-        *flags(args, ["qat_epochs"])])
+        *flags(args, ["qat_epochs"])], output=out / "results.json")
     data = read_json(out / "results.json", ran)
     # its "retained" is of the better of the float model and its fine-tune with QAT's budget
     float_map = max(data["float"]["map50_95"], data["float_finetune"]["map50_95"])
@@ -191,7 +215,7 @@ def fisher_runs(args, seed):
     out = args.out / "raw" / "fisher" / f"seed{seed}"
     ran = run_logged(args, f"fisher_seed{seed}", "bench_fisher.py", [
         "--bits", args.bits, "--variants", args.fisher_variants, "--seeds", seed, "--out", out, *yolo_flags(args),
-        *flags(args, ["qat_epochs"])])
+        *flags(args, ["qat_epochs"])], output=out / "results.json")
     data = read_json(out / "results.json", ran)
     float_map = data["float"]["map50_95"]
     return ran, [accuracy_row("Ultralytics", "YOLO11n", r["bits"], FISHER_METHODS[r["variant"]], seed, r["map50_95"],
@@ -202,7 +226,7 @@ def qat_mmdet_runs(args, seed):
     path = args.out / "raw" / "qat-mmdet" / f"seed{seed}.json"
     ran = run_logged(args, f"qat-mmdet_seed{seed}", "bench_crqat_mmdet.py", [
         "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--json", path,
-        *flags(args, ["threads"])])
+        *flags(args, ["threads"])], output=path)
     data = read_json(path, ran)
     float_map = max(data["float_map50_95"], data["float_finetune_map50_95"])
     return ran, [accuracy_row("MMDetection", "RTMDet-tiny", r["bits"], QAT_METHODS[r["variant"]], seed, r["map50_95"],
@@ -213,7 +237,7 @@ def lightning_runs(args, seed):
     path = args.out / "raw" / "lightning" / f"seed{seed}.json"
     ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
         "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
-        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)])
+        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)], output=path)
     data = read_json(path, ran)
     float_map = data["float_map50_95"]
     return ran, [accuracy_row("Lightning", "FCOS-R18 (torchvision)", r["recipe"], "QAT LSQ", seed, r["map50_95"], float_map)
@@ -550,6 +574,10 @@ def parser() -> argparse.ArgumentParser:
             continue
         q.add_argument("--out", type=Path, default=None,
                        help=f"results folder (default benchmarks/results/suite/{name}; --quick: suite-quick/{name})")
+        if name == "accuracy":
+            q.add_argument("--resume", action="store_true",
+                           help="reuse each script run (source × seed) already finished with the same settings "
+                                "(its record under raw/logs/); run only the missing ones")
         for dest, kind, full, quick, text in SIZES[name]:
             full_text = "the script's default" if full is None else full
             q.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind, default=None,

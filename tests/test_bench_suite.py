@@ -136,6 +136,48 @@ def test_quick_accuracy_normalises_ptq_and_qat_rows(quick):
     assert [c["script"] for c in envelope["commands"]] == ["bench_ptq.py", "bench_crqat_ultralytics.py"]
 
 
+def test_quick_accuracy_resume_reuses_every_finished_run(quick, tmp_path):
+    out, _ = quick("accuracy")
+    first = json.loads((out / "accuracy.json").read_text())
+    again = tmp_path / "accuracy"
+    shutil.copytree(out, again)
+    env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(RUN), "accuracy", "--quick", "--resume", "--out", str(again)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"^\[(\S+)\] reused", proc.stdout, re.M) == ["ptq_seed0", "qat_seed0"]
+    second = json.loads((again / "accuracy.json").read_text())
+    assert second["rows"] == first["rows"] and all(c["reused"] for c in second["commands"])
+    assert [c["seconds"] for c in second["commands"]] == [c["seconds"] for c in first["commands"]]
+
+
+def test_resume_runs_again_when_settings_or_output_changed(monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(bench_run, "run_script", lambda script, args, log, env=None: ran.append(list(args)) or 1.5)
+    args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": True})()
+    output = tmp_path / "ptq.json"
+    output.write_text("{}")
+    first = bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 0, "--out", REPO / "x"], output)
+    assert len(ran) == 1 and "reused" not in first
+    record = json.loads((tmp_path / "raw" / "logs" / "ptq_seed0.run.json").read_text())
+    assert record["args"] == ["--seed", "0", "--out", "<repo>/x"] and record["seconds"] == 1.5
+    bench_run.run_logged(args, "qat_seed0", "bench_ptq.py", ["--out", tmp_path / "raw" / "qat"], output)
+    record = json.loads((tmp_path / "raw" / "logs" / "qat_seed0.run.json").read_text())
+    assert record["args"] == ["--out", "<out>/raw/qat"]  # the results folder may be moved or copied
+    ran.pop()
+    again = bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 0, "--out", REPO / "x"], output)
+    assert len(ran) == 1 and again["reused"] and again["seconds"] == 1.5
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
+    assert len(ran) == 2  # other arguments: run again
+    output.unlink()
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
+    assert len(ran) == 3  # its output is gone: run again
+    args.resume = False
+    output.write_text("{}")
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
+    assert len(ran) == 4  # without --resume every run happens
+
+
 def test_quick_cost_has_float_at_one_and_every_configuration(quick):
     envelope, _ = _outputs(quick, "cost")
     yolo = {r["config"]: r for r in envelope["rows"] if r["model"] == "YOLO11n"}
