@@ -229,7 +229,7 @@ def table(report: dict) -> str:
     lines = []
     acc = report.get("map50_95", {})
     for imgsz, r in report["sizes"].items():
-        lines += [f"\n### YOLO11n {imgsz} px, batch 1, {report['machine']['threads']} threads (shared machine)\n",
+        lines += [f"\n### {report.get('detector', 'YOLO11n')} {imgsz} px, batch 1, {report['machine']['threads']} threads (shared machine)\n",
                   "| model | runtime | latency median ms (p10-p90) | vs float f32 | vs float default | file MB | "
                   f"mAP50-95 ({report.get('map_imgsz', 160)} px) |",
                   "|---|---|---|---|---|---|---|"]
@@ -268,7 +268,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("latency ms (median, p10-p90)")
-        ax.set_title(f"YOLO11n {imgsz} px, batch 1, {report['machine']['threads']} threads")
+        ax.set_title(f"{report.get('detector', 'YOLO11n')} {imgsz} px, batch 1, {report['machine']['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -78,6 +78,7 @@ SIZES = {
         ("rounds", int, 5, 1, "interleaved timing rounds"),
         ("calib", int, 64, 8, "calibration images (every method)"),
         ("threads", int, 2, 1, "onnxruntime / OpenVINO threads"),
+        ("detectors", str, "yolo11n,rtmdet-tiny", "yolo11n", "detectors exported (bench_deploy.py, bench_deploy_mmdet.py)"),
     ],
     "peers": YOLO_SIZES + [
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs of the QAT rows (and the float fine-tune)"),
@@ -407,27 +408,17 @@ def plot_cost(envelope, path):
 
 
 # ================================================================================================ deploy
-def deploy(args):
-    out = args.out / "raw" / "deploy"
-    ran = run_logged(args, "deploy", "bench_deploy.py", [
-        "--out", out, "--sizes", *split(args.sizes), "--recipes", *split(args.recipes), *yolo_flags(args),
-        *flags(args, ["reps", "rounds", "calib", "threads"])])
-    data = read_json(out / "results.json", ran)
+def deploy_rows(data: dict, detector: str) -> list[dict]:
+    """Rows of one ``bench_deploy*.py`` result: every exported file in each runtime, then the PyTorch models."""
     acc, sizes = data["map50_95"], data["sizes"]
     float_map = acc.get("float | pytorch")
-    columns = [Column("model", "model"), Column("runtime", "runtime"), Column("file_mb", "file MB", "number", ".2f"),
-               Column("map50_95", f"mAP50-95 ({data.get('map_imgsz', 160)} px)", "number", ".4f"),
-               Column("kept", "kept of float", "number", ".1%")]
-    for size in sizes:
-        columns += [Column(f"latency_ms_{size}", f"ms @{size} px (p10–p90)", "number", ".2f", spread=True),
-                    Column(f"speedup_{size}", f"× float f32 @{size}", "number", ".2f")]
     rows = []
     first = next(iter(sizes.values()))
     for key in first["latency"]:
         model, runtime = key.split(" | ")
         kind = "onnx" if runtime == "onnxruntime" else "ov"
         reference = "float | onnxruntime" if kind == "onnx" else "float | openvino f32"
-        row = {"model": model, "runtime": runtime, "file_mb": first["bytes"][model][kind] / 1e6,
+        row = {"detector": detector, "model": model, "runtime": runtime, "file_mb": first["bytes"][model][kind] / 1e6,
                "map50_95": acc.get(key, not_measured("run without mAP (--skip-map)")),
                "kept": ratio(acc.get(key), float_map, "float mAP50-95")}
         for size, r in sizes.items():
@@ -439,20 +430,52 @@ def deploy(args):
     for key, value in acc.items():  # the PyTorch models the files were exported from
         model, runtime = key.split(" | ")
         if runtime == "pytorch":
-            row = {"model": model, "runtime": "PyTorch" + (" (fake-quant)" if model != "float" else ""),
+            row = {"detector": detector, "model": model, "runtime": "PyTorch" + (" (fake-quant)" if model != "float" else ""),
                    "file_mb": not_measured("not exported"),
                    "map50_95": value, "kept": ratio(value, float_map, "float mAP50-95")}
             row.update({f"{c}_{s}": not_measured("PyTorch is not timed") for s in sizes for c in ("latency_ms", "speedup")})
             rows.append(row)
+    return rows
+
+
+DEPLOY_SOURCES = {"yolo11n": "YOLO11n (Ultralytics)", "rtmdet-tiny": "RTMDet-tiny (MMDetection)"}
+
+
+def deploy(args):
+    unknown = [s for s in split(args.detectors) if s not in DEPLOY_SOURCES]
+    if unknown:
+        raise SystemExit(f"deploy: unknown --detectors {unknown}; known: {', '.join(DEPLOY_SOURCES)}")
+    commands, rows, raw, data = [], [], {}, None
+    common = ["--sizes", *split(args.sizes), "--recipes", *split(args.recipes), *flags(args, ["reps", "rounds", "calib", "threads"])]
+    for detector in split(args.detectors):
+        if detector == "yolo11n":
+            out = args.out / "raw" / "deploy"
+            ran = run_logged(args, "deploy", "bench_deploy.py", ["--out", out, *common, *yolo_flags(args)])
+        else:
+            out = args.out / "raw" / "deploy-mmdet"
+            ran = run_logged(args, "deploy-mmdet", "bench_deploy_mmdet.py", ["--out", out, *common])
+        data = read_json(out / "results.json", ran)
+        commands.append(ran)
+        rows += deploy_rows(data, DEPLOY_SOURCES[detector])
+        raw[detector] = {k: data[k] for k in ("float_reference", "sizes")}
+    columns = [Column("detector", "detector"), Column("model", "model"), Column("runtime", "runtime"),
+               Column("file_mb", "file MB", "number", ".2f"),
+               Column("map50_95", f"mAP50-95 ({data.get('map_imgsz', 160)} px)", "number", ".4f"),
+               Column("kept", "kept of float", "number", ".1%")]
+    for size in data["sizes"]:
+        columns += [Column(f"latency_ms_{size}", f"ms @{size} px (p10–p90)", "number", ".2f", spread=True),
+                    Column(f"speedup_{size}", f"× float f32 @{size}", "number", ".2f")]
     notes = [f"batch 1, {data['machine']['threads']} thread(s); every runner of one size timed side by side in "
-             "interleaved rounds; × float f32: float's median in the same runtime (OpenVINO at f32) ÷ this one's"]
+             "interleaved rounds; × float f32: float's median in the same runtime (OpenVINO at f32) ÷ this one's",
+             "RTMDet-tiny files end at the head's raw outputs (its decoding and NMS run in PyTorch, outside the graph); "
+             "YOLO11n files include the box decode"]
     return "exported models in onnxruntime and OpenVINO vs float", columns, rows, \
-        {"commands": [ran], "notes": notes, "raw": {k: data[k] for k in ("float_reference", "sizes")}}, plot_deploy
+        {"commands": commands, "notes": notes, "raw": raw}, plot_deploy
 
 
 def plot_deploy(envelope, path):
     rows = envelope["rows"]
-    suite.bar_plot(path, [label_of(r, ["model", "runtime"]) for r in rows],
+    suite.bar_plot(path, [label_of(r, ["detector", "model", "runtime"]) for r in rows],
                    {"mAP50-95 kept of float": [r["kept"] for r in rows]}, "fraction of float mAP50-95",
                    envelope["title"], reference=1.0)
 

@@ -4,6 +4,7 @@ integrations/mmdet, shrunk to 96 px images on the synthetic COCO data."""
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,80 @@ def test_rtmdet_resume_and_test_reproduce(rtmdet_run, synth, tmp_path):
     res = tester.test()
     assert dq.is_quantized(tester.model)
     assert res["coco/bbox_mAP"] == pytest.approx(val_map, abs=1e-4)
+
+
+def test_quantized_checkpoint_loads_exports_and_scores_like_pytorch(rtmdet_run, synth, tmp_path):
+    """Config + a DetQHook checkpoint -> the quantized detector -> integer ONNX / OpenVINO IR, each scored by the
+    config's own evaluator with the head's own decoding: the mAP of every exported model is the PyTorch one."""
+    import onnx
+
+    from detq_hooks.deploy import make_runner, ort_op_counts, runtime_precisions
+    from detq_hooks.mmengine.deploy import evaluate_exported, example_input, exportable, load_quantized_detector
+
+    runner, work, _ = rtmdet_run
+    cfg = load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "export")
+    model = load_quantized_detector(cfg, work / "epoch_2.pth")
+    saved = torch.load(work / "epoch_2.pth")["state_dict"]
+    assert not model.training and {k: v for k, v in model.state_dict().items()}.keys() == saved.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    bits = {n: m.weight_quantizer.bits for n, m in dq.quantized_layers(model)}
+    assert bits == {n: m.weight_quantizer.bits for n, m in dq.quantized_layers(runner.model)}
+    pytorch_map = evaluate_exported(model, None, cfg)["coco/bbox_mAP"]
+    print("PYTORCH_MAP", pytorch_map)
+    assert pytorch_map == pytest.approx(runner.val()["coco/bbox_mAP"], abs=1e-4)  # what Runner.test() reports
+
+    x = example_input(model, cfg)
+    assert x.shape == (1, 3, SIZE, SIZE)
+    res = dq.export_onnx(exportable(model), x, tmp_path / "rtmdet.onnx")
+    graph = onnx.load(str(res.path)).graph
+    weights = [i for i in graph.initializer if len(i.dims) == 4]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    assert not {n.op_type for n in graph.node} & {"Round", "Clip"}
+    # every Conv of the graph is quantized (the head's convs shared across levels appear once per level)
+    assert res.quantized_convs == sum(n.op_type == "Conv" for n in graph.node) > len(bits)
+    with torch.no_grad():
+        ref = [t.numpy() for t in exportable(model)(x)]
+    got = make_runner(res.path, "onnxruntime")(x.numpy())
+    n_cls = 3  # RTMDet: class scores of three levels, then box regressions
+    for r, g in zip(ref[:n_cls], got[:n_cls]):
+        assert np.abs(1 / (1 + np.exp(-r)) - 1 / (1 + np.exp(-g))).max() < 2e-3
+    for r, g in zip(ref[n_cls:], got[n_cls:]):  # distances in pixels
+        assert np.abs(r - g).max() < 0.5
+    assert evaluate_exported(model, make_runner(res.path, "onnxruntime"), cfg)["coco/bbox_mAP"] == \
+        pytest.approx(pytorch_map, abs=0.005)
+
+    ir = dq.export_openvino(exportable(model), x, tmp_path / "rtmdet.xml")
+    precisions = runtime_precisions(ir.xml)
+    assert all(set(p) == {"u8"} for p in precisions.values())
+    assert sum(n for p in precisions.values() for n in p.values()) == res.quantized_convs
+    assert evaluate_exported(model, make_runner(ir.xml, "openvino"), cfg)["coco/bbox_mAP"] == \
+        pytest.approx(pytorch_map, abs=0.005)
+
+    ort = dq.export_onnx(exportable(model), x, tmp_path / "rtmdet_ort.onnx", target="onnxruntime",
+                         calibration_inputs=[x])
+    not_fused = [n for n in ort.notes if "graph output" in n]
+    assert len(not_fused) == 3 and all("rtm_cls" in n for n in not_fused)  # class logits are the graph's outputs
+    assert ort_op_counts(ort.path)["QLinearConv"] == res.quantized_convs - 3
+
+
+def test_quantized_detector_loading_and_export_refuse_what_they_cannot_do(rtmdet_run, synth, tmp_path):
+    from mmdet.registry import MODELS
+
+    from detq_hooks.export import ExportError
+    from detq_hooks.mmengine.deploy import exportable, load_quantized_detector
+
+    runner, work, _ = rtmdet_run
+    cfg = load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path)
+    float_ckpt = tmp_path / "float.pth"
+    torch.save({"state_dict": MODELS.build(cfg.model).state_dict(), "meta": {}}, float_ckpt)
+    with pytest.raises(dq.checkpoint.CheckpointMismatchError, match="float.pth: no detq quantization state"):
+        load_quantized_detector(cfg, float_ckpt)
+    other = load_cfg("retinanet_r18_synthetic_w4a8.py", synth, tmp_path)
+    with pytest.raises(dq.checkpoint.CheckpointMismatchError, match="epoch_2.pth"):
+        load_quantized_detector(other, work / "epoch_2.pth")
+    detr = MODELS.build(load_cfg("detr_r18_synthetic.py", synth, tmp_path).model)
+    with pytest.raises(ExportError, match="DETR: DETR-family detectors are not exportable here yet"):
+        exportable(detr)
 
 
 @pytest.mark.parametrize("config, quantized_min", [("retinanet_r18_synthetic_w4a8.py", 25), ("detr_r18_synthetic_w4a8.py", 30)])
