@@ -149,8 +149,8 @@ def test_quantized_checkpoint_loads_exports_and_scores_like_pytorch(rtmdet_run, 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     bits = {n: m.weight_quantizer.bits for n, m in dq.quantized_layers(model)}
     assert bits == {n: m.weight_quantizer.bits for n, m in dq.quantized_layers(runner.model)}
-    pytorch_map = evaluate_exported(model, None, cfg)["coco/bbox_mAP"]
-    print("PYTORCH_MAP", pytorch_map)
+    pytorch_dets: list = []
+    pytorch_map = evaluate_exported(model, None, cfg, predictions=pytorch_dets)["coco/bbox_mAP"]
     assert pytorch_map == pytest.approx(runner.val()["coco/bbox_mAP"], abs=1e-4)  # what Runner.test() reports
 
     x = example_input(model, cfg)
@@ -170,8 +170,19 @@ def test_quantized_checkpoint_loads_exports_and_scores_like_pytorch(rtmdet_run, 
         assert np.abs(1 / (1 + np.exp(-r)) - 1 / (1 + np.exp(-g))).max() < 2e-3
     for r, g in zip(ref[n_cls:], got[n_cls:]):  # distances in pixels
         assert np.abs(r - g).max() < 0.5
-    assert evaluate_exported(model, make_runner(res.path, "onnxruntime"), cfg)["coco/bbox_mAP"] == \
-        pytest.approx(pytorch_map, abs=0.005)
+    ort_dets: list = []
+    assert evaluate_exported(model, make_runner(res.path, "onnxruntime"), cfg, predictions=ort_dets)["coco/bbox_mAP"] \
+        == pytest.approx(pytorch_map, abs=0.005)
+    # a model trained 2 epochs scores ~0 mAP, so compare the decoded detections themselves (after NMS)
+    assert [d["img_id"] for d in ort_dets] == [d["img_id"] for d in pytorch_dets] and len(ort_dets) == 4
+    for ours, ref_dets in zip(ort_dets, pytorch_dets):
+        assert len(ref_dets["scores"]) >= 20
+        np.testing.assert_allclose(ours["scores"][:20], ref_dets["scores"][:20], atol=2e-3)
+        for box, score, label in zip(ours["bboxes"][:10], ours["scores"][:10], ours["labels"][:10]):
+            # near-equal scores of a barely trained model may swap places: look the detection up, not its rank
+            same = (ref_dets["labels"] == label) & (np.abs(ref_dets["scores"] - score) < 2e-3) & \
+                   (np.abs(ref_dets["bboxes"] - box).max(axis=1) < 1.0)
+            assert same.any(), (box, score, label)
 
     ir = dq.export_openvino(exportable(model), x, tmp_path / "rtmdet.xml")
     precisions = runtime_precisions(ir.xml)

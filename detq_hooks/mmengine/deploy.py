@@ -142,12 +142,14 @@ def _dataloader(cfg, split: str, batch_size: Optional[int] = None):
 
 
 def evaluate_exported(detector: nn.Module, run: Optional[Callable[[np.ndarray], Sequence[np.ndarray]]], config: ConfigLike, *,
-                      split: str = "test", progress: bool = False) -> dict[str, float]:
+                      split: str = "test", predictions: Optional[list] = None) -> dict[str, float]:
     """COCO metrics of an exported model: the config's ``<split>_dataloader`` images through the detector's
     data preprocessor, ``run`` (``detq_hooks.deploy.make_runner``: onnxruntime or OpenVINO, batch 1), the
     head's own ``predict_by_feat`` (decoding, NMS, rescaling) and the config's ``<split>_evaluator`` — what
     ``Runner.test()`` does with the PyTorch model. ``detector`` is the model that was exported (its head
-    decodes; its weights are not used). Pass ``run=None`` to score the PyTorch model the same way."""
+    decodes; its weights are not used). Pass ``run=None`` to score the PyTorch model the same way. A list given
+    as ``predictions`` receives each image's detections (``img_id``, ``bboxes`` in original-image pixels,
+    ``scores``, ``labels`` as numpy arrays)."""
     from mmengine.evaluator import Evaluator
 
     cfg = _config(config)
@@ -178,6 +180,10 @@ def evaluate_exported(detector: nn.Module, run: Optional[Callable[[np.ndarray], 
             results = detector.bbox_head.predict_by_feat(*groups, batch_img_metas=[s.metainfo for s in samples],
                                                          rescale=True)
             samples = detector.add_pred_to_datasample(samples, results)
+            if predictions is not None:
+                predictions += [{"img_id": s.metainfo.get("img_id"),
+                                 **{k: getattr(s.pred_instances, k).numpy() for k in ("bboxes", "scores", "labels")}}
+                                for s in samples]
             evaluator.process(data_samples=samples, data_batch=batch)
     return evaluator.evaluate(len(loader.dataset))
 
