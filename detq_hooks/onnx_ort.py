@@ -8,10 +8,21 @@ output goes to SiLU in float. This pass adds, for every quantized Conv,
   calibrated on the user's inputs (min/max of that output over the calibration batches);
 * its bias as ``int32`` codes at scale ``s_x · s_w`` behind a ``DequantizeLinear``.
 
-SiLU (``Sigmoid``/``Mul``), ``Concat``, ``Split``, ``MaxPool``, ``Resize``, residual ``Add`` and the box decode
-stay in float between the integer units; the next layer's own ``QuantizeLinear`` (trained) quantizes its input.
-The only numerical change against the fake-quant model is the 8-bit rounding of each Conv output (and of
-each bias to int32), which the export test bounds.
+and then, for every SiLU on such an output (``Sigmoid`` and ``Mul`` reading the requantized Conv output), the
+units onnxruntime runs as ``QLinearSigmoid`` and ``QLinearMul`` (``quantize_silu``):
+
+* the sigmoid's output in uint8 at scale 1/255 (its range is [0, 1]);
+* the product either straight into the next layers' own ``QuantizeLinear`` when that is all that reads it
+  (one scale: duplicates merged, so the ``Q`` consumes the ``Mul``'s only edge), or into a uint8 requantizer
+  calibrated like the Conv outputs when float ops (``Concat``, ``Split``, ``MaxPool``, ``Add``) read it.
+
+So between two convolutions the activations stay uint8, where the float path dequantized every Conv output
+to run SiLU in float (on YOLO11n that dequantization, sigmoid and product were a third of onnxruntime's time).
+``Concat``, ``Split``, ``MaxPool``, ``Resize``, residual ``Add`` and the box decode stay float between the
+integer units, where onnxruntime does not fuse them itself; the next layer's own ``QuantizeLinear``
+(trained) quantizes its input. The numerical changes against the fake-quant model are the 8-bit rounding of
+each Conv output (and of each bias to int32), of each sigmoid and of each SiLU output read by float ops, which
+the export test bounds.
 """
 
 from __future__ import annotations
@@ -56,8 +67,9 @@ def _uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zp)
 
 
-def make_ort_units(model, calibration_inputs) -> list[str]:
-    """Add the Conv-output requantizers and int32 biases (in place); returns notes on what did not fuse."""
+def make_ort_units(model, calibration_inputs, quantize_silu: bool = True) -> list[str]:
+    """Add the Conv-output requantizers and int32 biases, then (``quantize_silu``) the quantized SiLU units
+    (in place); returns notes on what did not fuse."""
     from onnx import helper
 
     gr = Graph(model)
@@ -98,21 +110,72 @@ def make_ort_units(model, calibration_inputs) -> list[str]:
             conv.input[2] = bdq
             gr.g.node.append(node)
         # requantizer on the output, consuming its only edge
-        scale, zp = _uint8_params(*ranges[out])
-        sn = gr.set_init(gr.fresh(out + "_oq_s"), np.array(scale, np.float32))
-        zn = gr.set_init(gr.fresh(out + "_oq_z"), np.array(zp, np.uint8))
-        q_out, dq_out = gr.fresh(out + "_oq"), gr.fresh(out + "_odq")
-        consumers = list(gr.consumers.get(out, []))
-        gr.g.node.append(helper.make_node("QuantizeLinear", [out, sn, zn], [q_out], name=q_out))
-        gr.g.node.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=dq_out))
-        for c in consumers:
-            for k, i in enumerate(c.input):
-                if i == out:
-                    c.input[k] = dq_out
+        _add_requantizer(gr, out, *_uint8_params(*ranges[out]), list(gr.consumers.get(out, [])))
     _toposort(gr)
     gr.reindex()
     gr.prune()
+    if quantize_silu:
+        _quantize_silu(gr, calibration_inputs)
     return notes
+
+
+def _add_requantizer(gr: Graph, out: str, scale, zp, consumers) -> None:
+    """``out → QuantizeLinear → DequantizeLinear``, the ``consumers`` reading the dequantized copy."""
+    from onnx import helper
+
+    sn = gr.set_init(gr.fresh(out + "_oq_s"), np.array(scale, np.float32))
+    zn = gr.set_init(gr.fresh(out + "_oq_z"), np.array(zp, np.uint8))
+    q_out, dq_out = gr.fresh(out + "_oq"), gr.fresh(out + "_odq")
+    gr.g.node.append(helper.make_node("QuantizeLinear", [out, sn, zn], [q_out], name=q_out))
+    gr.g.node.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=dq_out))
+    for c in consumers:
+        for k, i in enumerate(c.input):
+            if i == out:
+                c.input[k] = dq_out
+
+
+def _silu_units(gr: Graph) -> list[tuple]:
+    """``(Sigmoid, Mul)`` pairs computing SiLU of a requantized Conv output (``DequantizeLinear`` → both)."""
+    units = []
+    for dq in gr.g.node:
+        if dq.op_type != "DequantizeLinear" or gr.producer.get(dq.input[0]) is None \
+                or gr.producer[dq.input[0]].op_type != "QuantizeLinear":
+            continue
+        readers = gr.consumers.get(dq.output[0], [])
+        sig = next((c for c in readers if c.op_type == "Sigmoid"), None)
+        mul = next((c for c in readers if c.op_type == "Mul"), None)
+        if len(readers) == 2 and sig is not None and mul is not None and \
+                sorted(mul.input) == sorted([dq.output[0], sig.output[0]]) and mul.output[0] not in gr.outputs:
+            units.append((sig, mul))
+    return units
+
+
+def _quantize_silu(gr: Graph, calibration_inputs) -> None:
+    units = _silu_units(gr)
+    if not units:
+        return
+    ranges = _conv_output_ranges(gr.model, [mul.output[0] for _, mul in units], calibration_inputs)
+    for sig, mul in units:
+        # the sigmoid in uint8 over its exact range [0, 1]
+        _add_requantizer(gr, sig.output[0], np.float32(1 / 255), np.uint8(0), [mul])
+        out = mul.output[0]
+        readers = list(gr.consumers.get(out, []))
+        quantizers = [c for c in readers if c.op_type == "QuantizeLinear"]
+        params = {(gr.array(q.input[1]).tobytes(), gr.array(q.input[2]).tobytes(), gr.array(q.input[2]).dtype.str)
+                  for q in quantizers if len(q.input) == 3 and q.input[1] in gr.inits and q.input[2] in gr.inits}
+        if readers and len(quantizers) == len(readers) and len(params) == 1 and \
+                all(len(q.input) == 3 and q.input[1] in gr.inits and q.input[2] in gr.inits for q in quantizers):
+            keep = quantizers[0]  # the next layers quantize it alike: one Q, which onnxruntime fuses into QLinearMul
+            for other in quantizers[1:]:
+                for c in gr.consumers.get(other.output[0], []):
+                    for k, i in enumerate(c.input):
+                        if i == other.output[0]:
+                            c.input[k] = keep.output[0]
+            continue
+        _add_requantizer(gr, out, *_uint8_params(*ranges[out]), readers)
+    _toposort(gr)
+    gr.reindex()
+    gr.prune()
 
 
 def _toposort(gr: Graph) -> None:
