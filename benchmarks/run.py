@@ -16,8 +16,8 @@ scripts' own outputs and logs under ``DIR/raw/``). ``report`` rewrites the READM
 ``--quick``: a smoke run of each question in a few minutes on 2 CPU cores -- a tiny float YOLO11n trained on
 the spot (64 px, 64 images, 3 epochs; it learns next to nothing, so its figures are not measurements), one bit
 width, few methods, one thread -- written under ``benchmarks/results/suite-quick/`` so that it never mixes with
-real results. ``accuracy --resume`` reuses every script run already finished with the same settings, so its
-hours can be spread over several sittings. Every size option can be given explicitly; ``--help`` of a question shows its full and quick
+real results. ``accuracy --resume`` (and ``deploy --resume``) reuses every script run already finished with the
+same settings, so the hours of ``accuracy`` can be spread over several sittings. Every size option can be given explicitly; ``--help`` of a question shows its full and quick
 defaults ("script default": the wrapped script's own default, as the README's tables were measured).
 """
 
@@ -450,10 +450,12 @@ def deploy(args):
     for detector in split(args.detectors):
         if detector == "yolo11n":
             out = args.out / "raw" / "deploy"
-            ran = run_logged(args, "deploy", "bench_deploy.py", ["--out", out, *common, *yolo_flags(args)])
+            ran = run_logged(args, "deploy", "bench_deploy.py", ["--out", out, *common, *yolo_flags(args)],
+                             output=out / "results.json")
         else:
             out = args.out / "raw" / "deploy-mmdet"
-            ran = run_logged(args, "deploy-mmdet", "bench_deploy_mmdet.py", ["--out", out, *common])
+            ran = run_logged(args, "deploy-mmdet", "bench_deploy_mmdet.py", ["--out", out, *common],
+                             output=out / "results.json")
         data = read_json(out / "results.json", ran)
         commands.append(ran)
         rows += deploy_rows(data, DEPLOY_SOURCES[detector])
@@ -597,10 +599,10 @@ def parser() -> argparse.ArgumentParser:
             continue
         q.add_argument("--out", type=Path, default=None,
                        help=f"results folder (default benchmarks/results/suite/{name}; --quick: suite-quick/{name})")
-        if name == "accuracy":
+        if name in ("accuracy", "deploy"):
             q.add_argument("--resume", action="store_true",
-                           help="reuse each script run (source × seed) already finished with the same settings "
-                                "(its record under raw/logs/); run only the missing ones")
+                           help="reuse each script run (accuracy: source × seed; deploy: detector) already finished "
+                                "with the same settings (its record under raw/logs/); run only the missing ones")
         for dest, kind, full, quick, text in SIZES[name]:
             full_text = "the script's default" if full is None else full
             q.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind, default=None,

@@ -150,7 +150,12 @@ def make_runner(path: str | Path, runtime: str, threads: int = 2, precision: Opt
     if runtime == "openvino":
         cm = ov_compiled(path, threads, precision)
         req = cm.create_infer_request()
-        return lambda x: [req.infer([x])[o] for o in cm.outputs]
+
+        def run(x):
+            results = req.infer([x])  # one inference, every output read from it
+            return [results[o] for o in cm.outputs]
+
+        return run
     raise ValueError(f"`runtime` = {runtime!r} is not one of ['onnxruntime', 'openvino']")
 
 
