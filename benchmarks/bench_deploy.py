@@ -177,7 +177,6 @@ def main(argv=None) -> None:
     import onnxruntime as ort
 
     from detq_hooks.tools.data import make_synthetic_dataset
-    from detq_hooks.deploy import make_runner, runtime_precisions, time_runners
     from detq_hooks.ultralytics.evaluate import evaluate, load_images
     from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
 
@@ -207,16 +206,24 @@ def main(argv=None) -> None:
         report["map50_95"] = acc
         print(json.dumps(acc, indent=1))
 
+    time_sizes_and_write(report, args, out, exported, lambda size: export_all(models, size, out / f"s{size}", train_images), t0)
+
+
+def time_sizes_and_write(report: dict, args, out: Path, exported: dict, export_at, started: float) -> None:
+    """Latency of every exported file at each ``args.sizes`` (side by side), then results.json/.md/.png.
+    ``exported``: files already written per size; ``export_at(size)`` writes the others."""
+    from detq_hooks.deploy import runtime_precisions, time_runners
+
     for size in args.sizes:
-        files = exported.get(size) or export_all(models, size, out / f"s{size}", train_images)
+        files = exported.get(size) or export_at(size)
         runners = runners_for(files, args.threads)
         x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
         lat = time_runners(runners, x, reps=args.reps, rounds=args.rounds)
         prec = {n: runtime_precisions(v["ov"]) for n, v in files.items() if "ov" in v}
         report["sizes"][size] = {"latency": lat, "bytes": {n: v["bytes"] for n, v in files.items()},
-                                  "openvino_conv_precisions": prec}
-        print(size, json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}, indent=1))
-    report["seconds"] = round(time.time() - t0, 1)
+                                 "openvino_conv_precisions": prec}
+        print(size, json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}, indent=1), flush=True)
+    report["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     md = table(report)
     (out / "results.md").write_text(md)

@@ -34,11 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _mmdet import cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
-from bench_deploy import ort_quantize_static, plot, runners_for, table  # noqa: E402
+from bench_deploy import ort_quantize_static, runners_for, time_sizes_and_write  # noqa: E402
 
 CONFIG = "rtmdet_tiny_synthetic"
 IMGSZ = 160  # training and mAP size of the cached float model
@@ -147,8 +146,7 @@ def main(argv=None) -> None:
     import onnxruntime as ort
     import openvino as ov
 
-    from detq_hooks.deploy import runtime_precisions, time_runners
-    from detq_hooks.mmengine.deploy import evaluate_exported, exportable, load_quantized_detector
+    from detq_hooks.mmengine.deploy import evaluate_exported, load_quantized_detector
 
     t0 = time.time()
     ds = synthetic_mmdet_data(IMGSZ, args.num_train, args.num_val)
@@ -177,22 +175,7 @@ def main(argv=None) -> None:
         report["float_reference"]["map50_95"] = acc["float | pytorch"]
         print(json.dumps(acc, indent=1), flush=True)
 
-    for size in args.sizes:
-        files = exported.get(size) or export_all(models, size, out / f"s{size}", calib)
-        runners = runners_for(files, args.threads)
-        x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-        lat = time_runners(runners, x, reps=args.reps, rounds=args.rounds)
-        prec = {n: runtime_precisions(v["ov"]) for n, v in files.items() if "ov" in v}
-        report["sizes"][size] = {"latency": lat, "bytes": {n: v["bytes"] for n, v in files.items()},
-                                 "openvino_conv_precisions": prec}
-        print(size, json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}, indent=1), flush=True)
-    report["seconds"] = round(time.time() - t0, 1)
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    md = table(report)
-    (out / "results.md").write_text(md)
-    print(md)
-    plot(report, out / "results.png")
-    print(f"written {out / 'results.json'}, results.md, results.png")
+    time_sizes_and_write(report, args, out, exported, lambda size: export_all(models, size, out / f"s{size}", calib), t0)
 
 
 if __name__ == "__main__":

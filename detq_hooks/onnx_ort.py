@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_graph import Graph, is_quantized_conv, weight_dq, _set_axis
+from .onnx_graph import Graph, is_quantized_conv, weight_dq
 
 
 def _conv_output_ranges(model, names: list[str], calibration_inputs) -> dict[str, tuple[float, float]]:
