@@ -6,6 +6,8 @@
 * :mod:`.hook`: ``DetQHook``, MMEngine's events translated into :class:`~detq_hooks.session.QuantSession`
   calls (conversion, calibration/PTQ, curriculum, loss terms, EMA sync, checkpoint state).
 * :mod:`.checkpoints`: torch's safe (``weights_only``) loader made to read MMEngine checkpoints.
+* :mod:`.deploy`: a DetQHook checkpoint back into a quantized detector (``load_quantized_detector``), the
+  graph to export (``exportable``) and the exported file's mAP with the config's evaluator (``evaluate_exported``).
 
 The MMDetection head reading, prediction layers and stages are the detector family's
 (:class:`detq_hooks.detectors.mmdet.MMDetFamily`). Importing this package registers ``DetQHook`` and the
@@ -18,6 +20,7 @@ from torch import nn
 
 from ..detectors.mmdet import MMDetFamily
 from .checkpoints import register_local_checkpoint_loader, register_safe_checkpoint_globals
+from .deploy import evaluate_exported, example_input, exportable, load_quantized_detector
 from .hook import DetQHook, mmdet_forward
 
 register_safe_checkpoint_globals()
@@ -29,4 +32,5 @@ def mmdet_prediction_layers(model: nn.Module) -> list[str]:
     return MMDetFamily().prediction_layers(model) or []
 
 
-__all__ = ["DetQHook", "mmdet_forward", "mmdet_prediction_layers"]
+__all__ = ["DetQHook", "mmdet_forward", "mmdet_prediction_layers", "load_quantized_detector", "exportable",
+           "example_input", "evaluate_exported"]
