@@ -50,7 +50,7 @@ from .detectors import DetectorFamily, UnsupportedDetectorError, family_for
 from .distill import DistillationLoss, Teacher
 from .loss_terms import DisabledQuantizerAnchor, DistillationTerm, LossTerm, StepContext
 from .optim import add_quantizer_param_group
-from .quantizers import iter_quantizers, keep_step_sizes_positive
+from .quantizers import iter_quantizers, keep_step_sizes_positive, step_size_floors
 from .recipe import Recipe, RecipeError, load_recipe
 from .post_training import reconstruct_from_recipe
 from .recording import Recorder, Taps
@@ -169,6 +169,7 @@ class QuantSession:
                                        (isinstance(family, type) and issubclass(family, DetectorFamily))):
             raise TypeError(f"`family` = {family!r} must be a detq_hooks.detectors.DetectorFamily (instance or subclass)")
         self._family_arg = family
+        self._step_size_floors = None  # taken at before_step, applied after the optimizer step
         self.family: Optional[DetectorFamily] = None
         self.prediction_layers = list(prediction_layers) if prediction_layers is not None else None
         self.first_layers = list(first_layers) if first_layers is not None else None
@@ -518,6 +519,7 @@ class QuantSession:
         for term in self.terms:
             if hasattr(term, "set_progress"):
                 term.set_progress(progress)
+        self.before_optimizer_step(model)  # nothing changes the step sizes between here and the optimizer step
         if self.schedule is None or not self.schedule.update(model, progress):
             return None
         s = self.schedule
@@ -541,10 +543,15 @@ class QuantSession:
         self.last_terms.update(ctx.logs)
         return out
 
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Right before the optimizer step (called by :meth:`before_step` too, for trainers that step once per
+        batch): remember the step sizes, so that :meth:`after_optimizer_step` keeps each at no less than half."""
+        self._step_size_floors = step_size_floors(model)
+
     def after_optimizer_step(self, model: nn.Module, averaged: Sequence[nn.Module] = ()) -> None:
-        """Learned step sizes stay positive; frozen curriculum stages undo what the optimizer did to them;
+        """Learned step sizes stay positive, and no lower than half their value at :meth:`before_step`; frozen curriculum stages undo what the optimizer did to them;
         averaged copies (EMA) get the live model's integer quantizer flags exactly."""
-        keep_step_sizes_positive(model)
+        keep_step_sizes_positive(model, floors=self._step_size_floors)
         if self.schedule is not None:
             self.schedule.after_optimizer_step(model)
         for avg in averaged:

@@ -222,6 +222,27 @@ def test_family_answers_set_prediction_and_float_layers():
     assert model.cls_head.weight_quantizer.bits == 8 and model.box_head.weight_quantizer.bits == 4
 
 
+def test_one_optimizer_step_at_most_halves_a_step_size():
+    """An overshoot that lands near zero, on either side of it, would leave the layer dead (a tiny YOLO11n after
+    one QAT epoch had an activation step size of 1e-6 and 0.2 dB): after ``before_step`` the session keeps each
+    step size at no less than half its value before the step, and leaves ordinary steps alone."""
+    model, session = converted()
+    session.before_step(model, 0.0)
+    scales = [q.scale for _, q in dq.quantizers.iter_quantizers(model) if q.scale.requires_grad]
+    with torch.no_grad():
+        before = [s.detach().clone() for s in scales]
+        scales[0].mul_(1e-4)  # collapsed towards zero
+        scales[1].mul_(-1e-4)  # just past it
+        scales[2].mul_(0.8)  # an ordinary step
+        scales[3].mul_(1.5)
+    session.after_optimizer_step(model)
+    assert torch.allclose(scales[0], 0.5 * before[0]) and torch.allclose(scales[1], 0.5 * before[1])
+    assert torch.allclose(scales[2], 0.8 * before[2]) and torch.allclose(scales[3], 1.5 * before[3])
+    assert all(torch.equal(s, b) for s, b in zip(scales[4:], before[4:]))
+    session.after_optimizer_step(model)  # called again without a step in between (gradient accumulation): no change
+    assert torch.allclose(scales[0], 0.5 * before[0]) and torch.allclose(scales[2], 0.8 * before[2])
+
+
 def test_optimizer_step_past_zero_leaves_step_sizes_positive():
     """A plain SGD step on a small calibrated scale overshoots zero; the session reflects it back after the step
     (all three trainers call ``after_optimizer_step``), so no layer ends up quantizing to nothing."""

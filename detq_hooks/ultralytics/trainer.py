@@ -295,6 +295,7 @@ class _DetQMixin:
             LOGGER.info(f"detq: {message}")
 
     def optimizer_step(self):
+        self.detq_session.before_optimizer_step(unwrap_model(self.model))
         ema, self.ema = self.ema, None
         try:
             super().optimizer_step()  # unscale, clip, step, zero_grad (EMA below, after the frozen stages are restored)
