@@ -17,7 +17,8 @@ scripts' own outputs and logs under ``DIR/raw/``). ``report`` rewrites the READM
 the spot (64 px, 64 images, 3 epochs; it learns next to nothing, so its figures are not measurements), one bit
 width, few methods, one thread -- written under ``benchmarks/results/suite-quick/`` so that it never mixes with
 real results. ``accuracy --resume`` (and ``deploy --resume``) reuses every script run already finished with the
-same settings, so the hours of ``accuracy`` can be spread over several sittings. Every size option can be given explicitly; ``--help`` of a question shows its full and quick
+same settings, so the hours of ``accuracy`` can be spread over several sittings. Every size option can be given
+explicitly; ``--help`` of a question shows its full and quick
 defaults ("script default": the wrapped script's own default, as the README's tables were measured).
 """
 
@@ -166,6 +167,15 @@ def split(text: str) -> list[str]:
     return [t for t in str(text).split(",") if t]
 
 
+def chosen(args, question: str, option: str, known) -> list[str]:
+    """The comma-separated ``--<option>`` values, all of them in ``known`` (else exit naming the unknown ones)."""
+    values = split(getattr(args, option))
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise SystemExit(f"{question}: unknown --{option} {unknown}; known: {', '.join(known)}")
+    return values
+
+
 def label_of(row: dict, keys: list[str]) -> str:
     return " ".join(str(row[k]) for k in keys if row.get(k))
 
@@ -265,11 +275,8 @@ ACCURACY_COLUMNS = [
 
 
 def accuracy(args):
-    unknown = [s for s in split(args.sources) if s not in SOURCES]
-    if unknown:
-        raise SystemExit(f"accuracy: unknown --sources {unknown}; known: {', '.join(SOURCES)}")
     commands, runs = [], []
-    for source in split(args.sources):
+    for source in chosen(args, "accuracy", "sources", SOURCES):
         for seed in split(args.seeds):
             ran, rows = SOURCES[source](args, seed)
             commands.append(ran)
@@ -386,11 +393,8 @@ COST_SOURCES = {"convnet": cost_convnet, "ultralytics": cost_ultralytics, "mmdet
 
 
 def cost(args):
-    unknown = [s for s in split(args.sources) if s not in COST_SOURCES]
-    if unknown:
-        raise SystemExit(f"cost: unknown --sources {unknown}; known: {', '.join(COST_SOURCES)}")
     commands, rows = [], []
-    for source in split(args.sources):
+    for source in chosen(args, "cost", "sources", COST_SOURCES):
         ran, got = COST_SOURCES[source](args)
         commands.append(ran)
         rows += got
@@ -442,12 +446,10 @@ DEPLOY_SOURCES = {"yolo11n": "YOLO11n (Ultralytics)", "rtmdet-tiny": "RTMDet-tin
 
 
 def deploy(args):
-    unknown = [s for s in split(args.detectors) if s not in DEPLOY_SOURCES]
-    if unknown:
-        raise SystemExit(f"deploy: unknown --detectors {unknown}; known: {', '.join(DEPLOY_SOURCES)}")
     commands, rows, raw, data = [], [], {}, None
-    common = ["--sizes", *split(args.sizes), "--recipes", *split(args.recipes), *flags(args, ["reps", "rounds", "calib", "threads"])]
-    for detector in split(args.detectors):
+    common = ["--sizes", *split(args.sizes), "--recipes", *split(args.recipes),
+              *flags(args, ["reps", "rounds", "calib", "threads"])]
+    for detector in chosen(args, "deploy", "detectors", DEPLOY_SOURCES):
         if detector == "yolo11n":
             out = args.out / "raw" / "deploy"
             ran = run_logged(args, "deploy", "bench_deploy.py", ["--out", out, *common, *yolo_flags(args)],

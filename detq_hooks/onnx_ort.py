@@ -65,9 +65,9 @@ def _uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zp)
 
 
-def make_ort_units(model, calibration_inputs, quantize_silu: bool = True) -> list[str]:
-    """Add the Conv-output requantizers and int32 biases, then (``quantize_silu``) the quantized SiLU units
-    (in place); returns notes on what did not fuse."""
+def make_ort_units(model, calibration_inputs) -> list[str]:
+    """Add the Conv-output requantizers and int32 biases, then the quantized SiLU units (in place); returns
+    notes on what did not fuse."""
     from onnx import helper
 
     gr = Graph(model)
@@ -112,8 +112,7 @@ def make_ort_units(model, calibration_inputs, quantize_silu: bool = True) -> lis
     _toposort(gr)
     gr.reindex()
     gr.prune()
-    if quantize_silu:
-        _quantize_silu(gr)
+    _quantize_silu(gr)
     return notes
 
 
@@ -126,10 +125,15 @@ def _add_requantizer(gr: Graph, out: str, scale, zp, consumers) -> None:
     q_out, dq_out = gr.fresh(out + "_oq"), gr.fresh(out + "_odq")
     gr.g.node.append(helper.make_node("QuantizeLinear", [out, sn, zn], [q_out], name=q_out))
     gr.g.node.append(helper.make_node("DequantizeLinear", [q_out, sn, zn], [dq_out], name=dq_out))
+    _redirect(out, dq_out, consumers)
+
+
+def _redirect(old: str, new: str, consumers) -> None:
+    """The ``consumers`` read ``new`` where they read ``old``."""
     for c in consumers:
         for k, i in enumerate(c.input):
-            if i == out:
-                c.input[k] = dq_out
+            if i == old:
+                c.input[k] = new
 
 
 def _silu_units(gr: Graph) -> list[tuple]:
@@ -148,12 +152,10 @@ def _silu_units(gr: Graph) -> list[tuple]:
     return units
 
 
-def _quantize_silu(gr: Graph) -> int:
-    """Fuse the SiLUs whose product only the next layers' own quantizers read; returns how many were left float."""
-    left_float = 0
+def _quantize_silu(gr: Graph) -> None:
+    """Fuse the SiLUs whose product only the next layers' own quantizers read."""
     for sig, mul in _silu_units(gr):
-        out = mul.output[0]
-        readers = list(gr.consumers.get(out, []))
+        readers = list(gr.consumers.get(mul.output[0], []))
         constant = [q for q in readers if q.op_type == "QuantizeLinear" and len(q.input) == 3
                     and q.input[1] in gr.inits and q.input[2] in gr.inits]
         params = {(gr.array(q.input[1]).tobytes(), gr.array(q.input[2]).tobytes(), gr.array(q.input[2]).dtype.str)
@@ -161,19 +163,14 @@ def _quantize_silu(gr: Graph) -> int:
         if not readers or len(constant) != len(readers) or len(params) != 1:
             # float ops (Concat, Split, MaxPool, Add) read it: a requantizer here would round it once more than
             # the fake-quant model does (measured: mAP further from PyTorch's), so it stays float
-            left_float += 1
             continue
         _add_requantizer(gr, sig.output[0], np.float32(1 / 255), np.uint8(0), [mul])  # sigmoid: [0, 1] in uint8
         keep = constant[0]  # one Q for all next layers (same scale), which onnxruntime fuses into QLinearMul
         for other in constant[1:]:
-            for c in gr.consumers.get(other.output[0], []):
-                for k, i in enumerate(c.input):
-                    if i == other.output[0]:
-                        c.input[k] = keep.output[0]
+            _redirect(other.output[0], keep.output[0], gr.consumers.get(other.output[0], []))
     _toposort(gr)
     gr.reindex()
     gr.prune()
-    return left_float
 
 
 def _toposort(gr: Graph) -> None:

@@ -532,20 +532,20 @@ def iter_quantizers(model: nn.Module):
             yield name, m
 
 
-@torch.no_grad()
 def learned_step_sizes(model: nn.Module) -> list[nn.Parameter]:
     """The step sizes the optimizer trains (LSQ/LSQ+ scales), in a fixed order."""
     return [q.scale for _, q in iter_quantizers(model) if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad]
 
 
+@torch.no_grad()
 def step_size_floors(model: nn.Module, max_shrink: float = 0.5) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
     """Before an optimizer step: the learned step sizes and ``max_shrink`` × their current values, the least
     :func:`keep_step_sizes_positive` lets one step leave them at."""
     scales = learned_step_sizes(model)
-    with torch.no_grad():
-        return scales, torch._foreach_mul([s.detach() for s in scales], max_shrink) if scales else []
+    return scales, torch._foreach_mul([s.detach() for s in scales], max_shrink) if scales else []
 
 
+@torch.no_grad()
 def keep_step_sizes_positive(model: nn.Module, floor: float = 1e-8,
                              floors: Optional[tuple[list[nn.Parameter], list[torch.Tensor]]] = None) -> None:
     """After an optimizer step: a learned step size the step took below zero is reflected back (``|s|``, at
@@ -557,11 +557,11 @@ def keep_step_sizes_positive(model: nn.Module, floor: float = 1e-8,
     scales = learned_step_sizes(model)
     if not scales:
         return
-    with torch.no_grad():  # foreach ops over all of them, no host sync
-        torch._foreach_abs_(scales)
-        if floors is not None and len(floors[0]) == len(scales) and all(a is b for a, b in zip(floors[0], scales)):
-            torch._foreach_maximum_(scales, floors[1])
-        torch._foreach_clamp_min_(scales, floor)
+    # foreach ops over all of them, no host sync
+    torch._foreach_abs_(scales)
+    if floors is not None and len(floors[0]) == len(scales) and all(a is b for a, b in zip(floors[0], scales)):
+        torch._foreach_maximum_(scales, floors[1])
+    torch._foreach_clamp_min_(scales, floor)
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:

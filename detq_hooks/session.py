@@ -549,8 +549,9 @@ class QuantSession:
         self._step_size_floors = step_size_floors(model)
 
     def after_optimizer_step(self, model: nn.Module, averaged: Sequence[nn.Module] = ()) -> None:
-        """Learned step sizes stay positive, and no lower than half their value at :meth:`before_step`; frozen curriculum stages undo what the optimizer did to them;
-        averaged copies (EMA) get the live model's integer quantizer flags exactly."""
+        """Learned step sizes stay positive, and no lower than half their value at :meth:`before_optimizer_step`;
+        frozen curriculum stages undo what the optimizer did to them; averaged copies (EMA) get the live model's
+        integer quantizer flags exactly."""
         keep_step_sizes_positive(model, floors=self._step_size_floors)
         if self.schedule is not None:
             self.schedule.after_optimizer_step(model)

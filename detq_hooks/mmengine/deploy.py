@@ -51,15 +51,13 @@ def load_quantized_detector(config: ConfigLike, checkpoint: Union[str, Path], *,
 
     from mmdet.registry import MODELS
 
-    from . import register_local_checkpoint_loader, register_safe_checkpoint_globals
-
-    register_safe_checkpoint_globals()
-    register_local_checkpoint_loader()
+    # the safe checkpoint loader is registered by importing detq_hooks.mmengine, which this module is part of
     cfg = _config(config, cfg_options)
     init_default_scope(cfg.get("default_scope", "mmdet"))
     source = str(checkpoint)
     ckpt = _load_checkpoint(source, map_location="cpu")
-    entry = read_state((ckpt.get("meta") or {}).get(CHECKPOINT_KEY), source=source)
+    meta = ckpt.get("meta") or {}
+    entry = read_state(meta.get(CHECKPOINT_KEY), source=source)
     if entry is None:
         raise CheckpointMismatchError(
             f"{source}: no detq quantization state in its meta (was it written by a run with DetQHook?); load a "
@@ -72,7 +70,6 @@ def load_quantized_detector(config: ConfigLike, checkpoint: Union[str, Path], *,
     model.load_state_dict(state_dict, strict=True)
     session.load_state(model, entry, source=source, resume=False)
     model.cfg = cfg
-    meta = ckpt.get("meta") or {}
     if "dataset_meta" in meta:
         model.dataset_meta = meta["dataset_meta"]
     return model.to(device).eval()
@@ -141,8 +138,8 @@ def _dataloader(cfg, split: str, batch_size: Optional[int] = None):
     return Runner.build_dataloader(loader)
 
 
-def evaluate_exported(detector: nn.Module, run: Optional[Callable[[np.ndarray], Sequence[np.ndarray]]], config: ConfigLike, *,
-                      split: str = "test", predictions: Optional[list] = None) -> dict[str, float]:
+def evaluate_exported(detector: nn.Module, run: Optional[Callable[[np.ndarray], Sequence[np.ndarray]]],
+                      config: ConfigLike, *, split: str = "test", predictions: Optional[list] = None) -> dict[str, float]:
     """COCO metrics of an exported model: the config's ``<split>_dataloader`` images through the detector's
     data preprocessor, ``run`` (``detq_hooks.deploy.make_runner``: onnxruntime or OpenVINO, batch 1), the
     head's own ``predict_by_feat`` (decoding, NMS, rescaling) and the config's ``<split>_evaluator`` — what
