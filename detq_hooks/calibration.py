@@ -9,6 +9,7 @@ ranges are broadcast from rank 0, so every rank ends with identical scales.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -20,7 +21,8 @@ from . import distributed as dist_utils
 from .quantizers import FakeQuantizer, iter_quantizers
 from .ranges import MAX_SEARCH_SAMPLES, calibrate_weight_quantizer, entropy_range, mse_range, percentile_range
 from .recipe import CALIBRATORS, CalibrationSection, load_recipe
-from .surgery import is_quantized, recipe_of
+from .sharing import is_shared, share_inputs
+from .surgery import is_quantized, quantized_layers, recipe_of
 
 
 class CalibrationError(RuntimeError):
@@ -148,6 +150,15 @@ def calibrate(
         cfg = CalibrationSection.from_dict({**cfg.to_dict(), **({"method": method} if method else {}),
                                             **({"num_batches": num_batches} if num_batches else {})})
     forward_fn = forward_fn or default_forward
+    ties_before = None
+    if rec.quantization.shared_activations and not is_shared(model):
+        # one quantizer per tensor: the groups come from the first batch's data flow
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is not None:
+            ties_before = {n: m.input_quantizer for n, m in quantized_layers(model)}
+            share_inputs(model, lambda m: forward_fn(m, first))
+            batches = itertools.chain([first], batches)
     snapshot = _snapshot(model)
     generator = torch.Generator().manual_seed(1234 + dist_utils.rank())
     act_quantizers = [(n, q) for n, q in iter_quantizers(model) if q.role == "activation" and q.enabled]
@@ -191,6 +202,8 @@ def calibrate(
         for _, q in act_quantizers:
             q.observer = None
         _restore(model, snapshot)
+        for n, m in quantized_layers(model) if ties_before is not None else ():
+            m.input_quantizer = ties_before[n]
         raise
     finally:
         model.train(was_training)

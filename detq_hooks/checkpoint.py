@@ -6,7 +6,8 @@ A quantized run stores one ``detq`` entry beside its weights (Lightning: ``check
     {
       "format": "detq-hooks", "version": 2,
       "recipe": {...},                       # the validated recipe (Recipe.to_dict())
-      "layers": {name: {"type", "role", "weight_bits", "input_bits", "weight_enabled", "input_enabled"}},
+      "layers": {name: {"type", "role", "weight_bits", "input_bits", "weight_enabled", "input_enabled",
+                        "input_shares": leader name, only where the input quantizer is another layer's}},
       "target": "model",                     # sub-module the recipe was applied to ("" = the whole model)
       "curriculum": {...} | None,            # CurriculumSchedule.state_dict()
       "teacher": {"source": path} | {"state": state_dict} | None,
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .recipe import load_recipe
+from .sharing import input_leaders, tie_inputs
 from .sparse import SparseOutlierQuantizer, outlier_ratio
 from .surgery import META_ATTR, QuantizationError, quantize, quantized_layers
 
@@ -54,6 +56,7 @@ def has_quantizer_state(state_dict: Mapping[str, Any], prefix: str = "") -> bool
 def layer_plan(model: nn.Module) -> dict[str, dict]:
     """The per-layer plan of a quantized model as it is now (bits and flags read from its quantizers)."""
     plan = {}
+    shares = input_leaders(model)
     for name, m in quantized_layers(model):
         iq = m.input_quantizer
         plan[name] = {
@@ -64,6 +67,8 @@ def layer_plan(model: nn.Module) -> dict[str, dict]:
             "weight_enabled": m.weight_quantizer.enabled,
             "input_enabled": iq.enabled if iq is not None else None,
         }
+        if name in shares:  # its input quantizer is that layer's (quantization.shared_activations)
+            plan[name]["input_shares"] = shares[name]
         if outlier_ratio(iq) is not None:  # TASKQ's sparse outliers (simulated)
             plan[name]["input_outliers"] = round(outlier_ratio(iq), 6)  # a float32 buffer: 0.005 reads 0.0049999999
     return plan
@@ -236,6 +241,11 @@ def apply_plan(model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: 
                 raise CheckpointMismatchError(f"{source}: layer {name!r} has {bits_key} = {bits} (not in [2, 8])")
             if (bits is not None and int(bits) != q.bits) or (enabled is not None and bool(enabled) != q.enabled):
                 changes.append((q, bits, enabled))
+    shares = {n: p["input_shares"] for n, p in entry["layers"].items() if p.get("input_shares")}
+    for name, leader in shares.items():
+        if leader not in layers or layers[leader].input_quantizer is None or layers[name].input_quantizer is None:
+            raise CheckpointMismatchError(f"{source}: layer {name!r} shares the input quantizer of {leader!r}, which "
+                                          "this model does not quantize")
     for q, bits, enabled in changes:  # all checked: apply
         if bits is not None:
             q.bits = int(bits)
@@ -243,7 +253,9 @@ def apply_plan(model: nn.Module, entry: Optional[Mapping[str, Any]], *, source: 
             q.enabled = bool(enabled)
     for layer, ratio in sparse:
         layer.input_quantizer = SparseOutlierQuantizer(layer.input_quantizer, ratio)
-    return len(changes) + len(sparse)
+    tied = {n: l for n, l in shares.items() if layers[n].input_quantizer is not layers[l].input_quantizer}
+    tie_inputs(model, tied)
+    return len(changes) + len(sparse) + len(tied)
 
 
 def _fingerprint_diff(a: dict, b: dict) -> list[str]:

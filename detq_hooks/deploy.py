@@ -88,7 +88,7 @@ def export_openvino(
         raise ExportError(f"OpenVINO IR path {str(xml)!r} must end in .xml")
     with tempfile.TemporaryDirectory(prefix="detq-ov-") as tmp:
         res = export_onnx(model, example_inputs, Path(tmp) / "model.onnx", opset=opset,
-                          weight_storage=weight_storage, **onnx_kwargs)
+                          weight_storage=weight_storage, **{"target": "openvino", **onnx_kwargs})
         xml, binp = convert_onnx_to_openvino(res.path, xml)
         res.path = xml  # the intermediate ONNX file is gone; its graph figures stay in `res`
     size = xml.stat().st_size + binp.stat().st_size

@@ -27,7 +27,7 @@ from torch import nn
 
 from .quantizers import iter_quantizers
 
-TARGETS = ("qdq", "onnxruntime")
+TARGETS = ("qdq", "onnxruntime", "openvino")
 WEIGHT_STORAGES = ("int8", "int4")
 
 
@@ -119,7 +119,9 @@ def export_onnx(
         opset: ONNX opset, ≥ 13 for per-channel weights, ≥ 21 for ``weight_storage="int4"``.
         target: ``"qdq"`` (QDQ on the inputs of quantized layers: what OpenVINO and TensorRT run as integers)
             or ``"onnxruntime"`` (adds a ``QuantizeLinear`` on each quantized Conv's output and int32 biases,
-            so onnxruntime's CPU provider fuses ``QLinearConv``; needs ``calibration_inputs``).
+            so onnxruntime's CPU provider fuses ``QLinearConv``; needs ``calibration_inputs``) or ``"openvino"``
+            (the QDQ graph without the requantizers OpenVINO propagates by itself: what
+            :func:`detq_hooks.export_openvino` converts).
         weight_storage: ``"int8"`` (any bit width in an 8-bit container) or ``"int4"`` (≤ 4-bit weights packed
             two per byte; onnxruntime and OpenVINO then dequantize those weights to float at load time).
         calibration_inputs: inputs (tensors or tuples) from which ``target="onnxruntime"`` calibrates the
@@ -132,8 +134,10 @@ def export_onnx(
     """
     import onnx
 
-    from .onnx_graph import clean_qdq, graph_summary, pack_int4_weights
+    from .onnx_graph import (clean_qdq, drop_requantizers_after_selections, graph_summary, pack_int4_weights,
+                             share_activation_qdq)
     from .onnx_ort import make_ort_units
+    from .sharing import is_shared
 
     if target not in TARGETS:
         raise ExportError(f"`target` = {target!r} is not one of {list(TARGETS)}")
@@ -170,6 +174,9 @@ def export_onnx(
             model.train(was_training)
         proto = onnx.load(str(raw))
     clean_qdq(proto)
+    share_activation_qdq(proto, hoist=is_shared(model))
+    if target == "openvino":
+        drop_requantizers_after_selections(proto)
     if target == "onnxruntime" and bits:
         notes += make_ort_units(proto, [_as_tuple(x) for x in calibration_inputs])
     if weight_storage == "int4":

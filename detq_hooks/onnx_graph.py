@@ -223,6 +223,179 @@ def clean_qdq(model) -> dict[str, int]:
     return {"batchnorm_folded": folded}
 
 
+def _qdq_key(gr: Graph, node) -> Optional[tuple]:
+    """What makes two ``QuantizeLinear``/``DequantizeLinear`` nodes compute the same thing: the op, the data
+    input, the constant scale and zero point by value, the axis. ``None`` for non-constant parameters."""
+    if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+        return None
+    params = []
+    for name in node.input[1:3]:
+        a = gr.array(name)
+        if a is None:
+            return None
+        params.append((a.dtype.str, a.shape, a.tobytes()))
+    return (node.op_type, node.input[0], tuple(params), _axis(node) if params[0][1] else None)
+
+
+def _param_key(key: tuple) -> tuple:
+    return (key[2], key[3])
+
+
+def _merge_duplicate_qdq(gr: Graph) -> int:
+    """Q (or DQ) nodes that read the same tensor with the same constants become one; returns how many went."""
+    seen: dict[tuple, object] = {}
+    dropped = []
+    for node in list(gr.g.node):
+        key = _qdq_key(gr, node)
+        if key is None or node.output[0] in gr.outputs:
+            continue
+        if key in seen:
+            gr.rename_input(node.output[0], seen[key].output[0])
+            dropped.append(node)
+        else:
+            seen[key] = node
+    if dropped:
+        gr.remove_nodes(dropped)
+    return len(dropped)
+
+
+def _nearest_resize(node) -> bool:
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+    return mode == b"nearest"
+
+
+# ops whose outputs are values of their data input(s) (input 0; every input of Concat), unchanged
+_SELECTIONS = ("Concat", "Split", "Slice", "MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze",
+               "Unsqueeze")
+
+
+def _hoist_quantizers(gr: Graph) -> int:
+    """Move the one ``Q→DQ`` that every output of a selection (``Concat``, ``Split``, ``Slice``, ``MaxPool``, nearest
+    ``Resize``, reshapes) goes through onto that op's data inputs (kept on the outputs too: it is then exact, and onnxruntime runs the op on
+    integers between the two). Exact: these ops only select or join values, and per-tensor quantization is
+    monotone. Returns how many ops were done."""
+    from onnx import helper
+
+    done = 0
+    for node in list(gr.g.node):
+        if node.op_type not in _SELECTIONS or (node.op_type == "Resize" and not _nearest_resize(node)):
+            continue
+        if any(o in gr.outputs or not gr.consumers.get(o) for o in node.output):
+            continue
+        readers = [c for o in node.output for c in gr.consumers[o]]
+        keys = [_qdq_key(gr, c) for c in readers]
+        if any(k is None or k[0] != "QuantizeLinear" for k in keys) or len({_param_key(k) for k in keys}) != 1:
+            continue
+        q = readers[0]
+        data = list(node.input) if node.op_type == "Concat" else node.input[:1]
+        if all(_already_on_grid(gr, x, keys[0]) for x in data):
+            continue
+        dq_after = [c for c in gr.consumers[q.output[0]] if c.op_type == "DequantizeLinear"]
+        if not dq_after:
+            continue
+        for k, x in enumerate(node.input):
+            if x not in data or _already_on_grid(gr, x, keys[0]):
+                continue
+            q_out, dq_out = gr.fresh(x + "_hq"), gr.fresh(x + "_hdq")
+            gr.g.node.append(helper.make_node("QuantizeLinear", [x, *q.input[1:]], [q_out], name=q_out,
+                                              **_axis_attr(q)))
+            gr.g.node.append(helper.make_node("DequantizeLinear", [q_out, *dq_after[0].input[1:]], [dq_out],
+                                              name=dq_out, **_axis_attr(dq_after[0])))
+            node.input[k] = dq_out
+        gr.reindex()
+        done += 1
+    return done
+
+
+def _axis_attr(node) -> dict:
+    return {a.name: a.i for a in node.attribute if a.name == "axis"}
+
+
+def _already_on_grid(gr: Graph, x: str, key: tuple) -> bool:
+    """Whether ``x`` is the output of a ``DequantizeLinear`` of a ``QuantizeLinear`` with the constants ``key``."""
+    dq = gr.producer.get(x)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    q = gr.producer.get(dq.input[0])
+    qk = _qdq_key(gr, q) if q is not None else None
+    return qk is not None and _param_key(qk) == _param_key(key)
+
+
+def drop_requantizers_after_selections(model) -> int:
+    """Remove the ``Q→DQ`` after a selection whose inputs are all dequantized with those same constants (in
+    place; returns how many ``DequantizeLinear`` readers now read the selection directly). The values are on that
+    grid already, so it is an identity; OpenVINO propagates the inputs' dequantization through the selection
+    into the next convolution by itself and runs the extra pair as a float node (onnxruntime needs the pair to
+    fuse ``QLinearConcat``, so its target keeps it)."""
+    gr = Graph(model)
+    dropped = 0
+    for node in list(gr.g.node):
+        if node.op_type not in _SELECTIONS or any(o in gr.outputs for o in node.output):
+            continue
+        readers = [c for o in node.output for c in gr.consumers.get(o, [])]
+        keys = [_qdq_key(gr, c) for c in readers]
+        if not readers or any(k is None or k[0] != "QuantizeLinear" for k in keys) or \
+                len({_param_key(k) for k in keys}) != 1:
+            continue
+        data = list(node.input) if node.op_type == "Concat" else node.input[:1]
+        if not all(_already_on_grid(gr, x, keys[0]) for x in data):
+            continue
+        for q in readers:
+            for dq in list(gr.consumers.get(q.output[0], [])):
+                if dq.op_type == "DequantizeLinear" and dq.output[0] not in gr.outputs and \
+                        _param_key(_qdq_key(gr, dq)) == _param_key(keys[0]):
+                    gr.rename_input(dq.output[0], q.input[0])
+                    dropped += 1
+        gr.reindex()
+    gr.prune()
+    return dropped
+
+
+def share_activation_qdq(model, hoist: bool = True) -> dict[str, int]:
+    """One ``Q→DQ`` per tensor where it is produced (in place): duplicate quantizers of one tensor merged and,
+    with ``hoist``, the quantizer after a selection (``Concat``, ``Split``, ``Slice``, ``MaxPool``, nearest
+    ``Resize``, reshapes) also put on its inputs, so that a tensor the layers of a shared quantizer
+    (``quantization.shared_activations``) read is quantized once, right after the layer that makes it: what
+    OpenVINO fuses into that convolution and onnxruntime into ``QLinear*`` units. Exact: the graph computes the
+    same values. (Without shared quantizers the inputs of a ``Concat`` are mostly read by other layers' quantizers
+    too, so hoisting would add quantizers rather than move them; the export then only merges.)"""
+    gr = Graph(model)
+    merged = hoisted = 0
+    while True:
+        m = _merge_duplicate_qdq(gr)
+        h = _hoist_quantizers(gr) if hoist else 0
+        merged, hoisted = merged + m, hoisted + h
+        if not m and not h:
+            break
+    toposort(gr)
+    gr.reindex()
+    gr.prune()
+    return {"merged": merged, "hoisted": hoisted}
+
+
+def toposort(gr: Graph) -> None:
+    """Reorder nodes topologically (the appended nodes must precede their consumers)."""
+    available = {i.name for i in gr.g.input} | set(gr.inits) | {""}
+    pending = list(gr.g.node)
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name!r}")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del gr.g.node[:]
+    gr.g.node.extend(copies)
+
+
 def _integer_types() -> set:
     from onnx import TensorProto as T
 

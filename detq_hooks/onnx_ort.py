@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .onnx_graph import Graph, is_quantized_conv, weight_dq
+from .onnx_graph import Graph, is_quantized_conv, toposort, weight_dq
 
 
 def _conv_output_ranges(model, names: list[str], calibration_inputs) -> dict[str, tuple[float, float]]:
@@ -109,7 +109,7 @@ def make_ort_units(model, calibration_inputs) -> list[str]:
             gr.g.node.append(node)
         # requantizer on the output, consuming its only edge
         _add_requantizer(gr, out, *_uint8_params(*ranges[out]), list(gr.consumers.get(out, [])))
-    _toposort(gr)
+    toposort(gr)
     gr.reindex()
     gr.prune()
     _quantize_silu(gr)
@@ -168,32 +168,9 @@ def _quantize_silu(gr: Graph) -> None:
         keep = constant[0]  # one Q for all next layers (same scale), which onnxruntime fuses into QLinearMul
         for other in constant[1:]:
             _redirect(other.output[0], keep.output[0], gr.consumers.get(other.output[0], []))
-    _toposort(gr)
+    toposort(gr)
     gr.reindex()
     gr.prune()
-
-
-def _toposort(gr: Graph) -> None:
-    """Reorder nodes topologically (the appended nodes must precede their consumers)."""
-    available = {i.name for i in gr.g.input} | set(gr.inits) | {""}
-    pending = list(gr.g.node)
-    ordered = []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in available for i in n.input):
-                ordered.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name!r}")
-        pending = rest
-    copies = [type(n)() for n in ordered]
-    for c, n in zip(copies, ordered):
-        c.CopyFrom(n)
-    del gr.g.node[:]
-    gr.g.node.extend(copies)
 
 
 __all__ = ["make_ort_units"]

@@ -181,6 +181,10 @@ class QuantizationSection(_Section):
         first_layer_bits: bits (weights and input) of the first layer; ``None`` leaves it to the defaults.
         prediction_layer_bits: bits of the final prediction layers (and their inputs); ``None`` likewise.
         quantizer_lr_scale: learning rate of quantizer parameters as a multiple of the base rate.
+        shared_activations: layers that read one tensor (or the parts of one Concat/Split/MaxPool/nearest
+            Upsample) share one input quantizer, found with the first calibration batch
+            (:mod:`detq_hooks.sharing`): what integer runtimes need to quantize each tensor once, where it is
+            produced. Not with a curriculum or block reconstruction (both treat layers one by one).
     """
 
     weight: QuantizerSpec = field(default_factory=lambda: QuantizerSpec(bits=8, symmetric=True, per_channel=True))
@@ -192,6 +196,7 @@ class QuantizationSection(_Section):
     first_layer_bits: int | None = 8
     prediction_layer_bits: int | None = 8
     quantizer_lr_scale: float = 0.1
+    shared_activations: bool = False
 
     _path = "quantization"
 
@@ -221,6 +226,7 @@ class QuantizationSection(_Section):
             pass
         for t in self.module_types:
             _check_choice("quantization.module_types", t, MODULE_TYPES)
+        _check_type("quantization.shared_activations", self.shared_activations, bool)
         for k in ("first_layer_bits", "prediction_layer_bits"):
             if getattr(self, k) is not None:
                 _check_bits(f"quantization.{k}", getattr(self, k))
@@ -650,6 +656,10 @@ class Recipe(_Section):
             raise RecipeError("`mode` = 'ptq' calibrates without training; `fisher_regularizer.enabled` needs `mode: qat`")
         if self.mode == "qat" and self.ptq.reconstructs:
             raise RecipeError(f"`ptq.method` = {self.ptq.method!r} is post-training quantization; it needs `mode: ptq`")
+        if self.quantization.shared_activations and (self.curriculum.enabled or self.ptq.reconstructs):
+            what = "`curriculum.enabled`" if self.curriculum.enabled else f"`ptq.method` = {self.ptq.method!r}"
+            raise RecipeError(f"`quantization.shared_activations` ties quantizers across layers; {what} treats layers "
+                              "one by one and cannot be combined with it")
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"`version` = {self.version!r} is not supported; this detq-hooks reads version {RECIPE_VERSION}")
         _check_choice("mode", self.mode, MODES)

@@ -54,7 +54,8 @@ from .quantizers import iter_quantizers, keep_step_sizes_positive, step_size_flo
 from .recipe import Recipe, RecipeError, load_recipe
 from .post_training import reconstruct_from_recipe
 from .recording import Recorder, Taps
-from .surgery import is_quantized, quantize, quantized_layers, recipe_of
+from .sharing import share_inputs
+from .surgery import dequantize, is_quantized, quantize, quantized_layers, recipe_of
 
 
 @runtime_checkable
@@ -225,13 +226,35 @@ class QuantSession:
         float_copy = copy.deepcopy(model) if self.ptq and self.recipe.ptq.reconstructs else None
         preds = self.prediction_layers if self.prediction_layers is not None else family.prediction_layers(model)
         firsts = self.first_layers if self.first_layers is not None else family.first_layers(model)
+        run = family.example_forward(model) if self.recipe.quantization.shared_activations else None
+        if self.recipe.quantization.shared_activations and run is None and dist_utils.world_size() > 1:
+            raise RecipeError(f"`quantization.shared_activations` under DDP: the {family.name!r} detector family cannot "
+                              "run a blank image through this model, so the shared quantizers would only be found at "
+                              "calibration, after DDP registered the per-layer ones; calibrate and save on one "
+                              "process first, or give the family an `example_forward`")
         quantize(model, self.recipe, prediction_layers=preds, first_layers=firsts, float_layers=family.float_layers(model))
+        if run is not None:
+            self._share_inputs(model, family, run)
         self.family, self.stages, self.teacher, self.objective = family, stages, teacher, objective
         self.float_copy = float_copy
         self.teacher_ready = teacher is not None
         self._build_crqat(training)
         self._model_id = id(model)
         return model
+
+    @staticmethod
+    def _share_inputs(model: nn.Module, family: DetectorFamily, run) -> None:
+        """Tie the input quantizers of layers that read one tensor, now: before DDP and the optimizer register
+        parameters. A model the blank image does not run through is traced on its first calibration batch
+        instead (one process only: the model is left float and the error raised under DDP)."""
+        try:
+            share_inputs(model, run)
+        except Exception as err:
+            if dist_utils.world_size() > 1:
+                dequantize(model)
+                raise RecipeError(f"`quantization.shared_activations`: a blank image does not run through this "
+                                  f"{family.name!r} model ({type(err).__name__}: {err}), so its shared quantizers "
+                                  "cannot be found before DDP; calibrate and save on one process first") from err
 
     def adopt(self, model: nn.Module) -> nn.Module:
         """Take over a model that is already quantized (a loaded checkpoint, a second Trainer on the same

@@ -15,6 +15,7 @@ from torch import nn
 from .modules import QUANT_MODULES, QuantModuleMixin, is_quantized_module, is_swappable
 from .quantizers import FakeQuantizer, iter_quantizers
 from .ranges import calibrate_weight_quantizer
+from .sharing import tie_inputs
 from .sparse import SparseOutlierQuantizer
 from .recipe import Recipe, RecipeError, load_recipe
 
@@ -245,6 +246,12 @@ def quantize(
     try:
         for old, new in built:
             swapped += _replace(model, old, new, refs)
+        shares = {n: p["input_shares"] for n, p in (layers or {}).items() if (p or {}).get("input_shares")}
+        if shares:  # a saved plan's shared input quantizers (quantization.shared_activations)
+            try:
+                tie_inputs(model, shares)
+            except ValueError as err:
+                raise QuantizationError(str(err)) from None
         setattr(model, META_ATTR, {"recipe": recipe.to_dict(), "plan_skipped": list(plan.skipped)})
     except BaseException:
         for parent, attr, old in reversed(swapped):

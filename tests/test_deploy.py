@@ -93,8 +93,12 @@ def test_clean_qdq_has_integer_weights_no_quantizer_arithmetic_and_a_quarter_of_
     n_convs = sum(1 for m in models["w8a8"].modules() if isinstance(m, dq.QuantConv2d))
     assert res.quantized_convs == n_convs == s["Conv"]  # dq.quantize also quantizes the fixed DFL conv
     assert (s["Round"], s["Clip"], s["Cast"], s["ops"].get("BatchNormalization", 0)) == (0, 0, 0, 0)
-    assert res.quantize_linear == n_convs and res.dequantize_linear == 2 * n_convs  # weights: DQ only
     inits = {t.name: t for t in proto.graph.initializer}
+    # one quantizer per (tensor, constants): layers that read one tensor with equal ranges (min-max calibration of
+    # the head's box and class branches) share one QuantizeLinear; weights have a DequantizeLinear only
+    quantizers = {(n.input[0], inits[n.input[1]].raw_data, inits[n.input[2]].raw_data)
+                  for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert res.quantize_linear == len(quantizers) == n_convs - 8 and res.dequantize_linear == res.quantize_linear + n_convs
     for node in proto.graph.node:
         if node.op_type == "DequantizeLinear":
             assert all(i in inits for i in node.input[1:]), node.name  # constant scale and zero point
@@ -185,7 +189,7 @@ def test_uncalibrated_model_is_refused_and_nothing_written(tmp_path):
     (dict(opset=12), r"`opset` = 12 is too old: per-channel DequantizeLinear needs opset 13"),
     (dict(weight_storage="int4"), r"'int4' needs INT4 DequantizeLinear, opset 21 or later; got `opset` = 17"),
     (dict(weight_storage="int2"), r"`weight_storage` = 'int2' is not one of \['int8', 'int4'\]"),
-    (dict(target="tensorrt"), r"`target` = 'tensorrt' is not one of \['qdq', 'onnxruntime'\]"),
+    (dict(target="tensorrt"), r"`target` = 'tensorrt' is not one of \['qdq', 'onnxruntime', 'openvino'\]"),
     (dict(target="onnxruntime"), r"needs `calibration_inputs`"),
 ])
 def test_bad_export_options(models, x, tmp_path, kw, match):

@@ -490,6 +490,38 @@ def test_mixed_bits_survive_resume_and_reload(ds, project):
     assert final["detq"]["layers"][layer]["weight_bits"] == 6
 
 
+def test_shared_activation_quantizers_survive_resume_and_reload(ds, project, tmp_path):
+    """``quantization.shared_activations``: the layers that read one tensor share one quantizer from calibration on,
+    in the trained model and its EMA, in best.pt and after a resume (the plan's ``input_shares``)."""
+    from detq_hooks.sharing import input_leaders
+
+    recipe = tmp_path / "shared.yaml"
+    recipe.write_text(yaml.safe_dump({"preset": "w8a8", "name": "w8a8-shared", "quantization": {"shared_activations": True}}))
+    seen = {}
+
+    def interrupt(trainer):
+        seen["model"], seen["ema"] = input_leaders(trainer.model), input_leaders(trainer.ema.ema)
+        raise Interrupt
+
+    model = YOLO("yolo11n.yaml")
+    model.add_callback("on_model_save", interrupt)
+    with pytest.raises(Interrupt):
+        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=str(recipe), epochs=2, project=str(project),
+                    name="shared", **COMMON)
+    assert len(seen["model"]) == 21 and seen["ema"] == seen["model"]
+    weights = project / "shared" / "weights"
+    ckpt = torch.load(weights / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["detq"]["layers"]["model.2.m.0.cv1.conv"]["input_shares"] == "model.2.cv2.conv"
+    assert input_leaders(YOLO(str(weights / "best.pt")).model) == seen["model"]
+    resumed = YOLO(str(weights / "last.pt"))
+    resumed.add_callback("on_train_start", lambda t: seen.update(resumed=input_leaders(t.model),
+                                                                 resumed_ema=input_leaders(t.ema.ema)))
+    resumed.train(resume=True, trainer=DetQTrainer)
+    assert seen["resumed"] == seen["resumed_ema"] == seen["model"]
+    layers = dict(resumed.trainer.ema.ema.named_modules())
+    assert layers["model.2.m.0.cv1.conv"].input_quantizer is layers["model.2.cv2.conv"].input_quantizer
+
+
 def test_checkpoint_of_version_0_1_loads(ds, project):
     """A last.pt written by detq-hooks 0.1.0 (recipe with DFL as an exclusion rule, v1 entry) loads, predicts and
     starts a new QAT run from its own per-layer plan."""

@@ -14,7 +14,7 @@ what they need (quantization, calibration, PTQ and export need nothing; the curr
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -129,6 +129,12 @@ class DetectorFamily:
         :meth:`head_block`, decoded the way the trainer's own inference does."""
         raise self._unsupported(model, "decode_head_output")
 
+    def example_forward(self, model: nn.Module) -> Optional[Callable[[nn.Module], Any]]:
+        """``run(model)``: one forward pass on a small blank image, to trace which layers read which tensors
+        (``quantization.shared_activations``, at conversion, before DDP and the optimizer see the model).
+        ``None``: not known here (the first calibration batch is traced instead)."""
+        return None
+
     def class_names(self, model: nn.Module) -> Optional[list[str]]:
         """Class names in label order, where the model knows them."""
         return None
@@ -187,4 +193,13 @@ class DetectorFamily:
         )
 
 
-__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "called_blocks", "cxcywh_to_xyxy"]
+def blank_image(model: nn.Module, shape: tuple) -> torch.Tensor:
+    """Zeros of ``shape`` on the device and in the float type of ``model``'s parameters."""
+    p = next(model.parameters(), None)
+    return torch.zeros(shape, device=p.device if p is not None else None,
+                       dtype=p.dtype if p is not None and p.is_floating_point() else None)
+
+
+__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "blank_image", "called_blocks",
+           "cxcywh_to_xyxy"]
+

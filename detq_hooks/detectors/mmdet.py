@@ -23,7 +23,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import Assignment, HeadOutputs, hungarian_match
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, UnsupportedDetectorError, called_blocks, cxcywh_to_xyxy
+from .base import DetectorFamily, UnsupportedDetectorError, blank_image, called_blocks, cxcywh_to_xyxy
 
 PREDICTION_LEAF = re.compile(
     r"(^|\.)(conv_cls|conv_reg|retina_cls|retina_reg|fc_cls|fc_reg|conv_centerness|conv_objectness|"
@@ -118,6 +118,11 @@ class MMDetFamily(DetectorFamily):
                 "for this model (README, 'Your own detector') or use a recipe without distillation head terms"
             )
         return Taps(outputs=["bbox_head"], inputs=classifiers)
+
+    def example_forward(self, model: nn.Module):
+        if self._is_detr(model):
+            return None  # its transformer needs data samples (image shapes, masks): the calibration batch is traced
+        return lambda m: m(blank_image(m, (1, 3, 64, 64)), mode="tensor")
 
     def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
         """Calls the head as a module (MMDetection's ``mode="tensor"`` calls ``bbox_head.forward`` directly,

@@ -21,7 +21,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import HeadOutputs
 from ..recording import Recorded, Taps
-from .base import DetectorFamily
+from .base import DetectorFamily, blank_image
 
 
 def detector_root(model: nn.Module) -> Optional[str]:
@@ -41,6 +41,10 @@ class TorchvisionFamily(DetectorFamily):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return detector_root(model) is not None
+
+    def example_forward(self, model: nn.Module):
+        root = detector_root(model)
+        return lambda m: m.get_submodule(root)([blank_image(m, (3, 64, 64))])
 
     def _p(self, model: nn.Module) -> str:
         root = detector_root(model)

@@ -20,7 +20,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import HeadOutputs
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, UnsupportedDetectorError, cxcywh_to_xyxy
+from .base import DetectorFamily, UnsupportedDetectorError, blank_image, cxcywh_to_xyxy
 
 # Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
 HEAD_BRANCHES = (
@@ -147,6 +147,9 @@ class UltralyticsFamily(DetectorFamily):
 
     def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
         teacher(batch["img"])
+
+    def example_forward(self, model: nn.Module):
+        return lambda m: m(blank_image(m, (1, 3, 64, 64)))
 
     def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
         from ultralytics.utils.tal import dist2bbox, make_anchors
