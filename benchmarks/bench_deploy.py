@@ -10,6 +10,7 @@ images, trained once) this builds, with the same calibration images (``--calib``
   AVX512-BF16/AMX) and at f32;
 * ours W8A8 and W4A8 (``quantize_ultralytics`` + ``calibrate``, PTQ from the float model, DFL kept float):
   ``export_onnx(target="onnxruntime")`` in onnxruntime, ``export_openvino`` in OpenVINO (default and f32);
+  ``--recipes w8a8+shared`` adds a preset with ``quantization.shared_activations`` (one quantizer per tensor);
 * onnxruntime's own ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax) of the float
   ONNX, weighted ops only as Ultralytics' ``onnx_int8_quantize`` does (the decode stays float), in onnxruntime;
 * NNCF's PTQ of the float model exactly as Ultralytics' ``export(format="openvino", int8=True)`` runs it
@@ -41,6 +42,13 @@ import torch  # noqa: E402
 from detq_hooks.ultralytics.deploy import export_head_mode  # noqa: E402  (after the offline environment variables)
 
 
+def recipe_spec(name: str):
+    """A preset name, or ``<preset>+shared``: that preset with ``quantization.shared_activations`` on."""
+    if name.endswith("+shared"):
+        return {"preset": name[: -len("+shared")], "name": name, "quantization": {"shared_activations": True}}
+    return name
+
+
 def build_models(ref_pt: str, calib_images: list[np.ndarray], recipes: list[str]) -> dict:
     from ultralytics.nn.tasks import load_checkpoint
 
@@ -53,7 +61,7 @@ def build_models(ref_pt: str, calib_images: list[np.ndarray], recipes: list[str]
     models = {"float": float_model}
     batches = [torch.from_numpy(np.stack(calib_images[i:i + 8])) for i in range(0, len(calib_images), 8)]
     for r in recipes:
-        qm = quantize_ultralytics(copy.deepcopy(float_model), load_recipe(r))
+        qm = quantize_ultralytics(copy.deepcopy(float_model), load_recipe(recipe_spec(r)))
         dq.calibrate(qm.eval(), batches)
         models[r] = qm.eval()
     return models
@@ -160,7 +168,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib", type=int, default=64, help="training images used for calibration (all methods)")
-    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
+    p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"],
+                   help="presets to calibrate and export; <preset>+shared: with quantization.shared_activations")
     p.add_argument("--out", default="/tmp/detq_bench_deploy")
     p.add_argument("--skip-map", action="store_true")
     # the float model, its synthetic data and the size mAP is measured at (benchmarks/run.py --quick shrinks them)
