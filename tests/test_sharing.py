@@ -187,3 +187,36 @@ def test_shared_model_fuses_more_silus_in_onnxruntime_and_leaves_fewer_float_qua
     # rounding each that the fake-quant model does not do (the plain model has 41); measured 1.28 px
     _assert_close(make_runner(tmp_path / "shared_ort.onnx", "onnxruntime")(x.numpy())[0], _torch_out(models["shared"], x),
                   1.5, 0.03, box_max=2.0)
+
+
+def test_torchvision_and_mmdetection_families_tie_at_conversion():
+    """The other two families' blank-image forward: torchvision FCOS inside a LightningModule (a head shared over
+    the FPN levels) and MMDetection's RTMDet-tiny (CSP blocks, a neck of upsampled Concats)."""
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("mmdet")
+    from mmengine.config import Config
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from test_lightning import TinyFCOS
+
+    from detq_hooks.session import QuantSession
+
+    fcos = TinyFCOS()
+    QuantSession(SHARED).convert(fcos)
+    leaders = input_leaders(fcos)
+    # a stage output that the next stage and the FPN lateral conv read; the head, called on every level, and the
+    # P6 conv reading the top level: one quantizer; box and centerness layers reading one tower output
+    assert leaders["model.backbone.fpn.inner_blocks.0.0"] == "model.backbone.body.layer3.0"
+    assert leaders["model.head.regression_head.conv.0"] == leaders["model.head.classification_head.conv.0"] \
+        == "model.backbone.fpn.extra_blocks.p6"
+    assert leaders["model.head.regression_head.bbox_ctrness"] == "model.head.regression_head.bbox_reg"
+    register_all_modules()
+    from pathlib import Path
+
+    cfg = Config.fromfile(str(Path(__file__).resolve().parents[1] / "integrations" / "mmdet" / "rtmdet_tiny_synthetic.py"))
+    rtmdet = MODELS.build(cfg.model)
+    QuantSession(SHARED).convert(rtmdet)
+    leaders = input_leaders(rtmdet)
+    assert leaders["backbone.stage1.1.short_conv.conv"] == "backbone.stage1.1.main_conv.conv"  # CSP split
+    assert leaders["neck.top_down_blocks.0.short_conv.conv"] == "backbone.stage4.0.conv"  # upsample + Concat
+    assert len(leaders) >= 12

@@ -44,7 +44,8 @@ class TorchvisionFamily(DetectorFamily):
 
     def example_forward(self, model: nn.Module):
         root = detector_root(model)
-        return lambda m: m.get_submodule(root)([blank_image(m, (3, 64, 64))])
+        # two images: GroupNorm heads cannot normalise the 1x1 top level of one small image
+        return lambda m: m.get_submodule(root)([blank_image(m, (3, 64, 64)), blank_image(m, (3, 64, 64))])
 
     def _p(self, model: nn.Module) -> str:
         root = detector_root(model)
