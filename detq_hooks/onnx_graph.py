@@ -270,10 +270,11 @@ _SELECTIONS = ("Concat", "Split", "Slice", "MaxPool", "Resize", "Reshape", "Tran
 
 
 def _hoist_quantizers(gr: Graph) -> int:
-    """Move the one ``Q→DQ`` that every output of a selection (``Concat``, ``Split``, ``Slice``, ``MaxPool``, nearest
-    ``Resize``, reshapes) goes through onto that op's data inputs (kept on the outputs too: it is then exact, and onnxruntime runs the op on
-    integers between the two). Exact: these ops only select or join values, and per-tensor quantization is
-    monotone. Returns how many ops were done."""
+    """Put the one ``Q→DQ`` that every output of a selection (``Concat``, ``Split``, ``Slice``, ``MaxPool``,
+    nearest ``Resize``, reshapes) goes through on that op's data inputs too; the one on the outputs stays (it is
+    then an identity, and onnxruntime runs the op on integers between the two). Exact: these ops only select or
+    join values, and per-tensor quantization is monotone. A quantizer behind a ``Clip`` (fewer than 8 bits) is
+    not moved. Returns how many ops were done."""
     from onnx import helper
 
     done = 0
