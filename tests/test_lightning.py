@@ -546,6 +546,7 @@ sys.path.insert(0, {tests!r})
 import lightning.pytorch as pl
 from test_lightning import TinyDet, TinyFCOS, Snapshot, loader, det_loader, qstate, CRQAT_RECIPE
 from detq_hooks.lightning import DetQCallback
+from detq_hooks.sharing import input_leaders
 
 def params_and_quantizers(m):
     state = qstate(m)
@@ -558,12 +559,15 @@ class Save(Snapshot):
         stage = det.session.schedule.current if det.session.schedule is not None else None
         torch.save({{"calib": self.after_calibration, "final": params_and_quantizers(pl_module),
                     "terms": dict(det.last_loss_terms), "stage": stage,
-                    "logged": sorted(k for k in trainer.logged_metrics if k.startswith("detq/distill_"))}},
+                    "logged": sorted(k for k in trainer.logged_metrics if k.startswith("detq/distill_")),
+                    "leaders": input_leaders(pl_module)}},
                    {out!r} + f"/rank{{trainer.global_rank}}.pt")
 
 torch.set_num_threads(1)
 if {mode!r} == "crqat":
     model, data, recipe = TinyFCOS(), det_loader(n=16), CRQAT_RECIPE
+elif {mode!r} == "shared":  # tied at conversion, before Lightning's DDP (find_unused_parameters=False) wraps it
+    model, data, recipe = TinyFCOS(), det_loader(n=16), {{"preset": "w4a8", "quantization": {{"shared_activations": True}}}}
 else:
     model, data, recipe = TinyDet(), loader(n=32), "w4a8"
 t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
@@ -573,7 +577,7 @@ t.fit(model, data)
 """
 
 
-@pytest.mark.parametrize("mode", ["plain", "crqat"])
+@pytest.mark.parametrize("mode", ["plain", "crqat", "shared"])
 def test_ddp_two_processes_agree(tmp_path, mode):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path), mode=mode))
@@ -588,6 +592,9 @@ def test_ddp_two_processes_agree(tmp_path, mode):
     changed = [k for k in r0["final"] if k.endswith("input_quantizer.scale") and k in r0["calib"]
                and not torch.equal(r0["final"][k], r0["calib"][k])]
     assert changed
+    if mode == "shared":  # the shared quantizers train under DDP, tied alike on both ranks
+        assert r0["leaders"] == r1["leaders"] and r0["leaders"]["model.head.regression_head.conv.0"] == \
+            "model.backbone.fpn.extra_blocks.p6"
     if mode == "crqat":  # curriculum + distillation under DDP: stage 2 reached, distillation terms nonzero on both ranks
         for r in (r0, r1):
             assert r["stage"] == 1
