@@ -96,7 +96,7 @@ def _spec(q: FakeQuantizer) -> tuple:
 def input_groups(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[list[str]]:
     """Names of the quantized layers whose input quantizers can be one, in groups of two or more (module
     order); ``run(model)`` runs one forward pass. The quantizers are off during the pass (nothing is observed
-    or initialised) and the model's mode is kept."""
+    or initialised) and every module's train/eval mode is kept."""
     layers = [(n, m) for n, m in quantized_layers(model) if isinstance(m.input_quantizer, FakeQuantizer)]
     flow = _Flow()
     reads: dict[str, list] = {}
@@ -111,7 +111,7 @@ def input_groups(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[list
                   if q is not None}
     enabled = {k: q.enabled for k, q in quantizers.items()}
     handles = [m.register_forward_pre_hook(reader(n)) for n, m in layers]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own (frozen BatchNorm stays in eval)
     try:
         for q in quantizers.values():
             q.enabled = False
@@ -123,7 +123,8 @@ def input_groups(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[list
             h.remove()
         for k, q in quantizers.items():
             q.enabled = enabled[k]
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     for keys in reads.values():  # a layer called on several tensors (a head shared over levels) quantizes all
         for k in keys[1:]:
             flow.sets.union(keys[0], k)
