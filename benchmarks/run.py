@@ -25,6 +25,7 @@ defaults ("script default": the wrapped script's own default, as the README's ta
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -114,16 +115,19 @@ def _portable(value, out: Path) -> str:
 def run_logged(args, name: str, script: str, script_args: list, output: Path | None = None) -> dict:
     """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran.
 
-    With ``--resume`` a unit whose record (``raw/logs/<name>.run.json``) shows the same script, arguments and
-    environment, and whose ``output`` is still there, is not run again: its record is returned, marked
-    ``reused``. That lets a question of several hours be finished over several sittings, one unit at a time."""
+    With ``--resume`` a unit whose record (``raw/logs/<name>.run.json``) shows the same script (by content:
+    a changed default runs it again; records written before the content was recorded match on the name),
+    arguments and environment, and whose ``output`` is still there, is not run again: its record is returned,
+    marked ``reused``. That lets a question of several hours be finished over several sittings, one unit at a
+    time."""
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     log = args.out / "raw" / "logs" / f"{name}.log"
     record_path = log.with_suffix(".run.json")
     wanted = {"name": name, "script": script, "args": [_portable(a, args.out) for a in script_args], "env": env}
+    content = hashlib.sha256((suite.REPO / "benchmarks" / script).read_bytes()).hexdigest()[:16]
     if getattr(args, "resume", False) and output is not None and output.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if {k: record.get(k) for k in wanted} == wanted:
+        if {k: record.get(k) for k in wanted} == wanted and record.get("script_sha256", content) == content:
             print(f"[{name}] reused: finished {record.get('finished', '?')} in {record['seconds']:.0f} s "
                   f"({record_path.name})", flush=True)
             return {**record, "log": str(log), "reused": True}
@@ -131,8 +135,8 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
     print(f"[{name}] {script} {' '.join(map(str, script_args))}", flush=True)
     seconds = run_script(script, script_args, log, env)
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
-    record = {**wanted, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "commit": suite.git_state().get("commit")}
+    record = {**wanted, "script_sha256": content, "seconds": round(seconds, 1),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": suite.git_state().get("commit")}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return {**record, "args": [str(a) for a in script_args], "log": str(log)}

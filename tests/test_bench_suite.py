@@ -172,10 +172,16 @@ def test_resume_runs_again_when_settings_or_output_changed(monkeypatch, tmp_path
     output.unlink()
     bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
     assert len(ran) == 3  # its output is gone: run again
-    args.resume = False
+    record_path = tmp_path / "raw" / "logs" / "ptq_seed0.run.json"
+    record = json.loads(record_path.read_text())
+    assert len(record["script_sha256"]) == 16
     output.write_text("{}")
+    record_path.write_text(json.dumps({**record, "script_sha256": "0" * 16}))
     bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
-    assert len(ran) == 4  # without --resume every run happens
+    assert len(ran) == 4  # the script changed since (a default, say): run again
+    args.resume = False
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
+    assert len(ran) == 5  # without --resume every run happens
 
 
 def test_quick_cost_has_float_at_one_and_every_configuration(quick):
