@@ -269,6 +269,25 @@ _SELECTIONS = ("Concat", "Split", "Slice", "MaxPool", "Resize", "Reshape", "Tran
                "Unsqueeze")
 
 
+def _one_quantizer_after(gr: Graph, node) -> tuple[list, Optional[tuple]]:
+    """``(readers, key)`` when ``node`` is a selection whose outputs (none a graph output) are read only by
+    ``QuantizeLinear`` nodes with one set of constants; ``key`` is ``None`` otherwise."""
+    if node.op_type not in _SELECTIONS or (node.op_type == "Resize" and not _nearest_resize(node)) or \
+            any(o in gr.outputs for o in node.output):
+        return [], None
+    readers = [c for o in node.output for c in gr.consumers.get(o, [])]
+    keys = [_qdq_key(gr, c) for c in readers]
+    if not readers or any(k is None or k[0] != "QuantizeLinear" for k in keys) or \
+            len({_param_key(k) for k in keys}) != 1:
+        return readers, None
+    return readers, keys[0]
+
+
+def _selected_inputs(node) -> list[str]:
+    """The inputs whose values a selection passes on: every input of ``Concat``, else the first."""
+    return list(node.input) if node.op_type == "Concat" else list(node.input[:1])
+
+
 def _hoist_quantizers(gr: Graph) -> int:
     """Put the one ``Q→DQ`` that every output of a selection (``Concat``, ``Split``, ``Slice``, ``MaxPool``,
     nearest ``Resize``, reshapes) goes through on that op's data inputs too; the one on the outputs stays (it is
@@ -279,23 +298,18 @@ def _hoist_quantizers(gr: Graph) -> int:
 
     done = 0
     for node in list(gr.g.node):
-        if node.op_type not in _SELECTIONS or (node.op_type == "Resize" and not _nearest_resize(node)):
-            continue
-        if any(o in gr.outputs or not gr.consumers.get(o) for o in node.output):
-            continue
-        readers = [c for o in node.output for c in gr.consumers[o]]
-        keys = [_qdq_key(gr, c) for c in readers]
-        if any(k is None or k[0] != "QuantizeLinear" for k in keys) or len({_param_key(k) for k in keys}) != 1:
+        readers, key = _one_quantizer_after(gr, node)
+        if key is None or any(not gr.consumers.get(o) for o in node.output):
             continue
         q = readers[0]
-        data = list(node.input) if node.op_type == "Concat" else node.input[:1]
-        if all(_already_on_grid(gr, x, keys[0]) for x in data):
+        data = _selected_inputs(node)
+        if all(_already_on_grid(gr, x, key) for x in data):
             continue
         dq_after = [c for c in gr.consumers[q.output[0]] if c.op_type == "DequantizeLinear"]
         if not dq_after:
             continue
         for k, x in enumerate(node.input):
-            if x not in data or _already_on_grid(gr, x, keys[0]):
+            if x not in data or _already_on_grid(gr, x, key):
                 continue
             q_out, dq_out = gr.fresh(x + "_hq"), gr.fresh(x + "_hdq")
             gr.g.node.append(helper.make_node("QuantizeLinear", [x, *q.input[1:]], [q_out], name=q_out,
@@ -331,20 +345,13 @@ def drop_requantizers_after_selections(model) -> int:
     gr = Graph(model)
     dropped = 0
     for node in list(gr.g.node):
-        if node.op_type not in _SELECTIONS or any(o in gr.outputs for o in node.output):
-            continue
-        readers = [c for o in node.output for c in gr.consumers.get(o, [])]
-        keys = [_qdq_key(gr, c) for c in readers]
-        if not readers or any(k is None or k[0] != "QuantizeLinear" for k in keys) or \
-                len({_param_key(k) for k in keys}) != 1:
-            continue
-        data = list(node.input) if node.op_type == "Concat" else node.input[:1]
-        if not all(_already_on_grid(gr, x, keys[0]) for x in data):
+        readers, key = _one_quantizer_after(gr, node)
+        if key is None or not all(_already_on_grid(gr, x, key) for x in _selected_inputs(node)):
             continue
         for q in readers:
             for dq in list(gr.consumers.get(q.output[0], [])):
                 if dq.op_type == "DequantizeLinear" and dq.output[0] not in gr.outputs and \
-                        _param_key(_qdq_key(gr, dq)) == _param_key(keys[0]):
+                        _param_key(_qdq_key(gr, dq)) == _param_key(key):
                     gr.rename_input(dq.output[0], q.input[0])
                     dropped += 1
         gr.reindex()
