@@ -237,6 +237,11 @@ def is_quantized_module(module: nn.Module) -> bool:
     return isinstance(module, QuantModuleMixin)
 
 
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
+    """``(name, layer)`` of every fake-quant layer of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if is_quantized_module(m)]  # type: ignore[misc]
+
+
 __all__ = [
     "QuantModuleMixin",
     "QuantConv2d",

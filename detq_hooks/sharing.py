@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from scipy.cluster.hierarchy import DisjointSet
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .modules import is_quantized_module
+from .modules import quantized_layers
 from .quantizers import FakeQuantizer
 
 _JOINS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
@@ -40,34 +41,19 @@ def _is_selection(func, args, kwargs) -> bool:
     return False
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict = {}
-
-    def find(self, a):
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a, b) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
 class _Flow(TorchFunctionMode):
     """Records which tensors are one quantization domain during a forward pass."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sets = _UnionFind()
+        self.sets = DisjointSet()
         self.alive: list[torch.Tensor] = []  # held so that no storage is freed and reused during the pass
 
     def key(self, t: torch.Tensor):
         self.alive.append(t)
-        return (t.untyped_storage().data_ptr(), t._version)
+        k = (t.untyped_storage().data_ptr(), t._version)
+        self.sets.add(k)
+        return k
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -77,16 +63,12 @@ class _Flow(TorchFunctionMode):
             if isinstance(out, torch.Tensor):
                 for p in parts:
                     if isinstance(p, torch.Tensor):
-                        self.sets.union(self.key(out), self.key(p))
+                        self.sets.merge(self.key(out), self.key(p))
         elif args and isinstance(args[0], torch.Tensor) and _is_selection(func, args, kwargs):
             first = out[0] if isinstance(out, tuple) else out  # max_pool with return_indices
             if isinstance(first, torch.Tensor):
-                self.sets.union(self.key(first), self.key(args[0]))
+                self.sets.merge(self.key(first), self.key(args[0]))
         return out
-
-
-def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if is_quantized_module(m)]
 
 
 def _spec(q: FakeQuantizer) -> tuple:
@@ -127,12 +109,12 @@ def input_groups(model: nn.Module, run: Callable[[nn.Module], Any]) -> list[list
             m.training = training
     for keys in reads.values():  # a layer called on several tensors (a head shared over levels) quantizes all
         for k in keys[1:]:
-            flow.sets.union(keys[0], k)
+            flow.sets.merge(keys[0], k)
     groups: dict = {}
     specs = {n: _spec(m.input_quantizer) for n, m in layers}
     for n, _ in layers:
         if n in reads:
-            groups.setdefault((flow.sets.find(reads[n][0]), specs[n]), []).append(n)
+            groups.setdefault((flow.sets[reads[n][0]], specs[n]), []).append(n)
     return [g for g in groups.values() if len(g) > 1]
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from .modules import QUANT_MODULES, QuantModuleMixin, is_quantized_module, is_swappable
+from .modules import QUANT_MODULES, is_quantized_module, is_swappable, quantized_layers
 from .quantizers import FakeQuantizer, iter_quantizers
 from .ranges import calibrate_weight_quantizer
 from .sharing import tie_inputs
@@ -273,10 +273,6 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(is_quantized_module(m) for m in model.modules())
-
-
-def quantized_layers(model: nn.Module) -> list[tuple[str, QuantModuleMixin]]:
-    return [(n, m) for n, m in model.named_modules() if is_quantized_module(m)]  # type: ignore[misc]
 
 
 def recipe_of(model: nn.Module) -> Optional[Recipe]:
