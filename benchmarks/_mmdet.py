@@ -45,21 +45,24 @@ def synthetic_mmdet_data(imgsz: int, num_train: int, num_val: int):
     return ds
 
 
-def cached_float_mmdet(config: str, imgsz: int, batch: int, epochs: int, ds) -> Path:
+def cached_float_mmdet(config: str, imgsz: int, batch: int, epochs: int, ds, val_interval: int = 0, **options) -> Path:
     """The float ``config`` trained ``epochs`` epochs from scratch on ``ds``, cached under
-    ``float_refs_dir()/mmdet/<key>/float.pth`` (delete it to retrain)."""
+    ``float_refs_dir()/mmdet/<key>/float.pth`` (delete it to retrain); ``val_interval`` > 0 also validates every
+    that many epochs (to watch a slow model converge; not part of the cache key); ``options`` are merged into the
+    config (dotted keys, e.g. a backbone's ``init_cfg``) and are part of the key."""
     from mmengine.runner import Runner
 
     import detq_hooks.mmengine  # noqa: F401  (registers DetQHook; lets torch's weights_only load MMEngine checkpoints)
     from detq_hooks.tools.zoo import float_refs_dir
 
-    key = hashlib.sha256(json.dumps([config, imgsz, batch, epochs, ds.params()]).encode()).hexdigest()[:16]
+    fields = json.dumps([config, imgsz, batch, epochs, ds.params()]) + (json.dumps(options, sort_keys=True) if options else "")
+    key = hashlib.sha256(fields.encode()).hexdigest()[:16]
     float_ckpt = float_refs_dir() / "mmdet" / key / "float.pth"
     if float_ckpt.exists():
         return float_ckpt
     work = Path(tempfile.mkdtemp(prefix="detq_float_"))
-    cfg = mmdet_cfg(config, work, imgsz, batch)
-    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=epochs)
+    cfg = mmdet_cfg(config, work, imgsz, batch, **options)
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=val_interval or epochs)
     cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=100),
                            dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=epochs,
                                 T_max=epochs, eta_min_ratio=0.05, convert_to_iter_based=True)]

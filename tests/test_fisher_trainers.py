@@ -148,6 +148,51 @@ def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
     assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation
 
 
+def test_mmdet_conditional_detr_sigmoid_query_head_fisher_run(tmp_path):
+    """Conditional DETR: a DETR head (queries, Hungarian positives) with sigmoid focal classification — the
+    critical objective's sigmoid transform on queries, Fisher mixed precision and the regulariser in a real run."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from test_mmdet import hook_recipe, load_cfg
+    from detq_hooks.critical import CriticalObjective
+    from detq_hooks.detectors import family_for
+    from detq_hooks.recording import Recorder
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
+    recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
+    runner = Runner.from_cfg(hook_recipe(load_cfg("conditional_detr_cspnext_synthetic_w4a8.py", synth, tmp_path / "w"), recipe))
+    runner.train()
+    hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    plan = hook.session.last_mixed_precision
+    assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
+    assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
+    metrics = runner.val()
+    assert 0.0 <= metrics["coco/critical_bbox_mAP"] <= metrics["coco/critical_bbox_mAP_50"] <= 1.0
+
+    model = runner.model
+    family = family_for(model)
+    batch = model.data_preprocessor(next(iter(runner.train_dataloader)), True)
+    recorder = Recorder(model, family.head_taps(model), always=True)
+    try:
+        family.teacher_forward(model, (batch["inputs"], batch["data_samples"]))
+        head = family.head_outputs(model, recorder.recorded, (batch["inputs"], batch["data_samples"]))
+    finally:
+        recorder.remove()
+    assert head.score_kind == "sigmoid" and head.cls_logits.shape[-2:] == (30, 8)  # 30 queries, no no-object column
+    model.zero_grad()
+    ids = [synth.classes.index(c) for c in CRITICAL]
+    loss = CriticalObjective(family, ids)(model, (batch["inputs"], batch["data_samples"]))
+    loss.backward()
+    fc_cls = model.bbox_head.fc_cls.weight.grad
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    others = [i for i in range(8) if i not in ids]
+    # the sigmoid transform: each critical class keeps its own score, "other" is the max of the non-critical ones
+    assert all(float(fc_cls[i].abs().sum()) > 0 for i in ids) and any(float(fc_cls[i].abs().sum()) > 0 for i in others)
+
+
 # ============================================================================================ Lightning
 def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
@@ -194,7 +239,7 @@ def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
 
 
 def test_lightning_regulariser_on_a_head_no_family_reads_fails_before_training(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch")
     from test_lightning import TinyDet, loader, trainer
 
     from detq_hooks import is_quantized
