@@ -35,6 +35,23 @@ def mmdet_cfg(name: str, work, imgsz: int, batch: int, **options):
     return cfg
 
 
+def StepTimer():
+    """An MMEngine hook that records each training iteration's wall time in ``.times`` (seconds)."""
+    from mmengine.hooks import Hook
+
+    class _StepTimer(Hook):
+        def __init__(self):
+            self.times, self._t = [], 0.0
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            self._t = time.perf_counter()
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self.times.append(time.perf_counter() - self._t)
+
+    return _StepTimer()
+
+
 def synthetic_mmdet_data(imgsz: int, num_train: int, num_val: int):
     """The synthetic COCO data the MMDetection configs read (``DETQ_SYNTH_ROOT`` is set to it)."""
     from detq_hooks.tools.data import make_synthetic_dataset

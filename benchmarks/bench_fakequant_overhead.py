@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import copy
 import os
-import statistics
 import sys
 
 import torch

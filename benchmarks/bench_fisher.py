@@ -29,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
+from detq_hooks import fisher_report  # noqa: E402
+
 
 def variant_recipe(bits: str, variant: str, critical: list[str], avg_bits: float, reg_weight: float, reg_every: int) -> dict:
     recipe = {"preset": bits, "name": f"{bits}-{variant}", "critical": {"classes": critical}}
@@ -79,6 +81,47 @@ def critical_of(res, critical: list[str]) -> tuple[float, float]:
             sum(res.per_category_ap50[c] for c in present) / len(present))
 
 
+def record_run(out: Path, r: dict, res, crit: float, crit50: float, plan, float_res, float_crit: float,
+               critical: list[str], avg_bits: float) -> dict:
+    """Complete one run's row (mAP, critical mAP, fractions of float kept, bits), draw its bits-per-layer and
+    per-class AP-drop plots, print it and append it to ``out/rows.jsonl`` (a long run keeps what it measured)."""
+    label = r["run"]  # its "bits" and "variant" are set by the caller
+    r.update(map50_95=res.map50_95, map50=res.map50, critical_map50_95=crit, critical_map50=crit50,
+             kept=res.map50_95 / max(float_res.map50_95, 1e-9), critical_kept=crit / max(float_crit, 1e-9),
+             per_category=res.per_category, avg_weight_bits=plan.used if plan is not None else avg_bits)
+    if plan is not None:
+        fisher_report.save_bits_plot(plan, out / f"bits_{label}.png")
+        r["bits_per_layer"] = plan.allocation
+    fisher_report.save_ap_drop_plot(fisher_report.ap_drop_table(float_res, res, critical), out / f"ap_drop_{label}.png")
+    print(json.dumps({k: v for k, v in r.items() if k not in ("per_category", "bits_per_layer")}), flush=True)
+    with open(out / "rows.jsonl", "a") as f:
+        f.write(json.dumps(r) + "\n")
+    return r
+
+
+def write_outputs(out: Path, header: str, rows: list[dict], time_key: str, time_label: str, float_res,
+                  float_crit: float, float_crit50: float, critical: list[str], config: dict) -> None:
+    """``fisher.md`` (the table, time ÷ plain QAT of the same bits), ``fisher.png`` and ``results.json``."""
+    plain = {}
+    for r in rows:
+        if r["variant"] == "plain":
+            plain.setdefault(r["bits"], []).append(r[time_key])
+    lines = [header, "", f"| bits | variant | seed | avg weight bits | mAP50-95 | kept | critical mAP50-95 | critical kept | {time_label} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        r["time_vs_plain"] = r[time_key] / statistics.median(plain.get(r["bits"], [float("nan")]))
+        lines.append(f"| {r['bits']} | {r['variant']} | {r['seed']} | {r['avg_weight_bits']:.3f} | {r['map50_95']:.4f} | "
+                     f"{r['kept']:.1%} | {r['critical_map50_95']:.4f} | {r['critical_kept']:.1%} | {r['time_vs_plain']:.2f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    (out / "fisher.md").write_text(table + "\n")
+    save_plot(rows, out / "fisher.png")
+    (out / "results.json").write_text(json.dumps({
+        "float": {"map50_95": float_res.map50_95, "critical_map50_95": float_crit, "critical_map50": float_crit50,
+                  "per_category": float_res.per_category},
+        "critical": critical, "config": {k: str(v) for k, v in config.items()}, "rows": rows}, indent=2))
+
+
 def save_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -118,7 +161,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher"))
     a = p.parse_args(argv)
 
-    from detq_hooks import fisher_report
     from detq_hooks.tools.data import make_synthetic_dataset
     from detq_hooks.tools.zoo import cached_float_checkpoint, evaluate_ultralytics, synthetic_data_dir
 
@@ -152,44 +194,16 @@ def main(argv=None) -> int:
                 label = f"{bits}_{variant}_s{seed}"
                 r = run(ref.checkpoint, ds, a.imgsz, a.qat_epochs, a.out.resolve() / "runs", label, recipe, seed)
                 res, plan = r.pop("eval"), r.pop("plan")
-                crit, crit50 = critical_of(res, critical)
-                r.update(bits=bits, variant=variant, map50_95=res.map50_95, map50=res.map50, critical_map50_95=crit,
-                         critical_map50=crit50, kept=res.map50_95 / max(float_eval.map50_95, 1e-9),
-                         critical_kept=crit / max(float_crit, 1e-9), per_category=res.per_category,
-                         avg_weight_bits=plan.used if plan is not None else avg)
-                if plan is not None:
-                    fisher_report.save_bits_plot(plan, a.out / f"bits_{label}.png")
-                    r["bits_per_layer"] = plan.allocation
-                drops = fisher_report.ap_drop_table(float_eval, res, critical)
-                fisher_report.save_ap_drop_plot(drops, a.out / f"ap_drop_{label}.png")
-                rows.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k not in ("per_category", "bits_per_layer")}), flush=True)
-                with open(a.out / "rows.jsonl", "a") as f:  # a long run keeps what it measured
-                    f.write(json.dumps(r) + "\n")
+                r.update(bits=bits, variant=variant)
+                rows.append(record_run(a.out, r, res, *critical_of(res, critical), plan, float_eval, float_crit,
+                                       critical, avg))
 
-    plain = {}
-    for r in rows:
-        if r["variant"] == "plain":
-            plain.setdefault(r["bits"], []).append(r["s_per_epoch"])
-    lines = [f"float (the better of the reference and its {a.qat_epochs}-epoch fine-tune) mAP50-95 {float_eval.map50_95:.4f}, "
-             f"critical ({', '.join(critical)}) {float_crit:.4f}; "
-             f"QAT {a.qat_epochs} epochs from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
-             f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps",
-             "", "| bits | variant | seed | avg weight bits | mAP50-95 | kept | critical mAP50-95 | critical kept | time/epoch ÷ plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        base = statistics.median(plain.get(r["bits"], [float("nan")]))
-        r["time_vs_plain"] = r["s_per_epoch"] / base
-        lines.append(f"| {r['bits']} | {r['variant']} | {r['seed']} | {r['avg_weight_bits']:.3f} | {r['map50_95']:.4f} | "
-                     f"{r['kept']:.1%} | {r['critical_map50_95']:.4f} | {r['critical_kept']:.1%} | {r['time_vs_plain']:.2f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    (a.out / "fisher.md").write_text(table + "\n")
-    save_plot(rows, a.out / "fisher.png")
-    (a.out / "results.json").write_text(json.dumps({
-        "float": {"map50_95": float_eval.map50_95, "critical_map50_95": float_crit, "critical_map50": float_crit50,
-                  "per_category": float_eval.per_category},
-        "critical": critical, "config": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
+    header = (f"float (the better of the reference and its {a.qat_epochs}-epoch fine-tune) mAP50-95 {float_eval.map50_95:.4f}, "
+              f"critical ({', '.join(critical)}) {float_crit:.4f}; "
+              f"QAT {a.qat_epochs} epochs from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
+              f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps")
+    write_outputs(a.out, header, rows, "s_per_epoch", "time/epoch ÷ plain", float_eval, float_crit, float_crit50,
+                  critical, vars(a))
     return 0
 
 

@@ -25,17 +25,15 @@ Results: ``<out>/results.json``, ``<out>/fisher.md``, ``<out>/fisher.png``, per 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _mmdet import cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
-from bench_fisher import save_plot, variant_recipe  # noqa: E402
+from _mmdet import StepTimer, cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
+from bench_fisher import record_run, variant_recipe, write_outputs  # noqa: E402
 
 
 def plain_average_bits(config: str, float_ckpt: Path, preset: str) -> float:
@@ -77,7 +75,6 @@ def main(argv=None) -> int:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    from detq_hooks import fisher_report
     from detq_hooks.mmengine import DetQHook
     from detq_hooks.mmengine.metrics import add_critical_metrics
 
@@ -101,16 +98,6 @@ def main(argv=None) -> int:
 
         def before_test(self, runner):
             add_critical_metrics(runner.test_loop.evaluator, critical_labels)
-
-    class StepTimer(Hook):
-        def __init__(self):
-            self.times, self._t = [], 0.0
-
-        def before_train_iter(self, runner, batch_idx, data_batch=None):
-            self._t = time.perf_counter()
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            self.times.append(time.perf_counter() - self._t)
 
     def result_of(metrics: dict) -> SimpleNamespace:
         per_category = {c: float(metrics[f"coco/{c}_precision"]) for c in ds.classes if f"coco/{c}_precision" in metrics}
@@ -168,43 +155,16 @@ def main(argv=None) -> int:
                 label = f"{bits}_{variant}_s{seed}"
                 r = fine_tune(label, recipe, seed)
                 res, plan = r.pop("eval"), r.pop("plan")
-                r.update(bits=bits, variant=variant, map50_95=res.map50_95, map50=res.map50,
-                         critical_map50_95=res.critical, critical_map50=res.critical50,
-                         kept=res.map50_95 / max(float_res.map50_95, 1e-9),
-                         critical_kept=res.critical / max(float_res.critical, 1e-9), per_category=res.per_category,
-                         avg_weight_bits=plan.used if plan is not None else avg)
-                if plan is not None:
-                    fisher_report.save_bits_plot(plan, a.out / f"bits_{label}.png")
-                    r["bits_per_layer"] = plan.allocation
-                drops = fisher_report.ap_drop_table(float_res, res, critical)
-                fisher_report.save_ap_drop_plot(drops, a.out / f"ap_drop_{label}.png")
-                rows.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k not in ("per_category", "bits_per_layer")}), flush=True)
-                with open(a.out / "rows.jsonl", "a") as f:  # a long run keeps what it measured
-                    f.write(json.dumps(r) + "\n")
+                r.update(bits=bits, variant=variant)
+                rows.append(record_run(a.out, r, res, res.critical, res.critical50, plan, float_res, float_res.critical,
+                                       critical, avg))
 
-    plain = {}
-    for r in rows:
-        if r["variant"] == "plain":
-            plain.setdefault(r["bits"], []).append(r["s_per_step"])
-    lines = [f"{a.config}: float (the better of the start and its {a.qat_iters}-iteration fine-tune) mAP50-95 "
-             f"{float_res.map50_95:.4f}, critical ({', '.join(critical)}) {float_res.critical:.4f}; QAT {a.qat_iters} "
-             f"iterations (batch {a.batch}) from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
-             f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps",
-             "", "| bits | variant | seed | avg weight bits | mAP50-95 | kept | critical mAP50-95 | critical kept | step ÷ plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        r["time_vs_plain"] = r["s_per_step"] / statistics.median(plain.get(r["bits"], [float("nan")]))
-        lines.append(f"| {r['bits']} | {r['variant']} | {r['seed']} | {r['avg_weight_bits']:.3f} | {r['map50_95']:.4f} | "
-                     f"{r['kept']:.1%} | {r['critical_map50_95']:.4f} | {r['critical_kept']:.1%} | {r['time_vs_plain']:.2f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    (a.out / "fisher.md").write_text(table + "\n")
-    save_plot(rows, a.out / "fisher.png")
-    (a.out / "results.json").write_text(json.dumps({
-        "float": {"map50_95": float_res.map50_95, "critical_map50_95": float_res.critical,
-                  "critical_map50": float_res.critical50, "per_category": float_res.per_category},
-        "critical": critical, "config": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
+    header = (f"{a.config}: float (the better of the start and its {a.qat_iters}-iteration fine-tune) mAP50-95 "
+              f"{float_res.map50_95:.4f}, critical ({', '.join(critical)}) {float_res.critical:.4f}; QAT {a.qat_iters} "
+              f"iterations (batch {a.batch}) from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
+              f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps")
+    write_outputs(a.out, header, rows, "s_per_step", "step ÷ plain", float_res, float_res.critical,
+                  float_res.critical50, critical, vars(a))
     return 0
 
 

@@ -11,7 +11,6 @@ not involved). :func:`runtime_precisions` reads what the CPU plugin really execu
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field, fields

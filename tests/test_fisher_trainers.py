@@ -148,22 +148,17 @@ def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
     assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation
 
 
-def test_mmdet_conditional_detr_sigmoid_query_head_fisher_run(tmp_path):
-    """Conditional DETR: a DETR head (queries, Hungarian positives) with sigmoid focal classification — the
-    critical objective's sigmoid transform on queries, Fisher mixed precision and the regulariser in a real run."""
-    pytest.importorskip("mmdet")
-    pytest.importorskip("mmcv.ops")
+def _mmdet_query_head_fisher_run(tmp_path, config):
+    """A real MMDetection run of ``config`` (96 px, 8 images) with the Fisher recipe; checks the mixed-precision
+    plan, the regulariser's trace and critical AP in the validation output. Returns (runner, synth, a train batch)."""
     from mmengine.runner import Runner
 
     from test_mmdet import hook_recipe, load_cfg
-    from detq_hooks.critical import CriticalObjective
-    from detq_hooks.detectors import family_for
-    from detq_hooks.recording import Recorder
     from detq_hooks.tools.data import make_synthetic_dataset
 
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
     recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
-    runner = Runner.from_cfg(hook_recipe(load_cfg("conditional_detr_cspnext_synthetic_w4a8.py", synth, tmp_path / "w"), recipe))
+    runner = Runner.from_cfg(hook_recipe(load_cfg(config, synth, tmp_path / "w"), recipe))
     runner.train()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
     plan = hook.session.last_mixed_precision
@@ -171,26 +166,63 @@ def test_mmdet_conditional_detr_sigmoid_query_head_fisher_run(tmp_path):
     assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
     metrics = runner.val()
     assert 0.0 <= metrics["coco/critical_bbox_mAP"] <= metrics["coco/critical_bbox_mAP_50"] <= 1.0
+    batch = runner.model.data_preprocessor(next(iter(runner.train_dataloader)), True)
+    return runner, synth, (batch["inputs"], batch["data_samples"])
 
-    model = runner.model
-    family = family_for(model)
-    batch = model.data_preprocessor(next(iter(runner.train_dataloader)), True)
+
+def _recorded_head(model, family, batch):
+    """The family's head outputs of one forward of ``model`` (and what the forward hooks recorded)."""
+    from detq_hooks.recording import Recorder
+
     recorder = Recorder(model, family.head_taps(model), always=True)
     try:
-        family.teacher_forward(model, (batch["inputs"], batch["data_samples"]))
-        head = family.head_outputs(model, recorder.recorded, (batch["inputs"], batch["data_samples"]))
+        family.teacher_forward(model, batch)
+        return family.head_outputs(model, recorder.recorded, batch), recorder.recorded
     finally:
         recorder.remove()
+
+
+def test_mmdet_conditional_detr_sigmoid_query_head_fisher_run(tmp_path):
+    """Conditional DETR: a DETR head (queries, Hungarian positives) with sigmoid focal classification — the
+    critical objective's sigmoid transform on queries, Fisher mixed precision and the regulariser in a real run."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from detq_hooks.critical import CriticalObjective
+    from detq_hooks.detectors import family_for
+
+    runner, synth, batch = _mmdet_query_head_fisher_run(tmp_path, "conditional_detr_cspnext_synthetic_w4a8.py")
+    model = runner.model
+    family = family_for(model)
+    head, _ = _recorded_head(model, family, batch)
     assert head.score_kind == "sigmoid" and head.cls_logits.shape[-2:] == (30, 8)  # 30 queries, no no-object column
     model.zero_grad()
     ids = [synth.classes.index(c) for c in CRITICAL]
-    loss = CriticalObjective(family, ids)(model, (batch["inputs"], batch["data_samples"]))
+    loss = CriticalObjective(family, ids)(model, batch)
     loss.backward()
     fc_cls = model.bbox_head.fc_cls.weight.grad
     assert torch.isfinite(loss) and float(loss.detach()) > 0
     others = [i for i in range(8) if i not in ids]
     # the sigmoid transform: each critical class keeps its own score, "other" is the max of the non-critical ones
     assert all(float(fc_cls[i].abs().sum()) > 0 for i in ids) and any(float(fc_cls[i].abs().sum()) > 0 for i in others)
+
+
+def test_mmdet_dino_fisher_run_reads_matching_queries_not_denoising_ones(tmp_path):
+    """DINO: a DETR head with a classifier per decoder layer (``cls_branches``), two-stage proposals and
+    denoising queries in training — Fisher mixed precision, the regulariser and critical AP in a real run, and
+    the family reading the last decoder layer's 30 matching queries (not the denoising ones)."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from detq_hooks.detectors import family_for
+
+    runner, _, batch = _mmdet_query_head_fisher_run(tmp_path, "dino_r18_synthetic_w4a8.py")
+    model = runner.model.train()  # in training mode DINO adds denoising queries in front
+    family = family_for(model)
+    # the last decoder layer's branch (3 layers; branch 3 scores two-stage's proposals)
+    assert family.head_taps(model).inputs == ["bbox_head.cls_branches.2"]
+    head, recorded = _recorded_head(model, family, batch)
+    assert recorded.output("bbox_head")[0].shape[-2] > 30
+    assert head.score_kind == "sigmoid" and head.cls_logits.shape[-2:] == (30, 8)
+    assert head.embeddings.shape[-2] == 30 and head.boxes.shape[-2:] == (30, 4)
 
 
 # ============================================================================================ Lightning

@@ -1,6 +1,7 @@
 """DetQHook in real MMDetection runs: RTMDet-tiny, RetinaNet-R18 and a slim DETR-R18, from the configs under
 integrations/mmdet, shrunk to 96 px images on the synthetic COCO data."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -289,6 +290,36 @@ def float_retinanet(synth, tmp_path_factory):
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=2, by_epoch=False)
     Runner.from_cfg(cfg).train()
     return work / "iter_2.pth"
+
+
+def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(synth, tmp_path):
+    """DINO (Deformable-DETR family): the detector's own parameters (level_embed) fall in the transformer stage,
+    and the head terms pair student and teacher queries (the student's denoising queries left out)."""
+    from mmdet.registry import MODELS
+
+    float_cfg = load_cfg("dino_r18_synthetic.py", synth, tmp_path / "float")
+    model = MODELS.build(copy.deepcopy(float_cfg.model))
+    model.init_weights()
+    float_ckpt = tmp_path / "dino_float.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, float_ckpt)
+    cfg = hook_recipe(load_cfg("dino_r18_synthetic_w4a8.py", synth, tmp_path, load_from=str(float_ckpt)), CRQAT)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
+    runner = Runner.from_cfg(cfg)
+    terms = []
+
+    class Terms(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+            terms.append((detq.session.schedule.current, dict(detq.session.last_terms)))
+
+    runner.register_hook(Terms(), priority="LOWEST")
+    runner.train()
+    detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    stages = detq.session.schedule.stages
+    assert [s.name for s in stages] == ["backbone", "neck", "head"] and "" in stages[1].prefixes
+    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
+    last = terms[-1][1]
+    assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
 
 
 def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retinanet):

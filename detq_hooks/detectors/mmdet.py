@@ -7,13 +7,15 @@ the DETR family), and MMEngine models laid out the same way.
 * Head outputs, dense heads: per-level outputs flattened to (B, A, C) logits and boxes decoded by the head's
   own ``bbox_coder`` at its priors; the classifier's inputs as region embeddings; its weight rows as class
   anchors (per level where each level has its own classifier, as in RTMDet). DETR heads: the last decoder
-  layer's queries; student queries are paired with the teacher's by Hungarian matching and the teacher's
-  positives are its queries matched to the ground truth.
+  layer's queries (``fc_cls`` heads: DETR, Conditional/DAB-DETR; ``cls_branches`` heads: Deformable DETR, DINO,
+  whose denoising queries are left out); student queries are paired with the teacher's by Hungarian matching and
+  the teacher's positives are its queries matched to the ground truth.
 * Batches are what ``model.loss`` receives: ``(inputs, data_samples)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Optional, Sequence
 
@@ -33,6 +35,7 @@ PREDICTION_LEAF = re.compile(
 )
 PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
 CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")
+QUERY_CLASSIFIER = re.compile(r"^bbox_head\.cls_branches\.(\d+)$")  # Deformable DETR / DINO: one per decoder layer
 HEAD_ROOTS = ("bbox_head", "roi_head", "rpn_head")
 
 
@@ -65,6 +68,8 @@ class MMDetFamily(DetectorFamily):
         first = [n for n in children if n == "backbone"]
         head = [n for n in children if n in HEAD_ROOTS]
         middle = [n for n in children if n not in first and n not in head]
+        if any(True for _ in model.parameters(recurse=False)):
+            middle.append("")  # parameters the detector holds itself (Deformable DETR's level_embed): they feed the encoder
         stages = []
         if first:
             stages.append(Stage("backbone", first, outputs=["backbone"]))
@@ -101,11 +106,29 @@ class MMDetFamily(DetectorFamily):
     # ------------------------------------------------------------------ head outputs
     def _classifiers(self, model: nn.Module) -> list[str]:
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n.startswith("bbox_head.")]
+        branches = [n for n in names if QUERY_CLASSIFIER.match(n)]
+        if branches:
+            # the branch that scores the last decoder layer (with two-stage DINO one more scores the encoder's
+            # proposals; shared branches appear once under their first name)
+            last = getattr(getattr(model, "decoder", None), "num_layers", len(branches)) - 1
+            return [max((n for n in branches if int(QUERY_CLASSIFIER.match(n).group(1)) <= last),
+                        key=lambda n: int(QUERY_CLASSIFIER.match(n).group(1)))]
         return [n for n in names if CLASSIFIER_LEAF.search(n)]
 
     @staticmethod
     def _is_detr(model: nn.Module) -> bool:
-        return hasattr(model.bbox_head, "fc_cls") and not hasattr(model.bbox_head, "prior_generator")
+        head = model.bbox_head
+        return (hasattr(head, "fc_cls") or hasattr(head, "cls_branches")) and not hasattr(head, "prior_generator")
+
+    @staticmethod
+    def _last_layer_queries(model: nn.Module, outs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last decoder layer's (logits, boxes cxcywh) of a DETR head's output, without DINO's denoising
+        queries (they come first; the matching queries are the model's last ``num_queries``)."""
+        logits, boxes = outs[0][-1], outs[1][-1]
+        n = getattr(model, "num_queries", None)
+        if n is not None and logits.shape[-2] > n:
+            logits, boxes = logits[..., -n:, :], boxes[..., -n:, :]
+        return logits, boxes
 
     def head_taps(self, model: nn.Module) -> Taps:
         head = getattr(model, "bbox_head", None)
@@ -130,7 +153,10 @@ class MMDetFamily(DetectorFamily):
         inputs, data_samples = batch
         feats = teacher.extract_feat(inputs)
         if self._is_detr(teacher):
-            teacher.bbox_head(**teacher.forward_transformer(feats, data_samples))
+            head_inputs = teacher.forward_transformer(feats, data_samples)
+            # what the head's forward takes (two-stage Deformable DETR / DINO add encoder outputs for the loss)
+            wanted = inspect.signature(teacher.bbox_head.forward).parameters
+            teacher.bbox_head(**{k: v for k, v in head_inputs.items() if k in wanted})
         else:
             teacher.bbox_head(feats)
 
@@ -139,15 +165,22 @@ class MMDetFamily(DetectorFamily):
         classifiers = self._classifiers(model)
         if self._is_detr(model):
             name = classifiers[-1]
-            emb = recorded.input(name)
-            if emb.dim() == 4:  # fc_cls ran on all decoder layers at once: keep the last
-                emb = emb[-1]
-            logits = outs[0][-1]
+            logits, boxes = self._last_layer_queries(model, outs)
+            emb = self._last_layer_input(recorded, name, logits.shape[-2])
             num_classes = model.bbox_head.num_classes
             kind = "softmax" if logits.shape[-1] > num_classes else "sigmoid"
             anchors = dict(model.named_modules())[name].weight.detach().float()[:num_classes]
-            return HeadOutputs(logits, cxcywh_to_xyxy(outs[1][-1]), emb, anchors, None, kind)
+            return HeadOutputs(logits, cxcywh_to_xyxy(boxes), emb, anchors, None, kind)
         return self._dense(model, outs, recorded, classifiers)
+
+    @staticmethod
+    def _last_layer_input(recorded: Recorded, name: str, num_queries: int) -> torch.Tensor:
+        """The queries the last decoder layer's classifier read, without denoising queries: ``fc_cls`` runs once
+        on all layers stacked (keep the last); a branch shared by all layers runs once per layer (its last call)."""
+        emb = recorded.input(name)
+        if emb.dim() == 4:
+            emb = emb[-1]
+        return emb[..., -num_queries:, :]
 
     @staticmethod
     def _decode_dense(head: nn.Module, cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.Tensor]):
@@ -195,7 +228,8 @@ class MMDetFamily(DetectorFamily):
         normalised by the image size) and class scores, per query."""
         head = model.bbox_head
         if self._is_detr(model):
-            logits, boxes = output[0][-1], cxcywh_to_xyxy(output[1][-1])
+            logits, boxes = self._last_layer_queries(model, output)
+            boxes = cxcywh_to_xyxy(boxes)
         else:
             logits, boxes, _, _ = self._decode_dense(head, output[0], output[1])
         if logits.shape[-1] > head.num_classes:  # softmax with a background / no-object class
