@@ -184,6 +184,26 @@ class ReconstructionResult:
 
 # ============================================================================================== nested tensors
 # Blocks read and return tensors, lists of tensors (YOLO's Concat and Detect) or dicts of them.
+@dataclass(frozen=True)
+class _Shared:
+    """An input tensor that is the same for every calibration batch and has no batch dimension (Deformable
+    DETR's level shapes and start indices): passed to the block as it is, never sliced by image."""
+
+    tensor: torch.Tensor
+
+
+def _unshared(obj: Any) -> Any:
+    if isinstance(obj, _Shared):
+        return obj.tensor
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_unshared(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unshared(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _unshared(v) for k, v in obj.items()}
+    return obj
+
+
 def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -289,19 +309,37 @@ def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *
 _PLACEHOLDER = torch.empty(0)
 
 
+def _shared_leaves(columns: list[list[torch.Tensor]]) -> set[int]:
+    """Positions of the input leaves that are integer (not boolean) tensors equal in every calibration batch:
+    level shapes and start indices, which have no batch dimension even when their size happens to equal the
+    batch's. Block inputs that are data (activations, masks) are floating point or boolean."""
+    first = columns[0]
+    if any(len(leaves) != len(first) for leaves in columns):
+        return set()
+    return {j for j, t in enumerate(first)
+            if not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex()
+            and all(torch.equal(leaves[j], t) for leaves in columns[1:])}
+
+
 def _concat_batches(trees: list, block: str, what: str) -> tuple[Any, int]:
     """One tree whose tensors hold every batch, concatenated along dim 0, and the number of images.
 
     Empties ``trees`` and frees each batch's tensors as soon as they are concatenated, so the peak memory is the
     cache plus one tensor's worth of batches, not twice the cache."""
-    template = _map_tensors(lambda t: _PLACEHOLDER, trees[0])  # the structure, without the batch's tensors
     columns = [_leaves(t) for t in trees]
-    trees.clear()
     if not columns[0]:
         raise ReconstructionError(f"block {block!r}: its {what} holds no tensor")
+    shared = _shared_leaves(columns) if what == "input" else set()
+    if shared:  # keep them in the structure, out of the per-image columns
+        first = iter(range(len(columns[0])))
+        template = _map_tensors(lambda t: _Shared(t) if next(first) in shared else _PLACEHOLDER, trees[0])
+        columns = [[t for j, t in enumerate(leaves) if j not in shared] for leaves in columns]
+    else:
+        template = _map_tensors(lambda t: _PLACEHOLDER, trees[0])  # the structure, without the batch's tensors
+    trees.clear()
     images = 0
     for i, leaves in enumerate(columns):
-        n = leaves[0].shape[0] if leaves[0].dim() else 0
+        n = leaves[0].shape[0] if leaves and leaves[0].dim() else 0
         bad = [tuple(t.shape) for t in leaves if t.dim() == 0 or t.shape[0] != n]
         if len(leaves) != len(columns[0]) or bad:
             raise ReconstructionError(
@@ -426,7 +464,7 @@ def _mix_qdrop(quant: Any, float_: Any, prob: float, generator: torch.Generator)
 def _run_block(block: nn.Module, inputs: tuple[tuple, dict]) -> Any:
     args, kwargs = inputs
     # Fresh containers each call: the block may write into the list it is given.
-    return block(*_map_tensors(lambda t: t, args), **_map_tensors(lambda t: t, kwargs))
+    return block(*_unshared(_map_tensors(lambda t: t, args)), **_unshared(_map_tensors(lambda t: t, kwargs)))
 
 
 @torch.no_grad()

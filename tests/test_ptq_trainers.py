@@ -241,6 +241,28 @@ def test_mmdet_taskq_ptq_from_runner_test(config, tmp_path):
         assert any(".dense.scale" in k for k in ema.module.state_dict())
 
 
+def test_mmdet_ptq_reconstructs_dino_with_level_shapes_shared_and_its_head_per_branch(tmp_path):
+    """DINO's deformable encoder layers read level shapes and start indices that have no batch dimension (kept
+    as they are, not sliced by image); its head also reads reference points, so it is reconstructed per branch."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from test_mmdet import hook_recipe, load_cfg
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
+    recipe = {"preset": "w4a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "qdrop", **FAST, "batch_size": 2}}
+    runner = Runner.from_cfg(hook_recipe(load_cfg("dino_r18_synthetic_w4a8.py", synth, tmp_path / "work"), recipe))
+    runner.test()
+    hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    blocks = {b.name: b for b in hook.session.last_calibration.reconstruction.blocks}
+    for name in ("encoder.layers.0", "encoder.layers.1", "decoder.layers.2", "bbox_head.cls_branches.2",
+                 "bbox_head.reg_branches.2", "memory_trans_fc"):
+        assert blocks[name].skipped is None and blocks[name].loss_after <= blocks[name].loss_before, name
+    assert "bbox_head" not in blocks
+
+
 def test_mmdet_decoder_of_dtr_is_the_heads_own():
     """DTR's boxes and scores per prior on an MMDetection dense head are those of the head's own
     ``predict_by_feat`` before NMS (every prior and class kept), up to its clipping to the image (``predict`` clips

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..curriculum import Stage
 from ..distill import Assignment, HeadOutputs, hungarian_match
+from ..modules import is_quantized_module
 from ..recording import Recorded, Taps
 from .base import DetectorFamily, UnsupportedDetectorError, blank_image, called_blocks, cxcywh_to_xyxy
 
@@ -82,16 +83,18 @@ class MMDetFamily(DetectorFamily):
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         """Children of the backbone, neck and head, with containers (``ModuleList`` of levels or convs)
         expanded into the modules a forward calls (a head tower shared across levels is reconstructed on the
-        first level it runs on). A DETR head is one block: its layers run on all decoder layers' queries stacked
-        in front of the batch dimension."""
+        first level it runs on). A DETR head that reads only the decoder's queries is one block: its layers run on
+        all decoder layers' queries stacked in front of the batch dimension; one that also reads reference points
+        (Conditional DETR, Deformable DETR, DINO: batch first) is reconstructed per branch."""
         blocks = []
         # heads last: DETR models define bbox_head before the encoder and decoder that feed it
         children = sorted(model.named_children(), key=lambda kv: kv[0] in HEAD_ROOTS)
         for name, child in children:
             if not any(True for _ in child.parameters()):
                 continue
-            if name == "bbox_head" and self._is_detr(model):
-                blocks.append(name)
+            if (name == "bbox_head" and self._detr_head_is_one_block(model)) or isinstance(child, (nn.Conv2d, nn.Linear)) \
+                    or is_quantized_module(child):
+                blocks.append(name)  # a layer the detector calls itself (DINO's memory_trans_fc) is its own block
                 continue
             kids = [b for k, c in child.named_children() if any(True for _ in c.parameters())
                     for b in called_blocks(c, f"{name}.{k}")]
@@ -119,6 +122,13 @@ class MMDetFamily(DetectorFamily):
     def _is_detr(model: nn.Module) -> bool:
         head = model.bbox_head
         return (hasattr(head, "fc_cls") or hasattr(head, "cls_branches")) and not hasattr(head, "prior_generator")
+
+    def _detr_head_is_one_block(self, model: nn.Module) -> bool:
+        """A DETR head whose forward reads only the stacked queries (DETR's): every tensor it reads and returns
+        has the same leading dimension, so it can be reconstructed (and its boxes decoded for TASKQ) as one."""
+        if not self._is_detr(model):
+            return False
+        return list(inspect.signature(model.bbox_head.forward).parameters) == ["hidden_states"]
 
     @staticmethod
     def _last_layer_queries(model: nn.Module, outs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +227,11 @@ class MMDetFamily(DetectorFamily):
 
     # ------------------------------------------------------------------ PTQ: the head's decoded boxes
     def head_block(self, model: nn.Module) -> Optional[str]:
-        """``bbox_head`` of dense heads with priors and a box coder, and of DETR heads."""
+        """``bbox_head`` of dense heads with priors and a box coder, and of DETR heads that are one block (DETR's;
+        heads that also read reference points are reconstructed per branch, without the decoded-box loss)."""
         head = getattr(model, "bbox_head", None)
         dense = head is not None and hasattr(head, "prior_generator") and hasattr(head, "bbox_coder")
-        return "bbox_head" if dense or (head is not None and self._is_detr(model)) else None
+        return "bbox_head" if dense or (head is not None and self._detr_head_is_one_block(model)) else None
 
     def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense heads: boxes decoded by the head's ``bbox_coder`` at its priors (pixels, xyxy) and sigmoid (or
