@@ -144,11 +144,8 @@ def save_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="yolo11n.yaml")
-    p.add_argument("--float-epochs", type=int, default=20)
-    p.add_argument("--qat-epochs", type=int, default=6)
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every Fisher study shares: data size, bit widths, variants, critical set, regulariser, seeds."""
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-val", type=int, default=64)
@@ -158,6 +155,14 @@ def main(argv=None) -> int:
     p.add_argument("--reg-weight", type=float, default=0.01)
     p.add_argument("--reg-every", type=int, default=4)
     p.add_argument("--seeds", default="0")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="yolo11n.yaml")
+    p.add_argument("--float-epochs", type=int, default=20)
+    p.add_argument("--qat-epochs", type=int, default=6)
+    add_study_arguments(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher"))
     a = p.parse_args(argv)
 

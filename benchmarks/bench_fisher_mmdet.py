@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _mmdet import StepTimer, cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
-from bench_fisher import record_run, variant_recipe, write_outputs  # noqa: E402
+from bench_fisher import add_study_arguments, record_run, variant_recipe, write_outputs  # noqa: E402
 
 
 def plain_average_bits(config: str, float_ckpt: Path, preset: str) -> float:
@@ -54,19 +54,11 @@ def plain_average_bits(config: str, float_ckpt: Path, preset: str) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="conditional_detr_cspnext_synthetic", help="float config under integrations/mmdet")
-    p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--num-train", type=int, default=256)
-    p.add_argument("--num-val", type=int, default=64)
     p.add_argument("--backbone-epochs", type=int, default=40, help="RTMDet-tiny float epochs (its backbone starts the DETR)")
     p.add_argument("--float-epochs", type=int, default=50)
     p.add_argument("--qat-iters", type=int, default=320)
-    p.add_argument("--bits", default="w4a8,w4a4")
-    p.add_argument("--variants", default="plain,mp,reg,both")
-    p.add_argument("--critical", default="star,checker", help="critical class names (default: the two rarest)")
-    p.add_argument("--reg-weight", type=float, default=0.01)
-    p.add_argument("--reg-every", type=int, default=4)
-    p.add_argument("--seeds", default="0")
+    add_study_arguments(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher_mmdet"))
     a = p.parse_args(argv)

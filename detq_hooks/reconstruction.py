@@ -192,28 +192,27 @@ class _Shared:
     tensor: torch.Tensor
 
 
-def _unshared(obj: Any) -> Any:
-    if isinstance(obj, _Shared):
-        return obj.tensor
+def _map_nested(fn: Callable[[Any], Any], obj: Any, leaf: type) -> Any:
+    """``obj`` with every ``leaf`` replaced by ``fn(leaf)``, in new containers (named tuples, lists, tuples,
+    dicts); anything else is kept as it is."""
+    if isinstance(obj, leaf):
+        return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_unshared(v) for v in obj))
+        return type(obj)(*(_map_nested(fn, v, leaf) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_unshared(v) for v in obj)
+        return type(obj)(_map_nested(fn, v, leaf) for v in obj)
     if isinstance(obj, dict):
-        return {k: _unshared(v) for k, v in obj.items()}
+        return {k: _map_nested(fn, v, leaf) for k, v in obj.items()}
     return obj
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_tensors(fn, v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(fn, v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(fn, v) for k, v in obj.items()}
-    return obj
+    return _map_nested(fn, obj, torch.Tensor)
+
+
+def _unshared(obj: Any) -> Any:
+    """``obj`` in new containers, each :class:`_Shared` replaced by its tensor: what the block is called with."""
+    return _map_nested(lambda s: s.tensor, obj, _Shared)
 
 
 def _leaves(obj: Any) -> list[torch.Tensor]:
@@ -463,8 +462,8 @@ def _mix_qdrop(quant: Any, float_: Any, prob: float, generator: torch.Generator)
 
 def _run_block(block: nn.Module, inputs: tuple[tuple, dict]) -> Any:
     args, kwargs = inputs
-    # Fresh containers each call: the block may write into the list it is given.
-    return block(*_unshared(_map_tensors(lambda t: t, args)), **_unshared(_map_tensors(lambda t: t, kwargs)))
+    # Fresh containers each call (``_unshared`` builds new ones): the block may write into the list it is given.
+    return block(*_unshared(args), **_unshared(kwargs))
 
 
 @torch.no_grad()

@@ -114,9 +114,10 @@ def test_ultralytics_unknown_critical_class_fails_before_training(ds, tmp_path):
 
 
 # ============================================================================================ MMDetection
-def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
-    pytest.importorskip("mmdet")
-    pytest.importorskip("mmcv.ops")
+def _mmdet_fisher_run(tmp_path, config, work, epochs=1):
+    """A real MMDetection run of ``config`` (96 px, 8 images) with the Fisher recipe; checks the mixed-precision
+    plan, the regulariser's trace and critical AP in the validation output. Returns (runner, synth, recipe,
+    validation metrics, plan)."""
     from mmengine.runner import Runner
 
     from test_mmdet import hook_recipe, load_cfg  # the shrunk configs of the MMDetection tests
@@ -124,17 +125,27 @@ def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
 
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
     recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
-    work = tmp_path / "detr"
-    runner = Runner.from_cfg(hook_recipe(load_cfg("detr_r18_synthetic_w4a8.py", synth, work, epochs=2), recipe))
-    metrics = {}
+    runner = Runner.from_cfg(hook_recipe(load_cfg(config, synth, work, epochs=epochs), recipe))
     runner.train()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
     plan = hook.session.last_mixed_precision
     assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
     assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
     metrics = runner.val()
-    assert {"coco/critical_bbox_mAP", "coco/critical_bbox_mAP_50", "coco/bbox_mAP"} <= set(metrics)
     assert 0.0 <= metrics["coco/critical_bbox_mAP"] <= metrics["coco/critical_bbox_mAP_50"] <= 1.0
+    return runner, synth, recipe, metrics, plan
+
+
+def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from test_mmdet import hook_recipe, load_cfg
+
+    work = tmp_path / "detr"
+    _, synth, recipe, metrics, plan = _mmdet_fisher_run(tmp_path, "detr_r18_synthetic_w4a8.py", work, epochs=2)
+    assert {"coco/critical_bbox_mAP", "coco/critical_bbox_mAP_50", "coco/bbox_mAP"} <= set(metrics)
     saved = torch.load(work / "epoch_1.pth", map_location="cpu", weights_only=False)["meta"]["detq"]["layers"]
     assert {n: v["weight_bits"] for n, v in saved.items()} == plan.allocation
     # resume from epoch 1: the saved bits, no second allocation
@@ -148,26 +159,10 @@ def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
     assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation
 
 
-def _mmdet_query_head_fisher_run(tmp_path, config):
-    """A real MMDetection run of ``config`` (96 px, 8 images) with the Fisher recipe; checks the mixed-precision
-    plan, the regulariser's trace and critical AP in the validation output. Returns (runner, synth, a train batch)."""
-    from mmengine.runner import Runner
-
-    from test_mmdet import hook_recipe, load_cfg
-    from detq_hooks.tools.data import make_synthetic_dataset
-
-    synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
-    recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
-    runner = Runner.from_cfg(hook_recipe(load_cfg(config, synth, tmp_path / "w"), recipe))
-    runner.train()
-    hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
-    plan = hook.session.last_mixed_precision
-    assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
-    assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
-    metrics = runner.val()
-    assert 0.0 <= metrics["coco/critical_bbox_mAP"] <= metrics["coco/critical_bbox_mAP_50"] <= 1.0
+def _train_batch(runner):
+    """One preprocessed training batch as ``model.loss`` receives it: (inputs, data_samples)."""
     batch = runner.model.data_preprocessor(next(iter(runner.train_dataloader)), True)
-    return runner, synth, (batch["inputs"], batch["data_samples"])
+    return batch["inputs"], batch["data_samples"]
 
 
 def _recorded_head(model, family, batch):
@@ -191,7 +186,8 @@ def test_mmdet_conditional_detr_sigmoid_query_head_fisher_run(tmp_path):
     from detq_hooks.critical import CriticalObjective
     from detq_hooks.detectors import family_for
 
-    runner, synth, batch = _mmdet_query_head_fisher_run(tmp_path, "conditional_detr_cspnext_synthetic_w4a8.py")
+    runner, synth, *_ = _mmdet_fisher_run(tmp_path, "conditional_detr_cspnext_synthetic_w4a8.py", tmp_path / "w")
+    batch = _train_batch(runner)
     model = runner.model
     family = family_for(model)
     head, _ = _recorded_head(model, family, batch)
@@ -215,7 +211,8 @@ def test_mmdet_dino_fisher_run_reads_matching_queries_not_denoising_ones(tmp_pat
     pytest.importorskip("mmcv.ops")
     from detq_hooks.detectors import family_for
 
-    runner, _, batch = _mmdet_query_head_fisher_run(tmp_path, "dino_r18_synthetic_w4a8.py")
+    runner, *_ = _mmdet_fisher_run(tmp_path, "dino_r18_synthetic_w4a8.py", tmp_path / "w")
+    batch = _train_batch(runner)
     model = runner.model.train()  # in training mode DINO adds denoising queries in front
     family = family_for(model)
     # the last decoder layer's branch (3 layers; branch 3 scores two-stage's proposals)

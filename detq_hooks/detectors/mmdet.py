@@ -109,13 +109,12 @@ class MMDetFamily(DetectorFamily):
     # ------------------------------------------------------------------ head outputs
     def _classifiers(self, model: nn.Module) -> list[str]:
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n.startswith("bbox_head.")]
-        branches = [n for n in names if QUERY_CLASSIFIER.match(n)]
+        branches = {int(m.group(1)): n for n in names if (m := QUERY_CLASSIFIER.match(n))}
         if branches:
             # the branch that scores the last decoder layer (with two-stage DINO one more scores the encoder's
             # proposals; shared branches appear once under their first name)
             last = getattr(getattr(model, "decoder", None), "num_layers", len(branches)) - 1
-            return [max((n for n in branches if int(QUERY_CLASSIFIER.match(n).group(1)) <= last),
-                        key=lambda n: int(QUERY_CLASSIFIER.match(n).group(1)))]
+            return [branches[max(i for i in branches if i <= last)]]
         return [n for n in names if CLASSIFIER_LEAF.search(n)]
 
     @staticmethod
