@@ -138,6 +138,10 @@ def main(argv=None) -> int:
     print(f"float fine-tuned {a.qat_iters} iterations: mAP50-95 {tuned_res.map50_95:.4f}, critical {tuned_res.critical:.4f}", flush=True)
     if tuned_res.map50_95 > float_res.map50_95:
         float_res = tuned_res
+    header = (f"{a.config}: float (the better of the start and its {a.qat_iters}-iteration fine-tune) mAP50-95 "
+              f"{float_res.map50_95:.4f}, critical ({', '.join(critical)}) {float_res.critical:.4f}; QAT {a.qat_iters} "
+              f"iterations (batch {a.batch}) from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
+              f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps")
     rows = []
     for bits in a.bits.split(","):
         avg = plain_average_bits(a.config, float_ckpt, bits)
@@ -150,13 +154,9 @@ def main(argv=None) -> int:
                 r.update(bits=bits, variant=variant)
                 rows.append(record_run(a.out, r, res, res.critical, res.critical50, plan, float_res, float_res.critical,
                                        critical, avg))
-
-    header = (f"{a.config}: float (the better of the start and its {a.qat_iters}-iteration fine-tune) mAP50-95 "
-              f"{float_res.map50_95:.4f}, critical ({', '.join(critical)}) {float_res.critical:.4f}; QAT {a.qat_iters} "
-              f"iterations (batch {a.batch}) from it, imgsz {a.imgsz}, {a.num_train} train / {a.num_val} val images; "
-              f"seeds {a.seeds}; regulariser λ={a.reg_weight}, every {a.reg_every} steps")
-    write_outputs(a.out, header, rows, "s_per_step", "step ÷ plain", float_res, float_res.critical,
-                  float_res.critical50, critical, vars(a))
+                # after every run, so a study cut off half-way still leaves the rows it measured
+                write_outputs(a.out, header, rows, "s_per_step", "step ÷ plain", float_res, float_res.critical,
+                              float_res.critical50, critical, vars(a))
     return 0
 
 
