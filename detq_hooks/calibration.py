@@ -118,6 +118,18 @@ def _restore(model: nn.Module, snap) -> None:
 
 
 @torch.no_grad()
+def _check_finite_parameters(model: nn.Module) -> None:
+    """A NaN/inf weight would surface as a NaN activation far downstream; name the parameter instead. The usual
+    cause is a parameter allocated uninitialised (``nn.Parameter(torch.Tensor(n, d))``, e.g. Deformable DETR's
+    ``level_embed``) whose ``init_weights()`` or checkpoint never ran, as in ``Runner.test()`` without ``load_from``."""
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CalibrationError(
+            f"the model's parameters {shown} hold NaN/inf before calibration: load the trained checkpoint (or run the "
+            "model's init_weights()) before calibrating; nothing was changed")
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -144,6 +156,7 @@ def calibrate(
     """
     if not is_quantized(model):
         raise CalibrationError("calibrate() needs a model converted by detq_hooks.quantize(); this one has no quantizers")
+    _check_finite_parameters(model)
     rec = load_recipe(recipe) if recipe is not None else (recipe_of(model) or load_recipe("w8a8"))
     cfg = rec.calibration
     if method is not None or num_batches is not None:

@@ -73,6 +73,13 @@ def test_no_batches_and_nan_are_clear_errors_and_restore_state():
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(q.observer is None for _, q in dq.iter_quantizers(m))
+    # an uninitialised weight is named, not reported as a NaN activation two layers further on
+    name, weight = next((n, p) for n, p in m.named_parameters() if n.endswith(".weight") and "quantizer" not in n)
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    with pytest.raises(CalibrationError, match=rf"parameters '{name}' hold NaN/inf before calibration: load the trained checkpoint"):
+        dq.calibrate(m, [torch.randn(2, 3, 32, 32)])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items() if "quantizer" in k)
     with pytest.raises(CalibrationError, match="has no quantizers"):
         dq.calibrate(TinyDetector(), [torch.randn(1, 3, 32, 32)])
 

@@ -254,6 +254,8 @@ def test_mmdet_ptq_reconstructs_dino_with_level_shapes_shared_and_its_head_per_b
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
     recipe = {"preset": "w4a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "qdrop", **FAST, "batch_size": 2}}
     runner = Runner.from_cfg(hook_recipe(load_cfg("dino_r18_synthetic_w4a8.py", synth, tmp_path / "work"), recipe))
+    # Runner.test() runs no init_weights(): DINO's level_embed would stay uninitialised memory (NaN at random)
+    runner.model.init_weights()
     runner.test()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
     blocks = {b.name: b for b in hook.session.last_calibration.reconstruction.blocks}
