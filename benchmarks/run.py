@@ -55,12 +55,12 @@ YOLO_SIZES = [
 ]
 SIZES = {
     "accuracy": YOLO_SIZES + [
-        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,lightning", "ptq,qat", "which scripts run"),
+        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,lightning", "ptq,qat", "which scripts run"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
         ("qat_variants", str, "plain,both", "plain", "bench_crqat_*.py variants (plain: LSQ, both: CR-QAT)"),
-        ("fisher_variants", str, "plain,mp,reg,both", "plain", "bench_fisher.py variants"),
+        ("fisher_variants", str, "plain,mp,reg,both", "plain", "bench_fisher*.py variants"),
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
         ("ptq_images", int, SCRIPT_DEFAULT, 16, "calibration images (PTQ)"),
         ("ptq_iterations", int, SCRIPT_DEFAULT, 4, "reconstruction iterations per block (PTQ)"),
@@ -237,6 +237,23 @@ def fisher_runs(args, seed):
                               float_map, critical_map50_95=r["critical_map50_95"]) for r in data["rows"]]
 
 
+def fisher_mmdet_runs(args, seed):
+    out = args.out / "raw" / "fisher-mmdet" / f"seed{seed}"
+    # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
+    ran = run_logged(args, f"fisher-mmdet_seed{seed}", "bench_fisher_mmdet.py", [
+        "--bits", args.bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
+        *flags(args, ["threads"])], output=out / "results.json")
+    data = read_json(out / "results.json", ran)
+    got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
+    missing = [f"{b} {v}" for b in split(args.bits) for v in split(args.fisher_variants) if (b, v) not in got]
+    if missing:
+        raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
+    float_map = data["float"]["map50_95"]
+    return ran, [accuracy_row("MMDetection", "DINO (CSPNeXt-tiny)", r["bits"], FISHER_METHODS[r["variant"]], seed,
+                              r["map50_95"], float_map, critical_map50_95=r["critical_map50_95"])
+                 for r in data["rows"]]
+
+
 def qat_mmdet_runs(args, seed):
     path = args.out / "raw" / "qat-mmdet" / f"seed{seed}.json"
     ran = run_logged(args, f"qat-mmdet_seed{seed}", "bench_crqat_mmdet.py", [
@@ -265,6 +282,7 @@ SOURCES = {  # name -> rows of one seed
     "fisher": fisher_runs,
     "ptq-mmdet": lambda a, s: ptq_runs(a, "ptq-mmdet", "bench_ptq_mmdet.py", "MMDetection", "RTMDet-tiny", s),
     "qat-mmdet": qat_mmdet_runs,
+    "fisher-mmdet": fisher_mmdet_runs,
     "lightning": lightning_runs,
 }
 
