@@ -294,3 +294,29 @@ def test_detq_bench_names_the_missing_script(monkeypatch, tmp_path):
     missing = tmp_path / "site-packages" / "benchmarks" / "run.py"
     with pytest.raises(SystemExit, match=re.escape(f"detq bench: {missing} does not exist")):
         cli.main(["bench", "accuracy", "--quick"])
+
+
+def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partial_one(monkeypatch, tmp_path):
+    # the committed full-size output of bench_fisher_mmdet.py stands in for a run of it
+    study = json.loads((REPO / "benchmarks" / "results" / "fisher_mmdet" / "results.json").read_text())
+
+    def fake_run(script, args, log, env=None, rows=study["rows"]):
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({**study, "rows": rows}))
+        return 1.0
+
+    monkeypatch.setattr(bench_run, "run_script", fake_run)
+    args = type("Args", (), {"out": tmp_path, "threads": 2, "resume": False, "bits": "w4a8,w4a4",
+                             "fisher_variants": "plain,mp,reg,both"})()
+    ran, rows = bench_run.fisher_mmdet_runs(args, "0")
+    assert ran["args"][ran["args"].index("--reg-every") + 1] == "12"
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"DINO (CSPNeXt-tiny)"}
+    for row, raw in zip(rows, study["rows"]):
+        assert row["method"] == bench_run.FISHER_METHODS[raw["variant"]]
+        assert row["kept"] == pytest.approx(raw["map50_95"] / study["float"]["map50_95"])
+        assert row["critical_map50_95"] == raw["critical_map50_95"]
+    monkeypatch.setattr(bench_run, "run_script", lambda *a, **k: fake_run(*a, rows=study["rows"][:-1]))
+    missing = study["rows"][-1]
+    with pytest.raises(suite.ScriptFailed, match=f"no result for {missing['bits']} {missing['variant']}"):
+        bench_run.fisher_mmdet_runs(args, "0")
