@@ -299,6 +299,11 @@ class DetQHook(Hook):
             add_critical_metrics(getattr(loop, "evaluator", None), self.session.critical_class_ids(model))
         if not (self.calibrate and self.session.owns(model) and self.session.needs_calibration(model)):
             return
+        if not getattr(runner, "_load_from", None):
+            # Runner.val()/test() never runs init_weights(): without `load_from` the model holds the config's raw
+            # initialisation (some parameters, such as Deformable DETR's level_embed, uninitialised memory)
+            runner.logger.warning(f"DetQHook: PTQ in Runner.{phase}() of a model no checkpoint was loaded into: it "
+                                  "quantizes the config's initial weights; set `load_from` to the trained checkpoint")
         loader = None
         if runner.cfg.get("train_dataloader"):
             try:
