@@ -117,7 +117,6 @@ def _restore(model: nn.Module, snap) -> None:
         q.load_state_dict(snap[n])
 
 
-@torch.no_grad()
 def _check_finite_parameters(model: nn.Module) -> None:
     """A NaN/inf weight would surface as a NaN activation far downstream; name the parameter instead. The usual
     cause is a parameter allocated uninitialised (``nn.Parameter(torch.Tensor(n, d))``, e.g. Deformable DETR's
@@ -130,6 +129,7 @@ def _check_finite_parameters(model: nn.Module) -> None:
             "model's init_weights()) before calibrating; nothing was changed")
 
 
+@torch.no_grad()
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],

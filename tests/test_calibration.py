@@ -46,8 +46,10 @@ def test_calibrate_sets_every_activation_range(method):
     torch.manual_seed(0)
     m = dq.quantize(TinyDetector().eval(), "w8a8")
     batches = [torch.randn(2, 3, 32, 32) for _ in range(3)]
-    res = dq.calibrate(m, batches, method=method)
+    grad_enabled = []
+    res = dq.calibrate(m, batches, method=method, forward_fn=lambda model, b: grad_enabled.append(torch.is_grad_enabled()) or model(b))
     assert res.num_batches == 3 and len(res.ranges) == 8
+    assert grad_enabled == [False] * 3  # no autograd graph kept over the calibration batches
     for name, q in dq.iter_quantizers(m):
         assert q.initialized
     if method == "minmax":
