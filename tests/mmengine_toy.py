@@ -1,5 +1,8 @@
 """A toy MMEngine detector (registered model, dataset and metric) for fast DetQHook life-cycle tests."""
 
+import contextlib
+import logging
+
 import torch
 from torch import nn
 from mmengine.evaluator import BaseMetric
@@ -87,3 +90,17 @@ def toy_cfg(work_dir, max_iters=6, hooks=None, **extra):
     )
     cfg.update(extra)
     return Config(cfg)
+
+
+@contextlib.contextmanager
+def logged_warnings(logger):
+    """The messages of the warnings ``logger`` prints inside the block. (MMLogger instances are shared by runners
+    built within the same second, so their log files cannot tell runners apart.)"""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -1,7 +1,6 @@
 """DetQHook life cycle on real MMEngine Runners (a toy registered model; MMDetection models are in
 test_mmdet.py)."""
 
-import logging
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import detq_hooks as dq  # noqa: E402
 from detq_hooks.checkpoint import CheckpointMismatchError  # noqa: E402
 from detq_hooks.recipe import RecipeError  # noqa: E402
 
-from mmengine_toy import toy_cfg  # noqa: E402
+from mmengine_toy import logged_warnings, toy_cfg  # noqa: E402
 
 HOOK = dict(type="DetQHook", recipe="w4a8", calibration_batches=2, log_interval=1)
 
@@ -238,20 +237,6 @@ def test_ptq_runner_test_calibrates_and_stays_close_to_float(tmp_path, float_toy
     assert mse == pytest.approx(float_mse, rel=1e-4)  # ... and W8A8 PTQ stays within 0.01% of float (measured 0.001%)
 
 
-def _test_logging_warnings(runner):
-    """``runner.test()``'s mse and the warnings its logger printed (MMLogger instances are shared by runners built
-    within the same second, so their log files cannot tell runners apart)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    runner.logger.addHandler(handler)
-    try:
-        mse = runner.test()["mse"]
-    finally:
-        runner.logger.removeHandler(handler)
-    return mse, [r.getMessage() for r in records]
-
-
 def test_ptq_runner_train_takes_no_step_and_saves_a_checkpoint_that_tests_the_same(tmp_path, float_toy):
     ckpt, _ = float_toy
     runner = Runner.from_cfg(toy_cfg(tmp_path / "ptq", max_iters=6, hooks=[dict(PTQ)], load_from=str(ckpt)))
@@ -266,10 +251,13 @@ def test_ptq_runner_train_takes_no_step_and_saves_a_checkpoint_that_tests_the_sa
     assert all(bool(v) for k, v in saved["state_dict"].items() if k.endswith("input_quantizer.initialized_state"))
     # Runner.test of the saved checkpoint = Runner.test with PTQ on the float weights (same calibration batches)
     direct_runner = Runner.from_cfg(toy_cfg(tmp_path / "direct", hooks=[dict(PTQ)], load_from=str(ckpt)))
-    direct, warnings = _test_logging_warnings(direct_runner)
+    with logged_warnings(direct_runner.logger) as warnings:
+        direct = direct_runner.test()["mse"]
     assert not any("no checkpoint was loaded" in w for w in warnings)
     # PTQ of a model nothing was loaded into (Runner.test() runs no init_weights()) is named in the log
-    _, warnings = _test_logging_warnings(Runner.from_cfg(toy_cfg(tmp_path / "unloaded", hooks=[dict(PTQ)])))
+    unloaded = Runner.from_cfg(toy_cfg(tmp_path / "unloaded", hooks=[dict(PTQ)]))
+    with logged_warnings(unloaded.logger) as warnings:
+        unloaded.test()
     assert any(w.startswith("DetQHook: PTQ in Runner.test() of a model no checkpoint was loaded into") for w in warnings)
     tester = Runner.from_cfg(toy_cfg(tmp_path / "test", hooks=[dict(PTQ)], load_from=str(tmp_path / "ptq" / "detq_ptq-w8a8.pth")))
     assert tester.test()["mse"] == pytest.approx(direct, rel=1e-6)
