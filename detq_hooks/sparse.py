@@ -148,7 +148,8 @@ class SparseOutlierQuantizer(nn.Module):
         if _mode() == "export" or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
             raise SparseQuantizationError(
                 "sparse outlier quantization is simulated: an exported graph would need a sparse side path "
-                "(outlier values and indices) that detq_hooks.export does not write"
+                "(outlier values and indices) that detq_hooks.export does not write; for a deployable model run TASKQ "
+                "without it (e.g. `{'preset': 'w4a8-taskq', 'ptq': {'sparse': False}}`; YAML `ptq: {sparse: false}`)"
             )
         if not self.dense.enabled:
             return x

@@ -360,6 +360,61 @@ def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retin
             assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-5), k
 
 
+
+def test_yolox_head_decodes_as_its_own_prediction_and_crqat_distils_it(synth, tmp_path):
+    """YOLOX (no bbox_coder, an objectness branch): the family's decoded boxes and scores are exactly those of
+    YOLOX's own ``predict_by_feat`` before NMS (score = σ(cls)·σ(obj)), and CR-QAT trains it through DetQHook
+    with every head term distilled."""
+    from mmdet.registry import MODELS
+    from mmengine.structures import InstanceData  # noqa: F401  (the head's results type)
+
+    from detq_hooks.detectors import family_for
+
+    float_cfg = load_cfg("yolox_tiny_synthetic.py", synth, tmp_path / "float")
+    model = MODELS.build(copy.deepcopy(float_cfg.model))
+    model.init_weights()
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        outs = model(torch.rand(2, 3, SIZE, SIZE) * 255, mode="tensor")
+        family = family_for(model)
+        assert family.head_block(model) == "bbox_head"
+        boxes, scores = family.decode_head_output(model, outs)
+        test_cfg = copy.deepcopy(model.test_cfg)
+        test_cfg.score_thr = 0.0
+        metas = [dict(img_shape=(SIZE, SIZE), scale_factor=(1.0, 1.0))] * 2
+        theirs = model.bbox_head.predict_by_feat(*outs, batch_img_metas=metas, cfg=test_cfg, rescale=False, with_nms=False)
+    assert boxes.shape == (2, sum((SIZE // s) ** 2 for s in (8, 16, 32)), 4) and scores.shape[-1] == 8
+    for b, res in enumerate(theirs):
+        assert torch.allclose(boxes[b], res.bboxes, atol=1e-4)
+        assert torch.allclose(scores[b].max(-1).values, res.scores, rtol=1e-5, atol=1e-7)
+        # their label's score is our best one (a freshly initialised head has near-ties, so not argmax equality)
+        assert torch.allclose(scores[b].gather(-1, res.labels[:, None])[:, 0], res.scores, rtol=1e-5, atol=1e-7)
+
+    float_ckpt = tmp_path / "yolox_float.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, float_ckpt)
+    # W4A8, not W4A4: this "float" model is untrained, and calibration runs in eval mode, where BatchNorm at its
+    # initial statistics does not normalise; the ranges are then ~10x wider than the training activations, a 4-bit
+    # input rounds to one value, and the BatchNorms after such layers blow the first step's gradients up to inf
+    recipe = {**CRQAT, "preset": "w4a8-crqat"}
+    cfg = hook_recipe(load_cfg("yolox_tiny_synthetic_w4a8.py", synth, tmp_path, load_from=str(float_ckpt)), recipe)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
+    runner = Runner.from_cfg(cfg)
+    terms = []
+
+    class Terms(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+            terms.append((detq.session.schedule.current, dict(detq.session.last_terms)))
+
+    runner.register_hook(Terms(), priority="LOWEST")
+    runner.train()
+    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
+    last = terms[-1][1]
+    assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
+    assert all(torch.isfinite(torch.as_tensor(v)) for _, t in terms for v in t.values())
+
+
 MMDET_DDP_SCRIPT = """
 import os, sys, types, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["TESTS_DIR"])

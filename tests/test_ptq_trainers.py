@@ -159,7 +159,7 @@ def test_ultralytics_taskq_ptq_end_to_end(tmp_path):
     dq.QuantSession(recipe).restore(fresh, ckpt["detq"])
     fresh.load_state_dict(ckpt["model"].float().state_dict(), strict=True)
     assert all(isinstance(m.input_quantizer, SparseOutlierQuantizer) for n, m in dq.quantized_layers(fresh) if n in sparse)
-    with pytest.raises(SparseQuantizationError, match=r"sparse outlier quantization is simulated"):
+    with pytest.raises(SparseQuantizationError, match=r"sparse outlier quantization is simulated.*'ptq': \{'sparse': False\}"):
         dq.export_onnx(fresh.eval(), torch.zeros(1, 3, 64, 64), tmp_path / "taskq.onnx")
 
 

@@ -35,7 +35,7 @@ PREDICTION_LEAF = re.compile(
     r"tood_reg|vfnet_cls|vfnet_reg|vfnet_reg_refine|rpn_cls|rpn_reg)$"
 )
 PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
-CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")
+CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|multi_level_conv_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")
 QUERY_CLASSIFIER = re.compile(r"^bbox_head\.cls_branches\.(\d+)$")  # Deformable DETR / DINO: one per decoder layer
 HEAD_ROOTS = ("bbox_head", "roi_head", "rpn_head")
 
@@ -146,7 +146,7 @@ class MMDetFamily(DetectorFamily):
             raise UnsupportedDetectorError(
                 f"{type(model).__name__}: no classifier layer with priors found in its bbox_head "
                 f"({type(head).__name__ if head is not None else 'none'}); the MMDetection family reads dense heads "
-                "(RetinaNet, RTMDet, FCOS, ATSS, GFL) and DETR heads. Subclass detq_hooks.detectors.DetectorFamily "
+                "(RetinaNet, RTMDet, YOLOX, FCOS, ATSS, GFL) and DETR heads. Subclass detq_hooks.detectors.DetectorFamily "
                 "for this model (README, 'Your own detector') or use a recipe without distillation head terms"
             )
         return Taps(outputs=["bbox_head"], inputs=classifiers)
@@ -192,15 +192,30 @@ class MMDetFamily(DetectorFamily):
         return emb[..., -num_queries:, :]
 
     @staticmethod
-    def _decode_dense(head: nn.Module, cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.Tensor]):
+    def _is_yolox(head: nn.Module) -> bool:
+        """YOLOX's head: no ``bbox_coder`` (boxes decoded by its own ``_bbox_decode`` at strided points) and an
+        objectness branch that multiplies the class scores at inference."""
+        return hasattr(head, "multi_level_conv_obj") and hasattr(head, "_bbox_decode")
+
+    @classmethod
+    def _decode_dense(cls, head: nn.Module, outs: Sequence[Sequence[torch.Tensor]]):
         """Per-level dense outputs flattened to ``(logits (B, A, C), boxes (B, A, 4) xyxy, level (A,), centers
-        (A, 2))``, boxes decoded by the head's own ``bbox_coder`` at its priors, as its ``predict_by_feat`` does."""
-        b, c, na = cls_scores[0].shape[0], head.cls_out_channels, head.num_base_priors
+        (A, 2))``, boxes decoded at the head's priors as its ``predict_by_feat`` does (its ``bbox_coder``, or
+        YOLOX's own decode). YOLOX's objectness is folded into the logits: ``logit(σ(cls)·σ(obj))``, the score
+        its inference ranks by."""
+        cls_scores, bbox_preds = outs[0], outs[1]
+        yolox = cls._is_yolox(head)
+        b, c, na = cls_scores[0].shape[0], head.cls_out_channels, getattr(head, "num_base_priors", 1)
         logits = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, c) for s in cls_scores], 1)
         deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, p.shape[1] // na) for p in bbox_preds], 1)
-        priors = head.prior_generator.grid_priors([s.shape[-2:] for s in cls_scores], device=logits.device)
+        priors = head.prior_generator.grid_priors([s.shape[-2:] for s in cls_scores], device=logits.device,
+                                                  **({"with_stride": True} if yolox else {}))
         level = torch.cat([torch.full((len(p),), i, device=logits.device) for i, p in enumerate(priors)])
         priors = torch.cat(priors).float()
+        if yolox:
+            obj = torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1, 1) for o in outs[2]], 1).float()
+            logits = -torch.logsumexp(torch.stack(torch.broadcast_tensors(-logits.float(), -obj, -logits.float() - obj)), 0)
+            return logits, head._bbox_decode(priors, deltas.float()), level, priors[:, :2]
         if priors.shape[-1] == 4 and "Anchor" in type(head.prior_generator).__name__:
             decode_from, centers = priors, (priors[:, :2] + priors[:, 2:]) / 2
         else:  # point priors (x, y[, stride_w, stride_h])
@@ -212,8 +227,8 @@ class MMDetFamily(DetectorFamily):
     @classmethod
     def _dense(cls, model: nn.Module, outs: Any, recorded: Recorded, classifiers: Sequence[str]) -> HeadOutputs:
         head = model.bbox_head
-        logits, boxes, level, centers = cls._decode_dense(head, outs[0], outs[1])
-        b, c, na = logits.shape[0], head.cls_out_channels, head.num_base_priors
+        logits, boxes, level, centers = cls._decode_dense(head, outs)
+        b, c, na = logits.shape[0], head.cls_out_channels, getattr(head, "num_base_priors", 1)
         inputs = [x for name in classifiers for x in recorded.inputs[name]]
         emb = torch.cat([x.permute(0, 2, 3, 1).reshape(b, -1, x.shape[1]).repeat_interleave(na, 1) for x in inputs], 1)
         mods = dict(model.named_modules())
@@ -226,10 +241,10 @@ class MMDetFamily(DetectorFamily):
 
     # ------------------------------------------------------------------ PTQ: the head's decoded boxes
     def head_block(self, model: nn.Module) -> Optional[str]:
-        """``bbox_head`` of dense heads with priors and a box coder, and of DETR heads that are one block (DETR's;
+        """``bbox_head`` of dense heads with priors and a box coder (or YOLOX's decode), and of DETR heads that are one block (DETR's;
         heads that also read reference points are reconstructed per branch, without the decoded-box loss)."""
         head = getattr(model, "bbox_head", None)
-        dense = head is not None and hasattr(head, "prior_generator") and hasattr(head, "bbox_coder")
+        dense = head is not None and hasattr(head, "prior_generator") and (hasattr(head, "bbox_coder") or self._is_yolox(head))
         return "bbox_head" if dense or (head is not None and self._detr_head_is_one_block(model)) else None
 
     def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +256,7 @@ class MMDetFamily(DetectorFamily):
             logits, boxes = self._last_layer_queries(model, output)
             boxes = cxcywh_to_xyxy(boxes)
         else:
-            logits, boxes, _, _ = self._decode_dense(head, output[0], output[1])
+            logits, boxes, _, _ = self._decode_dense(head, output)
         if logits.shape[-1] > head.num_classes:  # softmax with a background / no-object class
             return boxes, logits.float().softmax(-1)[..., : head.num_classes]
         return boxes, logits.float().sigmoid()
