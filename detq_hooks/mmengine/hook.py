@@ -35,7 +35,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..checkpoint import CHECKPOINT_KEY, CheckpointMismatchError, has_quantizer_state
+from ..checkpoint import CHECKPOINT_KEY, CheckpointMismatchError, has_quantizer_state, is_quantizer_key
 from ..detectors import DetectorFamily
 from ..session import QuantSession
 from ..surgery import is_quantized, quantized_layers
@@ -199,6 +199,11 @@ class DetQHook(Hook):
             # `load_from` float weights: the usual start of QAT (or PTQ); they are the distillation teacher and
             # PTQ reconstruction's float reference too.
             self.session.set_float_weights(state_dict, source)
+            # A float checkpoint has no quantizer values (calibration sets them): the model's own are filled in,
+            # a no-op load, so MMEngine does not print every quantizer key as "missing" and real gaps stand out.
+            for key, value in model.state_dict().items():
+                if is_quantizer_key(key):
+                    state_dict.setdefault(key, value)
             return
         for m in [model] + self._averaged(runner):  # EMAHook loads its copy right after this hook
             self.session.apply_plan(m, entry, source=source)
