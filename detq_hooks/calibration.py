@@ -129,6 +129,29 @@ def _check_finite_parameters(model: nn.Module) -> None:
             "model's init_weights()) before calibrating; nothing was changed")
 
 
+def untrained_batchnorms(model: nn.Module) -> list[str]:
+    """BatchNorm layers whose running statistics are still at their initial values (mean 0, variance 1)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None
+            and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
+
+
+def _warn_untrained_batchnorms(model: nn.Module) -> None:
+    """Calibration runs in eval mode, where a never-trained BatchNorm does not normalise: the ranges come out far
+    wider than the activations training sees, a low-bit input can round to one value, and the BatchNorm after it
+    then scales its gradient by 1/sqrt(eps) (a random-init YOLOX at W4A4 and a Faster R-CNN in its first
+    curriculum stage went to inf/NaN in one step)."""
+    untrained = untrained_batchnorms(model)
+    if untrained:
+        import warnings
+
+        shown = ", ".join(repr(n) for n in untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
+        warnings.warn(
+            f"calibrating a model whose BatchNorm layers {shown} were never trained (running statistics at their "
+            "initial values): eval-mode ranges will not match training's activations, and 4-bit QAT from these "
+            "weights can diverge in its first steps; calibrate trained float weights", UserWarning, stacklevel=3)
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -157,6 +180,7 @@ def calibrate(
     if not is_quantized(model):
         raise CalibrationError("calibrate() needs a model converted by detq_hooks.quantize(); this one has no quantizers")
     _check_finite_parameters(model)
+    _warn_untrained_batchnorms(model)
     rec = load_recipe(recipe) if recipe is not None else (recipe_of(model) or load_recipe("w8a8"))
     cfg = rec.calibration
     if method is not None or num_batches is not None:

@@ -33,11 +33,19 @@ from .recipe import DistillationSection
 
 
 # ----------------------------------------------------------------------------------------------- losses
+STD_FLOOR = 1e-2  # of the whole feature map's std
+
+
 def _channel_standardize(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     c = f.shape[1]
     flat = f.transpose(0, 1).reshape(c, -1)
-    flat = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + eps)
-    return flat
+    n = flat.shape[1]
+    # A channel with (almost) no spread -- dead after an activation, or a 1x1 level over two images -- would be
+    # divided by ~eps and its gradient scaled up as much (x1e4 for a constant channel): each channel's std is
+    # floored at a small fraction of the whole map's, which leaves healthy channels as they are.
+    std = flat.std(1, keepdim=True, correction=1 if n > 1 else 0)
+    std = torch.maximum(std, STD_FLOOR * flat.std(correction=0))
+    return (flat - flat.mean(1, keepdim=True)) / (std + eps)
 
 
 def pkd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:

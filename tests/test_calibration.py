@@ -58,6 +58,29 @@ def test_calibrate_sets_every_activation_range(method):
         assert lo == pytest.approx(data.min().item()) and hi == pytest.approx(data.max().item())
 
 
+
+def test_calibrating_never_trained_batchnorms_warns_and_names_them():
+    """Eval-mode calibration of a model whose BatchNorms never saw a training batch gives ranges training will not
+    see: a warning names them; once a training-mode pass has set their statistics, none."""
+    import warnings
+
+    from detq_hooks.calibration import untrained_batchnorms
+
+    model = TinyDetector()
+    dq.quantize(model, "w4a8")
+    batches = [torch.rand(2, 3, 32, 32) for _ in range(2)]
+    bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and untrained_batchnorms(model) == bns
+    with pytest.warns(UserWarning, match=rf"BatchNorm layers {bns[0]!r}.*never trained.*calibrate trained float weights"):
+        dq.calibrate(model, batches)
+    model.train()
+    with torch.no_grad():
+        model(batches[0])
+    assert untrained_batchnorms(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        dq.calibrate(model, batches)
+
 def test_no_batches_and_nan_are_clear_errors_and_restore_state():
     torch.manual_seed(0)
     m = dq.quantize(TinyDetector().eval(), "w8a8")

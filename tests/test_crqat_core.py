@@ -157,6 +157,26 @@ def test_hungarian_match_recovers_a_permutation():
     assert torch.equal(perm[rows], cols)
 
 
+
+def test_pkd_gradient_stays_bounded_for_a_channel_without_spread():
+    """A student channel that is (nearly) constant -- dead, or a 1x1 level over two images -- must not blow its
+    gradient up by 1/eps; healthy channels are standardised exactly as the plain Pearson formula does."""
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 8, 1, 1)
+    grads = {}
+    for spread in (1.0, 1e-6, 0.0):
+        student = (torch.randn(1, 8, 1, 1) + spread * torch.randn(2, 8, 1, 1)).requires_grad_()
+        pkd_loss([student], [teacher]).backward()
+        grads[spread] = student.grad.abs().max().item()
+    assert grads[1e-6] < 100 and grads[0.0] < 100, grads  # 4e4 with the std floored only by eps
+    f, g = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+
+    def plain(x):
+        flat = x.transpose(0, 1).reshape(8, -1)
+        return (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-6)
+
+    assert pkd_loss([f], [g]).item() == pytest.approx(((plain(f) - plain(g)) ** 2).mean().item() / 2, rel=1e-6)
+
 def test_distillation_terms_follow_the_stage_and_give_gradients_only_to_the_student():
     model, teacher = _student_and_teacher()
     x = torch.randn(2, 3, 32, 32)

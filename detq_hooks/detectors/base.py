@@ -88,12 +88,13 @@ class DetectorFamily:
     def stages(self, model: nn.Module) -> Optional[list[Stage]]:
         """Data-flow stages for curriculum QAT (``None``: unknown; the recipe must name them).
 
-        Default: a child ``backbone`` followed by ``neck``/``head``/``bbox_head``/``decode_head`` children, at
-        the first module that has them (e.g. ``model.backbone`` inside a LightningModule).
+        Default: a child ``backbone`` followed by ``neck``/``head``/``bbox_head``/``decode_head`` children (or a
+        two-stage detector's ``rpn``/``roi_heads``, torchvision's R-CNNs), at the first module that has them (e.g.
+        ``model.backbone`` inside a LightningModule).
         """
         for name, m in model.named_modules():
             kids = dict(m.named_children())
-            later = [k for k in ("neck", "head", "bbox_head", "decode_head") if k in kids]
+            later = [k for k in ("neck", "head", "bbox_head", "decode_head", "rpn", "roi_heads") if k in kids]
             if "backbone" in kids and later:
                 p = f"{name}." if name else ""
                 return [Stage("backbone", [p + "backbone"], [p + "backbone"]), Stage("neck_head", [p + k for k in later], [])]
