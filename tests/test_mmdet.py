@@ -370,7 +370,6 @@ def test_yolox_head_decodes_as_its_own_prediction_and_crqat_distils_it(synth, tm
     YOLOX's own ``predict_by_feat`` before NMS (score = σ(cls)·σ(obj)), and CR-QAT trains it through DetQHook
     with every head term distilled."""
     from mmdet.registry import MODELS
-    from mmengine.structures import InstanceData  # noqa: F401  (the head's results type)
 
     from detq_hooks.detectors import family_for
 
