@@ -292,6 +292,17 @@ def float_retinanet(synth, tmp_path_factory):
     return work / "iter_2.pth"
 
 
+class _TermsProbe(Hook):
+    """Per iteration: the curriculum stage and the loss terms DetQHook added."""
+
+    def __init__(self):
+        self.rows = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+        self.rows.append((detq.session.schedule.current, dict(detq.session.last_terms)))
+
+
 def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(synth, tmp_path):
     """DINO (Deformable-DETR family): the detector's own parameters (level_embed) fall in the transformer stage,
     and the head terms pair student and teacher queries (the student's denoising queries left out)."""
@@ -305,20 +316,14 @@ def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(s
     cfg = hook_recipe(load_cfg("dino_r18_synthetic_w4a8.py", synth, tmp_path, load_from=str(float_ckpt)), CRQAT)
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
     runner = Runner.from_cfg(cfg)
-    terms = []
-
-    class Terms(Hook):
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
-            terms.append((detq.session.schedule.current, dict(detq.session.last_terms)))
-
-    runner.register_hook(Terms(), priority="LOWEST")
+    terms = _TermsProbe()
+    runner.register_hook(terms, priority="LOWEST")
     runner.train()
     detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
     stages = detq.session.schedule.stages
     assert [s.name for s in stages] == ["backbone", "neck", "head"] and "" in stages[1].prefixes
-    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
-    last = terms[-1][1]
+    assert [k for k, _ in terms.rows] == [0, 0, 1, 1, 2, 2]
+    last = terms.rows[-1][1]
     assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
 
 
@@ -403,19 +408,13 @@ def test_yolox_head_decodes_as_its_own_prediction_and_crqat_distils_it(synth, tm
     cfg = hook_recipe(load_cfg("yolox_tiny_synthetic_w4a8.py", synth, tmp_path, load_from=str(float_ckpt)), recipe)
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
     runner = Runner.from_cfg(cfg)
-    terms = []
-
-    class Terms(Hook):
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
-            terms.append((detq.session.schedule.current, dict(detq.session.last_terms)))
-
-    runner.register_hook(Terms(), priority="LOWEST")
+    terms = _TermsProbe()
+    runner.register_hook(terms, priority="LOWEST")
     runner.train()
-    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
-    last = terms[-1][1]
+    assert [k for k, _ in terms.rows] == [0, 0, 1, 1, 2, 2]
+    last = terms.rows[-1][1]
     assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
-    assert all(torch.isfinite(torch.as_tensor(v)) for _, t in terms for v in t.values())
+    assert all(torch.isfinite(torch.as_tensor(v)) for _, t in terms.rows for v in t.values())
 
 
 MMDET_DDP_SCRIPT = """
