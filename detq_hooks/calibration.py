@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -143,8 +144,6 @@ def _warn_untrained_batchnorms(model: nn.Module) -> None:
     curriculum stage went to inf/NaN in one step)."""
     untrained = untrained_batchnorms(model)
     if untrained:
-        import warnings
-
         shown = ", ".join(repr(n) for n in untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
         warnings.warn(
             f"calibrating a model whose BatchNorm layers {shown} were never trained (running statistics at their "

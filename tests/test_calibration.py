@@ -58,7 +58,6 @@ def test_calibrate_sets_every_activation_range(method):
         assert lo == pytest.approx(data.min().item()) and hi == pytest.approx(data.max().item())
 
 
-
 def test_calibrating_never_trained_batchnorms_warns_and_names_them():
     """Eval-mode calibration of a model whose BatchNorms never saw a training batch gives ranges training will not
     see: a warning names them; once a training-mode pass has set their statistics, none."""
@@ -80,6 +79,7 @@ def test_calibrating_never_trained_batchnorms_warns_and_names_them():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         dq.calibrate(model, batches)
+
 
 def test_no_batches_and_nan_are_clear_errors_and_restore_state():
     torch.manual_seed(0)

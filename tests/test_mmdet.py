@@ -275,8 +275,8 @@ class _CurriculumProbe(Hook):
 CRQAT = {"preset": "w4a4-crqat", "curriculum": {"boundaries": [0.3, 0.6]}}
 
 
-def _crqat_cfg(synth, work, float_ckpt, **options):
-    cfg = hook_recipe(load_cfg("retinanet_r18_synthetic_w4a8.py", synth, work, load_from=str(float_ckpt), **options), CRQAT)
+def _crqat_cfg(synth, work, float_ckpt, config="retinanet_r18_synthetic_w4a8.py", recipe=CRQAT, **options):
+    cfg = hook_recipe(load_cfg(config, synth, work, load_from=str(float_ckpt), **options), recipe)
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=3, by_epoch=False)
     return cfg
@@ -303,6 +303,15 @@ class _TermsProbe(Hook):
         self.rows.append((detq.session.schedule.current, dict(detq.session.last_terms)))
 
 
+def _train_recording_terms(cfg):
+    """Trains ``cfg``; the runner and, per iteration, the curriculum stage and DetQHook's loss terms."""
+    runner = Runner.from_cfg(cfg)
+    probe = _TermsProbe()
+    runner.register_hook(probe, priority="LOWEST")
+    runner.train()
+    return runner, probe.rows
+
+
 def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(synth, tmp_path):
     """DINO (Deformable-DETR family): the detector's own parameters (level_embed) fall in the transformer stage,
     and the head terms pair student and teacher queries (the student's denoising queries left out)."""
@@ -313,17 +322,12 @@ def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(s
     model.init_weights()
     float_ckpt = tmp_path / "dino_float.pth"
     torch.save({"state_dict": model.state_dict(), "meta": {}}, float_ckpt)
-    cfg = hook_recipe(load_cfg("dino_r18_synthetic_w4a8.py", synth, tmp_path, load_from=str(float_ckpt)), CRQAT)
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
-    runner = Runner.from_cfg(cfg)
-    terms = _TermsProbe()
-    runner.register_hook(terms, priority="LOWEST")
-    runner.train()
+    runner, terms = _train_recording_terms(_crqat_cfg(synth, tmp_path, float_ckpt, config="dino_r18_synthetic_w4a8.py"))
     detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
     stages = detq.session.schedule.stages
     assert [s.name for s in stages] == ["backbone", "neck", "head"] and "" in stages[1].prefixes
-    assert [k for k, _ in terms.rows] == [0, 0, 1, 1, 2, 2]
-    last = terms.rows[-1][1]
+    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
+    last = terms[-1][1]
     assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
 
 
@@ -404,17 +408,12 @@ def test_yolox_head_decodes_as_its_own_prediction_and_crqat_distils_it(synth, tm
     # W4A8, not W4A4: this "float" model is untrained, and calibration runs in eval mode, where BatchNorm at its
     # initial statistics does not normalise; the ranges are then ~10x wider than the training activations, a 4-bit
     # input rounds to one value, and the BatchNorms after such layers blow the first step's gradients up to inf
-    recipe = {**CRQAT, "preset": "w4a8-crqat"}
-    cfg = hook_recipe(load_cfg("yolox_tiny_synthetic_w4a8.py", synth, tmp_path, load_from=str(float_ckpt)), recipe)
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=100)
-    runner = Runner.from_cfg(cfg)
-    terms = _TermsProbe()
-    runner.register_hook(terms, priority="LOWEST")
-    runner.train()
-    assert [k for k, _ in terms.rows] == [0, 0, 1, 1, 2, 2]
-    last = terms.rows[-1][1]
+    _, terms = _train_recording_terms(_crqat_cfg(synth, tmp_path, float_ckpt, config="yolox_tiny_synthetic_w4a8.py",
+                                                 recipe={**CRQAT, "preset": "w4a8-crqat"}))
+    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
+    last = terms[-1][1]
     assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
-    assert all(torch.isfinite(torch.as_tensor(v)) for _, t in terms.rows for v in t.values())
+    assert all(torch.isfinite(torch.as_tensor(v)) for _, t in terms for v in t.values())
 
 
 MMDET_DDP_SCRIPT = """

@@ -214,7 +214,8 @@ class MMDetFamily(DetectorFamily):
         priors = torch.cat(priors).float()
         if yolox:
             obj = torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1, 1) for o in outs[2]], 1).float()
-            logits = -torch.logsumexp(torch.stack(torch.broadcast_tensors(-logits.float(), -obj, -logits.float() - obj)), 0)
+            cls_logits = logits.float()
+            logits = -torch.logsumexp(torch.stack(torch.broadcast_tensors(-cls_logits, -obj, -cls_logits - obj)), 0)
             return logits, head._bbox_decode(priors, deltas.float()), level, priors[:, :2]
         if priors.shape[-1] == 4 and "Anchor" in type(head.prior_generator).__name__:
             decode_from, centers = priors, (priors[:, :2] + priors[:, 2:]) / 2
