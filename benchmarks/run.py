@@ -61,6 +61,8 @@ SIZES = {
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
         ("qat_variants", str, "plain,both", "plain", "bench_crqat_*.py variants (plain: LSQ, both: CR-QAT)"),
         ("fisher_variants", str, "plain,mp,reg,both", "plain", "bench_fisher*.py variants"),
+        # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
+        ("fisher_bits", str, "w4a8,w4a4", "w4a8", "bit widths of the bench_fisher*.py studies"),
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
         ("ptq_images", int, SCRIPT_DEFAULT, 16, "calibration images (PTQ)"),
         ("ptq_iterations", int, SCRIPT_DEFAULT, 4, "reconstruction iterations per block (PTQ)"),
@@ -229,7 +231,7 @@ def qat_ultralytics_runs(args, seed):
 def fisher_runs(args, seed):
     out = args.out / "raw" / "fisher" / f"seed{seed}"
     ran = run_logged(args, f"fisher_seed{seed}", "bench_fisher.py", [
-        "--bits", args.bits, "--variants", args.fisher_variants, "--seeds", seed, "--out", out, *yolo_flags(args),
+        "--bits", args.fisher_bits, "--variants", args.fisher_variants, "--seeds", seed, "--out", out, *yolo_flags(args),
         *flags(args, ["qat_epochs"])], output=out / "results.json")
     data = read_json(out / "results.json", ran)
     float_map = data["float"]["map50_95"]
@@ -241,11 +243,11 @@ def fisher_mmdet_runs(args, seed):
     out = args.out / "raw" / "fisher-mmdet" / f"seed{seed}"
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
     ran = run_logged(args, f"fisher-mmdet_seed{seed}", "bench_fisher_mmdet.py", [
-        "--bits", args.bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
+        "--bits", args.fisher_bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
         *flags(args, ["threads"])], output=out / "results.json")
     data = read_json(out / "results.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
-    missing = [f"{b} {v}" for b in split(args.bits) for v in split(args.fisher_variants) if (b, v) not in got]
+    missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(args.fisher_variants) if (b, v) not in got]
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]

@@ -307,7 +307,7 @@ def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partia
         return 1.0
 
     monkeypatch.setattr(bench_run, "run_script", fake_run)
-    args = type("Args", (), {"out": tmp_path, "threads": 2, "resume": False, "bits": "w4a8,w4a4",
+    args = type("Args", (), {"out": tmp_path, "threads": 2, "resume": False, "fisher_bits": "w4a8,w4a4",
                              "fisher_variants": "plain,mp,reg,both"})()
     ran, rows = bench_run.fisher_mmdet_runs(args, "0")
     assert ran["args"][ran["args"].index("--reg-every") + 1] == "12"
