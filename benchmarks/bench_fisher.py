@@ -153,7 +153,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default="plain,mp,reg,both")
     p.add_argument("--critical", default="star,checker", help="critical class names (default: the two rarest)")
     p.add_argument("--reg-weight", type=float, default=0.01)
-    p.add_argument("--reg-every", type=int, default=4)
+    p.add_argument("--reg-every", type=int, default=12, help="regulariser every N steps (the presets' 12)")
     p.add_argument("--seeds", default="0")
 
 
