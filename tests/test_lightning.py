@@ -811,6 +811,66 @@ def test_two_stage_torchvision_detector_gets_curriculum_stages_and_feature_disti
     assert all(m.weight_quantizer.enabled for _, m in quantized_layers(model))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
+class TinySSDlite(TinyFCOS):
+    """torchvision's SSDlite (MobileNetV3, random weights): softmax scores with a background class, levels of
+    different widths and anchor counts."""
+
+    def __init__(self, lr: float = 0.01):
+        super().__init__(lr)
+        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+        self.model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
+
+
+def test_ssdlite_head_decodes_as_its_own_postprocess_and_crqat_distils_it(tmp_path):
+    """SSD/SSDlite family: every level's last class and box conv are prediction layers (8 bits); decoded boxes and
+    softmax scores are those of SSD's own postprocess; W4A4 CR-QAT runs its stages with every head term."""
+    from detq_hooks.detectors import family_for
+    from torchvision.ops import clip_boxes_to_image
+
+    from detq_hooks.recording import record
+
+    model = TinySSDlite()
+    family = family_for(model.model)
+    assert family.name == "torchvision-ssd"
+    pred = family.prediction_layers(model.model)
+    assert len(pred) == 12 and pred[0] == "head.classification_head.module_list.0.1"
+    assert [(s.name, s.outputs) for s in family.stages(model.model)] == [
+        ("backbone", ["backbone.features.1"]), ("neck_head", [])]
+
+    det = model.model.eval()
+    images, targets = next(iter(det_loader()))
+    with torch.no_grad(), record(det, family.head_taps(det)) as rec:
+        family.teacher_forward(det, (images, targets))
+        head = family.head_outputs(det, rec, (images, targets))
+        regression = rec.output("head")["bbox_regression"]
+    a = head.cls_logits.shape[1]
+    assert head.embeddings.shape[:2] == (2, a) and head.anchor_index.shape == (a,)
+    assert head.class_anchors.shape == (6, 4, head.embeddings.shape[-1])
+    # SSD's own decoding, nothing suppressed or cut: each of its detections is one of our (box, score) pairs
+    det.score_thresh, det.nms_thresh, det.topk_candidates, det.detections_per_img = 0.0, 1.0, a, a * 3
+    image_list, _ = det.transform(images)
+    anchors = det.anchor_generator(image_list, list(det.backbone(image_list.tensors).values()))
+    raw = {"cls_logits": head.cls_logits, "bbox_regression": regression}
+    theirs = det.postprocess_detections(raw, anchors, image_list.image_sizes)
+    scores = head.cls_logits.softmax(-1)
+    for b, res in enumerate(theirs):
+        h, w = image_list.image_sizes[b]
+        ours = clip_boxes_to_image(head.boxes[b], (h, w))
+        top = res["scores"].argsort(descending=True)[:50]
+        for box, score, label in zip(res["boxes"][top], res["scores"][top], res["labels"][top]):
+            match = ((scores[b, :, label] - score).abs() < 1e-6) & ((ours - box).abs().amax(-1) < 1e-3)
+            assert match.any(), (box, score, label)
+
+    model, cb = TinySSDlite(), DetQCallback(recipe="w4a4-crqat", target="model", calibration_batches=1)
+    trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1).fit(model, det_loader())
+    assert cb.session.schedule.current == 1
+    assert all(cb.last_loss_terms[f"distill_{k}"] > 0 for k in ("pkd_stage1", "relational", "logit", "box"))
+    bits = {n: m.weight_quantizer.bits for n, m in quantized_layers(model.model)}
+    assert {bits[n] for n in pred} == {8} and sum(b == 4 for b in bits.values()) > 50
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_restore_loads_the_recipes_teacher_checkpoint(tmp_path):
     """Core (QuantSession.restore): a recipe naming `distillation.teacher` gets that checkpoint's weights when
     the model is rebuilt from a saved plan, as it does at conversion (the Lightning adapter restores a

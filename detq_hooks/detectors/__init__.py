@@ -2,7 +2,7 @@
 trainer adapter (Ultralytics, Lightning, MMEngine).
 
     from detq_hooks.detectors import family_for
-    family = family_for(model)            # UltralyticsFamily, TorchvisionFamily, MMDetFamily or the generic one
+    family = family_for(model)            # UltralyticsFamily, TorchvisionFamily, TorchvisionSSDFamily, MMDetFamily or the generic one
     family.prediction_layers(model), family.stages(model), family.reconstruction_blocks(model)
 
 Your own detector: subclass :class:`DetectorFamily` (see the README, "Your own detector") and pass an
@@ -24,6 +24,7 @@ from .base import PREDICTION_LEAF, DetectorFamily, UnsupportedDetectorError
 _BUILTIN = (
     "detq_hooks.detectors.ultralytics:UltralyticsFamily",
     "detq_hooks.detectors.torchvision:TorchvisionFamily",
+    "detq_hooks.detectors.torchvision:TorchvisionSSDFamily",
     "detq_hooks.detectors.mmdet:MMDetFamily",
 )
 _registered: list[type[DetectorFamily]] = []

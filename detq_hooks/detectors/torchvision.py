@@ -1,6 +1,6 @@
-"""The torchvision family: dense detectors laid out like torchvision's (``transform``, ``backbone.body``,
+"""The torchvision families: dense detectors laid out like torchvision's (``transform``, ``backbone.body``,
 ``backbone.fpn``, ``head``, ``anchor_generator``): FCOS and RetinaNet, found anywhere in the model (e.g. as
-``self.model`` of a LightningModule).
+``self.model`` of a LightningModule); and SSD / SSDlite (:class:`TorchvisionSSDFamily`, below).
 
 * Prediction layers: the head's ``cls_logits``/``bbox_reg``/``bbox_ctrness`` convs.
 * Stages: ``backbone`` = ``backbone.body`` (its outputs are PKD's features), then ``neck_head`` = FPN + head.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -117,4 +118,128 @@ class TorchvisionFamily(DetectorFamily):
         return [t["boxes"].float() for t in targets], [t["labels"].long() for t in targets]
 
 
-__all__ = ["TorchvisionFamily", "detector_root"]
+def ssd_root(model: nn.Module) -> Optional[str]:
+    """Name of the first sub-module laid out like torchvision's SSD/SSDlite (a feature extractor with
+    ``features``/``extra``, a head whose class and box branches keep one ``module_list`` item per level), or ``None``."""
+    for name, m in model.named_modules():
+        bb, head = getattr(m, "backbone", None), getattr(m, "head", None)
+        if (isinstance(bb, nn.Module) and hasattr(bb, "features") and hasattr(bb, "extra")
+                and isinstance(getattr(getattr(head, "classification_head", None), "module_list", None), nn.ModuleList)
+                and hasattr(m, "anchor_generator") and hasattr(m, "transform") and hasattr(m, "box_coder")):
+            return name
+    return None
+
+
+def _last_conv(module: nn.Module, prefix: str) -> str:
+    """The name of the last convolution in ``module`` (SSD: the level's conv itself; SSDlite: its 1x1 after the
+    depthwise block)."""
+    convs = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    return f"{prefix}.{convs[-1]}" if convs[-1] else prefix
+
+
+class TorchvisionSSDFamily(TorchvisionFamily):
+    """torchvision's SSD (VGG) and SSDlite (MobileNetV3), found anywhere in the model.
+
+    * Prediction layers: the last conv of every level's class and box branch (``head.*_head.module_list.<i>``).
+    * Stages: ``backbone`` = the feature extractor's ``features`` (its last called block's output is PKD's
+      feature), then ``neck_head`` = its ``extra`` layers + the head.
+    * Head outputs: softmax class logits (background at index 0, as SSD scores them), boxes decoded by its box
+      coder at its default boxes; as region embeddings, each level's classifier input (levels differ in
+      channels: zero-padded to the widest, with the teacher's classifier rows of that level as its class
+      anchors, so relations stay within a level).
+    """
+
+    name = "torchvision-ssd"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return ssd_root(model) is not None
+
+    def example_forward(self, model: nn.Module):
+        root = ssd_root(model)
+        return lambda m: m.get_submodule(root)([blank_image(m, (3, 64, 64)), blank_image(m, (3, 64, 64))])
+
+    def _p(self, model: nn.Module) -> str:
+        root = ssd_root(model)
+        return f"{root}." if root else ""
+
+    def _det(self, model: nn.Module) -> nn.Module:
+        root = ssd_root(model)
+        return model.get_submodule(root) if root else model
+
+    def _classifiers(self, model: nn.Module) -> list[str]:
+        p, det = self._p(model), self._det(model)
+        items = det.head.classification_head.module_list
+        return [_last_conv(m, f"{p}head.classification_head.module_list.{i}") for i, m in enumerate(items)]
+
+    def prediction_layers(self, model: nn.Module) -> Optional[list[str]]:
+        p, det = self._p(model), self._det(model)
+        boxes = det.head.regression_head.module_list
+        return self._classifiers(model) + [_last_conv(m, f"{p}head.regression_head.module_list.{i}")
+                                           for i, m in enumerate(boxes)]
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        p, det = self._p(model), self._det(model)
+        features = det.backbone.features
+        vgg = type(det.backbone).__name__ == "SSDFeatureExtractorVGG"
+        # SSDlite's extractor calls the blocks of `features` one by one (the container never runs), VGG's calls it
+        last = f"{p}backbone.features" if vgg else f"{p}backbone.features.{len(features) - 1}"
+        # parameters the extractor holds itself (VGG's L2Norm scale) go with `features`, not with `extra`
+        own = [f"re:^{re.escape(p + 'backbone')}$"] if any(True for _ in det.backbone.parameters(recurse=False)) else []
+        return [Stage("backbone", [p + "backbone.features", *own], [last]),
+                Stage("neck_head", [p + "backbone.extra", p + "head"], [])]
+
+    def reconstruction_blocks(self, model: nn.Module) -> list[str]:
+        p, det = self._p(model), self._det(model)
+        blocks = [f"{p}backbone.features.{n}" for n, c in det.backbone.features.named_children()
+                  if any(True for _ in c.parameters())]
+        if type(det.backbone).__name__ == "SSDFeatureExtractorVGG":
+            blocks = [p + "backbone.features"]
+        extra = [f"{p}backbone.extra.{n}" for n, c in det.backbone.extra.named_children() if any(True for _ in c.parameters())]
+        heads = [f"{p}head.{h}.module_list.{i}" for h in ("classification_head", "regression_head")
+                 for i in range(len(getattr(det.head, h).module_list))]
+        return blocks + extra + heads
+
+    def head_taps(self, model: nn.Module) -> Taps:
+        p = self._p(model)
+        return Taps(outputs=[p + "transform", p + "head", p + "anchor_generator"], inputs=self._classifiers(model))
+
+    def teacher_forward(self, teacher: nn.Module, batch: Any) -> None:
+        """The teacher's transform → feature extractor → head → default boxes, called as modules so the taps
+        record."""
+        images, targets = batch[0], batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        det = self._det(teacher)
+        image_list, _ = det.transform(images, [dict(t) for t in targets] if targets is not None else None)
+        feats = list(det.backbone(image_list.tensors).values())
+        det.head(feats)
+        det.anchor_generator(image_list, feats)
+
+    def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
+        det = self._det(model)
+        p = self._p(model)
+        head = recorded.output(p + "head")
+        anchors = recorded.output(p + "anchor_generator")
+        logits = head["cls_logits"]
+        c = logits.shape[-1]
+        classifiers = self._classifiers(model)
+        convs = [model.get_submodule(n) for n in classifiers]
+        width = max(conv.in_channels for conv in convs)
+        embeddings, class_anchors, level_of = [], [], []
+        for level, (name, conv) in enumerate(zip(classifiers, convs)):
+            x = recorded.input(name)  # (N, D_l, H, W)
+            a = conv.out_channels // c
+            emb = x.flatten(2).transpose(1, 2).repeat_interleave(a, dim=1)  # (N, H*W*A, D_l): H, W, then anchors
+            embeddings.append(nn.functional.pad(emb.float(), (0, width - emb.shape[-1])))
+            w = conv.weight.detach().float().view(a, c, conv.in_channels, -1).mean((0, 3))  # (C, D_l)
+            class_anchors.append(nn.functional.pad(w, (0, width - w.shape[-1])))
+            level_of.append(torch.full((emb.shape[1],), level, dtype=torch.long, device=logits.device))
+        boxes = torch.stack([det.box_coder.decode_single(head["bbox_regression"][b].float(), anchors[b])
+                             for b in range(len(anchors))])
+        return HeadOutputs(
+            cls_logits=logits.float(), boxes=boxes, embeddings=torch.cat(embeddings, 1),
+            class_anchors=torch.stack(class_anchors), anchor_index=torch.cat(level_of), score_kind="softmax",
+            points=(anchors[0][:, :2] + anchors[0][:, 2:]) / 2,
+        )
+
+
+__all__ = ["TorchvisionFamily", "TorchvisionSSDFamily", "detector_root", "ssd_root"]
