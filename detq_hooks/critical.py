@@ -123,18 +123,21 @@ class CriticalObjective:
         logits = head.cls_logits.float()
         pos, labels = assignment.positives, assignment.labels
         width = logits.shape[-1]
+        nobj = head.no_object % width if head.score_kind == "softmax" else None  # DETR: the last; SSD: 0
         if critical_ids is not None:
-            num_classes = width - 1 if head.score_kind == "softmax" else width
-            if max(critical_ids) >= num_classes:
-                raise FisherError(f"critical class ids {critical_ids} are not all classes of a head with {num_classes} classes")
-        if head.score_kind == "softmax":  # the last logit is no-object (DETR convention)
-            target = torch.where(pos, labels, torch.full_like(labels, width - 1))
+            classes = [k for k in range(width) if k != nobj]
+            if not set(critical_ids) <= set(classes):
+                raise FisherError(f"critical class ids {critical_ids} are not all classes of a head whose classes are "
+                                  f"{classes[0]}..{classes[-1]}")
+        if head.score_kind == "softmax":
+            target = torch.where(pos, labels, torch.full_like(labels, nobj))
             weight = torch.ones(width, device=logits.device)
-            if critical_ids is not None:
-                logits = critical_logits(logits, critical_ids, "softmax", self.merge, no_object=-1)
-                target = critical_targets(target, critical_ids, "softmax", num_classes=width, no_object=-1)
+            weight[nobj] = NO_OBJECT_WEIGHT
+            if critical_ids is not None:  # no-object goes last
+                logits = critical_logits(logits, critical_ids, "softmax", self.merge, no_object=nobj)
+                target = critical_targets(target, critical_ids, "softmax", num_classes=width, no_object=nobj)
                 weight = torch.ones(logits.shape[-1], device=logits.device)
-            weight[-1] = NO_OBJECT_WEIGHT
+                weight[-1] = NO_OBJECT_WEIGHT
             cls_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), weight=weight)
         else:
             onehot = torch.zeros_like(logits)

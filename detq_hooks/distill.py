@@ -296,6 +296,8 @@ class HeadOutputs:
         anchor_index: (A,) group of each anchor when class_anchors is (L, C, D).
         score_kind: ``sigmoid`` or ``softmax``.
         points: (A, 2) anchor/point centres in the boxes' frame (dense heads: for the positives' assignment).
+        no_object: softmax heads: index of the no-object / background logit (DETR: the last, ``-1``; torchvision's
+            SSD: ``0``).
     """
 
     cls_logits: torch.Tensor
@@ -305,6 +307,15 @@ class HeadOutputs:
     anchor_index: Optional[torch.Tensor] = None
     score_kind: str = "sigmoid"
     points: Optional[torch.Tensor] = None
+    no_object: int = -1
+
+    def object_scores(self) -> torch.Tensor:
+        """(B, A, C') class probabilities without the no-object column (softmax heads) / sigmoid scores."""
+        logits = self.cls_logits.float()
+        if self.score_kind == "sigmoid":
+            return logits.sigmoid()
+        probs, nobj = logits.softmax(-1), self.no_object % logits.shape[-1]
+        return torch.cat([probs[..., :nobj], probs[..., nobj + 1:]], -1)
 
 
 @dataclass
@@ -362,8 +373,7 @@ class DistillationLoss:
                 terms["logit"] = logit_loss(student_head.cls_logits, teacher_head.cls_logits, pos,
                                             student_head.score_kind, cfg.temperature)
             if cfg.box_weight > 0:
-                conf = teacher_head.cls_logits.detach().float()
-                conf = conf.sigmoid().amax(-1) if teacher_head.score_kind == "sigmoid" else conf.softmax(-1).amax(-1)
+                conf = teacher_head.object_scores().detach().amax(-1)  # the teacher's confidence in an object
                 terms["box"] = box_consistency_loss(student_head.boxes, teacher_head.boxes, conf, pos)
         weights = {"relational": cfg.relational_weight, "logit": cfg.logit_weight, "box": cfg.box_weight}
         total = None

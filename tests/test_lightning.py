@@ -862,6 +862,19 @@ def test_ssdlite_head_decodes_as_its_own_postprocess_and_crqat_distils_it(tmp_pa
             match = ((scores[b, :, label] - score).abs() < 1e-6) & ((ours - box).abs().amax(-1) < 1e-3)
             assert match.any(), (box, score, label)
 
+    # the critical objective knows SSD's background is class 0: every class critical is the plain objective; class
+    # 0 is no class to name
+    from detq_hooks.critical import CriticalObjective
+    from detq_hooks.fisher import FisherError
+
+    gts = ([t["boxes"] for t in targets], [t["labels"] for t in targets])
+    assert float(CriticalObjective(None, [1, 2, 3]).loss(head, gts, "critical")) == \
+        pytest.approx(float(CriticalObjective(None, [1]).loss(head, gts, "all")), rel=1e-6)
+    assert float(CriticalObjective(None, [1]).loss(head, gts, "critical")) != \
+        pytest.approx(float(CriticalObjective(None, [1]).loss(head, gts, "all")), rel=1e-3)
+    with pytest.raises(FisherError, match=r"critical class ids \[0\] are not all classes of a head whose classes are 1..3"):
+        CriticalObjective(None, [0]).loss(head, gts, "critical")
+
     model, cb = TinySSDlite(), DetQCallback(recipe="w4a4-crqat", target="model", calibration_batches=1)
     trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1).fit(model, det_loader())
     assert cb.session.schedule.current == 1

@@ -238,7 +238,7 @@ class TorchvisionSSDFamily(TorchvisionFamily):
         return HeadOutputs(
             cls_logits=logits.float(), boxes=boxes, embeddings=torch.cat(embeddings, 1),
             class_anchors=torch.stack(class_anchors), anchor_index=torch.cat(level_of), score_kind="softmax",
-            points=(anchors[0][:, :2] + anchors[0][:, 2:]) / 2,
+            points=(anchors[0][:, :2] + anchors[0][:, 2:]) / 2, no_object=0,  # SSD's background class
         )
 
 
