@@ -38,22 +38,24 @@ def detector_root(model: nn.Module) -> Optional[str]:
 class TorchvisionFamily(DetectorFamily):
     name = "torchvision"
     reads_head = True
+    #: finds the detector inside the user's module (its name, or None)
+    root_of = staticmethod(detector_root)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return detector_root(model) is not None
+        return cls.root_of(model) is not None
 
     def example_forward(self, model: nn.Module):
-        root = detector_root(model)
+        root = self.root_of(model)
         # two images: GroupNorm heads cannot normalise the 1x1 top level of one small image
         return lambda m: m.get_submodule(root)([blank_image(m, (3, 64, 64)), blank_image(m, (3, 64, 64))])
 
     def _p(self, model: nn.Module) -> str:
-        root = detector_root(model)
+        root = self.root_of(model)
         return f"{root}." if root else ""
 
     def _det(self, model: nn.Module) -> nn.Module:
-        root = detector_root(model)
+        root = self.root_of(model)
         return model.get_submodule(root) if root else model
 
     # ------------------------------------------------------------------ layers / structure
@@ -150,22 +152,7 @@ class TorchvisionSSDFamily(TorchvisionFamily):
     """
 
     name = "torchvision-ssd"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return ssd_root(model) is not None
-
-    def example_forward(self, model: nn.Module):
-        root = ssd_root(model)
-        return lambda m: m.get_submodule(root)([blank_image(m, (3, 64, 64)), blank_image(m, (3, 64, 64))])
-
-    def _p(self, model: nn.Module) -> str:
-        root = ssd_root(model)
-        return f"{root}." if root else ""
-
-    def _det(self, model: nn.Module) -> nn.Module:
-        root = ssd_root(model)
-        return model.get_submodule(root) if root else model
+    root_of = staticmethod(ssd_root)
 
     def _classifiers(self, model: nn.Module) -> list[str]:
         p, det = self._p(model), self._det(model)
