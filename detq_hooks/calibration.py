@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_utils
@@ -138,50 +137,18 @@ def untrained_batchnorms(model: nn.Module) -> list[str]:
             and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
 
 
-class _BatchStatistics:
-    """While active, the given BatchNorms normalise by each batch's own statistics (as in a training step) and
-    leave their running statistics alone.
-
-    Calibration runs the model in eval mode, where a never-trained BatchNorm (mean 0, variance 1) does not
-    normalise: the ranges would come out far wider than the activations QAT's training steps see, a 4-bit input
-    can round to one value, and the BatchNorm after it then scales its gradient by 1/sqrt(eps) (a random-init
-    YOLOX at W4A4 and a torchvision Faster R-CNN in its first curriculum stage went to inf/NaN in one step).
-    A BatchNorm input with one value per channel (batch 1 after a global pool) keeps the running statistics,
-    since a batch variance of one value is undefined."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.layers = [model.get_submodule(n) for n in names]
-
-    def __enter__(self):
-        for bn in self.layers:
-            bn.forward = self._by_batch(bn)
-        return self
-
-    def __exit__(self, *exc):
-        for bn in self.layers:
-            del bn.forward  # the class's forward again
-
-    @staticmethod
-    def _by_batch(bn: nn.modules.batchnorm._BatchNorm):
-        running_stat_forward = type(bn).forward.__get__(bn)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if x.dim() < 2 or x.numel() // x.shape[1] < 2:
-                return running_stat_forward(x)
-            # running_mean/var None with training=True: batch statistics, nothing tracked
-            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-
-        return forward
-
-
-def _warn_untrained_batchnorms(untrained: list[str]) -> None:
+def _warn_untrained_batchnorms(model: nn.Module) -> None:
+    """Calibration runs in eval mode, where a never-trained BatchNorm does not normalise: the ranges come out far
+    wider than the activations training sees, a low-bit input can round to one value, and the BatchNorm after it
+    then scales its gradient by 1/sqrt(eps) (a random-init YOLOX at W4A4 and a Faster R-CNN in its first
+    curriculum stage went to inf/NaN in one step)."""
+    untrained = untrained_batchnorms(model)
     if untrained:
         shown = ", ".join(repr(n) for n in untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
         warnings.warn(
             f"calibrating a model whose BatchNorm layers {shown} were never trained (running statistics at their "
-            "initial values): their activation ranges were taken with each batch's own statistics, as QAT's "
-            "training steps see them; a PTQ model of these weights is not accurate (it runs on the running "
-            "statistics): calibrate trained float weights for PTQ", UserWarning, stacklevel=3)
+            "initial values): eval-mode ranges will not match training's activations, and 4-bit QAT from these "
+            "weights can diverge in its first steps; calibrate trained float weights", UserWarning, stacklevel=3)
 
 
 @torch.no_grad()
@@ -212,8 +179,7 @@ def calibrate(
     if not is_quantized(model):
         raise CalibrationError("calibrate() needs a model converted by detq_hooks.quantize(); this one has no quantizers")
     _check_finite_parameters(model)
-    untrained = untrained_batchnorms(model)
-    _warn_untrained_batchnorms(untrained)
+    _warn_untrained_batchnorms(model)
     rec = load_recipe(recipe) if recipe is not None else (recipe_of(model) or load_recipe("w8a8"))
     cfg = rec.calibration
     if method is not None or num_batches is not None:
@@ -250,8 +216,7 @@ def calibrate(
                 break
             for obs in observers.values():
                 obs.batch_index = seen
-            with _BatchStatistics(model, untrained):
-                forward_fn(model, batch)
+            forward_fn(model, batch)
             seen += 1
         # Every rank must agree that calibration had data before collectives start.
         seen_t = torch.tensor([float(seen)])

@@ -58,50 +58,27 @@ def test_calibrate_sets_every_activation_range(method):
         assert lo == pytest.approx(data.min().item()) and hi == pytest.approx(data.max().item())
 
 
-def test_never_trained_batchnorms_are_calibrated_with_batch_statistics_and_named_in_a_warning():
-    """Eval mode, a BatchNorm still at mean 0 / variance 1 does not normalise, so its ranges would be far wider than
-    what QAT's training steps see (4-bit QAT from random weights then diverged in its first step). Calibration
-    takes those layers' ranges with each batch's own statistics, leaves their running statistics alone, names them
-    in a warning; once a training-mode pass has set their statistics, no warning and eval-mode statistics."""
-    import copy
+def test_calibrating_never_trained_batchnorms_warns_and_names_them():
+    """Eval-mode calibration of a model whose BatchNorms never saw a training batch gives ranges training will not
+    see: a warning names them; once a training-mode pass has set their statistics, none."""
     import warnings
 
     from detq_hooks.calibration import untrained_batchnorms
 
-    torch.manual_seed(0)
     model = TinyDetector()
-    float_model = copy.deepcopy(model)
     dq.quantize(model, "w4a8")
-    batch = torch.rand(2, 3, 32, 32) * 3 + 1
+    batches = [torch.rand(2, 3, 32, 32) for _ in range(2)]
     bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and untrained_batchnorms(model) == bns
-    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches_tracked" in k}
-
-    def input_range(m, mode):  # of the second convolution, after the first BatchNorm and SiLU
-        seen = []
-        handle = m.backbone[3].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-        with torch.no_grad():
-            m.train(mode)(batch)
-        handle.remove()
-        return seen[0].min().item(), seen[0].max().item()
-
-    with pytest.warns(UserWarning, match=rf"BatchNorm layers {bns[0]!r}.*never trained.*batch's own statistics"
-                                         r".*calibrate trained float weights for PTQ"):
-        res = dq.calibrate(model, [batch], method="minmax")
-    by_batch, by_running = input_range(copy.deepcopy(float_model), True), input_range(float_model, False)
-    assert res.ranges["backbone.3.input_quantizer"] == pytest.approx(by_batch, rel=1e-2)  # 8-bit first-layer weights
-    assert by_running[1] > 1.3 * by_batch[1]  # what eval-mode calibration would have taken
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())
-    assert "forward" not in vars(model.backbone[1])  # the BatchNorms' own forward again
-
+    with pytest.warns(UserWarning, match=rf"BatchNorm layers {bns[0]!r}.*never trained.*calibrate trained float weights"):
+        dq.calibrate(model, batches)
     model.train()
     with torch.no_grad():
-        model(batch)
+        model(batches[0])
     assert untrained_batchnorms(model) == []
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        res = dq.calibrate(model, [batch], method="minmax")
-    assert res.ranges["backbone.3.input_quantizer"][1] != pytest.approx(by_batch[1], rel=1e-3)  # running statistics now
+        dq.calibrate(model, batches)
 
 
 def test_no_batches_and_nan_are_clear_errors_and_restore_state():

@@ -792,9 +792,8 @@ class TinyFasterRCNN(TinyFCOS):
 
 
 def test_two_stage_torchvision_detector_gets_curriculum_stages_and_feature_distillation(tmp_path):
-    """Faster R-CNN from random weights: the stages are found (the backbone with its FPN, then RPN and RoI heads);
-    feature distillation trains with finite weights; head terms are refused before training, naming the model and
-    the way out."""
+    """Faster R-CNN: the stages are found (the backbone with its FPN, then RPN and RoI heads); feature
+    distillation trains; head terms are refused before training, naming the model and the way out."""
     from detq_hooks.detectors import UnsupportedDetectorError
 
     with pytest.raises(UnsupportedDetectorError, match=r"FasterRCNN is not a detector family .*relational_weight"):
@@ -802,8 +801,18 @@ def test_two_stage_torchvision_detector_gets_curriculum_stages_and_feature_disti
             TinyFasterRCNN(), det_loader())
     recipe = {"preset": "w4a8-crqat", "distillation": {"relational_weight": 0, "logit_weight": 0, "box_weight": 0}}
     model, cb = TinyFasterRCNN(), DetQCallback(recipe=recipe, target="model", calibration_batches=1)
-    # random weights, BatchNorms never trained: calibration takes their ranges with batch statistics (with eval-mode
-    # ones, this model's first curriculum step overflowed the weights to 1e18)
+    # stand-in for trained float weights: BatchNorm statistics from a few training-mode passes (untrained ones make
+    # eval-mode calibration meaningless, and this model's first curriculum step then overflows; see calibrate())
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None  # the plain average of the passes' batch statistics
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            for images, targets in det_loader():
+                model.model(images, targets)
+    for bn in bns:
+        bn.momentum = 0.01
     trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1).fit(model, det_loader())
     assert [(s.name, s.prefixes) for s in cb.session.stages] == [
         ("backbone", ["backbone"]), ("neck_head", ["rpn", "roi_heads"])]  # of the callback's target
