@@ -230,7 +230,7 @@ def qat_ultralytics_runs(args, seed):
 
 def fisher_runs(args, seed):
     out = args.out / "raw" / "fisher" / f"seed{seed}"
-    # the regulariser every 12 steps, as in the presets (the script's default, 4, costs ~1.8x plain QAT a step)
+    # the regulariser every 12 steps, as in the presets (every 4 cost ~1.8x plain QAT a step); explicit in the record
     ran = run_logged(args, f"fisher_seed{seed}", "bench_fisher.py", [
         "--bits", args.fisher_bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12,
         "--out", out, *yolo_flags(args),

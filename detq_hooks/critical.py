@@ -131,13 +131,12 @@ class CriticalObjective:
                                   f"{classes[0]}..{classes[-1]}")
         if head.score_kind == "softmax":
             target = torch.where(pos, labels, torch.full_like(labels, nobj))
-            weight = torch.ones(width, device=logits.device)
-            weight[nobj] = NO_OBJECT_WEIGHT
-            if critical_ids is not None:  # no-object goes last
+            if critical_ids is not None:
                 logits = critical_logits(logits, critical_ids, "softmax", self.merge, no_object=nobj)
                 target = critical_targets(target, critical_ids, "softmax", num_classes=width, no_object=nobj)
-                weight = torch.ones(logits.shape[-1], device=logits.device)
-                weight[-1] = NO_OBJECT_WEIGHT
+                nobj = logits.shape[-1] - 1  # the transform puts no-object last
+            weight = torch.ones(logits.shape[-1], device=logits.device)
+            weight[nobj] = NO_OBJECT_WEIGHT
             cls_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), weight=weight)
         else:
             onehot = torch.zeros_like(logits)

@@ -22,7 +22,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import HeadOutputs
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, blank_image
+from .base import DetectorFamily, blank_image, called_blocks
 
 
 def detector_root(model: nn.Module) -> Optional[str]:
@@ -165,12 +165,18 @@ class TorchvisionSSDFamily(TorchvisionFamily):
         return self._classifiers(model) + [_last_conv(m, f"{p}head.regression_head.module_list.{i}")
                                            for i, m in enumerate(boxes)]
 
+    @staticmethod
+    def _feature_blocks(det: nn.Module, p: str) -> list[str]:
+        """The units of the extractor's ``features`` that run: VGG's extractor calls the container, SSDlite's
+        calls its blocks one by one (the container itself never runs)."""
+        if type(det.backbone).__name__ == "SSDFeatureExtractorVGG":
+            return [p + "backbone.features"]
+        return [f"{p}backbone.features.{n}" for n, c in det.backbone.features.named_children()
+                if any(True for _ in c.parameters())]
+
     def stages(self, model: nn.Module) -> list[Stage]:
         p, det = self._p(model), self._det(model)
-        features = det.backbone.features
-        vgg = type(det.backbone).__name__ == "SSDFeatureExtractorVGG"
-        # SSDlite's extractor calls the blocks of `features` one by one (the container never runs), VGG's calls it
-        last = f"{p}backbone.features" if vgg else f"{p}backbone.features.{len(features) - 1}"
+        last = self._feature_blocks(det, p)[-1]
         # parameters the extractor holds itself (VGG's L2Norm scale) go with `features`, not with `extra`
         own = [f"re:^{re.escape(p + 'backbone')}$"] if any(True for _ in det.backbone.parameters(recurse=False)) else []
         return [Stage("backbone", [p + "backbone.features", *own], [last]),
@@ -178,14 +184,9 @@ class TorchvisionSSDFamily(TorchvisionFamily):
 
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         p, det = self._p(model), self._det(model)
-        blocks = [f"{p}backbone.features.{n}" for n, c in det.backbone.features.named_children()
-                  if any(True for _ in c.parameters())]
-        if type(det.backbone).__name__ == "SSDFeatureExtractorVGG":
-            blocks = [p + "backbone.features"]
-        extra = [f"{p}backbone.extra.{n}" for n, c in det.backbone.extra.named_children() if any(True for _ in c.parameters())]
-        heads = [f"{p}head.{h}.module_list.{i}" for h in ("classification_head", "regression_head")
-                 for i in range(len(getattr(det.head, h).module_list))]
-        return blocks + extra + heads
+        heads = [b for h in ("classification_head", "regression_head")
+                 for b in called_blocks(getattr(det.head, h).module_list, f"{p}head.{h}.module_list")]
+        return self._feature_blocks(det, p) + called_blocks(det.backbone.extra, f"{p}backbone.extra") + heads
 
     def head_taps(self, model: nn.Module) -> Taps:
         p = self._p(model)
