@@ -501,7 +501,10 @@ class QuantSession:
         if ptq.part("sparse"):  # before calibration: the dense ranges are searched without the outliers
             from .sparse import add_outlier_quantizers
 
-            add_outlier_quantizers(model, ptq.sparse_ratio)
+            # outside inference mode (Lightning's validate): buffers made in it could never be restored in place
+            # when reconstruction puts a block back
+            with torch.inference_mode(False):
+                add_outlier_quantizers(model, ptq.sparse_ratio)
         result = self.calibrate(model, kept, forward_fn, progress=progress, family_batch=family_batch)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         # Trainers evaluate under inference mode (Lightning's validate/test): reconstruction needs autograd.

@@ -335,6 +335,111 @@ def test_lightning_adaround_ptq_from_validate(tmp_path):
     assert dq.is_quantized(module.model) and not dq.is_quantized(float_copy) and cb.session.float_copy is None
 
 
+def _tiny_retinanet():
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    from test_lightning import TinyBody
+
+    fpn = BackboneWithFPN(TinyBody(), {"layer2": "0", "layer3": "1", "layer4": "2"}, [16, 16, 16], 32)  # + max-pool level
+    anchors = AnchorGenerator(((8, 11), (16, 22), (32, 45), (64, 90)), ((0.5, 1.0, 2.0),) * 4)
+    return RetinaNet(fpn, 4, min_size=64, max_size=64, anchor_generator=anchors)
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet", "ssdlite"])
+def test_torchvision_decoder_of_dtr_keeps_the_real_anchors_iou_and_the_postprocess_scores(detector):
+    """The torchvision head's output has lost its image and feature sizes, so DTR decodes every anchor's box at a
+    unit anchor: the IoU of a quantized and a float box of one anchor must be the one at the real anchors, and the
+    scores those the detector's own postprocess ranks by (every anchor and class kept, NMS off)."""
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    from test_lightning import det_loader, tiny_fcos
+    from detq_hooks.detectors import family_for
+    from detq_hooks.distill import elementwise_iou
+    from detq_hooks.recording import record
+
+    torch.manual_seed(0)
+    det = {"fcos": tiny_fcos, "retinanet": _tiny_retinanet,
+           "ssdlite": lambda: ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)}[detector]()
+    det.eval()
+    family = family_for(det)
+    assert family.head_block(det) == "head"
+    images = next(iter(det_loader()))[0]
+    with torch.no_grad(), record(det, family.head_taps(det)) as rec:
+        family.teacher_forward(det, (images,))
+    anchors = rec.output("anchor_generator")
+    # head outputs of the recorded shapes with a spread a trained head has (random-init SSDlite's are ~1e-15)
+    output = {k: torch.randn_like(v) for k, v in rec.output("head").items()}
+    if detector == "fcos":  # left, top, right, bottom distances in anchor sizes, after the head's ReLU
+        output["bbox_regression"] = torch.rand_like(output["bbox_regression"]) * 2
+    shifted = {k: v + 0.2 * torch.randn_like(v) for k, v in output.items()}  # a "quantized" head output
+    shifted["bbox_regression"] = shifted["bbox_regression"].clamp_min(0) if detector == "fcos" else shifted["bbox_regression"]
+    boxes, scores = family.decode_head_output(det, output)
+    boxes_q, _ = family.decode_head_output(det, shifted)
+    if detector == "fcos":  # BoxLinearCoder decodes a batch
+        real = [det.box_coder.decode(o["bbox_regression"], torch.stack(anchors)) for o in (output, shifted)]
+    else:
+        real = [torch.stack([det.box_coder.decode_single(o["bbox_regression"][i], a) for i, a in enumerate(anchors)])
+                for o in (output, shifted)]
+    iou = elementwise_iou(boxes_q, boxes)
+    assert boxes.shape == real[0].shape and 0.05 < float(iou.mean()) < 0.95  # the shift moved the boxes, not all
+    torch.testing.assert_close(iou, elementwise_iou(*real), atol=2e-4, rtol=0)  # float32 rounding at pixel scale
+
+    # the detector's own postprocess with nothing dropped: its scores are ours, every (anchor, class) once
+    det.score_thresh, det.topk_candidates, det.nms_thresh, det.detections_per_img = -1.0, 10**6, 1.0, 10**6
+    if detector == "ssdlite":
+        theirs = det.postprocess_detections(output, anchors, [(64, 64)] * len(images))
+    else:  # FCOS and RetinaNet take their outputs and anchors per level
+        sizes = _anchors_per_level(det, images, output["cls_logits"].shape[1])
+        theirs = det.postprocess_detections({k: list(v.split(sizes, dim=1)) for k, v in output.items()},
+                                            [list(a.split(sizes)) for a in anchors], [(64, 64)] * len(images))
+    for i, result in enumerate(theirs):
+        assert len(result["scores"]) == scores.shape[1] * scores.shape[2]
+        torch.testing.assert_close(result["scores"].sort().values, scores[i].flatten().sort().values)
+
+
+def _anchors_per_level(det, images, total: int) -> list[int]:
+    """Anchors per level of a torchvision FCOS/RetinaNet on the batch's images, as its ``forward`` splits them."""
+    with torch.no_grad():
+        image_list, _ = det.transform(images)
+        locations = [f.shape[-2] * f.shape[-1] for f in det.backbone(image_list.tensors).values()]
+    return [n * (total // sum(locations)) for n in locations]
+
+
+def test_lightning_taskq_on_torchvision_fcos_reconstructs_its_head_with_dtr(tmp_path):
+    """TASKQ on a torchvision detector runs detection-aware task regularisation on the whole head, last."""
+    import warnings
+
+    pl = pytest.importorskip("lightning.pytorch")
+    from test_lightning import TinyFCOS, det_loader
+
+    from detq_hooks.lightning import DetQCallback
+
+    class FCOSWithVal(TinyFCOS):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.tensor(0.0))
+
+    torch.manual_seed(0)
+    cb = DetQCallback({"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": {**FAST, "iterations": 40}},
+                      target="model")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[cb])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = FCOSWithVal()
+        trainer.validate(module, det_loader(n=4))
+    assert not [w for w in caught if "names no head block" in str(w.message)]
+    blocks = cb.last_calibration.reconstruction.blocks
+    # the family's blocks end with the head towers; the whole head comes once more, last, only for DTR
+    assert blocks[-1].name == "head" and blocks[-1].skipped is None
+    assert blocks[-1].loss_after < blocks[-1].loss_before
+    # validate() runs under inference mode: the sparse outlier quantizers TASKQ adds there must still be ordinary
+    # tensors (a block put back after reconstruction loads its state into them in place)
+    sparse = [n for n, t in module.model.state_dict().items() if "ratio_state" in n]
+    assert len(sparse) >= 10 and not [n for n, t in module.model.state_dict().items() if t.is_inference()]
+
+
 def test_taskq_on_a_family_without_a_head_decoder_runs_without_dtr_unless_asked():
     torch.manual_seed(0)
     batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]

@@ -127,7 +127,9 @@ class DetectorFamily:
 
     def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(boxes (B, A, 4) xyxy, class scores (B, A, C) in [0, 1])`` from the eval-mode output of
-        :meth:`head_block`, decoded the way the trainer's own inference does."""
+        :meth:`head_block`, decoded the way the trainer's own inference does. DTR only compares the boxes of one
+        anchor with each other (IoU): a frame that differs from the image's by a scale and shift per axis and
+        anchor is as good."""
         raise self._unsupported(model, "decode_head_output")
 
     def example_forward(self, model: nn.Module) -> Optional[Callable[[nn.Module], Any]]:

@@ -8,6 +8,8 @@
   classification tower's outputs as region embeddings, the teacher's classifier rows (averaged over the
   kernel and the anchors of a location) as class anchors. Targets are the ones the detector's own
   ``transform`` resized, read from the student's forward.
+* PTQ's detection-aware task regularisation reads ``head`` (boxes decoded at a unit anchor, see
+  :meth:`TorchvisionFamily.decode_head_output`).
 * Batches are ``(images, targets)`` as torchvision detectors take them.
 """
 
@@ -113,6 +115,31 @@ class TorchvisionFamily(DetectorFamily):
             points=(anchors[0][:, :2] + anchors[0][:, 2:]) / 2,
         )
 
+    # ------------------------------------------------------------------ PTQ: the head's decoded boxes
+    def head_block(self, model: nn.Module) -> Optional[str]:
+        """``head``: its eval-mode output is the dict of per-anchor tensors, every level concatenated."""
+        return self._p(model) + "head"
+
+    def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes by the detector's own box coder at a unit anchor (0, 0, 1, 1) in every place, and the scores
+        its postprocess ranks by: sigmoid (FCOS: ``sqrt(sigmoid(cls)·sigmoid(centerness))``), softmax without the
+        background for SSD.
+
+        The head's output no longer says which image and feature sizes its anchors came from; each coder decodes
+        an anchor's box by a scale and shift per axis of that anchor, which leaves the IoU of two boxes decoded at
+        the same anchor (all DTR reads) as it is at the real anchor."""
+        regression = output["bbox_regression"].float()
+        unit = regression.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(regression.shape[1], 4)
+        boxes = self._decode(self._det(model), regression, [unit] * regression.shape[0])
+        return boxes, self._scores(output)
+
+    @staticmethod
+    def _scores(output: dict) -> torch.Tensor:
+        scores = output["cls_logits"].float().sigmoid()
+        if "bbox_ctrness" in output:
+            scores = (scores * output["bbox_ctrness"].float().sigmoid()).sqrt()
+        return scores
+
     def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         _, targets = recorded.output(self._p(model) + "transform")
         if targets is None:
@@ -201,6 +228,10 @@ class TorchvisionSSDFamily(TorchvisionFamily):
         feats = list(det.backbone(image_list.tensors).values())
         det.head(feats)
         det.anchor_generator(image_list, feats)
+
+    @staticmethod
+    def _scores(output: dict) -> torch.Tensor:
+        return output["cls_logits"].float().softmax(-1)[..., 1:]  # SSD's background is class 0
 
     def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
         det = self._det(model)
