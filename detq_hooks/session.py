@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequenc
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import distributed as dist_utils
 from .calibration import CalibrationResult, calibrate
@@ -416,7 +417,10 @@ class QuantSession:
             which, objective = self.recipe.mixed_precision.objective, self.objective
             loss_fn = lambda m, b: objective(m, b, which)  # noqa: E731
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
+        # PTQ from Lightning's validate/test runs under inference mode: the Fisher traces need autograd, and the
+        # batches loaded there are inference tensors, which autograd cannot save
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+            batches = (tree_map(_ordinary_tensor, b) for b in batches)  # lazily: a loader is read only as far as needed
             self.last_mixed_precision = mixed_precision_from_recipe(model, batches, loss_fn, self.recipe.mixed_precision,
                                                                     macs=macs)
         return self.last_mixed_precision
@@ -683,6 +687,12 @@ class _Empty:
 
 
 _EMPTY = _Empty()
+
+
+def _ordinary_tensor(x: Any) -> Any:
+    """A tensor made under inference mode as an ordinary one (autograd may save it); anything else as it is."""
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+
 
 __all__ = ["QuantSession", "TrainerInterface", "StepContext", "LossTerm", "quantization_figures",
            "sync_integer_buffers", "read_state_dict", "fit_state_dict"]

@@ -268,6 +268,33 @@ def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
     assert {n: q.weight_quantizer.bits for n, q in quantized_layers(module2.model)} == plan.allocation
 
 
+def test_lightning_ptq_with_fisher_mixed_precision_from_validate(tmp_path):
+    """PTQ's mixed precision in ``trainer.validate()``: Lightning runs it under inference mode, where the Fisher
+    traces (autograd) and the batches it loaded (inference tensors) would fail."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from test_lightning import TinyFCOS, det_loader
+
+    from detq_hooks import quantized_layers
+    from detq_hooks.lightning import DetQCallback
+
+    class FCOSWithVal(TinyFCOS):
+        def validation_step(self, batch, batch_idx):
+            return self.model(batch[0])
+
+    torch.manual_seed(0)
+    cb = DetQCallback({"preset": "w4a8-ptq", "calibration": {"num_batches": 2},
+                       "mixed_precision": {"enabled": True, "num_batches": 2, "budget": {"avg_weight_bits": 5.0}}},
+                      target="model")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[cb])
+    module = FCOSWithVal()
+    trainer.validate(module, det_loader(n=4))
+    plan = cb.last_calibration.mixed_precision
+    assert plan is not None and 4.5 < plan.used <= 5.0 and len(set(plan.allocation.values())) >= 2
+    assert {n: q.weight_quantizer.bits for n, q in quantized_layers(module.model)} == plan.allocation
+    assert average_bits(module.model) == pytest.approx(plan.used)
+
+
 def test_lightning_regulariser_on_a_head_no_family_reads_fails_before_training(tmp_path):
     pytest.importorskip("lightning.pytorch")
     from test_lightning import TinyDet, loader, trainer
