@@ -310,29 +310,37 @@ def _rows_sorted(t: torch.Tensor) -> torch.Tensor:
 
 
 # ============================================================================================ Lightning
-def test_lightning_adaround_ptq_from_validate(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from test_lightning import TinyFCOS, det_loader
+def validate_with_callback(tmp_path, callback):
+    """``trainer.validate()`` of a tiny torchvision FCOS with ``callback``: PTQ as Lightning runs it, under
+    inference mode. Returns the module."""
+    import lightning.pytorch as pl
 
-    from detq_hooks.lightning import DetQCallback
+    from test_lightning import TinyFCOS, det_loader
 
     class FCOSWithVal(TinyFCOS):
         def validation_step(self, batch, batch_idx):
             self.log("val_loss", torch.tensor(0.0))
 
-    torch.manual_seed(0)
     module = FCOSWithVal()
-    float_copy = copy.deepcopy(module.model)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[callback])
+    trainer.validate(module, det_loader(n=4))
+    return module
+
+
+def test_lightning_adaround_ptq_from_validate(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from detq_hooks.lightning import DetQCallback
+
+    torch.manual_seed(0)
     cb = DetQCallback({"preset": "w4a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "adaround", **FAST}},
                       target="model")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, callbacks=[cb])
-    trainer.validate(module, det_loader(n=4))
+    module = validate_with_callback(tmp_path, cb)
     result = cb.last_calibration.reconstruction
     done = [b for b in result.blocks if b.skipped is None]
     assert len(done) >= 5 and all(b.loss_after <= b.loss_before for b in done)
     # the float copy ran in the target's place during reconstruction, and the module holds the quantized model again
-    assert dq.is_quantized(module.model) and not dq.is_quantized(float_copy) and cb.session.float_copy is None
+    assert dq.is_quantized(module.model) and cb.session.float_copy is None
 
 
 def _tiny_retinanet():
@@ -411,24 +419,15 @@ def test_lightning_taskq_on_torchvision_fcos_reconstructs_its_head_with_dtr(tmp_
     """TASKQ on a torchvision detector runs detection-aware task regularisation on the whole head, last."""
     import warnings
 
-    pl = pytest.importorskip("lightning.pytorch")
-    from test_lightning import TinyFCOS, det_loader
-
+    pytest.importorskip("lightning.pytorch")
     from detq_hooks.lightning import DetQCallback
-
-    class FCOSWithVal(TinyFCOS):
-        def validation_step(self, batch, batch_idx):
-            self.log("val_loss", torch.tensor(0.0))
 
     torch.manual_seed(0)
     cb = DetQCallback({"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": {**FAST, "iterations": 40}},
                       target="model")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, callbacks=[cb])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = FCOSWithVal()
-        trainer.validate(module, det_loader(n=4))
+        module = validate_with_callback(tmp_path, cb)
     assert not [w for w in caught if "names no head block" in str(w.message)]
     blocks = cb.last_calibration.reconstruction.blocks
     # the family's blocks end with the head towers; the whole head comes once more, last, only for DTR
