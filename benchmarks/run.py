@@ -114,14 +114,16 @@ def _portable(value, out: Path) -> str:
     return str(value).replace(str(out), "<out>").replace(str(suite.REPO), "<repo>")
 
 
-def run_logged(args, name: str, script: str, script_args: list, output: Path | None = None) -> dict:
+def run_logged(args, name: str, script: str, script_args: list, output: Path | None = None, *,
+               threads_matter: bool = True) -> dict:
     """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran.
 
     With ``--resume`` a unit whose record (``raw/logs/<name>.run.json``) shows the same script (by content:
     a changed default runs it again; records written before the content was recorded match on the name),
     arguments and environment, and whose ``output`` is still there, is not run again: its record is returned,
     marked ``reused``. That lets a question of several hours be finished over several sittings, one unit at a
-    time."""
+    time. ``threads_matter=False`` (accuracy units: threads change how long a run takes, not what it
+    measures): a record made with another thread count is reused too; it keeps the count it ran with."""
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     log = args.out / "raw" / "logs" / f"{name}.log"
     record_path = log.with_suffix(".run.json")
@@ -129,7 +131,8 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
     content = hashlib.sha256((suite.REPO / "benchmarks" / script).read_bytes()).hexdigest()[:16]
     if getattr(args, "resume", False) and output is not None and output.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if {k: record.get(k) for k in wanted} == wanted and record.get("script_sha256", content) == content:
+        same = (lambda r: r) if threads_matter else _without_threads
+        if same({k: record.get(k) for k in wanted}) == same(wanted) and record.get("script_sha256", content) == content:
             print(f"[{name}] reused: finished {record.get('finished', '?')} in {record['seconds']:.0f} s "
                   f"({record_path.name})", flush=True)
             return {**record, "log": str(log), "reused": True}
@@ -142,6 +145,15 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return {**record, "args": [str(a) for a in script_args], "log": str(log)}
+
+
+def _without_threads(unit: dict) -> dict:
+    """A unit's record without its thread count (the ``--threads`` flag and the thread environment)."""
+    flags_ = list(unit.get("args") or [])
+    if "--threads" in flags_:
+        i = flags_.index("--threads")
+        del flags_[i:i + 2]
+    return {**unit, "args": flags_, "env": None}
 
 
 def read_json(path: Path, ran: dict) -> dict:
@@ -205,7 +217,7 @@ def ptq_runs(args, name, script, trainer, model, seed):
     ran = run_logged(args, f"{name}_seed{seed}", script, [
         "--bits", args.bits, "--variants", args.ptq_methods, "--seed", seed, "--out", out, *extra,
         *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})],
-        output=out / "ptq.json")
+        output=out / "ptq.json", threads_matter=False)
     data = read_json(out / "ptq.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}
     missing = [f"{b} {v}" for b in split(args.bits) for v in split(args.ptq_methods) if (b, v) not in got]
@@ -220,7 +232,7 @@ def qat_ultralytics_runs(args, seed):
     out = args.out / "raw" / "qat" / f"seed{seed}"
     ran = run_logged(args, f"qat_seed{seed}", "bench_crqat_ultralytics.py", [
         "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--out", out, *yolo_flags(args),
-        *flags(args, ["qat_epochs"])], output=out / "results.json")
+        *flags(args, ["qat_epochs"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     # its "retained" is of the better of the float model and its fine-tune with QAT's budget
     float_map = max(data["float"]["map50_95"], data["float_finetune"]["map50_95"])
@@ -234,7 +246,7 @@ def fisher_runs(args, seed):
     ran = run_logged(args, f"fisher_seed{seed}", "bench_fisher.py", [
         "--bits", args.fisher_bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12,
         "--out", out, *yolo_flags(args),
-        *flags(args, ["qat_epochs"])], output=out / "results.json")
+        *flags(args, ["qat_epochs"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     float_map = data["float"]["map50_95"]
     return ran, [accuracy_row("Ultralytics", "YOLO11n", r["bits"], FISHER_METHODS[r["variant"]], seed, r["map50_95"],
@@ -246,7 +258,7 @@ def fisher_mmdet_runs(args, seed):
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
     ran = run_logged(args, f"fisher-mmdet_seed{seed}", "bench_fisher_mmdet.py", [
         "--bits", args.fisher_bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
-        *flags(args, ["threads"])], output=out / "results.json")
+        *flags(args, ["threads"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
     missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(args.fisher_variants) if (b, v) not in got]
@@ -262,7 +274,7 @@ def qat_mmdet_runs(args, seed):
     path = args.out / "raw" / "qat-mmdet" / f"seed{seed}.json"
     ran = run_logged(args, f"qat-mmdet_seed{seed}", "bench_crqat_mmdet.py", [
         "--bits", args.bits, "--variants", args.qat_variants, "--seed", seed, "--json", path,
-        *flags(args, ["threads"])], output=path)
+        *flags(args, ["threads"])], output=path, threads_matter=False)
     data = read_json(path, ran)
     float_map = max(data["float_map50_95"], data["float_finetune_map50_95"])
     return ran, [accuracy_row("MMDetection", "RTMDet-tiny", r["bits"], QAT_METHODS[r["variant"]], seed, r["map50_95"],
@@ -273,7 +285,7 @@ def lightning_runs(args, seed):
     path = args.out / "raw" / "lightning" / f"seed{seed}.json"
     ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
         "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
-        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)], output=path)
+        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)], output=path, threads_matter=False)
     data = read_json(path, ran)
     float_map = data["float_map50_95"]
     return ran, [accuracy_row("Lightning", "FCOS-R18 (torchvision)", r["recipe"], "QAT LSQ", seed, r["map50_95"], float_map)

@@ -183,6 +183,20 @@ def test_resume_runs_again_when_settings_or_output_changed(monkeypatch, tmp_path
     bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
     assert len(ran) == 5  # without --resume every run happens
 
+    # another thread count: run again where threads matter (timings), reused where they do not (accuracy)
+    args.resume, args.threads = True, 2
+    unit = ["--seed", 1, "--out", REPO / "x", "--threads", 2]
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x", "--threads", 1], output)
+    assert len(ran) == 6
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", unit, output)
+    assert len(ran) == 7
+    args.threads = 1
+    reused = bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", [*unit[:-1], 1], output, threads_matter=False)
+    assert len(ran) == 7 and reused["reused"] and reused["env"]["OMP_NUM_THREADS"] == "2"  # as it ran
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 0, "--out", REPO / "x", "--threads", 1],
+                         output, threads_matter=False)
+    assert len(ran) == 8  # other arguments still run again
+
 
 def test_quick_cost_has_float_at_one_and_every_configuration(quick):
     envelope, _ = _outputs(quick, "cost")
