@@ -281,6 +281,22 @@ def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | 
     return ops.per_channel_fwd(x.contiguous(), *_per_channel_bounds(scale, zero_point, qmin, qmax), axis, False)[0]
 
 
+_SCALE_FLOOR = float(torch.tensor(1e-8))  # learned_scale's floor as the float32 the other paths compute with
+
+
+def _per_tensor_no_grad(ops, q: "FakeQuantizer", x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor fake quantization without autograd (validation, inference): the compiled kernel with its
+    bounds read as Python numbers, the same values the autograd path computes with tensor ops. A validation
+    pass calls each activation quantizer once per batch, and those half-dozen tiny tensor ops cost about as much
+    as the kernel on a small feature map."""
+    z = float(q.zero_point)
+    if not math.isfinite(z):  # a broken range: the tensor path gives what it gives, no Python error here
+        return None
+    z = min(max(round(z), q.qmin), q.qmax)  # round half to even, as torch.round
+    s = max(float(q.scale), _SCALE_FLOOR)
+    return ops.per_tensor_fwd(_dense(x), s, float(q.qmin - z), float(q.qmax - z), False)[0]
+
+
 class FakeQuantizer(nn.Module):
     """Integer fake quantization of a weight or an activation tensor.
 
@@ -484,6 +500,12 @@ class FakeQuantizer(nn.Module):
 
             out = export_forward(self, x.float())
             return out if x.dtype == torch.float32 else out.to(x.dtype)
+        if (not torch.is_grad_enabled() and _FUSED_ENABLED and mode == "fused" and not self.per_channel
+                and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()):
+            ops = _kernel_ops()
+            out = _per_tensor_no_grad(ops, self, x) if ops is not None else None  # validation
+            if out is not None:
+                return out
         dtype = x.dtype
         xf = x.float()
         scale = learned_scale(self.scale.float())

@@ -175,6 +175,42 @@ def test_no_grad_forward_is_the_same_output_without_state():
     assert torch.equal(yw, _run(qw, w, torch.ones_like(w), "reference")[0])
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("case", ["half_zero_point", "below_floor", "saturated_zero_point", "nan", "channels_last",
+                                  "nan_zero_point"])
+def test_no_grad_activation_path_reads_the_same_bounds_as_the_autograd_one(bits, case):
+    """Without autograd the activation quantizer reads its scale and zero point as Python numbers (one kernel
+    call, no small tensor ops); the output must be bit for bit the autograd path's, at the edges of that reading:
+    a zero point at .5 (round half to even), a scale under the floor, a zero point outside [qmin, qmax], NaN."""
+    x = _input("random", 11) * 3
+    q = _quantizer(bits, False, "lsq_plus", x)
+    with torch.no_grad():
+        if case == "half_zero_point":
+            q.zero_point.fill_(q.qmin + 2.5)
+        elif case == "below_floor":
+            q.scale.fill_(1e-12)
+        elif case == "saturated_zero_point":
+            q.zero_point.fill_(q.qmax + 7.0)
+        elif case == "nan":
+            x[0, 0, 0, :3] = float("nan")
+        elif case == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif case == "nan_zero_point":  # a broken range: whatever the tensor path gives, not a Python error
+            q.zero_point.fill_(float("nan"))
+    with torch.no_grad():
+        fast = q(x)
+        if case == "nan_zero_point":  # falls back to the tensor-op bounds, exactly
+            tensor_path = Q.fake_quantize_fused(x, Q.learned_scale(q.scale), q.zero_point, q.qmin, q.qmax, None, 1.0)
+            assert torch.equal(fast.nan_to_num(), tensor_path.nan_to_num())
+            return
+    slow = q(x.clone().requires_grad_(True)).detach()  # the autograd path (fused kernel with its state)
+    assert torch.equal(fast.isnan(), slow.isnan())
+    assert torch.equal(fast.nan_to_num(), slow.nan_to_num())
+    assert torch.equal(fast.nan_to_num(), _run(q, x, torch.ones_like(x), "reference")[0].nan_to_num())
+    if case == "channels_last":
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_saved_state_is_two_bytes_per_activation_element():
     """The fused activation quantizer keeps 2 bytes per element for backward (the PyTorch path keeps the
     input, the output and a mask: 9 bytes)."""
