@@ -302,6 +302,75 @@ def test_mmdet_decoder_of_dtr_is_the_heads_own():
         torch.testing.assert_close(_rows_sorted(ours), _rows_sorted(other))
 
 
+MMDET_DENSE_HEADS = ["gfl/gfl_r50_fpn_1x_coco.py", "atss/atss_r50_fpn_1x_coco.py", "tood/tood_r50_fpn_1x_coco.py",
+                     "fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py", "autoassign/autoassign_r50-caffe_fpn_1x_coco.py",
+                     "vfnet/vfnet_r50_fpn_1x_coco.py"]
+
+
+def _mmdet_zoo_model(config: str):
+    """A model of MMDetection's own config zoo (shipped in its wheel), ResNet-18 in place of ResNet-50, 3 classes,
+    random weights."""
+    import mmdet
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+
+    init_default_scope("mmdet")
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / config)).model
+    cfg.backbone.update(depth=18, init_cfg=None)
+    cfg.neck.in_channels = [64, 128, 256, 512][-len(cfg.neck.in_channels):]
+    cfg.bbox_head.num_classes = 3
+    torch.manual_seed(0)
+    return MODELS.build(cfg).eval()
+
+
+@pytest.mark.parametrize("config", MMDET_DENSE_HEADS)
+def test_mmdet_decoder_of_dtr_follows_each_heads_own_inference(config):
+    """Heads whose inference is not plain box coder + sigmoid: GFL (the integral of a box distribution), TOOD (boxes
+    in stride units, scores already probabilities), FCOS/ATSS centerness and AutoAssign objectness (score factors
+    that multiply the class scores), VFNet (its refined boxes). Every (prior, class) pair of ours is one of the head's own ``predict_by_feat``
+    before NMS; clipping to the image as there (not for TOOD, which does not clip)."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.config import ConfigDict
+
+    from detq_hooks.detectors.mmdet import MMDetFamily
+
+    model = _mmdet_zoo_model(config)
+    family = MMDetFamily()
+    assert family.head_block(model) == "bbox_head"
+    with torch.no_grad():
+        outs = model(torch.rand(2, 3, 128, 128), mode="tensor")
+        boxes, scores = family.decode_head_output(model, outs)
+        metas = [dict(img_shape=(10_000, 10_000), ori_shape=(128, 128), scale_factor=(1.0, 1.0))] * 2
+        theirs = model.bbox_head.predict_by_feat(*outs, batch_img_metas=metas, rescale=False, with_nms=False,
+                                                 cfg=ConfigDict(score_thr=0.0, nms_pre=10**9, max_per_img=10**9))
+    if not config.startswith("tood"):
+        boxes = boxes.clamp(min=0)
+    for image, result in enumerate(theirs):
+        ours = torch.cat([boxes[image].repeat_interleave(3, 0), scores[image].reshape(-1, 1)], 1)
+        other = torch.cat([result.bboxes, result.scores[:, None]], 1)
+        assert len(other) == len(ours) == scores.shape[1] * 3
+        # box first: a score folded from two outputs differs in its last bit, which would reorder near-ties
+        torch.testing.assert_close(_rows_sorted(ours), _rows_sorted(other), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", ["paa/paa_r50_fpn_1x_coco.py", "foveabox/fovea_r50_fpn_4xb4-1x_coco.py"])
+def test_mmdet_heads_decoding_their_own_way_are_refused_clearly(config):
+    """A dense head whose ``predict_by_feat`` decodes its own way: TASKQ runs without DTR (no head block) and
+    distillation's head terms fail naming it, instead of decoding it wrongly."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from detq_hooks.detectors import UnsupportedDetectorError
+    from detq_hooks.detectors.mmdet import MMDetFamily
+
+    model = _mmdet_zoo_model(config)
+    family = MMDetFamily()
+    assert family.head_block(model) is None
+    with pytest.raises(UnsupportedDetectorError, match=rf"a decoding this family knows.*\({type(model.bbox_head).__name__}\)"):
+        family.head_taps(model)
+
+
 def _rows_sorted(t: torch.Tensor) -> torch.Tensor:
     """Rows in lexicographic order (score first, then the box), ties and all."""
     for col in reversed(range(t.shape[1])):

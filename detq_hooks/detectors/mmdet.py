@@ -35,7 +35,7 @@ PREDICTION_LEAF = re.compile(
     r"tood_reg|vfnet_cls|vfnet_reg|vfnet_reg_refine|rpn_cls|rpn_reg)$"
 )
 PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
-CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|multi_level_conv_cls\.\d+|gfl_cls|atss_cls|fc_cls)$")
+CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|multi_level_conv_cls\.\d+|gfl_cls|atss_cls|tood_cls|vfnet_cls|fc_cls)$")
 QUERY_CLASSIFIER = re.compile(r"^bbox_head\.cls_branches\.(\d+)$")  # Deformable DETR / DINO: one per decoder layer
 HEAD_ROOTS = ("bbox_head", "roi_head", "rpn_head")
 
@@ -142,12 +142,13 @@ class MMDetFamily(DetectorFamily):
     def head_taps(self, model: nn.Module) -> Taps:
         head = getattr(model, "bbox_head", None)
         classifiers = self._classifiers(model) if head is not None else []
-        if not classifiers or not (self._is_detr(model) or hasattr(head, "prior_generator")):
+        if not classifiers or not (self._is_detr(model) or self._dense_decoding(head) is not None):
             raise UnsupportedDetectorError(
-                f"{type(model).__name__}: no classifier layer with priors found in its bbox_head "
-                f"({type(head).__name__ if head is not None else 'none'}); the MMDetection family reads dense heads "
-                "(RetinaNet, RTMDet, YOLOX, FCOS, ATSS, GFL) and DETR heads. Subclass detq_hooks.detectors.DetectorFamily "
-                "for this model (README, 'Your own detector') or use a recipe without distillation head terms"
+                f"{type(model).__name__}: no classifier layer with priors and a decoding this family knows found in its "
+                f"bbox_head ({type(head).__name__ if head is not None else 'none'}); the MMDetection family reads dense "
+                "heads (RetinaNet, RTMDet, YOLOX, FCOS, ATSS, AutoAssign, GFL, TOOD, ...: BaseDenseHead's decoding) and "
+                "DETR heads. Subclass detq_hooks.detectors.DetectorFamily for this model (README, 'Your own detector') "
+                "or use a recipe without distillation head terms"
             )
         return Taps(outputs=["bbox_head"], inputs=classifiers)
 
@@ -197,32 +198,75 @@ class MMDetFamily(DetectorFamily):
         objectness branch that multiplies the class scores at inference."""
         return hasattr(head, "multi_level_conv_obj") and hasattr(head, "_bbox_decode")
 
+    @staticmethod
+    def _dense_decoding(head: nn.Module) -> Optional[str]:
+        """How this dense head's inference turns its outputs into boxes and scores, where the family knows it:
+        ``"base"`` (``BaseDenseHead``'s own: its ``bbox_coder`` at its priors, sigmoid or softmax scores, times the
+        sigmoid of a third output, the score factor, where the head returns one: FCOS/ATSS centerness,
+        AutoAssign objectness), ``"vfnet"`` (the same on its refined boxes, its last output in training and in
+        eval), ``"yolox"``, ``"gfl"`` (the integral of the box distribution, times the stride,
+        from the anchor centres), ``"tood"`` (boxes in stride units, scores already probabilities); ``None`` for a
+        head whose own ``predict_by_feat`` does something else (PAA, FoveaBox, RepPoints, SABL, YOLOv3, ...)."""
+        if head is None or not hasattr(head, "prior_generator"):
+            return None
+        if MMDetFamily._is_yolox(head):
+            return "yolox"
+        from mmdet.models.dense_heads import GFLHead, TOODHead, VFNetHead
+        from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+
+        single = type(head)._predict_by_feat_single  # a subclass that overrides it decodes its own way
+        if isinstance(head, TOODHead) and single is TOODHead._predict_by_feat_single:
+            return "tood"
+        if isinstance(head, GFLHead) and single is GFLHead._predict_by_feat_single:
+            return "gfl"
+        base = single is BaseDenseHead._predict_by_feat_single and type(head).predict_by_feat is BaseDenseHead.predict_by_feat
+        if base and isinstance(head, VFNetHead):
+            return "vfnet"
+        return "base" if base and hasattr(head, "bbox_coder") else None
+
     @classmethod
     def _decode_dense(cls, head: nn.Module, outs: Sequence[Sequence[torch.Tensor]]):
         """Per-level dense outputs flattened to ``(logits (B, A, C), boxes (B, A, 4) xyxy, level (A,), centers
-        (A, 2))``, boxes decoded at the head's priors as its ``predict_by_feat`` does (its ``bbox_coder``, or
-        YOLOX's own decode). YOLOX's objectness is folded into the logits: ``logit(σ(cls)·σ(obj))``, the score
-        its inference ranks by."""
-        cls_scores, bbox_preds = outs[0], outs[1]
-        yolox = cls._is_yolox(head)
+        (A, 2))``, boxes and scores as the head's own ``predict_by_feat`` makes them (:meth:`_dense_decoding`).
+        A score factor (YOLOX's objectness, FCOS's centerness) is folded into the logits: ``logit(σ(cls)·σ(f))``,
+        the score its inference ranks by; TOOD's probabilities become logits."""
+        decoding = cls._dense_decoding(head)
+        if decoding is None:
+            raise UnsupportedDetectorError(
+                f"{type(head).__name__}: its predict_by_feat decodes boxes in a way the MMDetection family does not "
+                "know (it reads BaseDenseHead's decoding, YOLOX, GFL and TOOD); subclass "
+                "detq_hooks.detectors.DetectorFamily for it (README, 'Your own detector')")
+        cls_scores, bbox_preds = outs[0], outs[-1 if decoding == "vfnet" else 1]
         b, c, na = cls_scores[0].shape[0], head.cls_out_channels, getattr(head, "num_base_priors", 1)
         logits = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, c) for s in cls_scores], 1)
-        deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, p.shape[1] // na) for p in bbox_preds], 1)
+        deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, p.shape[1] // na) for p in bbox_preds], 1).float()
         priors = head.prior_generator.grid_priors([s.shape[-2:] for s in cls_scores], device=logits.device,
-                                                  **({"with_stride": True} if yolox else {}))
+                                                  **({"with_stride": True} if decoding == "yolox" else {}))
         level = torch.cat([torch.full((len(p),), i, device=logits.device) for i, p in enumerate(priors)])
         priors = torch.cat(priors).float()
-        if yolox:
-            obj = torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1, 1) for o in outs[2]], 1).float()
+        factor = None
+        if decoding == "yolox":
+            factor = outs[2]
+        elif decoding == "base" and len(outs) > 2 and outs[2] is not None:  # predict_by_feat(cls, bbox, score_factors)
+            factor = outs[2]
+        if factor is not None:
+            f = torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1, 1) for o in factor], 1).float()
             cls_logits = logits.float()
-            logits = -torch.logsumexp(torch.stack(torch.broadcast_tensors(-cls_logits, -obj, -cls_logits - obj)), 0)
-            return logits, head._bbox_decode(priors, deltas.float()), level, priors[:, :2]
+            logits = -torch.logsumexp(torch.stack(torch.broadcast_tensors(-cls_logits, -f, -cls_logits - f)), 0)
+        if decoding == "yolox":
+            return logits, head._bbox_decode(priors, deltas), level, priors[:, :2]
         if priors.shape[-1] == 4 and "Anchor" in type(head.prior_generator).__name__:
             decode_from, centers = priors, (priors[:, :2] + priors[:, 2:]) / 2
         else:  # point priors (x, y[, stride_w, stride_h])
             decode_from = centers = priors[:, :2]
         n = decode_from.shape[0]
-        boxes = head.bbox_coder.decode(decode_from.repeat(b, 1), deltas.reshape(b * n, -1).float()).reshape(b, n, 4)
+        stride = torch.tensor([float(s[0]) for s in head.prior_generator.strides], device=logits.device)[level.long()]
+        if decoding == "tood":  # boxes in stride units; scores probabilities
+            return torch.logit(logits.float(), eps=1e-6), deltas * stride[None, :, None], level, centers
+        if decoding == "gfl":  # distances: the expectation of each side's distribution, in stride units
+            distances = head.integral(deltas.reshape(b * n, -1)).reshape(b, n, 4) * stride[None, :, None]
+            return logits, head.bbox_coder.decode(centers.repeat(b, 1), distances.reshape(b * n, 4)).reshape(b, n, 4), level, centers
+        boxes = head.bbox_coder.decode(decode_from.repeat(b, 1), deltas.reshape(b * n, -1)).reshape(b, n, 4)
         return logits, boxes, level, centers
 
     @classmethod
@@ -245,7 +289,7 @@ class MMDetFamily(DetectorFamily):
         """``bbox_head`` of dense heads with priors and a box coder (or YOLOX's decode), and of DETR heads that are one block (DETR's;
         heads that also read reference points are reconstructed per branch, without the decoded-box loss)."""
         head = getattr(model, "bbox_head", None)
-        dense = head is not None and hasattr(head, "prior_generator") and (hasattr(head, "bbox_coder") or self._is_yolox(head))
+        dense = self._dense_decoding(head) is not None
         return "bbox_head" if dense or (head is not None and self._detr_head_is_one_block(model)) else None
 
     def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
