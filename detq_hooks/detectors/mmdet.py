@@ -234,7 +234,7 @@ class MMDetFamily(DetectorFamily):
         if decoding is None:
             raise UnsupportedDetectorError(
                 f"{type(head).__name__}: its predict_by_feat decodes boxes in a way the MMDetection family does not "
-                "know (it reads BaseDenseHead's decoding, YOLOX, GFL and TOOD); subclass "
+                "know (it reads BaseDenseHead's decoding, YOLOX, GFL, TOOD and VFNet); subclass "
                 "detq_hooks.detectors.DetectorFamily for it (README, 'Your own detector')")
         cls_scores, bbox_preds = outs[0], outs[-1 if decoding == "vfnet" else 1]
         b, c, na = cls_scores[0].shape[0], head.cls_out_channels, getattr(head, "num_base_priors", 1)
@@ -244,11 +244,8 @@ class MMDetFamily(DetectorFamily):
                                                   **({"with_stride": True} if decoding == "yolox" else {}))
         level = torch.cat([torch.full((len(p),), i, device=logits.device) for i, p in enumerate(priors)])
         priors = torch.cat(priors).float()
-        factor = None
-        if decoding == "yolox":
-            factor = outs[2]
-        elif decoding == "base" and len(outs) > 2 and outs[2] is not None:  # predict_by_feat(cls, bbox, score_factors)
-            factor = outs[2]
+        # YOLOX's objectness; BaseDenseHead's predict_by_feat(cls_scores, bbox_preds, score_factors) takes the third
+        factor = outs[2] if decoding == "yolox" or (decoding == "base" and len(outs) > 2 and outs[2] is not None) else None
         if factor is not None:
             f = torch.cat([o.permute(0, 2, 3, 1).reshape(b, -1, 1) for o in factor], 1).float()
             cls_logits = logits.float()
@@ -260,7 +257,8 @@ class MMDetFamily(DetectorFamily):
         else:  # point priors (x, y[, stride_w, stride_h])
             decode_from = centers = priors[:, :2]
         n = decode_from.shape[0]
-        stride = torch.tensor([float(s[0]) for s in head.prior_generator.strides], device=logits.device)[level.long()]
+        if decoding in ("tood", "gfl"):
+            stride = torch.tensor([float(s[0]) for s in head.prior_generator.strides], device=logits.device)[level.long()]
         if decoding == "tood":  # boxes in stride units; scores probabilities
             return torch.logit(logits.float(), eps=1e-6), deltas * stride[None, :, None], level, centers
         if decoding == "gfl":  # distances: the expectation of each side's distribution, in stride units
