@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -508,7 +509,15 @@ def plan_mixed_precision(
     # A layer the objective does not reach (trace 0, e.g. the box branch of a batch without critical boxes)
     # would be indifferent to its bits and take the narrowest; a floor of 1e-6 of the largest trace keeps
     # its quantization error in play, so spare budget goes there instead of being left unused.
-    floor = 1e-6 * max([float(traces[n]) for n in errors] or [0.0])
+    largest = max([float(traces[n]) for n in errors] or [0.0])
+    floor = 1e-6 * largest
+    if errors and not largest > 0:
+        # Nothing to rank by: every allocation would tie and the solver could hand out the narrowest bits with the
+        # budget unspent. Equal weights make it the allocation of least quantization error within the budget.
+        warnings.warn("mixed precision: every free layer's Fisher trace is 0 (the objective reached none of them: "
+                      "random weights with BatchNorms never trained, or batches without the critical classes); bits "
+                      "are allocated by quantization error alone", stacklevel=2)
+        floor = 1.0
     omega = {n: {b: max(float(traces[n]), floor) * e for b, e in errs.items()} for n, errs in errors.items()}
     quantized_weight_ids = {id(m.weight) for m in layers.values()}
     fixed_bits = 32 * sum(t.numel() for t in model.parameters() if id(t) not in quantized_weight_ids)

@@ -379,6 +379,20 @@ def test_mixed_precision_on_a_converted_model_survives_the_checkpoint(tmp_path):
     assert save_bits_plot(plan, tmp_path / "bits.png").stat().st_size > 1000
 
 
+def test_all_zero_traces_spend_the_budget_by_quantization_error_and_warn():
+    """No layer reached by the objective (a random SSDlite's untrained BatchNorms zero it): every allocation ties,
+    so the plan must not be the narrowest bits with the budget unspent, and the user is told."""
+    torch.manual_seed(0)
+    model = TinyDetector()
+    QuantSession("w4a8-fisher", critical_loss=lambda m, b: m(b)[0].sum()).convert(model)
+    traces = {n: 0.0 for n, _ in quantized_layers(model)}
+    with pytest.warns(UserWarning, match=r"every free layer's Fisher trace is 0.*quantization error alone"):
+        plan = fisher.plan_mixed_precision(model, traces, budget={"avg_weight_bits": 4.0})
+    uniform = fisher.plan_mixed_precision(model, {n: 1.0 for n in traces}, budget={"avg_weight_bits": 4.0})
+    assert plan.allocation == uniform.allocation  # equal weights: least quantization error within the budget
+    assert 3.8 < plan.used <= 4.0  # the free layers can come no closer to 4.0 here
+
+
 def test_apply_bits_is_all_or_nothing():
     net = mlp()
     before = copy.deepcopy(net.state_dict())
