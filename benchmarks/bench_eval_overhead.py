@@ -1,6 +1,6 @@
 """Validation / inference forward of a fake-quant YOLO11n (eval, no_grad) as a ratio to the float model, with the
-activation quantizers' no-autograd path (bounds read as Python numbers, one kernel call) and with the tensor-op
-path it replaced, measured side by side in one process (interleaved repetitions; median and min-max of the
+activation quantizers' no-autograd path (one kernel call on the quantizer's own parameters) and with the general
+path (``quantizers._NO_GRAD_PATH = False``: floored-scale and dtype tensors built first, as with autograd), measured side by side in one process (interleaved repetitions; median and min-max of the
 per-repetition ratios). Prints the figures README's kernel section quotes.
 
     DETQ_BENCH_CLOCK=process python benchmarks/bench_eval_overhead.py [--batches 1,8] [--imgsz 160] [--reps 12] [--threads 1]
@@ -25,19 +25,15 @@ from detq_hooks import quantizers as Q
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import clock  # noqa: E402
 
-NO_GRAD_PATH = Q._per_tensor_no_grad
-
-
 def timed_forward(model, x, no_grad_path: bool = True) -> float:
-    # the tensor-op path is what a quantizer falls back to when the no-autograd one declines (returns None)
-    Q._per_tensor_no_grad = NO_GRAD_PATH if no_grad_path else (lambda *args: None)
+    Q._NO_GRAD_PATH = no_grad_path  # off: the path every quantizer call took before (floored-scale tensors first)
     try:
         with torch.no_grad():
             start = clock()
             model(x)
             return clock() - start
     finally:
-        Q._per_tensor_no_grad = NO_GRAD_PATH
+        Q._NO_GRAD_PATH = True
 
 
 def spread(values: list[float]) -> str:
@@ -75,7 +71,7 @@ def main(argv=None) -> int:
             new.append(timed_forward(quantized, x) / f)
             old.append(timed_forward(quantized, x, False) / f)
         print(f"batch {batch}: float {statistics.median(floats) * 1e3:.1f} ms; quantized / float: no-autograd path "
-              f"{spread(new)}, tensor-op path {spread(old)}; no-autograd / tensor-op (paired) "
+              f"{spread(new)}, general path {spread(old)}; no-autograd / general (paired) "
               f"{spread([n / o for n, o in zip(new, old)])}")
     return 0
 

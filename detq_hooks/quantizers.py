@@ -25,6 +25,7 @@ from torch import nn
 _state = threading.local()
 # Tests switch this off to compare with the PyTorch implementation (the path used when the kernels cannot be built).
 _FUSED_ENABLED = True
+_NO_GRAD_PATH = True  # activation quantizers without autograd: :func:`_per_tensor_no_grad` (off: benchmarks' A/B)
 
 
 def _mode() -> str:
@@ -197,7 +198,15 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_tensor_bounds(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[float, float, float]:
-    z = float(zero_point.detach().round().clamp(qmin, qmax).reshape(()))
+    """``(scale, qmin - z, qmax - z)`` as Python numbers, ``z`` the zero point rounded (half to even, as
+    ``torch.round``) and clamped: read once each rather than by small tensor ops, which cost about as much as the
+    kernel on a small map. A non-finite zero point (a broken range) goes through the tensor ops, as Python's
+    ``round`` would raise."""
+    z = float(zero_point.detach().reshape(()))
+    if math.isfinite(z):
+        z = float(min(max(round(z), qmin), qmax))
+    else:
+        z = float(zero_point.detach().round().clamp(qmin, qmax).reshape(()))
     return float(scale.detach().reshape(())), qmin - z, qmax - z
 
 
@@ -285,16 +294,11 @@ _SCALE_FLOOR = float(torch.tensor(1e-8))  # learned_scale's floor as the float32
 
 
 def _per_tensor_no_grad(ops, q: "FakeQuantizer", x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor fake quantization without autograd (validation, inference): the compiled kernel with its
-    bounds read as Python numbers, the same values the autograd path computes with tensor ops. A validation
-    pass calls each activation quantizer once per batch, and those half-dozen tiny tensor ops cost about as much
-    as the kernel on a small feature map."""
-    z = float(q.zero_point)
-    if not math.isfinite(z):  # a broken range: the tensor path gives what it gives, no Python error here
-        return None
-    z = min(max(round(z), q.qmin), q.qmax)  # round half to even, as torch.round
-    s = max(float(q.scale), _SCALE_FLOOR)
-    return ops.per_tensor_fwd(_dense(x), s, float(q.qmin - z), float(q.qmax - z), False)[0]
+    """Per-tensor fake quantization without autograd (validation, inference): one kernel call on the quantizer's
+    own parameters, skipping the floored-scale and dtype tensors the autograd path builds first (a validation
+    pass calls each activation quantizer once per batch)."""
+    s, lo, hi = _per_tensor_bounds(q.scale, q.zero_point, q.qmin, q.qmax)
+    return ops.per_tensor_fwd(_dense(x), max(s, _SCALE_FLOOR), lo, hi, False)[0]
 
 
 class FakeQuantizer(nn.Module):
@@ -500,12 +504,11 @@ class FakeQuantizer(nn.Module):
 
             out = export_forward(self, x.float())
             return out if x.dtype == torch.float32 else out.to(x.dtype)
-        if (not torch.is_grad_enabled() and _FUSED_ENABLED and mode == "fused" and not self.per_channel
+        if (not torch.is_grad_enabled() and _FUSED_ENABLED and _NO_GRAD_PATH and mode == "fused" and not self.per_channel
                 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()):
             ops = _kernel_ops()
-            out = _per_tensor_no_grad(ops, self, x) if ops is not None else None  # validation
-            if out is not None:
-                return out
+            if ops is not None:  # validation, inference
+                return _per_tensor_no_grad(ops, self, x)
         dtype = x.dtype
         xf = x.float()
         scale = learned_scale(self.scale.float())

@@ -199,7 +199,7 @@ def test_no_grad_activation_path_reads_the_same_bounds_as_the_autograd_one(bits,
             q.zero_point.fill_(float("nan"))
     with torch.no_grad():
         fast = q(x)
-        if case == "nan_zero_point":  # falls back to the tensor-op bounds, exactly
+        if case == "nan_zero_point":  # its bounds by tensor ops, as on the other no-grad path
             tensor_path = Q.fake_quantize_fused(x, Q.learned_scale(q.scale), q.zero_point, q.qmin, q.qmax, None, 1.0)
             assert torch.equal(fast.nan_to_num(), tensor_path.nan_to_num())
             return
