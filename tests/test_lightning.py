@@ -938,7 +938,8 @@ def test_quantized_checkpoint_exports_as_integer_onnx_and_openvino(tmp_path, tra
     ir = dq.export_openvino(model, x[:1], tmp_path / "m.xml", input_names=["x"])
     s = graph_summary(onnx.load(str(res.path)))
     assert res.quantized_convs == s["Conv"] == 4 and (s["Round"], s["Clip"]) == (0, 0)
-    assert runtime_precisions(ir.xml)["Convolution"] == {"u8": 4}
+    precisions = runtime_precisions(ir.xml)["Convolution"]  # u8, or i8 on AMX-INT8 CPUs
+    assert set(precisions) <= {"u8", "i8"} and sum(precisions.values()) == 4
     with torch.no_grad():
         ref = model(x[:1]).numpy()
     for got in (make_runner(res.path, "onnxruntime")(x[:1].numpy())[0],

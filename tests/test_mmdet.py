@@ -185,7 +185,8 @@ def test_quantized_checkpoint_loads_exports_and_scores_like_pytorch(rtmdet_run, 
 
     ir = dq.export_openvino(exportable(model), x, tmp_path / "rtmdet.xml")
     precisions = runtime_precisions(ir.xml)
-    assert all(set(p) == {"u8"} for p in precisions.values())
+    # integer convolutions: u8, or i8 (signed activations) on CPUs with AMX-INT8, where OpenVINO runs some so
+    assert all(set(p) <= {"u8", "i8"} for p in precisions.values())
     assert sum(n for p in precisions.values() for n in p.values()) == res.quantized_convs
     assert evaluate_exported(model, make_runner(ir.xml, "openvino"), cfg)["coco/bbox_mAP"] == \
         pytest.approx(pytorch_map, abs=0.005)
