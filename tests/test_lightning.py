@@ -893,6 +893,43 @@ def test_ssdlite_head_decodes_as_its_own_postprocess_and_crqat_distils_it(tmp_pa
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_fcos_head_outputs_score_with_centerness_as_its_postprocess():
+    """FCOS ranks by sqrt(σ(cls)·σ(centerness)): the logits distillation, the teacher's assignment and the critical
+    objective read are those scores' logits, every (anchor, class) once; RetinaNet's stay its raw class logits."""
+    from test_ptq_trainers import _anchors_per_level, _tiny_retinanet
+
+    from detq_hooks.detectors import family_for
+    from detq_hooks.recording import record
+
+    images, targets = next(iter(det_loader()))
+    for build in (tiny_fcos, _tiny_retinanet):
+        det = build().eval()
+        family = family_for(det)
+        with torch.no_grad():  # a spread a trained head has; centerness logits of both signs
+            for conv in (det.head.classification_head.cls_logits, getattr(det.head.regression_head, "bbox_ctrness", None)):
+                if conv is not None:
+                    conv.bias.normal_(0, 3)
+            with record(det, family.head_taps(det)) as rec:
+                family.teacher_forward(det, (images, targets))
+                head = family.head_outputs(det, rec, (images, targets))
+        output = rec.output("head")
+        assert torch.isfinite(head.cls_logits).all()
+        if "bbox_ctrness" not in output:
+            assert torch.equal(head.cls_logits, output["cls_logits"].float())
+            continue
+        det.score_thresh, det.topk_candidates, det.nms_thresh, det.detections_per_img = -1.0, 10**6, 1.0, 10**6
+        sizes = _anchors_per_level(det, images, output["cls_logits"].shape[1])
+        anchors = rec.output("anchor_generator")
+        theirs = det.postprocess_detections({k: list(v.split(sizes, dim=1)) for k, v in output.items()},
+                                            [list(a.split(sizes)) for a in anchors], [(64, 64)] * len(images))
+        ours = head.cls_logits.sigmoid()
+        assert float((ours - output["cls_logits"].sigmoid()).abs().max()) > 0.05  # centerness changed the scores
+        for i, result in enumerate(theirs):
+            assert len(result["scores"]) == ours[i].numel()
+            torch.testing.assert_close(result["scores"].sort().values, ours[i].flatten().sort().values,
+                                       atol=1e-6, rtol=1e-5)
+
+
 def test_restore_loads_the_recipes_teacher_checkpoint(tmp_path):
     """Core (QuantSession.restore): a recipe naming `distillation.teacher` gets that checkpoint's weights when
     the model is rebuilt from a saved plan, as it does at conversion (the Lightning adapter restores a

@@ -4,7 +4,7 @@
 
 * Prediction layers: the head's ``cls_logits``/``bbox_reg``/``bbox_ctrness`` convs.
 * Stages: ``backbone`` = ``backbone.body`` (its outputs are PKD's features), then ``neck_head`` = FPN + head.
-* Head outputs: raw class logits, boxes decoded by the detector's box coder at its anchors, the
+* Head outputs: class logits (FCOS: with its centerness folded in, as its postprocess scores), boxes decoded by the detector's box coder at its anchors, the
   classification tower's outputs as region embeddings, the teacher's classifier rows (averaged over the
   kernel and the anchors of a location) as class anchors. Targets are the ones the detector's own
   ``transform`` resized, read from the student's forward.
@@ -15,10 +15,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..curriculum import Stage
@@ -103,7 +105,7 @@ class TorchvisionFamily(DetectorFamily):
         p, det = self._p(model), self._det(model)
         head = recorded.output(p + "head")
         anchors = recorded.output(p + "anchor_generator")
-        logits = head["cls_logits"]
+        logits = self._score_logits(head)
         towers = recorded.outputs[p + "head.classification_head.conv"]
         levels = len(recorded.outputs[p + "head.classification_head.conv"]) // max(1, len(recorded.outputs[p + "head"]))
         w = det.head.classification_head.cls_logits.weight.detach().float().mean((2, 3))  # (A*C, D)
@@ -139,6 +141,18 @@ class TorchvisionFamily(DetectorFamily):
         if "bbox_ctrness" in output:
             scores = (scores * output["bbox_ctrness"].float().sigmoid()).sqrt()
         return scores
+
+    @staticmethod
+    def _score_logits(output: dict) -> torch.Tensor:
+        """The logits of the scores inference ranks by: FCOS's ``logit(sqrt(σ(cls)·σ(centerness)))`` (so
+        distillation and the critical objective see the centerness its postprocess multiplies in), else the class
+        logits as they are. In log space; clamped just below a score of 1, where the logit would be infinite."""
+        logits = output["cls_logits"].float()
+        if "bbox_ctrness" not in output:
+            return logits
+        log_score = 0.5 * (F.logsigmoid(logits) + F.logsigmoid(output["bbox_ctrness"].float()))
+        log_score = log_score.clamp(max=math.log1p(-1e-6))
+        return log_score - torch.log(-torch.expm1(log_score))
 
     def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         _, targets = recorded.output(self._p(model) + "transform")
