@@ -332,6 +332,32 @@ def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(s
     assert all(last[f"distill_{k}"] > 0 for k in ("logit", "box", "relational")), last
 
 
+def test_two_stage_faster_rcnn_trains_with_feature_distillation_only(synth, tmp_path):
+    """Faster R-CNN (rpn_head + roi_head): no family reads its heads, so CR-QAT with the head terms off distils the
+    backbone's and neck's features through the curriculum; the teacher runs backbone and neck only."""
+    from mmdet.registry import MODELS
+
+    float_cfg = load_cfg("faster_rcnn_r18_synthetic.py", synth, tmp_path / "float")
+    model = MODELS.build(copy.deepcopy(float_cfg.model))
+    model.init_weights()
+    float_ckpt = tmp_path / "faster_float.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, float_ckpt)
+    recipe = {**CRQAT, "preset": "w4a8-crqat",
+              "distillation": {"relational_weight": 0, "logit_weight": 0, "box_weight": 0}}
+    runner, terms = _train_recording_terms(_crqat_cfg(synth, tmp_path, float_ckpt, config="faster_rcnn_r18_synthetic_w4a8.py",
+                                                      recipe=recipe, batch=2))
+    detq = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    stages = detq.session.schedule.stages
+    assert [(s.name, s.prefixes) for s in stages] == [("backbone", ["backbone"]), ("neck", ["neck"]),
+                                                      ("head", ["rpn_head", "roi_head"])]
+    assert [k for k, _ in terms] == [0, 0, 1, 1, 2, 2]
+    assert dq.is_quantized(runner.model)
+    for stage, last in terms:
+        distilled = {k: v for k, v in last.items() if k.startswith("distill_")}
+        assert set(distilled) == {f"distill_pkd_stage{i + 1}" for i in range(min(stage + 1, 2))} \
+            and all(v > 0 for v in distilled.values()), (stage, last)
+
+
 def test_crqat_curriculum_and_distillation_in_mmdet(synth, tmp_path, float_retinanet, capfd):
     runner = Runner.from_cfg(_crqat_cfg(synth, tmp_path, float_retinanet))
     probe = _CurriculumProbe()

@@ -371,6 +371,31 @@ def test_mmdet_heads_decoding_their_own_way_are_refused_clearly(config):
         family.head_taps(model)
 
 
+def test_mmdet_two_stage_detector_is_refused_for_head_terms_naming_what_works():
+    """Faster R-CNN (rpn_head + roi_head, no bbox_head): head terms and the critical objective are refused with a
+    message that says so and what still works; TASKQ finds no head block (runs without DTR)."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    import mmdet
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+
+    from detq_hooks.detectors import UnsupportedDetectorError, family_for
+
+    init_default_scope("mmdet")
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / "faster_rcnn" /
+                              "faster-rcnn_r50_fpn_1x_coco.py")).model
+    cfg.backbone.update(depth=18, init_cfg=None)
+    cfg.neck.in_channels = [64, 128, 256, 512]
+    model = MODELS.build(cfg).eval()
+    family = family_for(model)
+    assert family.name == "mmdet" and family.head_block(model) is None
+    with pytest.raises(UnsupportedDetectorError, match=r"FasterRCNN is a two-stage detector \(rpn_head \+ roi_head\).*"
+                       r"relational_weight/logit_weight/box_weight to 0"):
+        family.head_taps(model)
+
+
 def _rows_sorted(t: torch.Tensor) -> torch.Tensor:
     """Rows in lexicographic order (score first, then the box), ties and all."""
     for col in reversed(range(t.shape[1])):

@@ -119,8 +119,8 @@ class MMDetFamily(DetectorFamily):
 
     @staticmethod
     def _is_detr(model: nn.Module) -> bool:
-        head = model.bbox_head
-        return (hasattr(head, "fc_cls") or hasattr(head, "cls_branches")) and not hasattr(head, "prior_generator")
+        head = getattr(model, "bbox_head", None)
+        return head is not None and (hasattr(head, "fc_cls") or hasattr(head, "cls_branches")) and not hasattr(head, "prior_generator")
 
     def _detr_head_is_one_block(self, model: nn.Module) -> bool:
         """A DETR head whose forward reads only the stacked queries (DETR's): every tensor it reads and returns
@@ -142,6 +142,13 @@ class MMDetFamily(DetectorFamily):
     def head_taps(self, model: nn.Module) -> Taps:
         head = getattr(model, "bbox_head", None)
         classifiers = self._classifiers(model) if head is not None else []
+        if head is None and hasattr(model, "roi_head"):
+            raise UnsupportedDetectorError(
+                f"{type(model).__name__} is a two-stage detector (rpn_head + roi_head): no family reads its heads' "
+                "outputs, which distillation's head terms and the Fisher methods' critical objective need. "
+                "Distillation of features alone works: set distillation.relational_weight/logit_weight/box_weight "
+                "to 0; or subclass detq_hooks.detectors.DetectorFamily (README, 'Your own detector')"
+            )
         if not classifiers or not (self._is_detr(model) or self._dense_decoding(head) is not None):
             raise UnsupportedDetectorError(
                 f"{type(model).__name__}: no classifier layer with priors and a decoding this family knows found in its "
@@ -162,6 +169,8 @@ class MMDetFamily(DetectorFamily):
         which bypasses forward hooks)."""
         inputs, data_samples = batch
         feats = teacher.extract_feat(inputs)
+        if getattr(teacher, "bbox_head", None) is None:  # two-stage: feature distillation reads backbone and neck only
+            return
         if self._is_detr(teacher):
             head_inputs = teacher.forward_transformer(feats, data_samples)
             # what the head's forward takes (two-stage Deformable DETR / DINO add encoder outputs for the loss)
