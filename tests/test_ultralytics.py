@@ -608,3 +608,56 @@ def test_criterion_wrapper_passes_rtdetr_keywords_and_dict_losses():
     assert seen == {"dn_bboxes": "b", "dn_meta": {"m": 1}}
     assert set(out) == {"loss_giou", "loss_class", "loss_bbox", "detq_anchor"}
     assert float(sum(out.values())) == 6.5
+
+
+def test_rtdetr_head_outputs_are_the_matching_queries_of_the_inference_layer(tmp_path):
+    """RT-DETR's head read in a training forward (every decoder layer, denoising queries first) gives the
+    queries, boxes and classifier inputs an eval forward gives (the layer inference reads, ``eval_idx``); the
+    batch's boxes are in the same normalised frame."""
+    from detq_hooks.detectors import family_for
+    from detq_hooks.recording import record
+
+    model = RTDETR(rtdetr_tiny_yaml(tmp_path / "rtdetr-tiny.yaml")).model
+    family = family_for(model)
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, IMGSZ, IMGSZ)
+    targets = {"cls": torch.tensor([1, 3, 2]), "bboxes": torch.tensor([[.3, .3, .2, .2], [.6, .5, .3, .4], [.5, .5, .5, .5]]),
+               "batch_idx": torch.tensor([0, 0, 1]), "gt_groups": [2, 1]}
+    read = {}
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        for m in model.modules():  # BatchNorm in eval in both, so that only the head's mode differs
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+        with torch.no_grad(), record(model, family.head_taps(model)) as rec:
+            out = model.predict(img, batch=targets if mode == "train" else None)
+            read[mode] = family.head_outputs(model, rec, {**targets, "img": img})
+        if mode == "train":
+            assert out[4] is not None and out[1].shape[0] == 2  # denoising queries present, both layers
+    train, ev = read["train"], read["eval"]
+    assert train.cls_logits.shape == ev.cls_logits.shape == (2, 84, 80)  # 84 = the encoder's tokens at 64 px
+    for field in ("cls_logits", "boxes", "embeddings"):
+        torch.testing.assert_close(getattr(train, field), getattr(ev, field), atol=1e-4, rtol=1e-4)
+    assert train.points is None and train.class_anchors.shape == (80, 128)
+    boxes, labels = family.targets(model, None, {**targets, "img": img})
+    torch.testing.assert_close(boxes[0][0], torch.tensor([.2, .2, .4, .4]))
+    assert labels[1].tolist() == [2]
+
+
+def test_rtdetr_crqat_distils_its_queries(ds, project, tmp_path):
+    """W4A8 CR-QAT on RT-DETR: the teacher runs on the batch's images (RT-DETR's loss hands its criterion the
+    targets only), the head terms are nonzero once the head stage trains."""
+    rows = []
+
+    def record(trainer):
+        rows.append((trainer.detq_schedule.current, dict(trainer.detq_session.last_terms)))
+
+    model = RTDETR(rtdetr_tiny_yaml(tmp_path / "rtdetr-tiny.yaml"))
+    model.add_callback("on_train_batch_end", record)
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq={**CRQAT, "preset": "w4a8-crqat"}, epochs=2,
+                project=str(project), name="rtdetr_crqat", **COMMON, **CRQAT_ARGS)
+    assert [s for s, _ in rows] == [0, 0, 1, 1]
+    for stage, terms in rows:
+        assert terms["distill_pkd_stage1"] > 0, terms
+        for k in ("distill_logit", "distill_box", "distill_relational"):
+            assert (terms.get(k, 0) > 0) == (stage == 1), (stage, k, terms)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..curriculum import Stage
-from ..distill import Assignment, HeadOutputs, task_aligned_positives
+from ..distill import Assignment, HeadOutputs, hungarian_match, task_aligned_positives
 from ..recording import Recorded, Taps
 
 
@@ -177,10 +177,10 @@ class DetectorFamily:
                           targets: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
         """Pair student and teacher predictions and pick the teacher's positives.
 
-        Dense heads (default): the same anchor in both; positives by task-aligned assignment of the teacher's
-        predictions to the ground truth. Query heads override this (Hungarian matching)."""
+        Dense heads (``points`` given): the same anchor in both; positives by task-aligned assignment of the
+        teacher's predictions to the ground truth. Query heads (no ``points``): :func:`pair_queries`."""
         if teacher.points is None:
-            raise UnsupportedDetectorError(f"{type(self).__name__}.head_outputs gives no anchor points for the assignment")
+            return pair_queries(student, teacher, targets)
         assignment = task_aligned_positives(teacher.cls_logits.detach(), teacher.boxes.detach(), teacher.points,
                                             targets[0], targets[1], score_kind=teacher.score_kind)
         return student, teacher, assignment
@@ -203,6 +203,38 @@ def blank_image(model: nn.Module, shape: tuple) -> torch.Tensor:
                        dtype=p.dtype if p is not None and p.is_floating_point() else None)
 
 
-__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "blank_image", "called_blocks",
+def pair_queries(student: HeadOutputs, teacher: HeadOutputs, targets) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
+    """Query heads (DETR family: no anchor points): each teacher query paired with a student query by Hungarian
+    matching of their boxes and scores (the student's reordered to the teacher's), the teacher's positives by
+    Hungarian matching of its queries to the ground truth."""
+    s_logits, s_boxes = student.cls_logits, student.boxes
+    t_logits, t_boxes = teacher.cls_logits.detach(), teacher.boxes.detach()
+    b, q, c1 = t_logits.shape
+    num_classes = teacher.class_anchors.shape[0]
+    order = []
+    positives = torch.zeros(b, q, dtype=torch.bool, device=t_logits.device)
+    labels = torch.zeros(b, q, dtype=torch.long, device=t_logits.device)
+    gt_boxes, gt_labels = targets
+    for i in range(b):
+        s_idx, t_idx = hungarian_match(s_boxes[i].detach(), s_logits[i, :, :num_classes].detach(),
+                                       t_boxes[i], t_logits[i, :, :num_classes])
+        perm = torch.empty(q, dtype=torch.long, device=t_logits.device)
+        perm[t_idx] = s_idx.to(t_logits.device)
+        order.append(perm)
+        if len(gt_boxes[i]):
+            onehot = torch.full((len(gt_boxes[i]), num_classes), -10.0, device=t_logits.device)
+            onehot[torch.arange(len(gt_boxes[i])), gt_labels[i]] = 10.0
+            tq, g = hungarian_match(t_boxes[i], t_logits[i, :, :num_classes], gt_boxes[i].to(t_logits.device), onehot)
+            positives[i, tq] = True
+            labels[i, tq] = gt_labels[i].to(t_logits.device)[g]
+    idx = torch.stack(order)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+    s = HeadOutputs(take(s_logits), take(s_boxes), take(student.embeddings), None, None, student.score_kind)
+    return s, teacher, Assignment(positives, labels)
+
+__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "blank_image", "called_blocks", "pair_queries",
            "cxcywh_to_xyxy"]
 

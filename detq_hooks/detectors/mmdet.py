@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..curriculum import Stage
-from ..distill import Assignment, HeadOutputs, hungarian_match
+from ..distill import HeadOutputs
 from ..modules import is_quantized_module
 from ..recording import Recorded, Taps
 from .base import DetectorFamily, UnsupportedDetectorError, blank_image, called_blocks, cxcywh_to_xyxy
@@ -322,41 +322,5 @@ class MMDetFamily(DetectorFamily):
             boxes = [bx / bx.new_tensor([d.metainfo["img_shape"][1], d.metainfo["img_shape"][0]] * 2)
                      for bx, d in zip(boxes, data_samples)]
         return boxes, [d.gt_instances.labels.long() for d in data_samples]
-
-    def distillation_pair(self, student: HeadOutputs, teacher: HeadOutputs, targets) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
-        if teacher.points is not None:  # dense head
-            return super().distillation_pair(student, teacher, targets)
-        return _detr_pair(student, teacher, targets)
-
-
-def _detr_pair(student: HeadOutputs, teacher: HeadOutputs, targets) -> tuple[HeadOutputs, HeadOutputs, Assignment]:
-    s_logits, s_boxes = student.cls_logits, student.boxes
-    t_logits, t_boxes = teacher.cls_logits.detach(), teacher.boxes.detach()
-    b, q, c1 = t_logits.shape
-    num_classes = teacher.class_anchors.shape[0]
-    order = []
-    positives = torch.zeros(b, q, dtype=torch.bool, device=t_logits.device)
-    labels = torch.zeros(b, q, dtype=torch.long, device=t_logits.device)
-    gt_boxes, gt_labels = targets
-    for i in range(b):
-        s_idx, t_idx = hungarian_match(s_boxes[i].detach(), s_logits[i, :, :num_classes].detach(),
-                                       t_boxes[i], t_logits[i, :, :num_classes])
-        perm = torch.empty(q, dtype=torch.long, device=t_logits.device)
-        perm[t_idx] = s_idx.to(t_logits.device)
-        order.append(perm)
-        if len(gt_boxes[i]):
-            onehot = torch.full((len(gt_boxes[i]), num_classes), -10.0, device=t_logits.device)
-            onehot[torch.arange(len(gt_boxes[i])), gt_labels[i]] = 10.0
-            tq, g = hungarian_match(t_boxes[i], t_logits[i, :, :num_classes], gt_boxes[i].to(t_logits.device), onehot)
-            positives[i, tq] = True
-            labels[i, tq] = gt_labels[i].to(t_logits.device)[g]
-    idx = torch.stack(order)
-
-    def take(x: torch.Tensor) -> torch.Tensor:
-        return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-    s = HeadOutputs(take(s_logits), take(s_boxes), take(student.embeddings), None, None, student.score_kind)
-    return s, teacher, Assignment(positives, labels)
-
 
 __all__ = ["MMDetFamily", "PREDICTION_LEAF", "CLASSIFIER_LEAF", "HEAD_ROOTS"]

@@ -6,7 +6,10 @@
   ``neck_head`` = the rest; a stage's PKD features are the outputs of its layers that later layers read.
 * Head outputs (YOLO heads; end-to-end heads give the one-to-many branch): class logits, boxes decoded from
   the DFL distribution at each anchor point, the last class conv's inputs as region embeddings and its
-  weight rows (one set per scale) as class anchors. RT-DETR's head is not read yet.
+  weight rows (one set per scale) as class anchors. RT-DETR (``RTDETRDecoder``): the queries of the decoder
+  layer inference reads (``eval_idx``), denoising queries left out, boxes normalised xyxy (as DETR heads
+  are matched: student to teacher queries and teacher to ground truth by the Hungarian algorithm), the
+  queries its classifier reads as region embeddings, its rows as class anchors.
 * Batches are Ultralytics' preprocessed batch dicts (``img``, ``batch_idx``, ``bboxes`` normalised xywh, ``cls``).
 """
 
@@ -36,6 +39,17 @@ def head_name(model: nn.Module) -> str:
 def is_yolo_head(model: nn.Module) -> bool:
     head = model.model[-1]
     return hasattr(head, "cv3") and hasattr(head, "cv2")
+
+
+def is_rtdetr_head(model: nn.Module) -> bool:
+    head = model.model[-1]
+    return hasattr(head, "dec_score_head") and hasattr(head, "decoder")
+
+
+def _rtdetr_layer(head: nn.Module) -> int:
+    """The decoder layer inference reads (``eval_idx``, negative from the end)."""
+    n = len(head.dec_score_head)
+    return head.decoder.eval_idx % n
 
 
 def ultralytics_stages(model: nn.Module, split: str = "paper") -> list[Stage]:
@@ -136,12 +150,17 @@ class UltralyticsFamily(DetectorFamily):
         head = model.model[-1]
         return [f"{head_name(model)}.cv3.{i}.{len(b) - 1}" for i, b in enumerate(head.cv3)]
 
+    def _query_classifier(self, model: nn.Module) -> str:
+        return f"{head_name(model)}.dec_score_head.{_rtdetr_layer(model.model[-1])}"
+
     def head_taps(self, model: nn.Module) -> Taps:
+        if is_rtdetr_head(model):
+            return Taps(outputs=[head_name(model)], inputs=[self._query_classifier(model)])
         if not is_yolo_head(model):
             raise UnsupportedDetectorError(
                 f"detq: the {type(model.model[-1]).__name__} head of {type(model).__name__} is not read by the "
-                "Ultralytics family yet (YOLO Detect/v10Detect/YOLO26 heads are); use a recipe without distillation "
-                "head terms (the curriculum alone works)"
+                "Ultralytics family yet (YOLO Detect/v10Detect/YOLO26 and RT-DETR heads are); use a recipe without "
+                "distillation head terms (the curriculum alone works)"
             )
         return Taps(outputs=[head_name(model)], inputs=self._class_convs(model))
 
@@ -151,8 +170,25 @@ class UltralyticsFamily(DetectorFamily):
     def example_forward(self, model: nn.Module):
         return lambda m: m(blank_image(m, (1, 3, 64, 64)))
 
+    def _query_outputs(self, model: nn.Module, recorded: Recorded) -> HeadOutputs:
+        """RT-DETR: training returns ``(dec_bboxes, dec_scores, enc_bboxes, enc_scores, dn_meta)`` for every
+        decoder layer, denoising queries first; eval returns ``(predictions, that tuple)`` for ``eval_idx`` only."""
+        out = recorded.output(head_name(model))
+        raw = out[1] if len(out) == 2 else out
+        dec_bboxes, dec_scores, dn_meta = raw[0], raw[1], raw[4]
+        layer = _rtdetr_layer(model.model[-1]) if dec_scores.shape[0] > 1 else -1
+        num_dn = int(dn_meta["dn_num_split"][0]) if dn_meta else 0
+        name = self._query_classifier(model)
+        emb = recorded.input(name)[:, num_dn:]
+        anchors = dict(model.named_modules())[name].weight.detach().float()
+        return HeadOutputs(dec_scores[layer][:, num_dn:], cxcywh_to_xyxy(dec_bboxes[layer][:, num_dn:].float()),
+                           emb, anchors, None, "sigmoid")
+
     def head_outputs(self, model: nn.Module, recorded: Recorded, batch: Any) -> HeadOutputs:
         from ultralytics.utils.tal import dist2bbox, make_anchors
+
+        if is_rtdetr_head(model):
+            return self._query_outputs(model, recorded)
 
         head = model.model[-1]
         out = recorded.output(head_name(model))
@@ -178,7 +214,8 @@ class UltralyticsFamily(DetectorFamily):
     def targets(self, model: nn.Module, recorded: Recorded, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         img = batch["img"]
         h, w = img.shape[2:]
-        scale = torch.tensor([w, h, w, h], device=img.device, dtype=torch.float32)
+        # YOLO heads' boxes are in pixels; RT-DETR's queries normalised, as the batch's boxes are
+        scale = torch.tensor([w, h, w, h], device=img.device, dtype=torch.float32) if not is_rtdetr_head(model) else 1.0
         boxes, labels = [], []
         for i in range(img.shape[0]):
             sel = batch["batch_idx"].view(-1) == i
@@ -188,4 +225,4 @@ class UltralyticsFamily(DetectorFamily):
         return boxes, labels
 
 
-__all__ = ["UltralyticsFamily", "ultralytics_stages", "is_yolo_head", "head_name", "HEAD_BRANCHES"]
+__all__ = ["UltralyticsFamily", "ultralytics_stages", "is_yolo_head", "is_rtdetr_head", "head_name", "HEAD_BRANCHES"]

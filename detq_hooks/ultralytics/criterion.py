@@ -15,6 +15,7 @@ class DetQCriterion:
 
     def __init__(self, base, model: nn.Module, session: QuantSession) -> None:
         self.base, self.model, self.session = base, model, session
+        self.images = None  # the training batch's images, set by the trainer's preprocess_batch
         self.item_names = [_item_name(n) for n in session.log_names()]
 
     def __getattr__(self, name):  # update(), hyp, ... of the wrapped criterion
@@ -27,6 +28,12 @@ class DetQCriterion:
 
     def __call__(self, preds, batch, **kwargs):
         out = self.base(preds, batch, **kwargs)
+        if "img" not in batch and self.images is not None:
+            # RT-DETR's loss passes its targets (cls, bboxes, batch_idx, gt_groups) without the images the
+            # teacher needs: the images of the batch the trainer preprocessed for this forward
+            if len(batch.get("gt_groups", ())) != self.images.shape[0]:
+                raise RuntimeError("detq: the images stored for this loss call do not belong to its batch")
+            batch = {**batch, "img": self.images}
         terms = self.session.loss_terms(self.model, batch, preds)
         if isinstance(out, dict):  # RT-DETR: a dict of losses (the model sums its values), called with dn_* kwargs
             return {**out, **{f"detq_{name.lstrip('_')}": t.float().reshape(()) for name, t in terms.items()}}

@@ -268,6 +268,13 @@ class _DetQMixin:
         return ckpt
 
     # ------------------------------------------------------------------ training
+    def preprocess_batch(self, batch):
+        batch = super().preprocess_batch(batch)
+        criterion = getattr(unwrap_model(self.model), "criterion", None) if getattr(self, "model", None) is not None else None
+        if isinstance(criterion, DetQCriterion):  # RT-DETR hands its criterion the targets without the images
+            criterion.images = batch["img"]
+        return batch
+
     def _setup_train(self):
         super()._setup_train()  # model, DDP, loaders + calibration, optimizer, EMA, resume
         model = unwrap_model(self.model)
