@@ -98,6 +98,37 @@ def test_ultralytics_fisher_recipe_end_to_end_and_resume(ds, tmp_path):
     assert "metrics/critical_mAP50-95(B)" in header and "fisher_reg" in header
 
 
+def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
+    """RT-DETR (a query head: critical positives by Hungarian matching): the Fisher plan is made from nonzero
+    traces, the regulariser's trace is measured, critical mAP is reported."""
+    pytest.importorskip("ultralytics")
+    from ultralytics import RTDETR
+
+    from test_ultralytics import rtdetr_tiny_yaml
+    from detq_hooks.ultralytics import DetQTrainer
+
+    seen = {}
+
+    def at_start(trainer):
+        seen["plan"] = trainer.detq_session.last_mixed_precision
+
+    def at_end(trainer):
+        seen["trace"] = trainer.detq_session.terms[-1].last_trace
+        seen["metrics"] = dict(trainer.metrics)
+
+    model = RTDETR(rtdetr_tiny_yaml(tmp_path / "rtdetr-tiny.yaml"))
+    model.add_callback("on_train_start", at_start)
+    model.add_callback("on_fit_epoch_end", at_end)
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=FISHER, epochs=1, project=str(tmp_path), name="rtdetr",
+                imgsz=64, batch=8, amp=False, plots=False, workers=0, device="cpu", verbose=False, exist_ok=True, seed=0,
+                nbs=8, warmup_epochs=0)
+    plan = seen["plan"]
+    assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
+    assert sum(t > 0 for t in plan.traces.values()) > len(plan.traces) // 2, plan.traces
+    assert seen["trace"] is not None and seen["trace"] > 0
+    assert "metrics/critical_mAP50-95(B)" in seen["metrics"]
+
+
 def test_ultralytics_unknown_critical_class_fails_before_training(ds, tmp_path):
     pytest.importorskip("ultralytics")
     from ultralytics import YOLO
