@@ -547,3 +547,30 @@ def test_taskq_on_a_family_without_a_head_decoder_runs_without_dtr_unless_asked(
         dq.ptq(other, batches, {"preset": "w4a8-taskq", "calibration": {"num_batches": 2}, "ptq": {**FAST, "dtr": True}},
                progress=False)
     assert not dq.is_quantized(other)
+
+
+def test_rtdetr_ptq_reconstructs_its_decoder_by_parts(tmp_path):
+    """RT-DETR's head returns its decoder layers stacked in front of the batch, so it is not one block: its input
+    projections, encoder-output heads, query position head and each decoder layer with its box and score heads
+    are (a TASKQ run on it failed with "every tensor of its output must have the batch as leading dimension")."""
+    pytest.importorskip("ultralytics")
+    from ultralytics import RTDETR
+
+    from test_ultralytics import rtdetr_tiny_yaml
+    from detq_hooks.detectors import family_for
+    from detq_hooks.ultralytics.trainer import calibration_forward
+
+    model = RTDETR(rtdetr_tiny_yaml(tmp_path / "rtdetr-tiny.yaml")).model.eval()
+    blocks = family_for(model).reconstruction_blocks(model)
+    head = [b for b in blocks if b.startswith("model.28")]
+    assert "model.28" not in blocks and blocks[:28] == [f"model.{i}" for i in range(28)]
+    assert head[:3] == ["model.28.input_proj.0", "model.28.input_proj.1", "model.28.input_proj.2"]
+    assert head[-3:] == ["model.28.decoder.layers.1", "model.28.dec_bbox_head.1", "model.28.dec_score_head.1"]
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 64, 64)]
+    dq.ptq(model, batches, {"preset": "w4a8-ptq", "calibration": {"num_batches": 1},
+                            "ptq": {"method": "qdrop", "iterations": 20, "batch_size": 4}},
+           forward_fn=calibration_forward, progress=False)
+    done = {b.name: b for b in model.detq_ptq.reconstruction.blocks}
+    for name in ("model.28.decoder.layers.0", "model.28.decoder.layers.1", "model.28.dec_score_head.1", "model.28.enc_output"):
+        assert done[name].quantized_layers > 0 and done[name].loss_after <= done[name].loss_before, (name, done[name])

@@ -23,7 +23,7 @@ from torch import nn
 from ..curriculum import Stage
 from ..distill import HeadOutputs
 from ..recording import Recorded, Taps
-from .base import DetectorFamily, UnsupportedDetectorError, blank_image, cxcywh_to_xyxy
+from .base import DetectorFamily, UnsupportedDetectorError, blank_image, called_blocks, cxcywh_to_xyxy
 
 # Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
 HEAD_BRANCHES = (
@@ -108,7 +108,18 @@ class UltralyticsFamily(DetectorFamily):
         return ultralytics_stages(model)
 
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
-        return [f"model.{i}" for i in range(len(model.model))]
+        """Each layer of the yaml; RT-DETR's decoder head by its parts (its own output stacks the decoder layers
+        in front of the batch): input projections, encoder-output heads, query position head, then each decoder
+        layer with its box and score heads."""
+        blocks = [f"model.{i}" for i in range(len(model.model))]
+        if not is_rtdetr_head(model):
+            return blocks
+        head, p = model.model[-1], blocks.pop()
+        parts = called_blocks(head.input_proj, f"{p}.input_proj") + [f"{p}.{n}" for n in
+                                                                    ("enc_output", "enc_score_head", "enc_bbox_head", "query_pos_head")]
+        for i in range(len(head.decoder.layers)):
+            parts += [f"{p}.decoder.layers.{i}", f"{p}.dec_bbox_head.{i}", f"{p}.dec_score_head.{i}"]
+        return blocks + parts
 
     def head_paths(self, model: nn.Module) -> list[str]:
         """Box (``cv2``) and class (``cv3``) branch of each scale; end-to-end heads (YOLOv10, YOLO26): the
