@@ -235,6 +235,7 @@ def pair_queries(student: HeadOutputs, teacher: HeadOutputs, targets) -> tuple[H
     s = HeadOutputs(take(s_logits), take(s_boxes), take(student.embeddings), None, None, student.score_kind)
     return s, teacher, Assignment(positives, labels)
 
-__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "blank_image", "called_blocks", "pair_queries",
-           "cxcywh_to_xyxy"]
+
+__all__ = ["DetectorFamily", "UnsupportedDetectorError", "PREDICTION_LEAF", "blank_image", "called_blocks",
+           "cxcywh_to_xyxy", "pair_queries"]
 

@@ -115,8 +115,8 @@ class UltralyticsFamily(DetectorFamily):
         if not is_rtdetr_head(model):
             return blocks
         head, p = model.model[-1], blocks.pop()
-        parts = called_blocks(head.input_proj, f"{p}.input_proj") + [f"{p}.{n}" for n in
-                                                                    ("enc_output", "enc_score_head", "enc_bbox_head", "query_pos_head")]
+        parts = called_blocks(head.input_proj, f"{p}.input_proj")
+        parts += [f"{p}.{n}" for n in ("enc_output", "enc_score_head", "enc_bbox_head", "query_pos_head")]
         for i in range(len(head.decoder.layers)):
             parts += [f"{p}.decoder.layers.{i}", f"{p}.dec_bbox_head.{i}", f"{p}.dec_score_head.{i}"]
         return blocks + parts

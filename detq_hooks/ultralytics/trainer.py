@@ -46,7 +46,7 @@ from ..quantizers import iter_quantizers
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..session import QuantSession, sync_integer_buffers
 from ..surgery import is_quantized
-from ..detectors.ultralytics import UltralyticsFamily
+from ..detectors.ultralytics import UltralyticsFamily, is_rtdetr_head
 from .compat import DetQModelInfo
 from .criterion import DetQCriterion
 from .metrics import with_critical_metrics
@@ -110,9 +110,9 @@ def calibration_forward(model: nn.Module, img: torch.Tensor):
     """One calibration forward. RT-DETR's decoder runs only its last layer's heads in eval mode; its other
     per-layer heads (trained through auxiliary losses) are reached in training mode, so the decoder runs in
     training mode (BatchNorm kept in eval mode, no denoising queries without labels)."""
-    head = model.model[-1]
-    if type(head).__name__ != "RTDETRDecoder":
+    if not is_rtdetr_head(model):
         return model(img)
+    head = model.model[-1]
     was = head.training
     head.train()
     for m in head.modules():
