@@ -1,7 +1,11 @@
-"""The Ultralytics family: YOLOv8/YOLO11/YOLO26 (``Detect``/``v10Detect``/``YOLO26`` heads) and RT-DETR.
+"""The Ultralytics family: YOLOv8/YOLO11/YOLO26 (``Detect``/``v10Detect``/``YOLO26`` heads), their
+segmentation, pose and oriented-box heads, and RT-DETR.
 
 * Prediction layers: the last Conv2d/Linear of each branch of the head (``cv2``/``cv3``, the end-to-end
-  ``one2one_*`` branches, RT-DETR's score/box heads). Float-only: DFL's fixed integral conv.
+  ``one2one_*`` branches, the mask-coefficient / keypoint / angle branches ``cv4``, the mask prototypes'
+  output conv, RT-DETR's score/box heads). Float-only: DFL's fixed integral conv, and the branches only
+  the training loss runs (YOLO26 pose's keypoint sigmas and RealNVP flow, YOLO26 segment's semantic
+  logits): inference, calibration and export never run them.
 * Stages (CR-QAT's K = 2): ``backbone`` = ``model.0 .. model.{nb-1}`` (``nb = len(yaml['backbone'])``) and
   ``neck_head`` = the rest; a stage's PKD features are the outputs of its layers that later layers read.
 * Head outputs (YOLO heads; end-to-end heads give the one-to-many branch): class logits, boxes decoded from
@@ -28,8 +32,24 @@ from .base import DetectorFamily, UnsupportedDetectorError, blank_image, called_
 # Attributes of Ultralytics heads whose sub-branches each end in one prediction layer.
 HEAD_BRANCHES = (
     "cv2", "cv3", "one2one_cv2", "one2one_cv3",  # Detect / v10Detect / YOLO26 (end-to-end)
+    "cv4", "one2one_cv4",  # Segment mask coefficients, Pose keypoints, OBB angles
+    "cv4_kpts", "one2one_cv4_kpts",  # YOLO26 pose keypoints
     "dec_score_head", "dec_bbox_head", "enc_score_head", "enc_bbox_head",  # RTDETRDecoder
 )
+
+# Head branches only the training loss runs (eval, calibration and export skip them): kept float.
+TRAINING_ONLY_BRANCHES = (
+    "cv4_sigma", "one2one_cv4_sigma", "flow_model",  # YOLO26 pose: keypoint sigmas, RealNVP density of the loss
+    "proto.semseg",  # YOLO26 segment: semantic-segmentation logits of an auxiliary loss
+)
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def head_name(model: nn.Module) -> str:
@@ -44,6 +64,13 @@ def is_yolo_head(model: nn.Module) -> bool:
 def is_rtdetr_head(model: nn.Module) -> bool:
     head = model.model[-1]
     return hasattr(head, "dec_score_head") and hasattr(head, "decoder")
+
+
+def is_obb_head(model: nn.Module) -> bool:
+    """Oriented boxes (``OBB``/``OBB26``): their boxes are rotated by a predicted angle."""
+    from ultralytics.nn.modules.head import OBB
+
+    return isinstance(model.model[-1], OBB)
 
 
 def _rtdetr_layer(head: nn.Module) -> int:
@@ -98,11 +125,21 @@ class UltralyticsFamily(DetectorFamily):
                 leaves = [n for n, m in branch.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
                 if leaves:
                     names.append(".".join(p for p in (prefix, attr, idx, leaves[-1]) if p))
+        proto_out = getattr(getattr(getattr(head, "proto", None), "cv3", None), "conv", None)
+        if isinstance(proto_out, nn.Conv2d):  # the mask prototypes the coefficients combine
+            names.append(f"{prefix}.proto.cv3.conv")
         return names
 
     def float_layers(self, model: nn.Module) -> list[str]:
-        conv = getattr(getattr(model.model[-1], "dfl", None), "conv", None)
-        return [f"{head_name(model)}.dfl.conv"] if isinstance(conv, nn.Conv2d) else []
+        head, prefix = model.model[-1], head_name(model)
+        conv = getattr(getattr(head, "dfl", None), "conv", None)
+        names = [f"{prefix}.dfl.conv"] if isinstance(conv, nn.Conv2d) else []
+        for path in TRAINING_ONLY_BRANCHES:
+            sub = head.get_submodule(path) if _has_submodule(head, path) else None
+            if sub is not None:
+                names += [".".join(p for p in (prefix, path, n) if p) for n, m in sub.named_modules()
+                          if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d))]
+        return names
 
     def stages(self, model: nn.Module) -> list[Stage]:
         return ultralytics_stages(model)
@@ -131,13 +168,16 @@ class UltralyticsFamily(DetectorFamily):
         return [f"{head_name(model)}.{prefix}{branch}.{i}" for i in range(head.nl) for branch in ("cv2", "cv3")]
 
     def head_block(self, model: nn.Module) -> Optional[str]:
-        return head_name(model) if is_yolo_head(model) else None
+        return head_name(model) if is_yolo_head(model) and not is_obb_head(model) else None
 
     def decode_head_output(self, model: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The Detect head's own inference decoding (``Detect._inference`` on the branch inference uses: the
         one-to-one branch of end-to-end heads) of its eval-mode raw predictions: xyxy boxes in pixels and
         sigmoid class scores."""
         head = model.model[-1]
+        if is_obb_head(model):
+            raise UnsupportedDetectorError(f"{type(head).__name__}: rotated boxes are not decoded by the Ultralytics "
+                                           "family (axis-aligned YOLO heads and RT-DETR are)")
         preds = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], dict) else None
         if preds is None or not hasattr(head, "_inference"):
             raise UnsupportedDetectorError(f"{type(head).__name__} gave no raw predictions (export mode?): the decoded "
@@ -167,6 +207,12 @@ class UltralyticsFamily(DetectorFamily):
     def head_taps(self, model: nn.Module) -> Taps:
         if is_rtdetr_head(model):
             return Taps(outputs=[head_name(model)], inputs=[self._query_classifier(model)])
+        if is_yolo_head(model) and is_obb_head(model):
+            raise UnsupportedDetectorError(
+                f"detq: the {type(model.model[-1]).__name__} head's boxes are rotated by a predicted angle, which the "
+                "Ultralytics family does not read (it reads axis-aligned YOLO heads, their segment and pose variants, "
+                "and RT-DETR); use a recipe without distillation head terms or the Fisher critical objective"
+            )
         if not is_yolo_head(model):
             raise UnsupportedDetectorError(
                 f"detq: the {type(model.model[-1]).__name__} head of {type(model).__name__} is not read by the "
@@ -236,4 +282,5 @@ class UltralyticsFamily(DetectorFamily):
         return boxes, labels
 
 
-__all__ = ["UltralyticsFamily", "ultralytics_stages", "is_yolo_head", "is_rtdetr_head", "head_name", "HEAD_BRANCHES"]
+__all__ = ["UltralyticsFamily", "ultralytics_stages", "is_yolo_head", "is_rtdetr_head", "is_obb_head", "head_name",
+           "HEAD_BRANCHES"]

@@ -36,6 +36,9 @@ from torch import nn
 
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -464,8 +467,10 @@ def _before_step(trainer) -> None:
 class DetQTrainer(_DetQMixin, DetectionTrainer):
     """Ultralytics detection trainer that quantizes the model with a detq-hooks recipe.
 
-    ``YOLO(...).train(trainer=DetQTrainer, detq=...)`` works for YOLOv8/YOLO11/YOLO26 and RT-DETR models
-    (an RT-DETR model gets :class:`DetQRTDETRTrainer`, built on Ultralytics' ``RTDETRTrainer``).
+    ``YOLO(...).train(trainer=DetQTrainer, detq=...)`` works for YOLOv8/YOLO11/YOLO26 and RT-DETR models and
+    for the detection tasks built on the Detect head: an RT-DETR model gets :class:`DetQRTDETRTrainer` (on
+    Ultralytics' ``RTDETRTrainer``), a ``segment``/``pose``/``obb`` model the matching trainer below (on
+    Ultralytics' own trainer of that task: its data pipeline, loss and validator).
 
     Args (through ``train(...)``):
         detq: preset name (``w8a8``, ``w4a8``, ``w4a4``, ``w8a8-ptq``, ...), recipe YAML path or dict.
@@ -475,8 +480,7 @@ class DetQTrainer(_DetQMixin, DetectionTrainer):
         if cls is DetQTrainer:
             ov = overrides or {}
             spec = ov.get("resume") if isinstance(ov.get("resume"), (str, Path)) else ov.get("model")
-            if _is_rtdetr(spec):
-                cls = DetQRTDETRTrainer
+            cls = DetQRTDETRTrainer if _is_rtdetr(spec) else _task_trainer(ov.get("task") or _task_of(spec))
         return super().__new__(cls)
 
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
@@ -494,9 +498,66 @@ class DetQRTDETRTrainer(DetQTrainer, RTDETRTrainer):
         self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, RTDETRTrainer.__init__)
 
 
+class DetQSegmentationTrainer(DetQTrainer, SegmentationTrainer):
+    """:class:`DetQTrainer` for instance segmentation (``task="segment"``, e.g. ``yolo11n-seg.pt``)."""
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, SegmentationTrainer.__init__)
+
+
+class DetQPoseTrainer(DetQTrainer, PoseTrainer):
+    """:class:`DetQTrainer` for keypoint detection (``task="pose"``, e.g. ``yolo11n-pose.pt``)."""
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, PoseTrainer.__init__)
+
+
+class DetQOBBTrainer(DetQTrainer, OBBTrainer):
+    """:class:`DetQTrainer` for oriented boxes (``task="obb"``, e.g. ``yolo11n-obb.pt``)."""
+
+    def __init__(self, cfg=None, overrides=None, _callbacks=None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, OBBTrainer.__init__)
+
+
+_TASK_TRAINERS = {"detect": DetQTrainer, "segment": DetQSegmentationTrainer, "pose": DetQPoseTrainer,
+                  "obb": DetQOBBTrainer}
+
+
+def _task_of(spec: Any) -> Optional[str]:
+    """The task of the model named by ``model=`` / ``resume=`` (Ultralytics' own guess from its yaml or weights)."""
+    if isinstance(spec, nn.Module) or (isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml", ".pt"))):
+        from ultralytics.nn.tasks import guess_model_task
+
+        try:
+            return guess_model_task(spec if isinstance(spec, nn.Module) or not str(spec).endswith(".pt")
+                                    or not Path(spec).exists() else torch.load(spec, map_location="cpu",
+                                                                              weights_only=False).get("model"))
+        except Exception:  # an unreadable spec fails later in Ultralytics' own loading, with its message
+            return None
+    return None
+
+
+def _task_trainer(task: Optional[str]) -> type:
+    if task in (None, ""):
+        return DetQTrainer
+    if task not in _TASK_TRAINERS:
+        raise DetQConfigError(f"DetQTrainer quantizes detection models (tasks {sorted(_TASK_TRAINERS)}); this model's "
+                              f"task is {task!r}. Quantize it with the core API (detq_hooks.quantize) instead")
+    return _TASK_TRAINERS[task]
+
+
 __all__ = [
     "DetQTrainer",
     "DetQRTDETRTrainer",
+    "DetQSegmentationTrainer",
+    "DetQPoseTrainer",
+    "DetQOBBTrainer",
     "DetQConfigError",
     "prediction_layers",
     "excluded_layers",
