@@ -483,46 +483,36 @@ class DetQTrainer(_DetQMixin, DetectionTrainer):
             cls = DetQRTDETRTrainer if _is_rtdetr(spec) else _task_trainer(ov.get("task") or _task_of(spec))
         return super().__new__(cls)
 
+    _detq_base: type = DetectionTrainer  # the Ultralytics trainer this class extends (its __init__ runs ours)
+
     def __init__(self, cfg=None, overrides=None, _callbacks=None):
         from ultralytics.utils import DEFAULT_CFG
 
-        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, DetectionTrainer.__init__)
+        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, self._detq_base.__init__)
 
 
 class DetQRTDETRTrainer(DetQTrainer, RTDETRTrainer):
     """:class:`DetQTrainer` for RT-DETR (Ultralytics' ``RTDETRTrainer`` data pipeline and validator)."""
 
-    def __init__(self, cfg=None, overrides=None, _callbacks=None):
-        from ultralytics.utils import DEFAULT_CFG
-
-        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, RTDETRTrainer.__init__)
+    _detq_base = RTDETRTrainer
 
 
 class DetQSegmentationTrainer(DetQTrainer, SegmentationTrainer):
     """:class:`DetQTrainer` for instance segmentation (``task="segment"``, e.g. ``yolo11n-seg.pt``)."""
 
-    def __init__(self, cfg=None, overrides=None, _callbacks=None):
-        from ultralytics.utils import DEFAULT_CFG
-
-        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, SegmentationTrainer.__init__)
+    _detq_base = SegmentationTrainer
 
 
 class DetQPoseTrainer(DetQTrainer, PoseTrainer):
     """:class:`DetQTrainer` for keypoint detection (``task="pose"``, e.g. ``yolo11n-pose.pt``)."""
 
-    def __init__(self, cfg=None, overrides=None, _callbacks=None):
-        from ultralytics.utils import DEFAULT_CFG
-
-        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, PoseTrainer.__init__)
+    _detq_base = PoseTrainer
 
 
 class DetQOBBTrainer(DetQTrainer, OBBTrainer):
     """:class:`DetQTrainer` for oriented boxes (``task="obb"``, e.g. ``yolo11n-obb.pt``)."""
 
-    def __init__(self, cfg=None, overrides=None, _callbacks=None):
-        from ultralytics.utils import DEFAULT_CFG
-
-        self._detq_init(cfg if cfg is not None else DEFAULT_CFG, overrides, _callbacks, OBBTrainer.__init__)
+    _detq_base = OBBTrainer
 
 
 _TASK_TRAINERS = {"detect": DetQTrainer, "segment": DetQSegmentationTrainer, "pose": DetQPoseTrainer,
@@ -530,17 +520,18 @@ _TASK_TRAINERS = {"detect": DetQTrainer, "segment": DetQSegmentationTrainer, "po
 
 
 def _task_of(spec: Any) -> Optional[str]:
-    """The task of the model named by ``model=`` / ``resume=`` (Ultralytics' own guess from its yaml or weights)."""
-    if isinstance(spec, nn.Module) or (isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml", ".pt"))):
-        from ultralytics.nn.tasks import guess_model_task
+    """The task of the model named by ``model=`` / ``resume=`` (Ultralytics' own guess from its yaml or weights);
+    ``Model.train`` passes ``task`` itself, so this serves trainers built directly."""
+    from ultralytics.nn.tasks import guess_model_task
 
-        try:
-            return guess_model_task(spec if isinstance(spec, nn.Module) or not str(spec).endswith(".pt")
-                                    or not Path(spec).exists() else torch.load(spec, map_location="cpu",
-                                                                              weights_only=False).get("model"))
-        except Exception:  # an unreadable spec fails later in Ultralytics' own loading, with its message
-            return None
-    return None
+    if isinstance(spec, (str, Path)) and str(spec).endswith(".pt") and Path(spec).exists():
+        spec = torch.load(spec, map_location="cpu", weights_only=False).get("model")
+    if not isinstance(spec, nn.Module) and not (isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml"))):
+        return None
+    try:
+        return guess_model_task(spec)
+    except Exception:  # an unreadable spec fails later in Ultralytics' own loading, with its message
+        return None
 
 
 def _task_trainer(task: Optional[str]) -> type:
