@@ -68,6 +68,27 @@ class RangeObserver:
         return lo.item(), hi.item(), values
 
 
+def _check_every_layer_ran(observers: dict[str, RangeObserver], num_batches: int) -> None:
+    """All layers whose input quantizer saw nothing on any rank, named together with the rule that keeps them
+    float (a collective: every rank reaches the same verdict)."""
+    if not observers:
+        return
+    ran = torch.tensor([float(math.isfinite(o.lo)) for o in observers.values()])
+    dist_utils.all_reduce_(ran, "max")
+    idle = [n.removesuffix(".input_quantizer") for n, r in zip(observers, ran.tolist()) if not r]
+    if not idle:
+        return
+    shown = ", ".join(repr(n) for n in idle[:6]) + (f" and {len(idle) - 6} more" if len(idle) > 6 else "")
+    rules = ", ".join(f"{{name: '{n}', quantize: false}}" for n in idle)  # module names have no glob characters
+    raise CalibrationError(
+        f"{len(idle)} quantized layer(s) never ran during calibration ({num_batches} batch(es)): {shown}. Their "
+        "forward did not run on these batches: a branch that runs only in training or only for some inputs, or a "
+        "parent that reads the layer's weight directly (TOOD's task decomposition does), so their input has no "
+        f"range. Keep them float with recipe rules: quantization.rules: [{rules}], or calibrate with a forward that "
+        "runs them"
+    )
+
+
 def compute_range(obs: RangeObserver, q: FakeQuantizer, cfg: CalibrationSection) -> tuple[float, float]:
     lo, hi, values = obs.gathered()
     if not math.isfinite(lo) or not math.isfinite(hi) or values.numel() == 0:
@@ -223,6 +244,7 @@ def calibrate(
         dist_utils.all_reduce_(seen_t, "min")
         if seen_t.item() == 0:
             raise CalibrationError("calibration got no batches: the iterable given to calibrate() is empty")
+        _check_every_layer_ran(observers, seen)
         for n, q in act_quantizers:
             q.observer = None
             lo, hi = compute_range(observers[n], q, cfg)

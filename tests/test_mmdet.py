@@ -630,3 +630,48 @@ def test_dense_heads_final_layers_are_prediction_layers(base, leaves, tmp_path):
     dq.quantize(model, "w4a8", prediction_layers=preds)
     roles = {n: m.detq_layer_role for n, m in dq.quantized_layers(model) if n.split(".")[-1] in leaves}
     assert len(roles) == len(leaves) and set(roles.values()) == {"prediction"}
+
+
+def test_tood_task_decomposition_convs_stay_float_and_unrun_layers_are_named(tmp_path):
+    """TOOD applies its task-decomposition ``reduction_conv`` weight with ``bmm``; the conv's forward never runs.
+    The family keeps those convs float, so TOOD calibrates; quantized anyway, calibration names every such layer
+    and the rule that keeps it float, and that rule works."""
+    import re
+
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from detq_hooks.calibration import CalibrationError
+    from detq_hooks.session import QuantSession
+
+    register_all_modules()
+    (tmp_path / "cfg.py").write_text("_base_ = ['mmdet::tood/tood_r50_fpn_1x_coco.py']\n")
+    cfg = Config.fromfile(str(tmp_path / "cfg.py")).model
+    cfg.backbone.update(depth=18, init_cfg=None)
+    cfg.neck.in_channels = [64, 128, 256, 512]
+    cfg.bbox_head.num_classes = 3
+    float_model = MODELS.build(cfg).eval()
+    x = torch.rand(2, 3, 64, 64)
+    batches = [x]
+
+    def forward(m, b):
+        return m(b, mode="tensor")
+
+    reduction = [f"bbox_head.{t}_decomp.reduction_conv.conv" for t in ("cls", "reg")]
+    model = copy.deepcopy(float_model)
+    QuantSession("w4a8").convert(model, training=False)
+    layers = dict(model.named_modules())
+    assert all(type(layers[n]) is torch.nn.Conv2d for n in reduction)
+    dq.calibrate(model, batches, forward_fn=forward, num_batches=1)
+
+    plain = copy.deepcopy(float_model)
+    dq.quantize(plain, "w4a8")
+    with pytest.raises(CalibrationError, match=r"2 quantized layer\(s\) never ran during calibration \(1 batch\(es\)\): "
+                       r"'bbox_head\.cls_decomp\.reduction_conv\.conv', 'bbox_head\.reg_decomp\.reduction_conv\.conv'") as err:
+        dq.calibrate(plain, batches, forward_fn=forward, num_batches=1)
+    rules = [{"name": n, "quantize": False} for n in re.findall(r"\{name: '([^']+)', quantize: false\}", str(err.value))]
+    assert [r["name"] for r in rules] == reduction
+    ruled = copy.deepcopy(float_model)
+    dq.quantize(ruled, {"preset": "w4a8", "quantization": {"rules": rules}})
+    dq.calibrate(ruled, batches, forward_fn=forward, num_batches=1)
+    assert {n for n, _ in dq.quantized_layers(ruled)} == {n for n, _ in dq.quantized_layers(model)}

@@ -2,7 +2,8 @@
 the DETR family), and MMEngine models laid out the same way.
 
 * Prediction layers: the heads' final class/box convs (``conv_cls``, ``retina_reg``, ``rtm_cls.<i>``, ...) and
-  the last layer of each DETR ``cls_branches``/``reg_branches`` MLP.
+  the last layer of each DETR ``cls_branches``/``reg_branches`` MLP. Float-only: TOOD's task-decomposition
+  ``reduction_conv`` (its weight is applied with ``bmm``; the conv's forward never runs).
 * Stages: ``backbone`` / neck (with a transformer's encoder, decoder and query embeddings) / head.
 * Head outputs, dense heads: per-level outputs flattened to (B, A, C) logits and boxes decoded by the head's
   own ``bbox_coder`` at its priors; the classifier's inputs as region embeddings; its weight rows as class
@@ -63,6 +64,12 @@ class MMDetFamily(DetectorFamily):
                     break
         found = sorted(set(chosen) | set(branches.values()), key=names.index)
         return found or None
+
+    def float_layers(self, model: nn.Module) -> list[str]:
+        """Convs whose forward never runs: TOOD's task decomposition multiplies its ``reduction_conv`` weight
+        into a per-image attention and applies it with ``bmm``, so a fake-quant layer there would quantize nothing."""
+        return [f"{n}.reduction_conv.conv" for n, m in model.named_modules()
+                if type(m).__name__ == "TaskDecomposition" and isinstance(getattr(getattr(m, "reduction_conv", None), "conv", None), nn.Conv2d)]
 
     def stages(self, model: nn.Module) -> Optional[list[Stage]]:
         children = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
