@@ -143,8 +143,9 @@ def test_task_model_trains_quantized_with_its_own_trainer(trained, task):
 @pytest.mark.parametrize("task", list(TASKS))
 def test_task_model_exports_its_integer_model(trained, task, tmp_path):
     """``YOLO(best.pt).export(format="onnx")``: int8 weight codes, no quantizer arithmetic, and onnxruntime
-    computing the fake-quant model's outputs: class scores within 2e-3, boxes, keypoints and angles within the
-    export's box tolerance (1 px, 0.01 rad), mask coefficients and prototypes within 2 % of their range."""
+    computing the fake-quant model's outputs: class scores and keypoint visibilities within 2e-3, boxes within
+    1 px (the export's stated tolerances), keypoints within 0.1 px, angles within 1e-3 rad, mask coefficients and
+    prototypes within 0.1 % of their range, a third of one 8-bit step (measured here: 1e-7 of the range)."""
     import onnx
 
     from detq_hooks.deploy import make_runner
@@ -179,12 +180,12 @@ def test_task_model_exports_its_integer_model(trained, task, tmp_path):
     assert np.abs(y[:, :4] - r[:, :4]).max() <= 1.0
     if task == "pose":  # keypoints: x, y in pixels, visibility as a probability
         kx = np.abs(y[:, 4 + nc:] - r[:, 4 + nc:]).reshape(-1, 3, y.shape[-1])
-        assert kx[:, :2].max() <= 1.0 and kx[:, 2].max() <= 2e-3
+        assert kx[:, :2].max() <= 0.1 and kx[:, 2].max() <= 2e-3
     elif task == "obb":  # the angle in radians
-        assert np.abs(y[:, 4 + nc:] - r[:, 4 + nc:]).max() <= 0.01
+        assert np.abs(y[:, 4 + nc:] - r[:, 4 + nc:]).max() <= 1e-3
     else:  # mask coefficients, then the prototypes (a second output)
         for a, b in ((y[:, 4 + nc:], r[:, 4 + nc:]), (got[1], ref[1])):
-            assert np.abs(a - b).max() <= 0.02 * (np.ptp(b) + 1e-6)
+            assert np.abs(a - b).max() <= 1e-3 * np.ptp(b)
 
 
 def test_yolo26_pose_keeps_training_only_branches_float(task_data, project):
