@@ -44,14 +44,6 @@ TRAINING_ONLY_BRANCHES = (
 )
 
 
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def head_name(model: nn.Module) -> str:
     return f"model.{len(model.model) - 1}"
 
@@ -135,10 +127,12 @@ class UltralyticsFamily(DetectorFamily):
         conv = getattr(getattr(head, "dfl", None), "conv", None)
         names = [f"{prefix}.dfl.conv"] if isinstance(conv, nn.Conv2d) else []
         for path in TRAINING_ONLY_BRANCHES:
-            sub = head.get_submodule(path) if _has_submodule(head, path) else None
-            if sub is not None:
-                names += [".".join(p for p in (prefix, path, n) if p) for n, m in sub.named_modules()
-                          if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d))]
+            try:
+                sub = head.get_submodule(path)
+            except AttributeError:  # this head has no such branch
+                continue
+            names += [".".join(p for p in (prefix, path, n) if p) for n, m in sub.named_modules()
+                      if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d))]
         return names
 
     def stages(self, model: nn.Module) -> list[Stage]:
@@ -207,7 +201,7 @@ class UltralyticsFamily(DetectorFamily):
     def head_taps(self, model: nn.Module) -> Taps:
         if is_rtdetr_head(model):
             return Taps(outputs=[head_name(model)], inputs=[self._query_classifier(model)])
-        if is_yolo_head(model) and is_obb_head(model):
+        if is_obb_head(model):
             raise UnsupportedDetectorError(
                 f"detq: the {type(model.model[-1]).__name__} head's boxes are rotated by a predicted angle, which the "
                 "Ultralytics family does not read (it reads axis-aligned YOLO heads, their segment and pose variants, "

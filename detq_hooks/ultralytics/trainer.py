@@ -141,14 +141,19 @@ def _is_rtdetr(spec: Any) -> bool:
             return "RTDETRDecoder" in str(yaml_model_load(s).get("head", ""))
         except Exception:
             return "rtdetr" in Path(s).name.lower()
-    if s.endswith(".pt") and Path(s).exists():
-        try:
-            ckpt = torch.load(s, map_location="cpu", weights_only=False)
-            m = ckpt.get("ema") or ckpt.get("model")
-            return type(m).__name__ == "RTDETRDetectionModel"
-        except Exception:
-            return "rtdetr" in Path(s).name.lower()
     return "rtdetr" in Path(s).name.lower()
+
+
+def _spec_model(spec: Any) -> Any:
+    """The model an existing ``.pt`` holds (loaded once for :func:`_is_rtdetr` and :func:`_task_of`); any other
+    spec, or a ``.pt`` that does not load, as given."""
+    if isinstance(spec, (str, Path)) and str(spec).endswith(".pt") and Path(spec).exists():
+        try:
+            ckpt = torch.load(spec, map_location="cpu", weights_only=False)
+            return ckpt.get("ema") or ckpt.get("model")
+        except Exception:
+            return spec
+    return spec
 
 
 class _DetQMixin:
@@ -480,6 +485,7 @@ class DetQTrainer(_DetQMixin, DetectionTrainer):
         if cls is DetQTrainer:
             ov = overrides or {}
             spec = ov.get("resume") if isinstance(ov.get("resume"), (str, Path)) else ov.get("model")
+            spec = _spec_model(spec)
             cls = DetQRTDETRTrainer if _is_rtdetr(spec) else _task_trainer(ov.get("task") or _task_of(spec))
         return super().__new__(cls)
 
@@ -520,12 +526,10 @@ _TASK_TRAINERS = {"detect": DetQTrainer, "segment": DetQSegmentationTrainer, "po
 
 
 def _task_of(spec: Any) -> Optional[str]:
-    """The task of the model named by ``model=`` / ``resume=`` (Ultralytics' own guess from its yaml or weights);
+    """The task of the model named by ``model=`` / ``resume=`` (Ultralytics' own guess from its yaml or module);
     ``Model.train`` passes ``task`` itself, so this serves trainers built directly."""
     from ultralytics.nn.tasks import guess_model_task
 
-    if isinstance(spec, (str, Path)) and str(spec).endswith(".pt") and Path(spec).exists():
-        spec = torch.load(spec, map_location="cpu", weights_only=False).get("model")
     if not isinstance(spec, nn.Module) and not (isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml"))):
         return None
     try:
