@@ -186,7 +186,13 @@ class QuantModuleMixin:
         return out
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.input_quantizer(x) if self.input_quantizer is not None else x
+        q = self.input_quantizer
+        if q is None:
+            return x
+        # Without autograd the quantized input lives only until this layer's op has read it: it goes into the
+        # quantizers' reused buffer (``None`` where that does not apply).
+        out = q.quantize_transient(x)
+        return out if out is not None else q(x)
 
 
 class QuantConv2d(QuantModuleMixin, nn.Conv2d):

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 _state = threading.local()
 # Tests switch this off to compare with the PyTorch implementation (the path used when the kernels cannot be built).
@@ -94,8 +95,14 @@ def fake_quantize_reference(
     return (q - z) * s
 
 
+_onnx_exporting = None
+
+
 def _in_export_trace() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    global _onnx_exporting
+    if _onnx_exporting is None:  # looked up once: `torch.onnx` is imported lazily, ~1.5 us per attribute access
+        _onnx_exporting = torch.onnx.is_in_onnx_export
+    return torch.jit.is_tracing() or _onnx_exporting()
 
 
 def _scalar_bounds(x: torch.Tensor) -> bool:
@@ -174,10 +181,16 @@ class _LSQPerTensor(torch.autograd.Function):
         return grad_x, grad_s, grad_z, None, None, None
 
 
-def _kernel_ops():
-    from . import kernels
+_kernels_module = None
 
-    return kernels.load()
+
+def _kernel_ops():
+    global _kernels_module
+    if _kernels_module is None:
+        from . import kernels
+
+        _kernels_module = kernels
+    return _kernels_module.load()
 
 
 def _fused_ops(x: torch.Tensor):
@@ -202,12 +215,12 @@ def _per_tensor_bounds(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
     ``torch.round``) and clamped: read once each rather than by small tensor ops, which cost about as much as the
     kernel on a small map. A non-finite zero point (a broken range) goes through the tensor ops, as Python's
     ``round`` would raise."""
-    z = float(zero_point.detach().reshape(()))
+    z = zero_point.item()  # .item() reads a one-element tensor of any shape, grad or not, in one call
     if math.isfinite(z):
         z = float(min(max(round(z), qmin), qmax))
     else:
         z = float(zero_point.detach().round().clamp(qmin, qmax).reshape(()))
-    return float(scale.detach().reshape(())), qmin - z, qmax - z
+    return scale.item(), qmin - z, qmax - z
 
 
 def _per_channel_bounds(scale, zero_point, qmin, qmax):
@@ -290,6 +303,10 @@ def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | 
     return ops.per_channel_fwd(x.contiguous(), *_per_channel_bounds(scale, zero_point, qmin, qmax), axis, False)[0]
 
 
+def _global_module_hooks() -> bool:
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+
+
 _SCALE_FLOOR = float(torch.tensor(1e-8))  # learned_scale's floor as the float32 the other paths compute with
 
 
@@ -299,6 +316,33 @@ def _per_tensor_no_grad(ops, q: "FakeQuantizer", x: torch.Tensor) -> torch.Tenso
     pass calls each activation quantizer once per batch)."""
     s, lo, hi = _per_tensor_bounds(q.scale, q.zero_point, q.qmin, q.qmax)
     return ops.per_tensor_fwd(_dense(x), max(s, _SCALE_FLOOR), lo, hi, False)[0]
+
+
+class _Scratch(threading.local):
+    buffer: Optional[torch.Tensor] = None
+
+
+_SCRATCH = _Scratch()
+# Inputs smaller than this are quantized into fresh memory: an allocation of a small tensor is cheap and served
+# from the allocator's free lists, while a large one is a fresh mapping whose pages fault in on first write.
+_SCRATCH_MIN_ELEMENTS = 1 << 16
+
+
+def _scratch_like(x: torch.Tensor) -> torch.Tensor:
+    """A tensor with ``x``'s sizes and strides (``x`` dense) in this thread's reused buffer."""
+    n = x.numel()
+    buf = _SCRATCH.buffer
+    # An inference tensor (made under torch.inference_mode) is not reused outside that mode, nor a normal one in it.
+    if (buf is None or buf.numel() < n or buf.device != x.device or buf.dtype != x.dtype
+            or buf.is_inference() != torch.is_inference_mode_enabled()):
+        _SCRATCH.buffer = None  # the old one is freed before the larger one is allocated
+        buf = _SCRATCH.buffer = torch.empty(n, dtype=x.dtype, device=x.device)
+    return buf.as_strided(x.shape, x.stride())
+
+
+def release_scratch() -> None:
+    """Free this thread's buffer of transient quantized inputs (training does, it has no use for it)."""
+    _SCRATCH.buffer = None
 
 
 class FakeQuantizer(nn.Module):
@@ -490,6 +534,28 @@ class FakeQuantizer(nn.Module):
         self.zero_point.round_()
 
     # ----------------------------------------------------------------- forward
+    def quantize_transient(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``self(x)`` without autograd into a buffer the next call of any quantizer in this thread overwrites,
+        or ``None`` where that does not apply (autograd on, hooks, calibration, export, another device or dtype:
+        then call the quantizer). For a layer that consumes its quantized input at once: a validation pass then
+        reuses one buffer instead of mapping fresh memory for every layer's input, and skips the module call."""
+        if (torch.is_grad_enabled() or not self._enabled or not self._initialized or self.observer is not None
+                or self.per_channel or self._forward_hooks or self._forward_pre_hooks or not _FUSED_ENABLED
+                or not _NO_GRAD_PATH or x.dtype != torch.float32 or x.device.type != "cpu"
+                or _mode() != "fused" or _in_export_trace() or torch.compiler.is_compiling()
+                or _global_module_hooks()):
+            return None
+        ops = _kernel_ops()
+        if ops is None:
+            return None
+        x = _dense(x)
+        s, lo, hi = _per_tensor_bounds(self.scale, self.zero_point, self.qmin, self.qmax)
+        if x.numel() < _SCRATCH_MIN_ELEMENTS:
+            return ops.per_tensor_fwd(x, max(s, _SCALE_FLOOR), lo, hi, False)[0]
+        out = _scratch_like(x)
+        ops.per_tensor_fwd_out(x, out, max(s, _SCALE_FLOOR), lo, hi)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._enabled:
             return x
@@ -509,6 +575,8 @@ class FakeQuantizer(nn.Module):
             ops = _kernel_ops()
             if ops is not None:  # validation, inference
                 return _per_tensor_no_grad(ops, self, x)
+        if _SCRATCH.buffer is not None and torch.is_grad_enabled():
+            release_scratch()  # training resumed after validation: give its buffer back
         dtype = x.dtype
         xf = x.float()
         scale = learned_scale(self.scale.float())

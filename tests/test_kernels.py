@@ -334,3 +334,57 @@ def test_weight_cache_invalidation():
         conv.weight_quantizer.bits = 8
         conv(x)
         assert len(calls) == 8
+
+
+def _act_conv(channels=8):
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(nn.Conv2d(channels, 4, 3, padding=1), weight_spec={"bits": 8, "symmetric": True},
+                                  input_spec={"bits": 8, "symmetric": False})
+    conv.weight_quantizer.initialize_from(conv.weight)
+    conv.input_quantizer.initialize_from(torch.randn(2, channels, 8, 8))
+    return conv.eval()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("size", [8, 96])  # 8 px: a fresh output; 96 px: over _SCRATCH_MIN_ELEMENTS, the reused buffer
+def test_transient_quantized_input_is_the_quantizers_output(layout, size):
+    """Without autograd a layer quantizes its input into a buffer reused from layer to layer (validation maps no
+    fresh memory per layer): bit for bit the quantizer's own output, any layout, and the layer's output too."""
+    conv = _act_conv()
+    x = torch.randn(2, 8, size, size) * 3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 16, size, size)[:, ::2] * 3
+    q = conv.input_quantizer
+    with torch.no_grad():
+        transient = q.quantize_transient(x)
+        assert torch.equal(transient, q(x))
+        buffer = Q._SCRATCH.buffer
+        in_buffer = buffer is not None and transient.data_ptr() == buffer.data_ptr()
+        assert in_buffer == (x.numel() >= Q._SCRATCH_MIN_ELEMENTS)
+        with quantizer_mode("reference"):
+            expected = conv(x)
+        assert torch.equal(conv(x), expected)
+
+
+def test_transient_buffer_is_reused_never_returned_to_users_and_freed_by_training():
+    conv = _act_conv()
+    big = torch.randn(2, 8, 96, 96)
+    with torch.no_grad():
+        kept = conv.input_quantizer(big)  # the quantizer called by a user: its own fresh output
+        first = conv.input_quantizer.quantize_transient(big).data_ptr()
+        second = conv.input_quantizer.quantize_transient(big * 2).data_ptr()
+        assert first == second
+        assert torch.equal(kept, conv.input_quantizer(big))  # not overwritten by the transient calls
+        # Where it does not apply, None (the layer then calls the quantizer): a hook must see every call's output,
+        # calibration observes, export writes QDQ.
+        handle = conv.input_quantizer.register_forward_hook(lambda *a: None)
+        assert conv.input_quantizer.quantize_transient(big) is None
+        handle.remove()
+        with quantizer_mode("export"):
+            assert conv.input_quantizer.quantize_transient(big) is None
+    assert conv.input_quantizer.quantize_transient(big) is None  # autograd on
+    conv.train()
+    conv(big.requires_grad_(True)).sum().backward()  # a training step gives the buffer back
+    assert Q._SCRATCH.buffer is None

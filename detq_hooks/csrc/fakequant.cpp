@@ -163,6 +163,20 @@ std::vector<at::Tensor> per_tensor_fwd(const at::Tensor& x, double s, double lo,
   return {out, st};
 }
 
+// Per tensor, no state, into a caller's buffer of x's sizes and strides (the quantized input a layer consumes at
+// once, written into memory reused from call to call rather than a fresh allocation).
+void per_tensor_fwd_out(const at::Tensor& x, at::Tensor& out, double s, double lo, double hi) {
+  check_input(x, "input");
+  check_input(out, "out");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides(), "detq fused fake-quant: out must have the input's sizes and strides");
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  at::parallel_for(0, x.numel(), CHUNK, [&](int64_t b, int64_t e) {
+    fwd_span<int16_t>(xp + b, op + b, nullptr, e - b, fs, flo, fhi);
+  });
+}
+
 // Per tensor. grad must have the state's strides (the caller copies it otherwise).
 // Returns (grad_x, grad_s[1], grad_z[1]).
 std::vector<at::Tensor> per_tensor_bwd(const at::Tensor& grad_in, const at::Tensor& st, double s, double lo, double hi,
@@ -270,6 +284,7 @@ std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Ten
 
 TORCH_LIBRARY(detq_fq, m) {
   m.def("per_tensor_fwd(Tensor x, float s, float lo, float hi, bool need_state) -> Tensor[]");
+  m.def("per_tensor_fwd_out(Tensor x, Tensor(a!) out, float s, float lo, float hi) -> ()");
   m.def("per_tensor_bwd(Tensor grad, Tensor state, float s, float lo, float hi, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_fwd(Tensor x, Tensor scale, Tensor lo, Tensor hi, int axis, bool need_state) -> Tensor[]");
   m.def("per_channel_bwd(Tensor grad, Tensor state, Tensor scale, Tensor lo, Tensor hi, int axis, float grad_factor, bool need_x) -> Tensor[]");
@@ -277,6 +292,7 @@ TORCH_LIBRARY(detq_fq, m) {
 
 TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_tensor_fwd", &per_tensor_fwd);
+  m.impl("per_tensor_fwd_out", &per_tensor_fwd_out);
   m.impl("per_tensor_bwd", &per_tensor_bwd);
   m.impl("per_channel_fwd", &per_channel_fwd);
   m.impl("per_channel_bwd", &per_channel_bwd);
