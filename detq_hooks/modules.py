@@ -190,8 +190,9 @@ class QuantModuleMixin:
         if q is None:
             return x
         # Without autograd the quantized input lives only until this layer's op has read it: it goes into the
-        # quantizers' reused buffer (``None`` where that does not apply).
-        out = q.quantize_transient(x)
+        # quantizers' reused buffer (``None`` where that does not apply). Other input quantizers (a sparse-outlier
+        # wrapper) are called as modules.
+        out = q.quantize_transient(x) if type(q) is FakeQuantizer else None
         return out if out is not None else q(x)
 
 

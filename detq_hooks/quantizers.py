@@ -223,70 +223,13 @@ def _per_tensor_bounds(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
     return scale.item(), qmin - z, qmax - z
 
 
-def _per_channel_bounds(scale, zero_point, qmin, qmax):
-    z = zero_point.detach().round().clamp(qmin, qmax)
-    return scale.detach().contiguous(), (qmin - z).contiguous(), (qmax - z).contiguous()
-
-
-class _FusedPerTensor(torch.autograd.Function):
-    """LSQ/LSQ+ per-tensor fake quantization by the compiled kernel (``csrc/fakequant.cpp``).
-
-    Forward is one pass writing the output and a 2-byte state per element (the in-range rounding residual, or
-    which side it was clipped to); backward is one pass producing the input gradient and the scale and offset
-    gradients. Nothing activation-sized in float is kept for backward (today's path keeps the input, the output
-    and a mask).
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
-        ops = _fused_ops(x)
-        s, lo, hi = _per_tensor_bounds(scale, zero_point, qmin, qmax)
-        out, state = ops.per_tensor_fwd(_dense(x), s, lo, hi, True)
-        ctx.save_for_backward(state)
-        ctx.args = (s, lo, hi, grad_factor)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (state,) = ctx.saved_tensors
-        s, lo, hi, gf = ctx.args
-        gx, gs, gz = _kernel_ops().per_tensor_bwd(grad.float(), state, s, lo, hi, gf, ctx.needs_input_grad[0])
-        n = ctx.needs_input_grad
-        return (gx if n[0] else None), (gs if n[1] else None), (gz if n[2] else None), None, None, None
-
-
-class _FusedPerChannel(torch.autograd.Function):
-    """Per-channel LSQ fake quantization (weights) by the compiled kernel.
-
-    Nothing weight-sized is kept for backward beyond the weight itself (a parameter, alive anyway): the backward
-    recomputes the exact float residual from it (one cheap pass over the weight) and then reduces per channel.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int, grad_factor: float):
-        ops = _fused_ops(x)
-        s, lo, hi = _per_channel_bounds(scale, zero_point, qmin, qmax)
-        xc = x.contiguous()
-        out = ops.per_channel_fwd(xc, s, lo, hi, axis, False)[0]
-        ctx.save_for_backward(xc, s, lo, hi)
-        ctx.args = (axis, grad_factor)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, s, lo, hi = ctx.saved_tensors
-        axis, gf = ctx.args
-        ops = _kernel_ops()
-        state = ops.per_channel_fwd(x, s, lo, hi, axis, True)[1]
-        gx, gs, gz = ops.per_channel_bwd(grad.float().contiguous(), state, s, lo, hi, axis, gf, ctx.needs_input_grad[0])
-        n = ctx.needs_input_grad
-        return (gx if n[0] else None), (gs if n[1] else None), (gz if n[2] else None), None, None, None, None
-
-
-def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | None, grad_factor: float):
+def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | None, grad_factor: float,
+                        floor: float = -math.inf):
     """The compiled kernels' fake quantization (float32 CPU), or ``None`` when they are not available.
 
-    Without autograd (``no_grad``, or nothing requires a gradient) only the output is computed: one pass, no state.
+    ``floor``: the scale is used as ``max(scale, floor)`` with the gradient passed straight through to ``scale``
+    (:func:`learned_scale` done inside the kernel call). Without autograd (``no_grad``, or nothing requires a
+    gradient) only the output is computed: one pass, no state.
     """
     ops = _fused_ops(x)
     if ops is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -294,13 +237,18 @@ def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)
     if axis is None:
         if needs_grad:
-            return _FusedPerTensor.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+            # One op with its own C++ autograd node (csrc/fakequant.cpp, PerTensorFQ): forward one pass writing the
+            # output and a 2-byte state per element (the in-range rounding residual, or which side it was clipped
+            # to), backward one pass giving the input, scale and offset gradients; the bounds are read in C++.
+            return ops.fq_per_tensor(x, scale, zero_point, qmin, qmax, grad_factor, floor)
         s, lo, hi = _per_tensor_bounds(scale, zero_point, qmin, qmax)
-        return ops.per_tensor_fwd(_dense(x), s, lo, hi, False)[0]
+        return ops.per_tensor_fwd(_dense(x), max(s, floor), lo, hi, False)[0]
     axis = axis % x.dim()
     if needs_grad:
-        return _FusedPerChannel.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
-    return ops.per_channel_fwd(x.contiguous(), *_per_channel_bounds(scale, zero_point, qmin, qmax), axis, False)[0]
+        # PerChannelFQ: the forward keeps the exact float residual (weight-sized) and the per-channel bounds.
+        return ops.fq_per_channel(x, scale, zero_point, qmin, qmax, axis, grad_factor, floor)
+    return ops.per_channel_q_fwd(x.contiguous(), scale.detach(), zero_point.detach(), qmin, qmax, axis, floor,
+                                 False)[0]
 
 
 def _global_module_hooks() -> bool:
@@ -579,17 +527,20 @@ class FakeQuantizer(nn.Module):
             release_scratch()  # training resumed after validation: give its buffer back
         dtype = x.dtype
         xf = x.float()
-        scale = learned_scale(self.scale.float())
+        raw_scale = self.scale.float()
         zero_point = self.zero_point.float()
         qmin, qmax = self.qmin, self.qmax
-        n = max(1, xf.numel() // scale.numel())
+        n = max(1, xf.numel() // raw_scale.numel())
         grad_factor = 1.0 / math.sqrt(n * qmax)
         axis = self.channel_axis if self.per_channel else None
         out = None
+        if mode != "reference" and _FUSED_ENABLED:  # the compiled kernels (None where they do not apply)
+            out = fake_quantize_fused(xf, raw_scale, zero_point, qmin, qmax, axis, grad_factor, floor=_SCALE_FLOOR)
+        if out is not None:
+            return out if dtype == torch.float32 else out.to(dtype)
+        scale = learned_scale(raw_scale)
         if mode == "reference":
             out = fake_quantize_reference(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
-        elif _FUSED_ENABLED:  # the compiled kernels (None where they do not apply, e.g. another device)
-            out = fake_quantize_fused(xf, scale, zero_point, qmin, qmax, axis, grad_factor)
         if out is None:  # the PyTorch implementation (no compiler, or another device)
             if axis is not None:
                 out = torch._fake_quantize_learnable_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax, grad_factor)

@@ -237,15 +237,21 @@ def test_saved_state_is_two_bytes_per_activation_element():
     assert saved_bytes(False) == 9 * x.numel() + 4  # x, out, mask and the 0-dim scale
 
 
-def test_weight_quantizer_keeps_only_the_weight_for_backward():
-    """Per-channel (weights): the backward recomputes the residual from the weight, which is saved without a copy."""
+def test_weight_quantizer_keeps_one_weight_sized_residual_for_backward():
+    """Per-channel (weights): the forward keeps the float residual it computes (4 bytes per weight element, not
+    the weight, not the output) and the per-channel bounds (step size, lowest and highest code), nothing else."""
     w = nn.Parameter(_input("random", 12, (16, 8, 3, 3)))
     q = _quantizer(4, True, "lsq", w.detach())
-    ptrs = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append((t.data_ptr(), t.numel())) or t, lambda t: t):
-        q(w)
-    big = [p for p in ptrs if p[1] > 16]
-    assert big == [(w.data_ptr(), w.numel())]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = q(w)
+    assert sorted(t.numel() for t in saved) == [16, 16, 16, w.numel()]
+    residual = next(t for t in saved if t.numel() == w.numel())
+    assert residual.dtype == torch.float32 and residual.data_ptr() not in (w.data_ptr(), out.data_ptr())
+    # in range: the exact residual v - round(v) of v = w / s, |r| <= 0.5
+    v = w.detach() / q.scale.detach().reshape(-1, 1, 1, 1)
+    inside = residual.abs() <= 0.5
+    assert torch.equal(residual[inside], (v - torch.round(v))[inside])
 
 
 def test_fallback_without_compiler_warns_once_and_keeps_results(tmp_path):
@@ -388,3 +394,27 @@ def test_transient_buffer_is_reused_never_returned_to_users_and_freed_by_trainin
     conv.train()
     conv(big.requires_grad_(True)).sum().backward()  # a training step gives the buffer back
     assert Q._SCRATCH.buffer is None
+
+
+@pytest.mark.parametrize("per_channel,kind,axis", CASES)
+def test_scale_floor_inside_the_kernel_matches_learned_scale(per_channel, kind, axis):
+    """The fused paths floor the step size inside the kernel call (straight-through, no autograd node); outputs and
+    every gradient must be the reference's, which floors with :func:`learned_scale`, for a step size under the
+    floor, at zero and negative (one channel each where per-channel), and the scale's gradient must reach it."""
+    x = _input("random", 21) * 2
+    q = _quantizer(4, per_channel, kind, x, axis)
+    with torch.no_grad():
+        if per_channel:
+            q.scale[:3] = torch.tensor([1e-12, 0.0, -1e-4])
+        else:
+            q.scale.fill_(-1e-4)
+    g = _input("random", 22)
+    fused, reference = _run(q, x, g, "fused"), _run(q, x, g, "reference")
+    mask = _reference_mask(q, x)  # floored there too (clamp_min(1e-8))
+    assert torch.equal(fused[0], reference[0])
+    assert torch.equal(fused[1], torch.where(mask, g, 0.0))  # the reference's own is (g·s)/s: one rounding off
+    torch.testing.assert_close(fused[1], reference[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused[2], reference[2], rtol=1e-4, atol=1e-6)
+    assert fused[2].abs().sum() > 0
+    if kind == "lsq_plus":
+        torch.testing.assert_close(fused[3], reference[3], rtol=1e-4, atol=1e-6)

@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -280,13 +281,150 @@ std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Ten
   return {gx, grad_s, grad_z};
 }
 
+// The per-channel bounds of a quantizer's own parameters: s = max(scale, floor) (NaN stays NaN, as clamp_min),
+// z = clamp(round_half_even(zero_point), qmin, qmax), lo = qmin - z, hi = qmax - z; float32 [C] each. Computed
+// here rather than by five small tensor ops in Python (each costs about what the kernel does on a small weight).
+std::vector<at::Tensor> channel_bounds(const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
+                                       double floor) {
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && zero_point.device().is_cpu() &&
+                  zero_point.scalar_type() == at::kFloat && scale.numel() == zero_point.numel(),
+              "detq fused fake-quant: scale and zero point must be CPU float32 of equal size");
+  const at::Tensor sc = scale.contiguous(), zc = zero_point.contiguous();
+  const int64_t C = sc.numel();
+  auto opts = sc.options();
+  at::Tensor s = at::empty({C}, opts), lo = at::empty({C}, opts), hi = at::empty({C}, opts);
+  const float* sp = sc.const_data_ptr<float>();
+  const float* zp = zc.const_data_ptr<float>();
+  float* so = s.mutable_data_ptr<float>();
+  float* lp = lo.mutable_data_ptr<float>();
+  float* hp = hi.mutable_data_ptr<float>();
+  const float f = static_cast<float>(floor), fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+  for (int64_t c = 0; c < C; ++c) {
+    so[c] = sp[c] < f ? f : sp[c];
+    float z = std::nearbyint(zp[c]);
+    if (!std::isnan(z)) z = z < fmin ? fmin : (z > fmax ? fmax : z);
+    lp[c] = fmin - z;
+    hp[c] = fmax - z;
+  }
+  return {s, lo, hi};
+}
+
+// Per channel on the quantizer's parameters (bounds as channel_bounds), without autograd. Returns (out, state).
+std::vector<at::Tensor> per_channel_q_fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                          int64_t qmin, int64_t qmax, int64_t axis, double floor, bool need_state) {
+  const auto b = channel_bounds(scale, zero_point, qmin, qmax, floor);
+  return per_channel_fwd(x, b[0], b[1], b[2], axis, need_state);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Autograd ops on the quantizer's own parameters: the forward reads the bounds (scale floored at `floor` with a
+// straight-through gradient, zero point rounded half to even and clamped), the backward gives the input, scale and
+// zero-point gradients, both without a Python frame (a Python autograd.Function costs ~60-80 us per call and
+// quantizer on a training step, more than the kernels on most of a small detector's layers).
+
+// Per-tensor bounds from one-element tensors, as quantizers.py's _per_tensor_bounds (read in C++: no tensor ops).
+struct Bounds {
+  double s, lo, hi;
+};
+Bounds tensor_bounds(const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin, int64_t qmax, double floor) {
+  TORCH_CHECK(scale.numel() == 1 && zero_point.numel() == 1, "detq fused fake-quant: per-tensor scale and zero point must have one element");
+  double s = scale.item<double>();
+  s = s < floor ? floor : s;  // NaN stays NaN
+  double z = std::nearbyint(zero_point.item<double>());
+  if (!std::isnan(z)) z = z < qmin ? qmin : (z > qmax ? qmax : z);
+  return {s, qmin - z, qmax - z};
+}
+
+at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class PerTensorFQ : public torch::autograd::Function<PerTensorFQ> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& zero_point, int64_t qmin, int64_t qmax, double grad_factor, double floor) {
+    const Bounds b = tensor_bounds(scale, zero_point, qmin, qmax, floor);
+    auto r = per_tensor_fwd(dense(x), b.s, b.lo, b.hi, true);
+    ctx->save_for_backward({r[1]});
+    ctx->saved_data["s"] = b.s;
+    ctx->saved_data["lo"] = b.lo;
+    ctx->saved_data["hi"] = b.hi;
+    ctx->saved_data["gf"] = grad_factor;
+    ctx->saved_data["scale_shape"] = scale.sizes().vec();
+    ctx->saved_data["zero_shape"] = zero_point.sizes().vec();
+    return r[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto st = ctx->get_saved_variables()[0];
+    auto r = per_tensor_bwd(grads[0].to(at::kFloat), st, ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
+                            ctx->saved_data["hi"].toDouble(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0));
+    return {ctx->needs_input_grad(0) ? r[0] : at::Tensor(),
+            ctx->needs_input_grad(1) ? r[1].reshape(ctx->saved_data["scale_shape"].toIntVector()) : at::Tensor(),
+            ctx->needs_input_grad(2) ? r[2].reshape(ctx->saved_data["zero_shape"].toIntVector()) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& zero_point, int64_t qmin, int64_t qmax, int64_t axis, double grad_factor,
+                            double floor) {
+    // The bounds, not the parameters, are kept: an in-place update of the scale before backward is then no error.
+    const auto b = channel_bounds(scale.detach(), zero_point.detach(), qmin, qmax, floor);
+    auto r = per_channel_fwd(x.contiguous(), b[0], b[1], b[2], axis, true);
+    ctx->save_for_backward({r[1], b[0], b[1], b[2]});
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["gf"] = grad_factor;
+    ctx->saved_data["scale_shape"] = scale.sizes().vec();
+    ctx->saved_data["zero_shape"] = zero_point.sizes().vec();
+    return r[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto r = per_channel_bwd(grads[0].to(at::kFloat).contiguous(), saved[0], saved[1], saved[2], saved[3],
+                             ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0));
+    return {ctx->needs_input_grad(0) ? r[0] : at::Tensor(),
+            ctx->needs_input_grad(1) ? r[1].reshape(ctx->saved_data["scale_shape"].toIntVector()) : at::Tensor(),
+            ctx->needs_input_grad(2) ? r[2].reshape(ctx->saved_data["zero_shape"].toIntVector()) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor fq_per_tensor_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                             int64_t qmax, double, double floor) {
+  const Bounds b = tensor_bounds(scale, zero_point, qmin, qmax, floor);
+  return per_tensor_fwd(dense(x), b.s, b.lo, b.hi, false)[0];
+}
+
+at::Tensor fq_per_channel_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                              int64_t qmax, int64_t axis, double, double floor) {
+  return per_channel_q_fwd(x.contiguous(), scale, zero_point, qmin, qmax, axis, floor, false)[0];
+}
+
+at::Tensor fq_per_tensor_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                  int64_t qmin, int64_t qmax, double grad_factor, double floor) {
+  return PerTensorFQ::apply(x, scale, zero_point, qmin, qmax, grad_factor, floor);
+}
+
+at::Tensor fq_per_channel_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                   int64_t qmin, int64_t qmax, int64_t axis, double grad_factor, double floor) {
+  return PerChannelFQ::apply(x, scale, zero_point, qmin, qmax, axis, grad_factor, floor);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(detq_fq, m) {
   m.def("per_tensor_fwd(Tensor x, float s, float lo, float hi, bool need_state) -> Tensor[]");
+  m.def("fq_per_tensor(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, float grad_factor, float floor) -> Tensor");
+  m.def("fq_per_channel(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor) -> Tensor");
   m.def("per_tensor_fwd_out(Tensor x, Tensor(a!) out, float s, float lo, float hi) -> ()");
   m.def("per_tensor_bwd(Tensor grad, Tensor state, float s, float lo, float hi, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_fwd(Tensor x, Tensor scale, Tensor lo, Tensor hi, int axis, bool need_state) -> Tensor[]");
+  m.def("per_channel_q_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float floor, bool need_state) -> Tensor[]");
   m.def("per_channel_bwd(Tensor grad, Tensor state, Tensor scale, Tensor lo, Tensor hi, int axis, float grad_factor, bool need_x) -> Tensor[]");
 }
 
@@ -296,4 +434,13 @@ TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_tensor_bwd", &per_tensor_bwd);
   m.impl("per_channel_fwd", &per_channel_fwd);
   m.impl("per_channel_bwd", &per_channel_bwd);
+  m.impl("per_channel_q_fwd", &per_channel_q_fwd);
+  m.impl("fq_per_tensor", &fq_per_tensor_cpu);
+  m.impl("fq_per_channel", &fq_per_channel_cpu);
+}
+
+// Registered for the Autograd key: these record their own graph node (PerTensorFQ / PerChannelFQ above).
+TORCH_LIBRARY_IMPL(detq_fq, Autograd, m) {
+  m.impl("fq_per_tensor", &fq_per_tensor_autograd);
+  m.impl("fq_per_channel", &fq_per_channel_autograd);
 }
