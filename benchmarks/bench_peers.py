@@ -50,6 +50,9 @@ def nncf_pytorch_qat(float_model, calib: list[torch.Tensor], loader_args: dict, 
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     model = copy.deepcopy(float_model).float().eval()
+    # The head makes its anchors only when the input shape changes, so they ran in NNCF's tracing pass but not in
+    # its statistics pass ("Statistics were not collected for the node /stack/0"): remade at every call instead.
+    model.model[-1].dynamic = True
     quantized = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib))
     trainer = DetectionTrainer(overrides=loader_args)
     trainer.model = quantized  # the data loader reads the model's strides

@@ -244,9 +244,11 @@ std::vector<at::Tensor> per_channel_fwd(const at::Tensor& x, const at::Tensor& s
 }
 
 // Returns (grad_x, grad_s[C], grad_z[C]).
+// `st` is the forward's state, or with from_x the input itself: the residual is then recomputed block by block
+// into a stack buffer (one pass over the weight, nothing weight-sized kept between forward and backward).
 std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Tensor& st, const at::Tensor& scale,
                                         const at::Tensor& lo, const at::Tensor& hi, int64_t axis, double grad_factor,
-                                        bool need_x) {
+                                        bool need_x, bool from_x = false) {
   TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat, "detq fused fake-quant: grad must be CPU float32");
   at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const int64_t C = st.size(axis);
@@ -269,7 +271,17 @@ std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Ten
       for (int64_t o = 0; o < outer; ++o) {
         const int64_t off = (o * C + c) * inner;
         Acc a;
-        bwd_span(gp + off, sp + off, gxp ? gxp + off : nullptr, inner, need_x, a);
+        if (from_x) {
+          constexpr int64_t BLOCK = 512;
+          float state[BLOCK], unused[BLOCK];
+          for (int64_t i = 0; i < inner; i += BLOCK) {
+            const int64_t len = std::min(BLOCK, inner - i);
+            fwd_span<float>(sp + off + i, unused, state, len, s[c], l[c], h[c]);
+            bwd_span(gp + off + i, state, gxp ? gxp + off + i : nullptr, len, need_x, a);
+          }
+        } else {
+          bwd_span(gp + off, sp + off, gxp ? gxp + off : nullptr, inner, need_x, a);
+        }
         t.add(a);
       }
       double gs = -t.resid + static_cast<double>(l[c]) * t.low + static_cast<double>(h[c]) * t.high;
@@ -372,10 +384,13 @@ class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t qmin, int64_t qmax, int64_t axis, double grad_factor,
                             double floor) {
-    // The bounds, not the parameters, are kept: an in-place update of the scale before backward is then no error.
+    // Kept for backward: the weight (a parameter, alive anyway; no copy when contiguous) and the bounds, not the
+    // scale and zero point (an in-place update of those before backward is then no error). The backward recomputes
+    // the residual as it reduces, so a weight-sized state is never held (it was 4 bytes per weight element).
     const auto b = channel_bounds(scale.detach(), zero_point.detach(), qmin, qmax, floor);
-    auto r = per_channel_fwd(x.contiguous(), b[0], b[1], b[2], axis, true);
-    ctx->save_for_backward({r[1], b[0], b[1], b[2]});
+    const at::Tensor xc = x.contiguous();
+    auto r = per_channel_fwd(xc, b[0], b[1], b[2], axis, false);
+    ctx->save_for_backward({xc, b[0], b[1], b[2]});
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["gf"] = grad_factor;
     ctx->saved_data["scale_shape"] = scale.sizes().vec();
@@ -386,7 +401,8 @@ class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     auto r = per_channel_bwd(grads[0].to(at::kFloat).contiguous(), saved[0], saved[1], saved[2], saved[3],
-                             ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0));
+                             ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0),
+                             /*from_x=*/true);
     return {ctx->needs_input_grad(0) ? r[0] : at::Tensor(),
             ctx->needs_input_grad(1) ? r[1].reshape(ctx->saved_data["scale_shape"].toIntVector()) : at::Tensor(),
             ctx->needs_input_grad(2) ? r[2].reshape(ctx->saved_data["zero_shape"].toIntVector()) : at::Tensor(),
@@ -433,7 +449,10 @@ TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_tensor_fwd_out", &per_tensor_fwd_out);
   m.impl("per_tensor_bwd", &per_tensor_bwd);
   m.impl("per_channel_fwd", &per_channel_fwd);
-  m.impl("per_channel_bwd", &per_channel_bwd);
+  m.impl("per_channel_bwd", [](const at::Tensor& grad, const at::Tensor& st, const at::Tensor& scale, const at::Tensor& lo,
+                               const at::Tensor& hi, int64_t axis, double grad_factor, bool need_x) {
+    return per_channel_bwd(grad, st, scale, lo, hi, axis, grad_factor, need_x);
+  });
   m.impl("per_channel_q_fwd", &per_channel_q_fwd);
   m.impl("fq_per_tensor", &fq_per_tensor_cpu);
   m.impl("fq_per_channel", &fq_per_channel_cpu);
