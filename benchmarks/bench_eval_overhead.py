@@ -1,7 +1,13 @@
-"""Validation / inference forward of a fake-quant YOLO11n (eval, no_grad) as a ratio to the float model, with the
-activation quantizers' no-autograd path (one kernel call on the quantizer's own parameters) and with the general
-path (``quantizers._NO_GRAD_PATH = False``: floored-scale and dtype tensors built first, as with autograd), measured side by side in one process (interleaved repetitions; median and min-max of the
-per-repetition ratios). Prints the figures README's kernel section quotes.
+"""Validation / inference forward of a fake-quant YOLO11n (eval, no_grad) as a ratio to the float model, three ways
+measured side by side in one process (interleaved repetitions; median and min-max of the per-repetition ratios):
+
+* default: each layer quantizes its input into one reused per-thread buffer (``FakeQuantizer.quantize_transient``);
+* fresh output: the same kernel writing a freshly allocated tensor per layer (the path before that buffer);
+* general path (``quantizers._NO_GRAD_PATH = False``): floored-scale and dtype tensors built first, as with autograd.
+
+Then the training-time weight path: every layer's ``quantized_weight()`` and its backward (the 88 weight
+quantizers of YOLO11n, once per optimizer step), median milliseconds. Prints the figures README's kernel section
+quotes.
 
     DETQ_BENCH_CLOCK=process python benchmarks/bench_eval_overhead.py [--batches 1,8] [--imgsz 160] [--reps 12] [--threads 1]
 """
@@ -25,8 +31,10 @@ from detq_hooks import quantizers as Q
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import clock  # noqa: E402
 
-def timed_forward(model, x, no_grad_path: bool = True) -> float:
+def timed_forward(model, x, no_grad_path: bool = True, reused_buffer: bool = True) -> float:
     Q._NO_GRAD_PATH = no_grad_path  # off: the path every quantizer call took before (floored-scale tensors first)
+    threshold = Q._SCRATCH_MIN_ELEMENTS
+    Q._SCRATCH_MIN_ELEMENTS = threshold if reused_buffer else 1 << 62  # every input "small": a fresh output
     try:
         with torch.no_grad():
             start = clock()
@@ -34,6 +42,24 @@ def timed_forward(model, x, no_grad_path: bool = True) -> float:
             return clock() - start
     finally:
         Q._NO_GRAD_PATH = True
+        Q._SCRATCH_MIN_ELEMENTS = threshold
+
+
+def weight_path_ms(model, reps: int) -> float:
+    """Median time of one training step's weight quantization: every layer's quantized weight and its backward."""
+    from detq_hooks.modules import quantized_layers
+
+    layers = [layer for _, layer in quantized_layers(model)]
+    grads = [torch.randn_like(layer.weight) for layer in layers]
+    model.train()
+    times = []
+    for i in range(reps + 3):
+        start = clock()
+        torch.autograd.backward([layer.quantized_weight() for layer in layers], grads)
+        if i >= 3:  # warm-up
+            times.append(clock() - start)
+    model.eval()
+    return statistics.median(times) * 1e3
 
 
 def spread(values: list[float]) -> str:
@@ -64,15 +90,18 @@ def main(argv=None) -> int:
         x = torch.rand(batch, 3, a.imgsz, a.imgsz)
         for _ in range(2):  # warm-up: allocator, kernel build, weight cache
             timed_forward(float_model, x), timed_forward(quantized, x), timed_forward(quantized, x, False)
-        floats, new, old = [], [], []
+        floats, new, fresh, old = [], [], [], []
         for _ in range(a.reps):
             f = timed_forward(float_model, x)
             floats.append(f)
             new.append(timed_forward(quantized, x) / f)
+            fresh.append(timed_forward(quantized, x, reused_buffer=False) / f)
             old.append(timed_forward(quantized, x, False) / f)
-        print(f"batch {batch}: float {statistics.median(floats) * 1e3:.1f} ms; quantized / float: no-autograd path "
-              f"{spread(new)}, general path {spread(old)}; no-autograd / general (paired) "
-              f"{spread([n / o for n, o in zip(new, old)])}")
+        print(f"batch {batch}: float {statistics.median(floats) * 1e3:.1f} ms; quantized / float: reused buffer "
+              f"{spread(new)}, fresh output {spread(fresh)}, general path {spread(old)}; reused / fresh (paired) "
+              f"{spread([n / o for n, o in zip(new, fresh)])}")
+    print(f"training-time weight path (all {a.model} layers' quantized weights + backward): "
+          f"{weight_path_ms(quantized, a.reps):.2f} ms per step, median of {a.reps}")
     return 0
 
 

@@ -58,8 +58,9 @@ def nncf_pytorch_qat(float_model, calib: list[torch.Tensor], loader_args: dict, 
     trainer.model = quantized  # the data loader reads the model's strides
     quantized.args = trainer.args
     loader = trainer.get_dataloader(trainer.data["train"], batch_size=loader_args["batch"], rank=-1, mode="train")
-    for p in quantized.parameters():  # a loaded checkpoint comes frozen
-        p.requires_grad_(True)
+    for p in quantized.parameters():  # a loaded checkpoint comes frozen (NNCF's integer parameters stay as they are)
+        if p.is_floating_point():
+            p.requires_grad_(True)
     optimizer = torch.optim.AdamW(quantized.parameters(), lr=5e-4)
     quantized.train()
     for _ in range(epochs):

@@ -550,7 +550,10 @@ def peers(args):
         row["seconds"] = r["seconds"]
         rows.append(row)
     notes = ["same float model, data and calibration images for every tool; kept: PTQ rows ÷ the float model's mAP, "
-             "QAT rows ÷ the better of it and its fine-tune with the same budget"]
+             "QAT rows ÷ the better of it and its fine-tune with the same budget",
+             "ours, the float fine-tune and Ultralytics quantize=8 train in Ultralytics' trainer (its optimizer, "
+             "warm-up and EMA); NNCF's PyTorch QAT has no such trainer and runs a plain loop with Ultralytics' loss "
+             "(AdamW, lr 5e-4, no warm-up or EMA), so its row is the same budget, not the same recipe"]
     return "other tools' quantization of the same float model", PEERS_COLUMNS, rows, \
         {"commands": [ran], "notes": notes, "raw_rows": data["rows"]}, plot_peers
 
