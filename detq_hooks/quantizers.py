@@ -245,7 +245,7 @@ def fake_quantize_fused(x, scale, zero_point, qmin: int, qmax: int, axis: int | 
         return ops.per_tensor_fwd(_dense(x), max(s, floor), lo, hi, False)[0]
     axis = axis % x.dim()
     if needs_grad:
-        # PerChannelFQ: the forward keeps the exact float residual (weight-sized) and the per-channel bounds.
+        # PerChannelFQ: keeps the weight (no copy) and the per-channel bounds; its backward recomputes the residual.
         return ops.fq_per_channel(x, scale, zero_point, qmin, qmax, axis, grad_factor, floor)
     return ops.per_channel_q_fwd(x.contiguous(), scale.detach(), zero_point.detach(), qmin, qmax, axis, floor,
                                  False)[0]

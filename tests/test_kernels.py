@@ -387,6 +387,11 @@ def test_transient_buffer_is_reused_never_returned_to_users_and_freed_by_trainin
         with quantizer_mode("export"):
             assert conv.input_quantizer.quantize_transient(big) is None
     assert conv.input_quantizer.quantize_transient(big) is None  # autograd on
+    with torch.inference_mode():  # an inference tensor is not reused outside inference mode, nor the reverse
+        in_inference = conv(big)
+        assert Q._SCRATCH.buffer.is_inference()
+    with torch.no_grad():
+        assert torch.equal(conv(big), in_inference) and not Q._SCRATCH.buffer.is_inference()
     conv.train()
     conv(big.requires_grad_(True)).sum().backward()  # a training step gives the buffer back
     assert Q._SCRATCH.buffer is None

@@ -331,8 +331,8 @@ std::vector<at::Tensor> per_channel_q_fwd(const at::Tensor& x, const at::Tensor&
 // ---------------------------------------------------------------------------------------------------------------
 // Autograd ops on the quantizer's own parameters: the forward reads the bounds (scale floored at `floor` with a
 // straight-through gradient, zero point rounded half to even and clamped), the backward gives the input, scale and
-// zero-point gradients, both without a Python frame (a Python autograd.Function costs ~60-80 us per call and
-// quantizer on a training step, more than the kernels on most of a small detector's layers).
+// zero-point gradients, both without a Python frame (a Python autograd.Function with its floor node and bound
+// tensor ops cost tens of microseconds per quantizer and step, more than the kernels on a small detector's weights).
 
 // Per-tensor bounds from one-element tensors, as quantizers.py's _per_tensor_bounds (read in C++: no tensor ops).
 struct Bounds {
