@@ -258,12 +258,19 @@ def _global_module_hooks() -> bool:
 _SCALE_FLOOR = float(torch.tensor(1e-8))  # learned_scale's floor as the float32 the other paths compute with
 
 
-def _per_tensor_no_grad(ops, q: "FakeQuantizer", x: torch.Tensor) -> torch.Tensor:
+def _per_tensor_no_grad(ops, q: "FakeQuantizer", x: torch.Tensor, reuse_buffer: bool = False) -> torch.Tensor:
     """Per-tensor fake quantization without autograd (validation, inference): one kernel call on the quantizer's
     own parameters, skipping the floored-scale and dtype tensors the autograd path builds first (a validation
-    pass calls each activation quantizer once per batch)."""
+    pass calls each activation quantizer once per batch). With ``reuse_buffer`` a large output goes into this
+    thread's reused buffer (:meth:`FakeQuantizer.quantize_transient`)."""
     s, lo, hi = _per_tensor_bounds(q.scale, q.zero_point, q.qmin, q.qmax)
-    return ops.per_tensor_fwd(_dense(x), max(s, _SCALE_FLOOR), lo, hi, False)[0]
+    s = max(s, _SCALE_FLOOR)
+    x = _dense(x)
+    if not reuse_buffer or x.numel() < _SCRATCH_MIN_ELEMENTS:
+        return ops.per_tensor_fwd(x, s, lo, hi, False)[0]
+    out = _scratch_like(x)
+    ops.per_tensor_fwd_out(x, out, s, lo, hi)
+    return out
 
 
 class _Scratch(threading.local):
@@ -487,22 +494,20 @@ class FakeQuantizer(nn.Module):
         or ``None`` where that does not apply (autograd on, hooks, calibration, export, another device or dtype:
         then call the quantizer). For a layer that consumes its quantized input at once: a validation pass then
         reuses one buffer instead of mapping fresh memory for every layer's input, and skips the module call."""
-        if (torch.is_grad_enabled() or not self._enabled or not self._initialized or self.observer is not None
-                or self.per_channel or self._forward_hooks or self._forward_pre_hooks or not _FUSED_ENABLED
-                or not _NO_GRAD_PATH or x.dtype != torch.float32 or x.device.type != "cpu"
-                or _mode() != "fused" or _in_export_trace() or torch.compiler.is_compiling()
-                or _global_module_hooks()):
+        # the kernel test first: in training (autograd on) it ends the check at once, in every layer's forward
+        if (not self._takes_no_grad_kernel(x, _mode()) or not self._enabled or not self._initialized
+                or self.observer is not None or self._forward_hooks or self._forward_pre_hooks
+                or _global_module_hooks() or _in_export_trace()):
             return None
         ops = _kernel_ops()
-        if ops is None:
-            return None
-        x = _dense(x)
-        s, lo, hi = _per_tensor_bounds(self.scale, self.zero_point, self.qmin, self.qmax)
-        if x.numel() < _SCRATCH_MIN_ELEMENTS:
-            return ops.per_tensor_fwd(x, max(s, _SCALE_FLOOR), lo, hi, False)[0]
-        out = _scratch_like(x)
-        ops.per_tensor_fwd_out(x, out, max(s, _SCALE_FLOOR), lo, hi)
-        return out
+        return _per_tensor_no_grad(ops, self, x, reuse_buffer=True) if ops is not None else None
+
+    def _takes_no_grad_kernel(self, x: torch.Tensor, mode: str) -> bool:
+        """Whether ``x`` goes through :func:`_per_tensor_no_grad`: no autograd, per tensor, float32 on CPU, the
+        fused mode (the compiled kernels, where they built, are then the whole computation)."""
+        return (not torch.is_grad_enabled() and _FUSED_ENABLED and _NO_GRAD_PATH and mode == "fused"
+                and not self.per_channel and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._enabled:
@@ -518,8 +523,7 @@ class FakeQuantizer(nn.Module):
 
             out = export_forward(self, x.float())
             return out if x.dtype == torch.float32 else out.to(x.dtype)
-        if (not torch.is_grad_enabled() and _FUSED_ENABLED and _NO_GRAD_PATH and mode == "fused" and not self.per_channel
-                and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()):
+        if self._takes_no_grad_kernel(x, mode):
             ops = _kernel_ops()
             if ops is not None:  # validation, inference
                 return _per_tensor_no_grad(ops, self, x)

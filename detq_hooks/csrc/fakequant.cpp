@@ -293,6 +293,13 @@ std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Ten
   return {gx, grad_s, grad_z};
 }
 
+// A quantizer's integer zero point: round half to even (as torch.round), clamped to [qmin, qmax]; NaN stays NaN.
+template <typename T>
+inline T integer_zero_point(T zero_point, T qmin, T qmax) {
+  const T z = std::nearbyint(zero_point);
+  return std::isnan(z) ? z : (z < qmin ? qmin : (z > qmax ? qmax : z));
+}
+
 // The per-channel bounds of a quantizer's own parameters: s = max(scale, floor) (NaN stays NaN, as clamp_min),
 // z = clamp(round_half_even(zero_point), qmin, qmax), lo = qmin - z, hi = qmax - z; float32 [C] each. Computed
 // here rather than by five small tensor ops in Python (each costs about what the kernel does on a small weight).
@@ -313,8 +320,7 @@ std::vector<at::Tensor> channel_bounds(const at::Tensor& scale, const at::Tensor
   const float f = static_cast<float>(floor), fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
   for (int64_t c = 0; c < C; ++c) {
     so[c] = sp[c] < f ? f : sp[c];
-    float z = std::nearbyint(zp[c]);
-    if (!std::isnan(z)) z = z < fmin ? fmin : (z > fmax ? fmax : z);
+    const float z = integer_zero_point(zp[c], fmin, fmax);
     lp[c] = fmin - z;
     hp[c] = fmax - z;
   }
@@ -342,8 +348,7 @@ Bounds tensor_bounds(const at::Tensor& scale, const at::Tensor& zero_point, int6
   TORCH_CHECK(scale.numel() == 1 && zero_point.numel() == 1, "detq fused fake-quant: per-tensor scale and zero point must have one element");
   double s = scale.item<double>();
   s = s < floor ? floor : s;  // NaN stays NaN
-  double z = std::nearbyint(zero_point.item<double>());
-  if (!std::isnan(z)) z = z < qmin ? qmin : (z > qmax ? qmax : z);
+  const double z = integer_zero_point(zero_point.item<double>(), static_cast<double>(qmin), static_cast<double>(qmax));
   return {s, qmin - z, qmax - z};
 }
 
@@ -351,6 +356,22 @@ at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() 
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// The parameters' shapes, for their gradients (the kernels give them flat).
+void save_parameter_shapes(AutogradContext* ctx, const at::Tensor& scale, const at::Tensor& zero_point) {
+  ctx->saved_data["scale_shape"] = scale.sizes().vec();
+  ctx->saved_data["zero_shape"] = zero_point.sizes().vec();
+}
+
+// The gradients of (x, scale, zero_point) from a backward kernel's (grad_x, grad_s, grad_z), undefined where not
+// needed, then one undefined gradient for each of the op's `num_inputs - 3` non-tensor arguments.
+variable_list input_gradients(AutogradContext* ctx, const std::vector<at::Tensor>& r, size_t num_inputs) {
+  variable_list out(num_inputs);
+  if (ctx->needs_input_grad(0)) out[0] = r[0];
+  if (ctx->needs_input_grad(1)) out[1] = r[1].reshape(ctx->saved_data["scale_shape"].toIntVector());
+  if (ctx->needs_input_grad(2)) out[2] = r[2].reshape(ctx->saved_data["zero_shape"].toIntVector());
+  return out;
+}
 
 class PerTensorFQ : public torch::autograd::Function<PerTensorFQ> {
  public:
@@ -363,8 +384,7 @@ class PerTensorFQ : public torch::autograd::Function<PerTensorFQ> {
     ctx->saved_data["lo"] = b.lo;
     ctx->saved_data["hi"] = b.hi;
     ctx->saved_data["gf"] = grad_factor;
-    ctx->saved_data["scale_shape"] = scale.sizes().vec();
-    ctx->saved_data["zero_shape"] = zero_point.sizes().vec();
+    save_parameter_shapes(ctx, scale, zero_point);
     return r[0];
   }
 
@@ -372,10 +392,7 @@ class PerTensorFQ : public torch::autograd::Function<PerTensorFQ> {
     const auto st = ctx->get_saved_variables()[0];
     auto r = per_tensor_bwd(grads[0].to(at::kFloat), st, ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
                             ctx->saved_data["hi"].toDouble(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0));
-    return {ctx->needs_input_grad(0) ? r[0] : at::Tensor(),
-            ctx->needs_input_grad(1) ? r[1].reshape(ctx->saved_data["scale_shape"].toIntVector()) : at::Tensor(),
-            ctx->needs_input_grad(2) ? r[2].reshape(ctx->saved_data["zero_shape"].toIntVector()) : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return input_gradients(ctx, r, 7);  // x, scale, zero_point, qmin, qmax, grad_factor, floor
   }
 };
 
@@ -393,8 +410,7 @@ class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
     ctx->save_for_backward({xc, b[0], b[1], b[2]});
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["gf"] = grad_factor;
-    ctx->saved_data["scale_shape"] = scale.sizes().vec();
-    ctx->saved_data["zero_shape"] = zero_point.sizes().vec();
+    save_parameter_shapes(ctx, scale, zero_point);
     return r[0];
   }
 
@@ -403,10 +419,7 @@ class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
     auto r = per_channel_bwd(grads[0].to(at::kFloat).contiguous(), saved[0], saved[1], saved[2], saved[3],
                              ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0),
                              /*from_x=*/true);
-    return {ctx->needs_input_grad(0) ? r[0] : at::Tensor(),
-            ctx->needs_input_grad(1) ? r[1].reshape(ctx->saved_data["scale_shape"].toIntVector()) : at::Tensor(),
-            ctx->needs_input_grad(2) ? r[2].reshape(ctx->saved_data["zero_shape"].toIntVector()) : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return input_gradients(ctx, r, 8);  // x, scale, zero_point, qmin, qmax, axis, grad_factor, floor
   }
 };
 
