@@ -6,6 +6,9 @@ data's rarest classes as the critical set.
         --num-train 256 --num-val 64 --qat-epochs 6 --bits w4a8,w4a4 --variants plain,mp,reg,both
         --critical star,checker --seeds 0 --out benchmarks/results/fisher]
 
+``--variants plain,crqat,crqat-fisher`` is the CR-QAT + Fisher study: CR-QAT (curriculum + distillation from the
+float teacher) with and without both Fisher methods, beside plain QAT, on the same float model and budget.
+
 Every run starts from the same float ``best.pt``; fractions kept are of the better of it and its float fine-tune
 with the QAT budget (``detq_hooks.tools.zoo.cached_float_checkpoint``) with the same
 optimizer settings. Mixed precision gets the *measured* average weight bits of the plain run of the same preset
@@ -32,11 +35,20 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 from detq_hooks import fisher_report  # noqa: E402
 
 
+VARIANTS = ("plain", "mp", "reg", "both", "crqat", "crqat-fisher")
+
+
 def variant_recipe(bits: str, variant: str, critical: list[str], avg_bits: float, reg_weight: float, reg_every: int) -> dict:
+    """``plain`` (LSQ QAT), ``mp`` / ``reg`` / ``both`` (Fisher mixed precision, regulariser, both), ``crqat``
+    (curriculum + distillation) and ``crqat-fisher`` (CR-QAT with both Fisher methods)."""
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     recipe = {"preset": bits, "name": f"{bits}-{variant}", "critical": {"classes": critical}}
-    if variant in ("mp", "both"):
+    if variant in ("crqat", "crqat-fisher"):
+        recipe.update(curriculum={"enabled": True}, distillation={"enabled": True})
+    if variant in ("mp", "both", "crqat-fisher"):
         recipe["mixed_precision"] = {"enabled": True, "budget": {"avg_weight_bits": avg_bits}, "num_batches": 8}
-    if variant in ("reg", "both"):
+    if variant in ("reg", "both", "crqat-fisher"):
         recipe["fisher_regularizer"] = {"enabled": True, "weight": reg_weight, "every": reg_every, "warmup": 0.1}
     return recipe
 
@@ -150,7 +162,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-val", type=int, default=64)
     p.add_argument("--bits", default="w4a8,w4a4")
-    p.add_argument("--variants", default="plain,mp,reg,both")
+    p.add_argument("--variants", default="plain,mp,reg,both",
+                   help=f"of {','.join(VARIANTS)} (crqat: curriculum + distillation; crqat-fisher: CR-QAT + mp + reg)")
     p.add_argument("--critical", default="star,checker", help="critical class names (default: the two rarest)")
     p.add_argument("--reg-weight", type=float, default=0.01)
     p.add_argument("--reg-every", type=int, default=12, help="regulariser every N steps (the presets' 12)")

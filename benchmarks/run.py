@@ -60,7 +60,11 @@ SIZES = {
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
         ("qat_variants", str, "plain,both", "plain", "bench_crqat_*.py variants (plain: LSQ, both: CR-QAT)"),
-        ("fisher_variants", str, "plain,mp,reg,both", "plain", "bench_fisher*.py variants"),
+        ("fisher_variants", str, "plain,mp,reg,both,crqat,crqat-fisher", "plain",
+         "bench_fisher.py variants (crqat: CR-QAT beside the Fisher variants; crqat-fisher: CR-QAT + both Fisher methods)"),
+        ("fisher_mmdet_variants", str, "plain,mp,reg,both", "plain", "bench_fisher_mmdet.py variants"),
+        ("lightning_methods", str, "qat,ptq,crqat", "qat",
+         "bench_lightning.py --accuracy methods per bit width (qat: LSQ; ptq: the <bits>-ptq preset; crqat: CR-QAT)"),
         # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
         ("fisher_bits", str, "w4a8,w4a4", "w4a8", "bit widths of the bench_fisher*.py studies"),
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
@@ -202,7 +206,11 @@ def label_of(row: dict, keys: list[str]) -> str:
 QAT_METHODS = {"plain": "QAT LSQ", "curriculum": "QAT + curriculum", "distillation": "QAT + distillation",
                "both": "CR-QAT (curriculum + distillation)"}
 FISHER_METHODS = {"plain": "Fisher study: plain QAT", "mp": "QAT + Fisher mixed precision",
-                  "reg": "QAT + Fisher-trace regulariser", "both": "QAT + Fisher mixed precision + regulariser"}
+                  "reg": "QAT + Fisher-trace regulariser", "both": "QAT + Fisher mixed precision + regulariser",
+                  "crqat": "Fisher study: CR-QAT", "crqat-fisher": "CR-QAT + Fisher mixed precision + regulariser"}
+# bench_lightning.py --accuracy: the example's recipe name of each method at one bit width, and the row's method
+LIGHTNING_METHODS = {"qat": ("{}", QAT_METHODS["plain"]), "ptq": ("{}-ptq", "PTQ mse (preset)"),
+                     "crqat": ("{}+crqat", QAT_METHODS["both"])}
 
 
 def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_95, float_map, **extra) -> dict:
@@ -257,11 +265,11 @@ def fisher_mmdet_runs(args, seed):
     out = args.out / "raw" / "fisher-mmdet" / f"seed{seed}"
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
     ran = run_logged(args, f"fisher-mmdet_seed{seed}", "bench_fisher_mmdet.py", [
-        "--bits", args.fisher_bits, "--variants", args.fisher_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
+        "--bits", args.fisher_bits, "--variants", args.fisher_mmdet_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
         *flags(args, ["threads"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
-    missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(args.fisher_variants) if (b, v) not in got]
+    missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(args.fisher_mmdet_variants) if (b, v) not in got]
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]
@@ -283,13 +291,19 @@ def qat_mmdet_runs(args, seed):
 
 def lightning_runs(args, seed):
     path = args.out / "raw" / "lightning" / f"seed{seed}.json"
+    method_of = {LIGHTNING_METHODS[m][0].format(bits): (bits, LIGHTNING_METHODS[m][1])
+                 for m in chosen(args, "accuracy", "lightning_methods", LIGHTNING_METHODS) for bits in split(args.bits)}
     ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
         "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
-        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *split(args.bits)], output=path, threads_matter=False)
+        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *method_of],
+        output=path, threads_matter=False)
     data = read_json(path, ran)
+    missing = sorted(set(method_of) - {r["recipe"] for r in data["rows"]})
+    if missing:
+        raise suite.ScriptFailed(f"bench_lightning.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float_map50_95"]
-    return ran, [accuracy_row("Lightning", "FCOS-R18 (torchvision)", r["recipe"], "QAT LSQ", seed, r["map50_95"], float_map)
-                 for r in data["rows"] if r["recipe"] != "float"]
+    return ran, [accuracy_row("Lightning", "FCOS-R18 (torchvision)", *method_of[r["recipe"]], seed, r["map50_95"],
+                              float_map) for r in data["rows"] if r["recipe"] in method_of]
 
 
 SOURCES = {  # name -> rows of one seed

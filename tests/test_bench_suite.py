@@ -322,7 +322,7 @@ def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partia
 
     monkeypatch.setattr(bench_run, "run_script", fake_run)
     args = type("Args", (), {"out": tmp_path, "threads": 2, "resume": False, "fisher_bits": "w4a8,w4a4",
-                             "fisher_variants": "plain,mp,reg,both"})()
+                             "fisher_mmdet_variants": "plain,mp,reg,both"})()
     ran, rows = bench_run.fisher_mmdet_runs(args, "0")
     assert ran["args"][ran["args"].index("--reg-every") + 1] == "12"
     assert len(rows) == 8 and {r["model"] for r in rows} == {"DINO (CSPNeXt-tiny)"}
@@ -334,3 +334,58 @@ def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partia
     missing = study["rows"][-1]
     with pytest.raises(suite.ScriptFailed, match=f"no result for {missing['bits']} {missing['variant']}"):
         bench_run.fisher_mmdet_runs(args, "0")
+
+
+def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_missing_one(monkeypatch, tmp_path):
+    """bench_lightning.py --accuracy runs the example's recipe names (``w4a4``, ``w4a4-ptq``, ``w4a4+crqat``);
+    the source asks for one per method and bit width and files each row under its method."""
+    asked = {}
+
+    def fake_run(script, args, log, env=None, drop=None):
+        recipes = args[args.index("--recipes") + 1:]
+        asked["recipes"] = recipes
+        rows = [{"recipe": "float", "map50_95": 0.04}] + [
+            {"recipe": r, "map50_95": 0.01 * (i + 1)} for i, r in enumerate(recipes) if r != drop]
+        path = Path(args[args.index("--json") + 1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": rows, "float_map50_95": 0.04}))
+        return 1.0
+
+    monkeypatch.setattr(bench_run, "run_script", fake_run)
+    args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False, "bits": "w8a8,w4a4",
+                             "lightning_methods": "qat,ptq,crqat", "imgsz": None, "num_train": None, "num_val": None,
+                             "float_epochs": None, "qat_epochs": None})()
+    ran, rows = bench_run.lightning_runs(args, "0")
+    assert asked["recipes"] == ["w8a8", "w4a4", "w8a8-ptq", "w4a4-ptq", "w8a8+crqat", "w4a4+crqat"]
+    got = {(r["bits"], r["method"]): r for r in rows}
+    assert set(got) == {("w8a8", "QAT LSQ"), ("w4a4", "QAT LSQ"), ("w8a8", "PTQ mse (preset)"),
+                        ("w4a4", "PTQ mse (preset)"), ("w8a8", "CR-QAT (curriculum + distillation)"),
+                        ("w4a4", "CR-QAT (curriculum + distillation)")}
+    assert got[("w4a4", "CR-QAT (curriculum + distillation)")]["kept"] == pytest.approx(0.06 / 0.04)
+    monkeypatch.setattr(bench_run, "run_script", lambda *a, **k: fake_run(*a, drop="w4a4-ptq"))
+    with pytest.raises(suite.ScriptFailed, match="no result for w4a4-ptq"):
+        bench_run.lightning_runs(args, "0")
+    args.lightning_methods = "qat,awq"
+    with pytest.raises(SystemExit, match=r"unknown --lightning_methods \['awq'\]"):
+        bench_run.lightning_runs(args, "0")
+
+
+def test_fisher_study_variants_are_the_recipes_they_name():
+    """bench_fisher.py's variants: CR-QAT + Fisher turns on curriculum, distillation, mixed precision and the
+    regulariser at once; an unknown variant is refused by name."""
+    import bench_fisher
+
+    from detq_hooks.recipe import load_recipe
+
+    def on(variant):
+        r = load_recipe(bench_fisher.variant_recipe("w4a4", variant, ["star"], 4.02, 0.01, 12))
+        return (r.curriculum.enabled, r.distillation.enabled, r.mixed_precision.enabled, r.fisher_regularizer.enabled)
+
+    assert on("plain") == (False, False, False, False)
+    assert on("both") == (False, False, True, True)
+    assert on("crqat") == (True, True, False, False)
+    assert on("crqat-fisher") == (True, True, True, True)
+    r = load_recipe(bench_fisher.variant_recipe("w4a4", "crqat-fisher", ["star"], 4.02, 0.01, 12))
+    assert r.mixed_precision.budget == {"avg_weight_bits": 4.02} and r.fisher_regularizer.every == 12
+    with pytest.raises(SystemExit, match="unknown variant 'fisher'"):
+        bench_fisher.variant_recipe("w4a4", "fisher", ["star"], 4.0, 0.01, 12)
