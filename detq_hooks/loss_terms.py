@@ -18,7 +18,7 @@ from torch import nn
 from .curriculum import Stage
 from .distill import DistillationLoss, Teacher
 from .quantizers import iter_quantizers
-from .recording import Recorded, Taps, record
+from .recording import Recorded, Taps, record, stop_after
 
 
 @dataclass
@@ -115,13 +115,26 @@ class DistillationTerm(LossTerm):
         return taps
 
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        taps = self.taps(self.teacher.module)
-        with record(self.teacher.module, taps) as t_rec:
+        # Before the curriculum's last stage only the started stages' features are distilled: the teacher
+        # then stops after the last module those terms read, and no head is read (terms not yet active are
+        # exactly the ones skipped, so the loss is the same as from a full teacher forward).
+        final = self.loss.num_stages - 1
+        active = final if ctx.stage is None else ctx.stage
+        reads_head = self.reads_head and active >= final
+        groups = self.feature_modules[:min(active + 1, final)] if self.loss.cfg.feature_weight > 0 else []
+        names = [n for group in groups for n in group]
+        if not names and not reads_head:
+            self.last_terms = {}
+            return {"distill": _zero_like_parameters(ctx.model)}
+        taps = Taps(outputs=names) | (self.family.head_taps(self.teacher.module) if reads_head else Taps())
+        # cut the teacher short only where each read module ran once in the student's forward (the same graph)
+        once = all(len(ctx.recorded.outputs.get(n, ())) == 1 for n in names)
+        with record(self.teacher.module, taps) as t_rec, stop_after(self.teacher.module, names if once and not reads_head else ()):
             self.teacher.run(lambda m: self.family.teacher_forward(m, ctx.batch))
-        s_feats = [[f for n in group for f in _feature_maps(ctx.recorded.output(n))] for group in self.feature_modules]
-        t_feats = [[f for n in group for f in _feature_maps(t_rec.output(n))] for group in self.feature_modules]
+        s_feats = [[f for n in group for f in _feature_maps(ctx.recorded.output(n))] for group in groups]
+        t_feats = [[f for n in group for f in _feature_maps(t_rec.output(n))] for group in groups]
         s_head = t_head = assignment = None
-        if self.reads_head:
+        if reads_head:
             s_head = self.family.head_outputs(ctx.model, ctx.recorded, ctx.batch)
             t_head = self.family.head_outputs(self.teacher.module, t_rec, ctx.batch)
             targets = self.family.targets(ctx.model, ctx.recorded, ctx.batch)
@@ -131,6 +144,12 @@ class DistillationTerm(LossTerm):
         self.last_terms = parts
         ctx.logs.update({f"distill_{k}": v for k, v in parts.items()})
         return {"distill": total}
+
+
+def _zero_like_parameters(model: nn.Module) -> torch.Tensor:
+    """A 0-d zero on the model's device and dtype (a term that has nothing to add this step)."""
+    p = next(model.parameters(), None)
+    return p.new_zeros(()) if p is not None else torch.zeros(())
 
 
 def _feature_maps(output: Any) -> list[torch.Tensor]:

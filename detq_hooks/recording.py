@@ -115,6 +115,42 @@ def record(model: nn.Module, taps: Taps, *, always: bool = True):
             h.remove()
 
 
+class _ForwardStopped(BaseException):
+    """Raised by :func:`stop_after` inside a forward; a ``BaseException`` so that no ``except Exception`` in
+    the model's own code catches or wraps it on its way out."""
+
+
+@contextlib.contextmanager
+def stop_after(model: nn.Module, names: Sequence[str]):
+    """``with stop_after(model, names): model(x)`` — the forward ends as soon as every named sub-module has
+    returned once (its output hooks, e.g. a :func:`record` entered before this, have run); the rest of the
+    model is not computed and the call returns nothing. Without names the forward runs to the end.
+
+    Only for a forward whose result is read through hooks (a teacher's features), and only when each named
+    module runs once per forward: a module called again later would be cut off after its first call."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"no sub-module named {missing} in {type(model).__name__}")
+    pending = set(names)
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            pending.discard(name)
+            if not pending:
+                raise _ForwardStopped
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in dict.fromkeys(names)]
+    try:
+        yield
+    except _ForwardStopped:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture_outputs(model: nn.Module, module_names: Sequence[str]):
     """Outputs of the named sub-modules during forwards inside the block, as ``{name: last output}``.
 
@@ -147,4 +183,4 @@ class _LastView(dict):
         return name in self._store and bool(self._store[name])
 
 
-__all__ = ["Taps", "Recorded", "Recorder", "record", "capture_outputs"]
+__all__ = ["Taps", "Recorded", "Recorder", "record", "stop_after", "capture_outputs"]

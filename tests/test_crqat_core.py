@@ -210,3 +210,146 @@ def test_distillation_terms_follow_the_stage_and_give_gradients_only_to_the_stud
     assert model.backbone[0].weight.grad.abs().sum() > 0 and model.cls_head.weight.grad.abs().sum() > 0
     assert model.backbone[3].weight_quantizer.scale.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.module.parameters())
+
+
+def test_stop_after_ends_the_forward_once_every_named_module_ran():
+    from torch import nn
+
+    from detq_hooks.recording import Taps, record, stop_after
+
+    class Swallows(nn.Module):  # model code that catches every Exception must not catch the stop
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+        def forward(self, x):
+            try:
+                return self.inner(x)
+            except Exception:  # noqa: BLE001
+                return torch.full_like(x, float("nan"))
+
+    model = nn.Sequential(nn.Linear(4, 4), Swallows(), nn.Linear(4, 4), nn.Linear(4, 2))
+    ran = []
+    for i, m in enumerate(model):
+        m.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    hooks = [len(m._forward_hooks) for m in model.modules()]
+    x = torch.randn(3, 4)
+    with stop_after(model, ["1.inner"]):  # raised inside Swallows' try block
+        model(x)
+        pytest.fail("the forward should have been stopped")
+    assert ran == [0]  # Swallows never returned: its except clause did not catch the stop
+    ran.clear()
+    with record(model, Taps(outputs=["2"])) as rec, stop_after(model, ["1.inner", "2"]):
+        model(x)
+        pytest.fail("the forward should have been stopped")
+    assert ran == [0, 1, 2]  # the last layer never ran
+    torch.testing.assert_close(rec.output("2"), model[2](model[1](model[0](x))))
+    ran.clear()
+    with stop_after(model, []):  # no names: the whole forward
+        out = model(x)
+    assert ran == [0, 1, 2, 3] and out.shape == (3, 2)
+    assert [len(m._forward_hooks) for m in model.modules()] == hooks  # every hook it added is gone
+    with pytest.raises(KeyError, match=r"no sub-module named \['neck'\]"):
+        with stop_after(model, ["neck"]):
+            pass
+
+
+def _point_detector_session(stage_boundary=0.5):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from own_detector import LitPointDetector, PointDetectorFamily, synthetic_batches
+
+    from detq_hooks.session import QuantSession
+
+    module = LitPointDetector()
+    data = synthetic_batches(8)
+    batch = (torch.stack([img for img, _ in data]), [t for _, t in data])
+    teacher_state = copy.deepcopy(module.state_dict())
+    session = QuantSession({"preset": "w4a8", "curriculum": {"enabled": True, "boundaries": [stage_boundary]},
+                            "distillation": {"enabled": True}}, family=PointDetectorFamily())
+    session.convert(module)
+    session.set_teacher_weights(teacher_state, "test")
+    session.calibrate(module, [batch], forward_fn=lambda m, b: m(b[0]))
+    return module, session, batch
+
+
+def test_before_the_last_stage_the_teacher_runs_only_as_far_as_the_started_stages_read():
+    """CR-QAT's first stage distils the backbone only: the teacher stops after its backbone (neck and head are
+    not computed), no head is read, and the loss equals PKD on a full teacher forward's backbone output; in
+    the last stage the teacher runs whole and the head terms come on."""
+    from detq_hooks.distill import pkd_loss
+
+    module, session, batch = _point_detector_session()
+    teacher = session.teacher.module
+    calls = {"neck": 0, "head": 0}
+    teacher.detector.neck.register_forward_hook(lambda *a: calls.__setitem__("neck", calls["neck"] + 1))
+    teacher.detector.head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    session.start_training(module, progress=0.0)
+    assert session.stage == 0
+    module.train()
+    module(batch[0])
+    terms = session.loss_terms(module, batch)
+    assert calls == {"neck": 0, "head": 0}
+    assert set(session.last_terms) == {"distill", "distill_pkd_stage1"}
+    with torch.no_grad(), capture_outputs(teacher, ["detector.backbone"]) as t_out:
+        teacher(batch[0])
+    with capture_outputs(module, ["detector.backbone"]) as s_out:
+        module(batch[0])
+    expected = session.recipe.distillation.feature_weight * pkd_loss([s_out["detector.backbone"]], [t_out["detector.backbone"]])
+    torch.testing.assert_close(terms["distill"], expected)
+    terms["distill"].backward()
+    assert module.detector.backbone[0].weight.grad.abs().sum() > 0
+    calls.update(neck=0, head=0)
+    session.before_step(module, 0.9)
+    assert session.stage == 1
+    module(batch[0])
+    session.loss_terms(module, batch)
+    assert calls == {"neck": 1, "head": 1}
+    assert set(session.last_terms) >= {"distill_pkd_stage1", "distill_relational", "distill_logit", "distill_box"}
+
+
+def test_the_teacher_runs_whole_when_a_distilled_module_runs_twice_per_forward():
+    """A stage output module called twice per forward (a shared block) is read at its last call: the teacher
+    is not cut short after the first one."""
+    from torch import nn
+
+    from detq_hooks.detectors import DetectorFamily
+    from detq_hooks.loss_terms import DistillationTerm, StepContext
+    from detq_hooks.recording import Recorder, Taps
+
+    class SharedBlockNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.SiLU())
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.block(self.block(self.stem(x))))
+
+    class Fam(DetectorFamily):
+        def teacher_forward(self, teacher, batch):
+            teacher(batch)
+
+    torch.manual_seed(0)
+    student = SharedBlockNet()
+    teacher = Teacher.from_model(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = load_recipe({"preset": "w4a8", "distillation": {"enabled": True, "relational_weight": 0, "logit_weight": 0,
+                                                           "box_weight": 0}}).distillation
+    term = DistillationTerm(Fam(), teacher, DistillationLoss(cfg, num_stages=2),
+                            [Stage("a", ["stem", "block"], ["block"]), Stage("b", ["head"])])
+    x = torch.randn(2, 3, 16, 16)
+    recorder = Recorder(student, Taps(outputs=["block"]))
+    student.train()
+    student(x)
+    assert len(recorder.outputs["block"]) == 2
+    got = term(StepContext(student, x, recorder.recorded, stage=0))["distill"]
+    with torch.no_grad(), capture_outputs(teacher.module, ["block"]) as t_out:
+        teacher(x)
+    expected = cfg.feature_weight * pkd_loss([recorder.outputs["block"][-1]], [t_out["block"]])
+    torch.testing.assert_close(got, expected)
