@@ -145,7 +145,8 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
     seconds = run_script(script, script_args, log, env)
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     record = {**wanted, "script_sha256": content, "seconds": round(seconds, 1),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": suite.git_state().get("commit")}
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": suite.git_state().get("commit"),
+              "cpu": suite.machine_info()["cpu"]}  # a resumed question mixes sittings, maybe machines
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return {**record, "args": [str(a) for a in script_args], "log": str(log)}
@@ -349,9 +350,18 @@ def accuracy(args):
         rows.append(row)
     notes = ["kept: mAP50-95 ÷ the float model's; QAT rows against the better of the float model and the float "
              "model fine-tuned with the same budget, as each script does; a cell with a range shows the mean and "
-             "min–max over seeds"]
+             "min–max over seeds", where_they_ran(commands)]
     return "mAP50-95 kept after quantization", ACCURACY_COLUMNS, rows, {"runs": runs, "commands": commands,
                                                                         "notes": notes}, plot_accuracy
+
+
+def where_they_ran(commands: list[dict]) -> str:
+    """Which script runs ran on which CPU (from their records; records older than the field say so)."""
+    by_cpu: dict[str, list[str]] = {}
+    for c in commands:
+        by_cpu.setdefault(c.get("cpu") or "a machine not recorded (records older than the field)", []).append(
+            f"{c['name']} ({str(c.get('finished', '?'))[:10]})")
+    return "runs by machine: " + "; ".join(f"{cpu}: {', '.join(names)}" for cpu, names in by_cpu.items())
 
 
 def plot_accuracy(envelope, path):

@@ -389,3 +389,12 @@ def test_fisher_study_variants_are_the_recipes_they_name():
     assert r.mixed_precision.budget == {"avg_weight_bits": 4.02} and r.fisher_regularizer.every == 12
     with pytest.raises(SystemExit, match="unknown variant 'fisher'"):
         bench_fisher.variant_recipe("w4a4", "fisher", ["star"], 4.0, 0.01, 12)
+
+
+def test_accuracy_names_the_machine_each_run_came_from():
+    note = bench_run.where_they_ran([
+        {"name": "ptq_seed0", "finished": "2026-12-02 13:29:22 UTC"},
+        {"name": "fisher_seed0", "finished": "2026-12-04 22:58:42 UTC", "cpu": "Intel Xeon"},
+        {"name": "fisher_seed1", "finished": "2026-12-04 22:58:44 UTC", "cpu": "Intel Xeon"}])
+    assert note == ("runs by machine: a machine not recorded (records older than the field): ptq_seed0 (2026-12-02); "
+                    "Intel Xeon: fisher_seed0 (2026-12-04), fisher_seed1 (2026-12-04)")
