@@ -60,6 +60,9 @@ def pkd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
     return total / len(student_feats)
 
 
+_RELATIONAL_CHUNK = 1024  # positives per Gram matrix in relational_loss (1024² floats = 4 MB)
+
+
 def relational_loss(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,
@@ -77,24 +80,40 @@ def relational_loss(
         labels: (B, A) class of each anchor (the teacher's assignment).
         positives: (B, A) bool, the teacher's positive anchors/queries.
     """
-    total, groups = student_emb.new_zeros(()), 0
     s_emb, t_emb = student_emb.float(), teacher_emb.detach().float()
-    anchors = class_anchors.detach().float()
-    for b in range(student_emb.shape[0]):
+    anchors = F.normalize(class_anchors.detach().float(), dim=-1)
+    total, groups = s_emb.new_zeros(()), 0
+    for b in range(s_emb.shape[0]):
         pos = positives[b].nonzero().flatten()
         if pos.numel() == 0:
             continue
         lab = labels[b, pos]
         grp = anchor_index[pos] if anchor_index is not None else torch.zeros_like(lab)
-        keys = torch.stack([lab, grp], 1).unique(dim=0)
-        for c, g in keys.tolist():
-            sel = pos[(lab == c) & (grp == g)]
-            t_c = anchors[g, c] if anchors.dim() == 3 else anchors[c]
-            xs = F.normalize(torch.cat([t_c[None], s_emb[b, sel]]), dim=1)
-            xt = F.normalize(torch.cat([t_c[None], t_emb[b, sel]]), dim=1)
-            n = xs.shape[0]
-            total = total + F.smooth_l1_loss(xs @ xs.T, xt @ xt.T, reduction="sum") / (n * n)
-            groups += 1
+        _, key = torch.stack([lab, grp], 1).unique(dim=0, return_inverse=True)  # one X_c per (class, group)
+        counts = torch.bincount(key).tolist()
+        order = torch.argsort(key, stable=True)
+        # All of an image's groups in a few matrix products instead of one small product per group: the groups
+        # are taken whole, in chunks of up to _RELATIONAL_CHUNK positives, so a matrix is chunk², never P².
+        start = 0
+        while start < len(counts):
+            stop, size = start, 0
+            while stop < len(counts) and (size == 0 or size + counts[stop] <= _RELATIONAL_CHUNK):
+                size += counts[stop]
+                stop += 1
+            first = sum(counts[:start])
+            sel = order[first:first + size]
+            k = key[sel]
+            xs, xt = F.normalize(s_emb[b, pos[sel]], dim=1), F.normalize(t_emb[b, pos[sel]], dim=1)
+            a = anchors[grp[sel], lab[sel]] if anchors.dim() == 3 else anchors[lab[sel]]
+            rows = torch.tensor(counts[start:stop], device=k.device, dtype=xs.dtype)[k - start] + 1  # |X_c|
+            weight = 1.0 / rows**2
+            same = k[:, None] == k[None, :]
+            pairs = F.smooth_l1_loss(xs @ xs.T, xt @ xt.T, reduction="none")
+            # the anchor's row and column of S_c (its own entry is 1 for both: no loss)
+            to_anchor = F.smooth_l1_loss((xs * a).sum(1), (xt * a).sum(1), reduction="none")
+            total = total + (pairs * same * weight[:, None]).sum() + 2 * (to_anchor * weight).sum()
+            groups += stop - start
+            start = stop
     return total / max(groups, 1)
 
 

@@ -353,3 +353,50 @@ def test_the_teacher_runs_whole_when_a_distilled_module_runs_twice_per_forward()
         teacher(x)
     expected = cfg.feature_weight * pkd_loss([recorder.outputs["block"][-1]], [t_out["block"]])
     torch.testing.assert_close(got, expected)
+
+
+def _relational_reference(student_emb, teacher_emb, class_anchors, labels, positives, anchor_index=None):
+    """The definition, one (image, class[, group]) at a time: mean of Σ smoothL1(S^s_c − S^t_c) / |X_c|²."""
+    total, groups = student_emb.new_zeros(()), 0
+    for b in range(student_emb.shape[0]):
+        pos = positives[b].nonzero().flatten()
+        lab = labels[b, pos]
+        grp = anchor_index[pos] if anchor_index is not None else torch.zeros_like(lab)
+        for c, g in torch.stack([lab, grp], 1).unique(dim=0).tolist():
+            sel = pos[(lab == c) & (grp == g)]
+            t_c = class_anchors[g, c] if class_anchors.dim() == 3 else class_anchors[c]
+            xs = F.normalize(torch.cat([t_c[None], student_emb[b, sel]]), dim=1)
+            xt = F.normalize(torch.cat([t_c[None], teacher_emb[b, sel]]), dim=1)
+            total = total + F.smooth_l1_loss(xs @ xs.T, xt @ xt.T, reduction="sum") / xs.shape[0] ** 2
+            groups += 1
+    return total / max(groups, 1)
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_relational_loss_equals_its_per_class_definition(monkeypatch, chunk, grouped):
+    """The batched relational loss (an image's classes in a few matrix products, chunked) gives the per-class
+    definition's value and student gradient; with a chunk of 7 positives, groups larger than a chunk and
+    groups split across chunk boundaries are exercised."""
+    import detq_hooks.distill as distill
+
+    monkeypatch.setattr(distill, "_RELATIONAL_CHUNK", chunk)
+    torch.manual_seed(0)
+    B, A, D, C, L = 3, 60, 16, 5, 3
+    s = torch.randn(B, A, D, requires_grad=True)
+    t = s.detach() + 0.3 * torch.randn(B, A, D)
+    anchors = torch.randn(L, C, D) if grouped else torch.randn(C, D)
+    labels = torch.randint(C, (B, A))
+    labels[0, :20] = 1  # one class with 20 positives: larger than a 7-positive chunk
+    positives = torch.rand(B, A) < 0.5
+    positives[0, :20] = True
+    positives[2] = False  # an image without positives
+    index = torch.randint(L, (A,)) if grouped else None
+    got = relational_loss(s, t, anchors, labels, positives, index)
+    (g_got,) = torch.autograd.grad(got, s)
+    want = _relational_reference(s, t, anchors, labels, positives, index)
+    (g_want,) = torch.autograd.grad(want, s)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-8)
+    assert got > 0
+    assert relational_loss(s, t, anchors, labels, torch.zeros(B, A, dtype=torch.bool), index) == 0
