@@ -142,10 +142,12 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
             return {**record, "log": str(log), "reused": True}
         print(f"[{name}] its record differs from this run's settings: running it again", flush=True)
     print(f"[{name}] {script} {' '.join(map(str, script_args))}", flush=True)
+    started_at = suite.git_state()  # the code the run imports is the code at its start, not at its end
     seconds = run_script(script, script_args, log, env)
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     record = {**wanted, "script_sha256": content, "seconds": round(seconds, 1),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": suite.git_state().get("commit"),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": started_at.get("commit"),
+              "dirty_at_start": started_at.get("dirty"),
               "cpu": suite.machine_info()["cpu"]}  # a resumed question mixes sittings, maybe machines
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))

@@ -398,3 +398,15 @@ def test_accuracy_names_the_machine_each_run_came_from():
         {"name": "fisher_seed1", "finished": "2026-12-04 22:58:44 UTC", "cpu": "Intel Xeon"}])
     assert note == ("runs by machine: a machine not recorded (records older than the field): ptq_seed0 (2026-12-02); "
                     "Intel Xeon: fisher_seed0 (2026-12-04), fisher_seed1 (2026-12-04)")
+
+
+def test_a_run_record_names_the_commit_and_machine_it_started_on(monkeypatch, tmp_path):
+    """A long run spans commits made meanwhile; the code it imported is the one at its start."""
+    heads = iter([{"commit": "a" * 40, "dirty": True}, {"commit": "b" * 40, "dirty": False}])
+    monkeypatch.setattr(suite, "git_state", lambda *a: next(heads))
+    monkeypatch.setattr(bench_run, "run_script", lambda *a, **k: 2.0)
+    args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False})()
+    bench_run.run_logged(args, "fisher_seed0", "bench_fisher.py", ["--seeds", 0], tmp_path / "r.json")
+    record = json.loads((tmp_path / "raw" / "logs" / "fisher_seed0.run.json").read_text())
+    assert record["commit"] == "a" * 40 and record["dirty_at_start"] is True
+    assert record["cpu"] == suite.machine_info()["cpu"]
