@@ -90,30 +90,29 @@ def relational_loss(
         lab = labels[b, pos]
         grp = anchor_index[pos] if anchor_index is not None else torch.zeros_like(lab)
         _, key = torch.stack([lab, grp], 1).unique(dim=0, return_inverse=True)  # one X_c per (class, group)
-        counts = torch.bincount(key).tolist()
+        group_sizes = torch.bincount(key)
+        counts = group_sizes.tolist()
         order = torch.argsort(key, stable=True)
         # All of an image's groups in a few matrix products instead of one small product per group: the groups
         # are taken whole, in chunks of up to _RELATIONAL_CHUNK positives, so a matrix is chunk², never P².
-        start = 0
+        start = first = 0  # first group of the chunk, and its first position in `order`
         while start < len(counts):
             stop, size = start, 0
             while stop < len(counts) and (size == 0 or size + counts[stop] <= _RELATIONAL_CHUNK):
                 size += counts[stop]
                 stop += 1
-            first = sum(counts[:start])
             sel = order[first:first + size]
             k = key[sel]
             xs, xt = F.normalize(s_emb[b, pos[sel]], dim=1), F.normalize(t_emb[b, pos[sel]], dim=1)
             a = anchors[grp[sel], lab[sel]] if anchors.dim() == 3 else anchors[lab[sel]]
-            rows = torch.tensor(counts[start:stop], device=k.device, dtype=xs.dtype)[k - start] + 1  # |X_c|
-            weight = 1.0 / rows**2
+            weight = 1.0 / (group_sizes[k].to(xs.dtype) + 1) ** 2  # 1 / |X_c|², the anchor row included
             same = k[:, None] == k[None, :]
             pairs = F.smooth_l1_loss(xs @ xs.T, xt @ xt.T, reduction="none")
             # the anchor's row and column of S_c (its own entry is 1 for both: no loss)
             to_anchor = F.smooth_l1_loss((xs * a).sum(1), (xt * a).sum(1), reduction="none")
             total = total + (pairs * same * weight[:, None]).sum() + 2 * (to_anchor * weight).sum()
             groups += stop - start
-            start = stop
+            start, first = stop, first + size
     return total / max(groups, 1)
 
 

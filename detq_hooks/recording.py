@@ -52,6 +52,15 @@ class Recorded:
         return store[name][call]
 
 
+def _named_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """``model``'s sub-modules by name; a name it lacks is a ``KeyError`` naming all such names."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"no sub-module named {missing} in {type(model).__name__}")
+    return modules
+
+
 class Recorder:
     """Forward hooks on the modules named by ``taps``.
 
@@ -63,10 +72,7 @@ class Recorder:
     """
 
     def __init__(self, model: nn.Module, taps: Taps, *, always: bool = False) -> None:
-        modules = dict(model.named_modules())
-        missing = [n for n in list(taps.outputs) + list(taps.inputs) if n not in modules]
-        if missing:
-            raise KeyError(f"no sub-module named {missing} in {type(model).__name__}")
+        modules = _named_modules(model, list(taps.outputs) + list(taps.inputs))
         self.always = always
         self.outputs: dict[str, list[Any]] = {n: [] for n in taps.outputs}
         self.inputs: dict[str, list[Any]] = {n: [] for n in taps.inputs}
@@ -128,10 +134,7 @@ def stop_after(model: nn.Module, names: Sequence[str]):
 
     Only for a forward whose result is read through hooks (a teacher's features), and only when each named
     module runs once per forward: a module called again later would be cut off after its first call."""
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise KeyError(f"no sub-module named {missing} in {type(model).__name__}")
+    modules = _named_modules(model, names)
     pending = set(names)
 
     def hook_for(name: str):
