@@ -1,8 +1,11 @@
-"""Validation / inference forward of a fake-quant YOLO11n (eval, no_grad) as a ratio to the float model, three ways
+"""Validation / inference forward of a fake-quant YOLO11n (eval, no_grad) as a ratio to the float model, four ways
 measured side by side in one process (interleaved repetitions; median and min-max of the per-repetition ratios):
 
-* default: each layer quantizes its input into one reused per-thread buffer (``FakeQuantizer.quantize_transient``);
-* fresh output: the same kernel writing a freshly allocated tensor per layer (the path before that buffer);
+* default: integer convolutions (``detq_hooks/integer_inference.py``: oneDNN int8 on the layer's codes) where the CPU
+  has int8 dot products, else the float path below;
+* float path (``DETQ_NO_INT8_CONV=1``): each layer quantizes its input into one reused per-thread buffer
+  (``FakeQuantizer.quantize_transient``) and runs the float32 convolution;
+* fresh output: the float path with the kernel writing a freshly allocated tensor per layer;
 * general path (``quantizers._NO_GRAD_PATH = False``): floored-scale and dtype tensors built first, as with autograd.
 
 Then the training-time weight path: every layer's ``quantized_weight()`` and its backward (the 88 weight
@@ -26,15 +29,18 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 import torch
 
 import detq_hooks as dq
+from detq_hooks import integer_inference
 from detq_hooks import quantizers as Q
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import clock  # noqa: E402
 
-def timed_forward(model, x, no_grad_path: bool = True, reused_buffer: bool = True) -> float:
+def timed_forward(model, x, no_grad_path: bool = True, reused_buffer: bool = True, int8: bool = True) -> float:
     Q._NO_GRAD_PATH = no_grad_path  # off: the path every quantizer call took before (floored-scale tensors first)
     threshold = Q._SCRATCH_MIN_ELEMENTS
     Q._SCRATCH_MIN_ELEMENTS = threshold if reused_buffer else 1 << 62  # every input "small": a fresh output
+    if not int8:
+        os.environ["DETQ_NO_INT8_CONV"] = "1"
     try:
         with torch.no_grad():
             start = clock()
@@ -43,6 +49,7 @@ def timed_forward(model, x, no_grad_path: bool = True, reused_buffer: bool = Tru
     finally:
         Q._NO_GRAD_PATH = True
         Q._SCRATCH_MIN_ELEMENTS = threshold
+        os.environ.pop("DETQ_NO_INT8_CONV", None)
 
 
 def weight_path_ms(model, reps: int) -> float:
@@ -88,18 +95,20 @@ def main(argv=None) -> int:
     print(f"{a.model} {a.recipe}, eval forward, {a.imgsz} px, {a.threads} thread(s), {clock_name}, {a.reps} paired repetitions")
     for batch in (int(b) for b in a.batches.split(",")):
         x = torch.rand(batch, 3, a.imgsz, a.imgsz)
-        for _ in range(2):  # warm-up: allocator, kernel build, weight cache
-            timed_forward(float_model, x), timed_forward(quantized, x), timed_forward(quantized, x, False)
-        floats, new, fresh, old = [], [], [], []
+        for _ in range(2):  # warm-up: allocator, kernel build, weight cache, prepacked integer weights
+            timed_forward(float_model, x), timed_forward(quantized, x), timed_forward(quantized, x, False, int8=False)
+        floats, integer, new, fresh, old = [], [], [], [], []
         for _ in range(a.reps):
             f = timed_forward(float_model, x)
             floats.append(f)
-            new.append(timed_forward(quantized, x) / f)
-            fresh.append(timed_forward(quantized, x, reused_buffer=False) / f)
-            old.append(timed_forward(quantized, x, False) / f)
-        print(f"batch {batch}: float {statistics.median(floats) * 1e3:.1f} ms; quantized / float: reused buffer "
-              f"{spread(new)}, fresh output {spread(fresh)}, general path {spread(old)}; reused / fresh (paired) "
-              f"{spread([n / o for n, o in zip(new, fresh)])}")
+            integer.append(timed_forward(quantized, x) / f)
+            new.append(timed_forward(quantized, x, int8=False) / f)
+            fresh.append(timed_forward(quantized, x, reused_buffer=False, int8=False) / f)
+            old.append(timed_forward(quantized, x, False, int8=False) / f)
+        print(f"batch {batch}: float {statistics.median(floats) * 1e3:.1f} ms; quantized / float: default "
+              f"({'integer convolutions' if integer_inference.available() else 'float path: no int8 convolutions here'}) "
+              f"{spread(integer)}, float path {spread(new)}, fresh output {spread(fresh)}, general path {spread(old)}; "
+              f"reused / fresh (paired) {spread([n / o for n, o in zip(new, fresh)])}")
     print(f"training-time weight path (all {a.model} layers' quantized weights + backward): "
           f"{weight_path_ms(quantized, a.reps):.2f} ms per step, median of {a.reps}")
     return 0

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quantizers
+from . import integer_inference, quantizers
 from .quantizers import FakeQuantizer
 
 # Quantized weights reused while the weight, its quantizer's state and the autograd situation are unchanged.
@@ -201,6 +201,10 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
     weight_channel_axis = 0
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: an int8 convolution where the CPU has one (integer_inference.py)
+            out = integer_inference.conv2d(self, input)
+            if out is not None:
+                return out
         return self._conv_forward(self._quantize_input(input), self.quantized_weight(), self.bias)
 
 
@@ -209,6 +213,10 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
     weight_channel_axis = 0
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: an int8 matrix product where the CPU has one
+            out = integer_inference.linear(self, input)
+            if out is not None:
+                return out
         return F.linear(self._quantize_input(input), self.quantized_weight(), self.bias)
 
 

@@ -20,6 +20,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -31,6 +33,7 @@ constexpr float RSCALE = 65532.f;
 constexpr int16_t LOW = -32768, HIGH = 32767, NAN_ = -32767;
 constexpr int64_t CHUNK = 16384;
 constexpr int LANES = 16;
+constexpr int64_t TILE = 16;  // channels per block of the layout transposes
 
 // out and (optionally) state for n contiguous elements sharing one scale. State types:
 //   int16_t  (activations): residual * RSCALE rounded, or a sentinel (LOW / HIGH / NAN_)
@@ -176,6 +179,109 @@ void per_tensor_fwd_out(const at::Tensor& x, at::Tensor& out, double s, double l
   at::parallel_for(0, x.numel(), CHUNK, [&](int64_t b, int64_t e) {
     fwd_span<int16_t>(xp + b, op + b, nullptr, e - b, fs, flo, fhi);
   });
+}
+
+// Codes of n elements read with a stride, written contiguously. The restrict qualifiers matter: a uint8_t store may
+// alias anything, and without them the loop is not vectorised. Returns the number of NaN inputs.
+inline int64_t codes_span(const float* __restrict x, int64_t stride, uint8_t* __restrict out, int64_t n, float s,
+                          float lo, float hi);
+inline int64_t codes_span_dense(const float* __restrict x, uint8_t* __restrict out, int64_t n, float s, float lo,
+                                float hi) {
+  int64_t nan_count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(x[i] / s);
+    nan_count += (r != r);
+    float k = r < lo ? lo : r;
+    k = k > hi ? hi : k;
+    out[i] = static_cast<uint8_t>(static_cast<int32_t>(k - lo));
+  }
+  return nan_count;
+}
+inline int64_t codes_span(const float* __restrict x, int64_t stride, uint8_t* __restrict out, int64_t n, float s,
+                          float lo, float hi) {
+  if (stride == 1) return codes_span_dense(x, out, n, s, lo, hi);
+  int64_t nan_count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(x[i * stride] / s);
+    nan_count += (r != r);
+    float k = r < lo ? lo : r;
+    k = k > hi ? hi : k;
+    out[i] = static_cast<uint8_t>(static_cast<int32_t>(k - lo));
+  }
+  return nan_count;
+}
+
+// Per tensor, the integer codes u = clamp(round(x / s), lo, hi) - lo (so (u + lo) * s is the fake-quantized value)
+// of a 4-D float tensor of any strides, written as uint8 in channels-last order: the input of a oneDNN int8
+// convolution. Returns (codes, any_nan): a NaN has no code, and the caller then keeps the float path.
+std::vector<at::Tensor> per_tensor_codes_nhwc(const at::Tensor& x, double s, double lo, double hi) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "detq fused fake-quant: codes need a 4-D CPU float32 input");
+  TORCH_CHECK(lo >= -255.0 && hi <= 255.0 && hi - lo <= 255.0, "detq fused fake-quant: codes need a range of at most 256 values");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  auto out = at::empty({N, C, H, W}, x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
+  const float* xp = x.const_data_ptr<float>();
+  uint8_t* op = out.mutable_data_ptr<uint8_t>();
+  const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  std::atomic<int64_t> nan_seen{0};
+  if (sC != 1 && sW == 1 && sH == W) {  // NCHW planes: each output pixel gathers its C codes (vectorised gathers)
+    const int64_t HW = H * W;
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, CHUNK / std::max<int64_t>(1, C)), [&](int64_t b, int64_t e) {
+      int64_t nans = 0;
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / HW, p = i % HW;
+        nans += codes_span(xp + n * sN + p, sC, op + i * C, C, fs, flo, fhi);
+      }
+      if (nans) nan_seen.fetch_add(nans, std::memory_order_relaxed);
+    });
+  } else {
+    const int64_t rows = N * H;  // one row: W * C codes, contiguous in the output
+    const int64_t grain = std::max<int64_t>(1, CHUNK / std::max<int64_t>(1, W * C));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      int64_t nans = 0;
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t n = row / H, h = row % H;
+        const float* xr = xp + n * sN + h * sH;
+        uint8_t* orow = op + row * W * C;
+        if (sC == 1 && sW == C) {  // channels-last rows: one span per row
+          nans += codes_span(xr, 1, orow, W * C, fs, flo, fhi);
+        } else {  // a channel slice of a channels-last tensor, or any other strides: one span per pixel
+          for (int64_t w = 0; w < W; ++w) nans += codes_span(xr + w * sW, sC, orow + w * C, C, fs, flo, fhi);
+        }
+      }
+      if (nans) nan_seen.fetch_add(nans, std::memory_order_relaxed);
+    });
+  }
+  auto flag = at::empty({1}, x.options().dtype(at::kBool));
+  flag.mutable_data_ptr<bool>()[0] = nan_seen.load() > 0;
+  return {out, flag};
+}
+
+// A channels-last float tensor copied into contiguous (NCHW) memory, in TILE x TILE blocks (ATen's strided copy
+// takes about twice as long): the output of a oneDNN int8 convolution handed back in the layout its input had.
+at::Tensor channels_last_to_contiguous(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "detq fused fake-quant: expected a channels-last 4-D CPU float32 tensor");
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto out = at::empty(x.sizes(), x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t blocks = (HW + TILE - 1) / TILE;
+  at::parallel_for(0, N * blocks, std::max<int64_t>(1, CHUNK / std::max<int64_t>(1, TILE * C)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / blocks, p0 = (i % blocks) * TILE, tp = std::min<int64_t>(TILE, HW - p0);
+      const float* __restrict src = xp + (n * HW + p0) * C;
+      float* __restrict dst = op + n * C * HW + p0;
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int64_t tc = std::min<int64_t>(TILE, C - c0);
+        for (int64_t c = c0; c < c0 + tc; ++c)
+          for (int64_t p = 0; p < tp; ++p) dst[c * HW + p] = src[p * C + c];
+      }
+    }
+  });
+  return out;
 }
 
 // Per tensor. grad must have the state's strides (the caller copies it otherwise).
@@ -451,6 +557,8 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("fq_per_tensor(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, float grad_factor, float floor) -> Tensor");
   m.def("fq_per_channel(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor) -> Tensor");
   m.def("per_tensor_fwd_out(Tensor x, Tensor(a!) out, float s, float lo, float hi) -> ()");
+  m.def("per_tensor_codes_nhwc(Tensor x, float s, float lo, float hi) -> Tensor[]");
+  m.def("channels_last_to_contiguous(Tensor x) -> Tensor");
   m.def("per_tensor_bwd(Tensor grad, Tensor state, float s, float lo, float hi, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_fwd(Tensor x, Tensor scale, Tensor lo, Tensor hi, int axis, bool need_state) -> Tensor[]");
   m.def("per_channel_q_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float floor, bool need_state) -> Tensor[]");
@@ -460,6 +568,8 @@ TORCH_LIBRARY(detq_fq, m) {
 TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_tensor_fwd", &per_tensor_fwd);
   m.impl("per_tensor_fwd_out", &per_tensor_fwd_out);
+  m.impl("per_tensor_codes_nhwc", &per_tensor_codes_nhwc);
+  m.impl("channels_last_to_contiguous", &channels_last_to_contiguous);
   m.impl("per_tensor_bwd", &per_tensor_bwd);
   m.impl("per_channel_fwd", &per_channel_fwd);
   m.impl("per_channel_bwd", [](const at::Tensor& grad, const at::Tensor& st, const at::Tensor& scale, const at::Tensor& lo,
