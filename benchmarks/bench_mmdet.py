@@ -5,8 +5,8 @@
 
 Builds the model from `integrations/mmdet/<config>` (random weights), takes one batch of the synthetic COCO
 data through the config's own pipeline and data preprocessor, and times `train_step` (forward, loss,
-backward, optimizer step) for float, W8A8 and W4A8 (interleaved repetitions; per-repetition ratios to float,
-median and min-max), and the memory one step holds for backward (every saved tensor's storage once) plus
+backward, optimizer step) and `val_step` (eval, no_grad: predict mode with its post-processing) for float, W8A8
+and W4A8 (interleaved repetitions; per-repetition ratios to float, median and min-max), and the memory one step holds for backward (every saved tensor's storage once) plus
 parameters, gradients and optimizer state, as a ratio to float.
 """
 
@@ -76,12 +76,21 @@ def main(argv=None) -> None:
     for r in args.recipes.split(","):
         variants[r] = build(r)
     times = {k: [] for k in variants}
+    vals = {k: [] for k in variants}
     for rep in range(args.reps + 1):
         for name, (model, wrapper) in variants.items():
             t = clock()
             model.train_step(copy.copy(batch), wrapper)
             if rep:  # the first round warms up
                 times[name].append(clock() - t)
+        for name, (model, wrapper) in variants.items():  # validation: val_step (predict mode, with NMS), eval, no_grad
+            model.eval()
+            with torch.no_grad():
+                t = clock()
+                model.val_step(copy.copy(batch))
+                if rep:
+                    vals[name].append(clock() - t)
+            model.train()
     memory = {}
     for name, (model, wrapper) in variants.items():
         data = model.data_preprocessor(copy.copy(batch), True)
@@ -94,16 +103,17 @@ def main(argv=None) -> None:
         loss.backward()
         wrapper.zero_grad()
         memory[name] = saved + model_state_bytes(model, wrapper.optimizer)
-    stats = ratio_stats(times)
+    stats, val_stats = ratio_stats(times), ratio_stats(vals)
     print(f"{args.config}: train_step, batch {args.batch}x3x{args.imgsz}x{args.imgsz}, {args.threads} threads, "
           f"median of {args.reps}, "
           f"clock {os.environ.get('DETQ_BENCH_CLOCK', 'wall')}")
     for name in times:
         st = stats[name]
         print(f"  {name:6s} {st['median_s'] * 1000:8.1f} ms   {fmt_ratio(st)} x float (per-rep median, min-max)   "
+              f"validation {fmt_ratio(val_stats[name])} x float   "
               f"memory {memory[name] / 2**20:7.1f} MB = {memory[name] / memory['float']:.3f} x float")
     if args.json:
-        save_json(args.json, args, [{"variant": k, "train": stats[k], "memory_bytes": memory[k],
+        save_json(args.json, args, [{"variant": k, "train": stats[k], "val": val_stats[k], "memory_bytes": memory[k],
                                      "memory_ratio": memory[k] / memory["float"]} for k in times],
                   clock=os.environ.get("DETQ_BENCH_CLOCK", "wall"))
 

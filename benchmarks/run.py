@@ -421,7 +421,8 @@ def cost_mmdet(args):
     data = read_json(path, ran)
     return ran, [{"trainer": "MMDetection", "model": "RTMDet-tiny", "config": r["variant"], "baseline": "float",
                   "step_ms": r["train"]["median_s"] * 1e3, **ratio_cells(r["train"], "step_ratio"),
-                  "val_ratio": not_measured("bench_mmdet.py times train_step only"),
+                  **(ratio_cells(r["val"], "val_ratio") if "val" in r
+                     else {"val_ratio": not_measured("this bench_mmdet.py run timed train_step only")}),
                   "memory_mb": r["memory_bytes"] / 2**20, "memory_ratio": r["memory_ratio"]} for r in data["rows"]]
 
 

@@ -19,6 +19,7 @@ turns it off.
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Optional
@@ -99,11 +100,13 @@ def _applies(layer, x: torch.Tensor) -> bool:
 def _packed_weight(layer, x_scale: float, x_zero_point: int):
     w = layer.quantized_weight()  # the cached fake-quant weight: the same tensor until weight or quantizer change
     entry = _PACKED.get(layer)
-    if entry is not None and entry[0] is w and entry[1] == x_scale and entry[2] == x_zero_point:
+    if entry is not None and entry[0]() is w and entry[1] == x_scale and entry[2] == x_zero_point:
         return entry[3:]
     wq = layer.weight_quantizer
     out_channels = w.shape[0]
     scale = wq.scale.detach().float().clamp_min(quantizers._SCALE_FLOOR).reshape(-1).expand(out_channels).contiguous()
+    if not bool(torch.isfinite(scale).all() and torch.isfinite(w).all()):
+        return None  # a broken weight range: the float path shows it as the fake-quant model computes it
     codes = torch.round(w.detach() / scale.reshape(-1, *[1] * (w.dim() - 1))).to(torch.int8)  # exact: w = codes * scale
     if isinstance(layer, torch.nn.Linear):
         packed = torch.ops.onednn.qlinear_prepack(codes, None)
@@ -111,7 +114,8 @@ def _packed_weight(layer, x_scale: float, x_zero_point: int):
         packed = torch.ops.onednn.qconv_prepack(codes, scale, x_scale, x_zero_point, list(layer.stride),
                                                  list(layer.padding), list(layer.dilation), layer.groups, None)
     zero_points = torch.zeros(out_channels, dtype=torch.int64)
-    _PACKED[layer] = (w, x_scale, x_zero_point, packed, scale, zero_points)
+    # a weak reference: the cache of modules.py keeps the tensor while it is valid; this one keeps nothing alive
+    _PACKED[layer] = (weakref.ref(w), x_scale, x_zero_point, packed, scale, zero_points)
     return packed, scale, zero_points
 
 
@@ -120,7 +124,7 @@ def _input_codes(layer, x: torch.Tensor):
     iq = layer.input_quantizer
     s, lo, hi = quantizers._per_tensor_bounds(iq.scale, iq.zero_point, iq.qmin, iq.qmax)
     s = max(s, quantizers._SCALE_FLOOR)
-    if not (lo == lo and hi == hi):  # a NaN zero point: no integer codes
+    if not (math.isfinite(s) and lo == lo and hi == hi):  # a broken range (NaN zero point, infinite scale)
         return None
     codes, has_nan = quantizers._kernel_ops().per_tensor_codes_nhwc(x, s, lo, hi)
     if bool(has_nan):
@@ -137,7 +141,10 @@ def conv2d(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if quantized is None:
         return None
     codes, s, x_zero_point = quantized
-    packed, w_scale, w_zero_points = _packed_weight(layer, s, x_zero_point)
+    weight = _packed_weight(layer, s, x_zero_point)
+    if weight is None:
+        return None
+    packed, w_scale, w_zero_points = weight
     out = torch.ops.onednn.qconv2d_pointwise(
         codes, s, x_zero_point, packed, w_scale, w_zero_points, layer.bias, list(layer.stride),
         list(layer.padding), list(layer.dilation), layer.groups, 1.0, 0, torch.float32, "none", [], "")
@@ -156,7 +163,10 @@ def linear(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if quantized is None:
         return None
     codes, s, x_zero_point = quantized
-    packed, w_scale, w_zero_points = _packed_weight(layer, s, x_zero_point)
+    weight = _packed_weight(layer, s, x_zero_point)
+    if weight is None:
+        return None
+    packed, w_scale, w_zero_points = weight
     out = torch.ops.onednn.qlinear_pointwise(codes.reshape(rows.shape), s, x_zero_point, packed, w_scale,
                                              w_zero_points, layer.bias, 1.0, 0, torch.float32, "none", [], "")
     return out.reshape(*x.shape[:-1], layer.out_features)

@@ -135,6 +135,13 @@ def test_cases_that_keep_the_float_path(monkeypatch):
     with torch.no_grad():
         assert integer_inference.conv2d(reflect, x) is None
         assert integer_inference.conv2d(asym, x) is None
+    with torch.no_grad():  # broken ranges: the float path computes (and shows) what the fake-quant model does
+        broken, layer_b = _layer()
+        layer_b.input_quantizer.scale.fill_(float("inf"))
+        assert integer_inference.conv2d(layer_b, x) is None
+        broken, layer_b = _layer()
+        layer_b.weight_quantizer.scale[0] = float("nan")
+        assert integer_inference.conv2d(layer_b, x) is None
     monkeypatch.setattr(integer_inference, "MIN_MACS_PER_THREAD", 10**12)
     with torch.no_grad():
         assert integer_inference.conv2d(layer, x) is None  # too small to be worth a oneDNN call

@@ -349,9 +349,10 @@ def _act_conv(channels=8):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("size", [8, 96])  # 8 px: a fresh output; 96 px: over _SCRATCH_MIN_ELEMENTS, the reused buffer
-def test_transient_quantized_input_is_the_quantizers_output(layout, size):
+def test_transient_quantized_input_is_the_quantizers_output(layout, size, monkeypatch):
     """Without autograd a layer quantizes its input into a buffer reused from layer to layer (validation maps no
     fresh memory per layer): bit for bit the quantizer's own output, any layout, and the layer's output too."""
+    monkeypatch.setenv("DETQ_NO_INT8_CONV", "1")  # the float path's buffer (integer convolutions: test_integer_inference)
     conv = _act_conv()
     x = torch.randn(2, 8, size, size) * 3
     if layout == "channels_last":
@@ -370,7 +371,8 @@ def test_transient_quantized_input_is_the_quantizers_output(layout, size):
         assert torch.equal(conv(x), expected)
 
 
-def test_transient_buffer_is_reused_never_returned_to_users_and_freed_by_training():
+def test_transient_buffer_is_reused_never_returned_to_users_and_freed_by_training(monkeypatch):
+    monkeypatch.setenv("DETQ_NO_INT8_CONV", "1")  # the float path's buffer
     conv = _act_conv()
     big = torch.randn(2, 8, 96, 96)
     with torch.no_grad():
