@@ -32,6 +32,18 @@ def _layer(ci=8, co=12, k=3, stride=1, padding=1, dilation=1, groups=1, bias=Tru
     return model.eval(), model[0]
 
 
+def _conv(layer, x):
+    """The integer result of a weight's second call (the first keeps the float path: integer_inference packs a
+    weight when it comes back)."""
+    integer_inference.conv2d(layer, x)
+    return integer_inference.conv2d(layer, x)
+
+
+def _linear(layer, x):
+    integer_inference.linear(layer, x)
+    return integer_inference.linear(layer, x)
+
+
 def _float_path(layer, x):
     with torch.no_grad():
         return layer._conv_forward(layer._quantize_input(x), layer.quantized_weight(), layer.bias)
@@ -53,7 +65,7 @@ def test_integer_inferenceolution_agrees_with_the_fake_quant_float_path(recipe, 
     _, layer = _layer(recipe=recipe, **conv)
     x = torch.randn(3, layer.in_channels, 11, 13) * 2 + 0.5
     with torch.no_grad():
-        out = integer_inference.conv2d(layer, x)
+        out = _conv(layer, x)
     assert out is not None
     _agree(out, _float_path(layer, x))
     assert out.is_contiguous()  # an NCHW input gives NCHW, as the float convolution does
@@ -66,7 +78,7 @@ def test_symmetric_activations_and_per_tensor_weights():
     assert not layer.weight_quantizer.per_channel and layer.input_quantizer.symmetric
     x = torch.randn(2, 8, 9, 9) * 3
     with torch.no_grad():
-        out = integer_inference.conv2d(layer, x)
+        out = _conv(layer, x)
     assert out is not None
     _agree(out, _float_path(layer, x))
 
@@ -80,7 +92,7 @@ def test_layouts_channels_last_and_channel_slices():
     strided = base[:, :8].transpose(2, 3)  # neither layout
     with torch.no_grad():
         for x, channels_last in ((cl, True), (cl_slice, True), (nchw_slice, False), (strided, False)):
-            out = integer_inference.conv2d(layer, x)
+            out = _conv(layer, x)
             assert out is not None
             _agree(out, _float_path(layer, x.contiguous()))
             ref_layout = nn.functional.conv2d(x, layer.weight, layer.bias, 1, 1)
@@ -113,15 +125,15 @@ def test_cases_that_keep_the_float_path(monkeypatch):
     model, layer = _layer()
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
-        assert integer_inference.conv2d(layer, x) is not None
+        assert _conv(layer, x) is not None  # the weight is packed: each None below is the case's own
         nan = x.clone()
         nan[0, 0, 0, 0] = float("nan")
-        assert integer_inference.conv2d(layer, nan) is None  # no code for a NaN
+        assert _conv(layer, nan) is None  # no code for a NaN
         assert torch.isnan(layer(nan)).any()
         handle = layer.input_quantizer.register_forward_hook(lambda *a: None)  # someone watches the input
         assert integer_inference.conv2d(layer, x) is None
         handle.remove()
-        assert integer_inference.conv2d(layer, x.double()) is None
+        assert _conv(layer, x.double()) is None
         monkeypatch.setenv("DETQ_NO_INT8_CONV", "1")
         assert integer_inference.conv2d(layer, x) is None
         monkeypatch.delenv("DETQ_NO_INT8_CONV")
@@ -133,15 +145,15 @@ def test_cases_that_keep_the_float_path(monkeypatch):
     reflect.padding_mode = "reflect"
     _, asym = _layer(recipe={"quantization": {"weight": {"bits": 8, "symmetric": False, "kind": "fixed"}}})
     with torch.no_grad():
-        assert integer_inference.conv2d(reflect, x) is None
-        assert integer_inference.conv2d(asym, x) is None
+        assert _conv(reflect, x) is None
+        assert _conv(asym, x) is None
     with torch.no_grad():  # broken ranges: the float path computes (and shows) what the fake-quant model does
         broken, layer_b = _layer()
         layer_b.input_quantizer.scale.fill_(float("inf"))
-        assert integer_inference.conv2d(layer_b, x) is None
+        assert _conv(layer_b, x) is None
         broken, layer_b = _layer()
         layer_b.weight_quantizer.scale[0] = float("nan")
-        assert integer_inference.conv2d(layer_b, x) is None
+        assert _conv(layer_b, x) is None
     monkeypatch.setattr(integer_inference, "MIN_MACS_PER_THREAD", 10**12)
     with torch.no_grad():
         assert integer_inference.conv2d(layer, x) is None  # too small to be worth a oneDNN call
@@ -151,7 +163,9 @@ def test_prepacked_weight_follows_weight_and_input_scale_updates():
     model, layer = _layer()
     x = torch.randn(2, 8, 9, 9) * 2
     with torch.no_grad():
-        first = layer(x)
+        assert integer_inference.conv2d(layer, x) is None  # a weight seen once keeps the float path ...
+        first = integer_inference.conv2d(layer, x)  # ... and is packed when it comes back
+        assert first is not None
         _agree(first, _float_path(layer, x))
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
@@ -159,13 +173,15 @@ def test_prepacked_weight_follows_weight_and_input_scale_updates():
     opt.step()
     model.eval()
     with torch.no_grad():
-        second = layer(x)
-        assert not torch.allclose(first, second)
+        assert integer_inference.conv2d(layer, x) is None  # a new weight: seen once again
+        second = integer_inference.conv2d(layer, x)
+        assert second is not None and not torch.allclose(first, second)
         _agree(second, _float_path(layer, x))
         layer.input_quantizer.scale.mul_(1.5)  # a new activation scale: new codes and a new packed weight
-        third = layer(x)
+        third = _conv(layer, x)
         _agree(third, _float_path(layer, x))
         assert not torch.allclose(second, third)
+        assert torch.equal(layer(x), third)  # the layer's own forward takes the integer path
 
 
 def test_whole_yolo_model_matches_the_float_path(monkeypatch):
@@ -181,11 +197,14 @@ def test_whole_yolo_model_matches_the_float_path(monkeypatch):
     calls = []
     real = integer_inference.conv2d
     monkeypatch.setattr(integer_inference, "conv2d", lambda layer, t: calls.append(real(layer, t)) or calls[-1])
+    layers = len(quantized_layers(model))
     with torch.no_grad():
+        model(x)  # the first pass packs nothing (each weight seen once), the second runs every layer in int8
         ours = model(x)[0]
         monkeypatch.setenv("DETQ_NO_INT8_CONV", "1")
         ref = model(x)[0]
-    assert sum(c is not None for c in calls[:len(quantized_layers(model))]) == len(quantized_layers(model))
+    assert calls[:layers] == [None] * layers
+    assert sum(c is not None for c in calls[layers:2 * layers]) == layers
     assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
@@ -199,7 +218,7 @@ def test_integer_linear_agrees_with_the_fake_quant_float_path(recipe):
     layer = model[0]
     for x in (torch.randn(7, 24) * 2, torch.randn(3, 5, 24) * 2, (torch.randn(24, 5, 3) * 2).permute(2, 1, 0)):
         with torch.no_grad():
-            out = integer_inference.linear(layer, x)
+            out = _linear(layer, x)
             ref = nn.functional.linear(layer._quantize_input(x), layer.quantized_weight(), layer.bias)
         assert out is not None and out.shape == ref.shape == (*x.shape[:-1], 40)
         _agree(out, ref)

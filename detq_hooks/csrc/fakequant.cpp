@@ -284,6 +284,41 @@ at::Tensor channels_last_to_contiguous(const at::Tensor& x) {
   return out;
 }
 
+// The int8 codes of a fake-quantized weight w = code * scale[c] (per output channel c, the first dimension), as
+// oneDNN's integer layers take them; code = round(w / scale) recovers the integer exactly. Returns (codes, ok): ok is
+// false when an element or a scale is not finite or a code falls outside int8 (a broken range).
+std::vector<at::Tensor> weight_codes(const at::Tensor& w_in, const at::Tensor& scale_in) {
+  TORCH_CHECK(w_in.device().is_cpu() && w_in.scalar_type() == at::kFloat && scale_in.scalar_type() == at::kFloat,
+              "detq fused fake-quant: weight codes need CPU float32 tensors");
+  const at::Tensor w = w_in.contiguous(), scale = scale_in.contiguous();
+  const int64_t C = w.size(0), K = C ? w.numel() / C : 0;
+  TORCH_CHECK(scale.numel() == C, "detq fused fake-quant: one scale per output channel");
+  auto codes = at::empty(w.sizes(), w.options().dtype(at::kChar));
+  const float* wp = w.const_data_ptr<float>();
+  const float* sp = scale.const_data_ptr<float>();
+  int8_t* cp = codes.mutable_data_ptr<int8_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, C, std::max<int64_t>(1, CHUNK / std::max<int64_t>(1, K)), [&](int64_t b, int64_t e) {
+    int64_t bad = 0;
+    for (int64_t c = b; c < e; ++c) {
+      const float s = sp[c];
+      bad += !std::isfinite(s);
+      const float* __restrict src = wp + c * K;
+      int8_t* __restrict dst = cp + c * K;
+      for (int64_t i = 0; i < K; ++i) {
+        const float r = std::nearbyint(src[i] / s);
+        bad += !(r >= -128.f && r <= 127.f);  // also NaN
+        const float k = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
+        dst[i] = static_cast<int8_t>(static_cast<int32_t>(k == k ? k : 0.f));
+      }
+    }
+    if (bad) ok.store(false, std::memory_order_relaxed);
+  });
+  auto flag = at::empty({1}, w.options().dtype(at::kBool));
+  flag.mutable_data_ptr<bool>()[0] = ok.load();
+  return {codes, flag};
+}
+
 // Per tensor. grad must have the state's strides (the caller copies it otherwise).
 // Returns (grad_x, grad_s[1], grad_z[1]).
 std::vector<at::Tensor> per_tensor_bwd(const at::Tensor& grad_in, const at::Tensor& st, double s, double lo, double hi,
@@ -559,6 +594,7 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("per_tensor_fwd_out(Tensor x, Tensor(a!) out, float s, float lo, float hi) -> ()");
   m.def("per_tensor_codes_nhwc(Tensor x, float s, float lo, float hi) -> Tensor[]");
   m.def("channels_last_to_contiguous(Tensor x) -> Tensor");
+  m.def("weight_codes(Tensor w, Tensor scale) -> Tensor[]");
   m.def("per_tensor_bwd(Tensor grad, Tensor state, float s, float lo, float hi, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_fwd(Tensor x, Tensor scale, Tensor lo, Tensor hi, int axis, bool need_state) -> Tensor[]");
   m.def("per_channel_q_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float floor, bool need_state) -> Tensor[]");
@@ -570,6 +606,7 @@ TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_tensor_fwd_out", &per_tensor_fwd_out);
   m.impl("per_tensor_codes_nhwc", &per_tensor_codes_nhwc);
   m.impl("channels_last_to_contiguous", &channels_last_to_contiguous);
+  m.impl("weight_codes", &weight_codes);
   m.impl("per_tensor_bwd", &per_tensor_bwd);
   m.impl("per_channel_fwd", &per_channel_fwd);
   m.impl("per_channel_bwd", [](const at::Tensor& grad, const at::Tensor& st, const at::Tensor& scale, const at::Tensor& lo,
