@@ -2,9 +2,6 @@
 against the layer's float fake-quant path, the layouts it returns, the codes kernel, and every case that must keep
 the float path."""
 
-import copy
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -12,7 +9,7 @@ from torch import nn
 import detq_hooks as dq
 from detq_hooks import integer_inference, kernels
 from detq_hooks import quantizers as Q
-from detq_hooks.modules import QuantConv2d, quantized_layers
+from detq_hooks.modules import quantized_layers
 
 pytestmark = pytest.mark.skipif(not integer_inference.available(),
                                 reason="no int8 convolutions on this CPU (needs AVX512-VNNI, AVX-VNNI or AMX)")
