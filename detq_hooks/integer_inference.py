@@ -81,19 +81,16 @@ def _linear_applies(layer, x: torch.Tensor) -> bool:
 def _applies(layer, x: torch.Tensor) -> bool:
     iq, wq = layer.input_quantizer, layer.weight_quantizer
     return (
-        type(iq) is FakeQuantizer
-        and iq.enabled and iq.initialized and iq.observer is None and not iq.per_channel
-        and not (iq._forward_hooks or iq._forward_pre_hooks)
+        available()
+        # the input quantizer's own test: per tensor, float32 CPU, fused mode, no autograd, hook, observer or export
+        and type(iq) is FakeQuantizer and iq._plain_no_grad_call(x)
         and wq.enabled and wq.initialized and wq.observer is None and wq.symmetric
         and (not wq.per_channel or wq.channel_axis == 0)
         and not (wq._forward_hooks or wq._forward_pre_hooks)
-        and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and _large_enough(layer, x)
+        and x.numel() > 0 and _large_enough(layer, x)
         and layer.weight.dtype == torch.float32
         and (layer.bias is None or layer.bias.dtype == torch.float32)
-        and quantizers._mode() == "fused" and quantizers._FUSED_ENABLED
-        and not quantizers._global_module_hooks()
-        and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not quantizers._in_export_trace()
-        and available()
+        and not torch.jit.is_tracing()
     )
 
 
@@ -189,7 +186,3 @@ def _channels_last(t: torch.Tensor) -> bool:
         smallest = stride * size if size > 1 else stride
     return True
 
-
-def clear_cache() -> None:
-    """Drop every prepacked weight (they are also dropped with their layer)."""
-    _PACKED.clear()

@@ -494,13 +494,18 @@ class FakeQuantizer(nn.Module):
         or ``None`` where that does not apply (autograd on, hooks, calibration, export, another device or dtype:
         then call the quantizer). For a layer that consumes its quantized input at once: a validation pass then
         reuses one buffer instead of mapping fresh memory for every layer's input, and skips the module call."""
-        # the kernel test first: in training (autograd on) it ends the check at once, in every layer's forward
-        if (not self._takes_no_grad_kernel(x, _mode()) or not self._enabled or not self._initialized
-                or self.observer is not None or self._forward_hooks or self._forward_pre_hooks
-                or _global_module_hooks() or _in_export_trace()):
+        if not self._plain_no_grad_call(x):
             return None
         ops = _kernel_ops()
         return _per_tensor_no_grad(ops, self, x, reuse_buffer=True) if ops is not None else None
+
+    def _plain_no_grad_call(self, x: torch.Tensor) -> bool:
+        """Whether calling the quantizer on ``x`` would be the no-grad kernel and nothing else: no hook to see the
+        output, no calibration observer, no export; so a caller may compute the same codes its own way."""
+        # the kernel test first: in training (autograd on) it ends the check at once, in every layer's forward
+        return (self._takes_no_grad_kernel(x, _mode()) and self._enabled and self._initialized
+                and self.observer is None and not (self._forward_hooks or self._forward_pre_hooks)
+                and not _global_module_hooks() and not _in_export_trace())
 
     def _takes_no_grad_kernel(self, x: torch.Tensor, mode: str) -> bool:
         """Whether ``x`` goes through :func:`_per_tensor_no_grad`: no autograd, per tensor, float32 on CPU, the

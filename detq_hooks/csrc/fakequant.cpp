@@ -182,14 +182,14 @@ void per_tensor_fwd_out(const at::Tensor& x, at::Tensor& out, double s, double l
 }
 
 // Codes of n elements read with a stride, written contiguously. The restrict qualifiers matter: a uint8_t store may
-// alias anything, and without them the loop is not vectorised. Returns the number of NaN inputs.
-inline int64_t codes_span(const float* __restrict x, int64_t stride, uint8_t* __restrict out, int64_t n, float s,
-                          float lo, float hi);
-inline int64_t codes_span_dense(const float* __restrict x, uint8_t* __restrict out, int64_t n, float s, float lo,
-                                float hi) {
+// alias anything, and without them the loop is not vectorised; so does a stride known to be 1. Returns the number
+// of NaN inputs.
+template <bool DENSE>
+inline int64_t codes_span_t(const float* __restrict x, int64_t stride, uint8_t* __restrict out, int64_t n, float s,
+                            float lo, float hi) {
   int64_t nan_count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float r = std::nearbyint(x[i] / s);
+    const float r = std::nearbyint(x[DENSE ? i : i * stride] / s);
     nan_count += (r != r);
     float k = r < lo ? lo : r;
     k = k > hi ? hi : k;
@@ -197,18 +197,8 @@ inline int64_t codes_span_dense(const float* __restrict x, uint8_t* __restrict o
   }
   return nan_count;
 }
-inline int64_t codes_span(const float* __restrict x, int64_t stride, uint8_t* __restrict out, int64_t n, float s,
-                          float lo, float hi) {
-  if (stride == 1) return codes_span_dense(x, out, n, s, lo, hi);
-  int64_t nan_count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float r = std::nearbyint(x[i * stride] / s);
-    nan_count += (r != r);
-    float k = r < lo ? lo : r;
-    k = k > hi ? hi : k;
-    out[i] = static_cast<uint8_t>(static_cast<int32_t>(k - lo));
-  }
-  return nan_count;
+inline int64_t codes_span(const float* x, int64_t stride, uint8_t* out, int64_t n, float s, float lo, float hi) {
+  return stride == 1 ? codes_span_t<true>(x, 1, out, n, s, lo, hi) : codes_span_t<false>(x, stride, out, n, s, lo, hi);
 }
 
 // Per tensor, the integer codes u = clamp(round(x / s), lo, hi) - lo (so (u + lo) * s is the fake-quantized value)
