@@ -237,6 +237,61 @@ def test_saved_state_is_two_bytes_per_activation_element():
     assert saved_bytes(False) == 9 * x.numel() + 4  # x, out, mask and the 0-dim scale
 
 
+def _backward_allocations(loss, numel):
+    """The number of fresh float32 buffers of `numel` elements that `loss.backward()` allocates."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage == 4 * numel)
+
+
+# per channel (weights) the kernels work on contiguous memory only
+@pytest.mark.parametrize("per_channel,layout", [(False, "contiguous"), (False, "channels_last"), (True, "contiguous")])
+def test_backward_writes_the_input_gradient_over_an_upstream_gradient_it_alone_holds(per_channel, layout):
+    """A gradient made inside the backward (here by the multiplication's node) is referenced by the quantizer's
+    node alone, so the input gradient is written over it: one activation-sized buffer in the whole backward (the
+    multiplication's, then kept as x.grad) instead of two. Values as the reference's."""
+    x = _input("random", 5, (2, 8, 16, 16))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    q = _quantizer(4, per_channel, "lsq", _input("random", 1, (2, 8, 16, 16)))
+    # in x's layout: an upstream gradient in another layout is first copied to the saved state's strides (a fresh
+    # buffer, then written over)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last
+                                                                                   if layout == "channels_last"
+                                                                                   else torch.contiguous_format)
+    g_before = g.clone()
+    xi = x.clone().requires_grad_(True)
+    n_alloc = _backward_allocations((q(xi) * g).sum(), x.numel())
+    f_gs = q.scale.grad.clone()
+    r_out, r_gx, r_gs, _ = _run(q, x, g, "reference")
+    assert n_alloc == 1
+    assert torch.equal(xi.grad, torch.where(_reference_mask(q, x), g, 0.0))
+    torch.testing.assert_close(f_gs, r_gs, rtol=1e-4, atol=1e-6)
+    assert torch.equal(g, g_before)
+
+
+def test_backward_leaves_gradients_others_hold_untouched():
+    """An upstream gradient the caller passed, or one a hook or `retain_grad` keeps, is read, never written."""
+    x = _input("random", 6, (2, 8, 16, 16)).requires_grad_(True)
+    q = _quantizer(4, False, "lsq", x.detach())
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    mask = _reference_mask(q, x.detach())
+    g_before = g.clone()
+    (gx,) = torch.autograd.grad(q(x), [x], g)
+    assert torch.equal(g, g_before) and torch.equal(gx, torch.where(mask, g, 0.0))
+
+    kept = []
+    out = q(x)
+    out.retain_grad()
+    scaled = out * 2.0
+    scaled.register_hook(lambda t: kept.append(t))
+    (scaled * g).sum().backward()
+    assert torch.equal(kept[0], g) and torch.equal(out.grad, 2.0 * g)
+    assert torch.equal(x.grad, torch.where(mask, 2.0 * g, 0.0))
+
+
 def test_weight_quantizer_keeps_only_the_weight_for_backward():
     """Per-channel (weights): the backward recomputes the residual from the weight as it reduces, so the forward
     keeps the weight itself (a parameter, alive anyway: no copy) and the per-channel bounds (step size, lowest and

@@ -108,19 +108,22 @@ inline void bwd_elem(float gg, float c, float* gx, float& a0, float& a1, float& 
   a4 += nn;
 }
 
-template <bool NEED_X, typename S>
+// IN_PLACE: the upstream gradient is read from gx and the input gradient written over it (g is not accessed, so
+// the restrict qualifiers hold).
+template <bool NEED_X, bool IN_PLACE, typename S>
 inline void bwd_span_t(const float* __restrict g, const S* __restrict st, float* __restrict gx, int64_t n,
                        Acc& acc) {
+  const float* __restrict src = IN_PLACE ? gx : g;
   float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0}, a4[LANES] = {0};
   int64_t i = 0;
   const int64_t nv = n - n % LANES;
   for (; i < nv; i += LANES) {
     for (int j = 0; j < LANES; ++j) {
-      bwd_elem<NEED_X, S>(g[i + j], static_cast<float>(st[i + j]), gx + i + j, a0[j], a1[j], a2[j], a3[j], a4[j]);
+      bwd_elem<NEED_X, S>(src[i + j], static_cast<float>(st[i + j]), gx + i + j, a0[j], a1[j], a2[j], a3[j], a4[j]);
     }
   }
   for (; i < n; ++i) {
-    bwd_elem<NEED_X, S>(g[i], static_cast<float>(st[i]), gx + i, a0[0], a1[0], a2[0], a3[0], a4[0]);
+    bwd_elem<NEED_X, S>(src[i], static_cast<float>(st[i]), gx + i, a0[0], a1[0], a2[0], a3[0], a4[0]);
   }
   for (int j = 0; j < LANES; ++j) {
     acc.resid += a0[j];
@@ -131,12 +134,15 @@ inline void bwd_span_t(const float* __restrict g, const S* __restrict st, float*
   }
 }
 
+// gx == g: the input gradient is written over the upstream one.
 template <typename S>
 inline void bwd_span(const float* g, const S* st, float* gx, int64_t n, bool need_x, Acc& acc) {
-  if (need_x) {
-    bwd_span_t<true, S>(g, st, gx, n, acc);
+  if (!need_x) {
+    bwd_span_t<false, false, S>(g, st, nullptr, n, acc);
+  } else if (gx == g) {
+    bwd_span_t<true, true, S>(nullptr, st, gx, n, acc);
   } else {
-    bwd_span_t<false, S>(g, st, gx, n, acc);
+    bwd_span_t<true, false, S>(g, st, gx, n, acc);
   }
 }
 
@@ -309,21 +315,24 @@ std::vector<at::Tensor> weight_codes(const at::Tensor& w_in, const at::Tensor& s
   return {codes, flag};
 }
 
-// Per tensor. grad must have the state's strides (the caller copies it otherwise).
-// Returns (grad_x, grad_s[1], grad_z[1]).
-std::vector<at::Tensor> per_tensor_bwd(const at::Tensor& grad_in, const at::Tensor& st, double s, double lo, double hi,
-                                       double grad_factor, bool need_x) {
+// Per tensor. A grad without the state's strides is copied to them first.
+// Returns (grad_x, grad_s[1], grad_z[1]). With grad_is_ours (the caller holds the only reference to grad and its
+// memory) grad_x is written over grad: no fresh activation-sized buffer, and each cache line is read and written
+// once instead of a second line being fetched to be written.
+std::vector<at::Tensor> per_tensor_bwd_impl(const at::Tensor& grad_in, const at::Tensor& st, double s, double lo,
+                                            double hi, double grad_factor, bool need_x, bool grad_is_ours) {
   TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat, "detq fused fake-quant: grad must be CPU float32");
   at::Tensor grad = grad_in;
   if (grad.strides() != st.strides()) {
     grad = at::empty_like(st, grad_in.options());
     grad.copy_(grad_in);
+    grad_is_ours = true;
   }
   const int64_t n = st.numel();
-  at::Tensor gx = need_x ? at::empty_like(grad) : at::empty({0}, grad.options());
+  at::Tensor gx = !need_x ? at::empty({0}, grad.options()) : (grad_is_ours ? grad : at::empty_like(grad));
   const float* gp = grad.const_data_ptr<float>();
   const int16_t* sp = st.const_data_ptr<int16_t>();
-  float* gxp = need_x ? gx.mutable_data_ptr<float>() : nullptr;
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
   const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
   std::vector<Acc> part(nchunks);
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
@@ -342,6 +351,18 @@ std::vector<at::Tensor> per_tensor_bwd(const at::Tensor& grad_in, const at::Tens
   grad_s.mutable_data_ptr<float>()[0] = static_cast<float>(gs * grad_factor);
   grad_z.mutable_data_ptr<float>()[0] = static_cast<float>(gz * grad_factor);
   return {gx, grad_s, grad_z};
+}
+
+std::vector<at::Tensor> per_tensor_bwd(const at::Tensor& grad, const at::Tensor& st, double s, double lo, double hi,
+                                       double grad_factor, bool need_x) {
+  return per_tensor_bwd_impl(grad, st, s, lo, hi, grad_factor, need_x, false);
+}
+
+// Whether a gradient handed to a backward is referenced by nothing else (no hook or retained .grad keeps it, no
+// other tensor shares its memory), so the backward may overwrite it.
+bool sole_owner(const at::Tensor& g) {
+  return g.defined() && g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() && !g.is_inference() &&
+         g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_non_overlapping_and_dense();
 }
 
 // Per channel along `axis` of a contiguous x viewed as (outer, C, inner); scale/lo/hi are float32 [C]. The state
@@ -379,16 +400,21 @@ std::vector<at::Tensor> per_channel_fwd(const at::Tensor& x, const at::Tensor& s
 // into a stack buffer (one pass over the weight, nothing weight-sized kept between forward and backward).
 std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Tensor& st, const at::Tensor& scale,
                                         const at::Tensor& lo, const at::Tensor& hi, int64_t axis, double grad_factor,
-                                        bool need_x, bool from_x = false) {
+                                        bool need_x, bool from_x = false, bool grad_is_ours = false) {
   TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat, "detq fused fake-quant: grad must be CPU float32");
-  at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
+  at::Tensor grad = grad_in;
+  if (!grad.is_contiguous()) {
+    grad = grad_in.contiguous();
+    grad_is_ours = true;
+  }
   const int64_t C = st.size(axis);
   const int64_t inner = inner_size(st, axis);
   const int64_t outer = C == 0 || inner == 0 ? 0 : st.numel() / (C * inner);
-  at::Tensor gx = need_x ? at::empty_like(grad) : at::empty({0}, grad.options());
+  // grad_is_ours: the input gradient is written over grad (as per_tensor_bwd_impl)
+  at::Tensor gx = !need_x ? at::empty({0}, grad.options()) : (grad_is_ours ? grad : at::empty_like(grad));
   const float* gp = grad.const_data_ptr<float>();
   const float* sp = st.const_data_ptr<float>();
-  float* gxp = need_x ? gx.mutable_data_ptr<float>() : nullptr;
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
   auto grad_s = at::empty({C}, grad.options()), grad_z = at::empty({C}, grad.options());
   float* gsp = grad_s.mutable_data_ptr<float>();
   float* gzp = grad_z.mutable_data_ptr<float>();
@@ -519,10 +545,16 @@ class PerTensorFQ : public torch::autograd::Function<PerTensorFQ> {
     return r[0];
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: it is the autograd node's own list, so a gradient moved out of it is held here alone when
+  // nothing else references it, and may then be overwritten by the input gradient (sole_owner).
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto st = ctx->get_saved_variables()[0];
-    auto r = per_tensor_bwd(grads[0].to(at::kFloat), st, ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
-                            ctx->saved_data["hi"].toDouble(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0));
+    at::Tensor g = std::move(grads[0]);
+    const bool ours = sole_owner(g);
+    if (!ours) g = g.to(at::kFloat);
+    auto r = per_tensor_bwd_impl(g, st, ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
+                                 ctx->saved_data["hi"].toDouble(), ctx->saved_data["gf"].toDouble(),
+                                 ctx->needs_input_grad(0), ours);
     return input_gradients(ctx, r, 7);  // x, scale, zero_point, qmin, qmax, grad_factor, floor
   }
 };
@@ -545,11 +577,13 @@ class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
     return r[0];
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {  // by reference: as PerTensorFQ
     const auto saved = ctx->get_saved_variables();
-    auto r = per_channel_bwd(grads[0].to(at::kFloat).contiguous(), saved[0], saved[1], saved[2], saved[3],
-                             ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0),
-                             /*from_x=*/true);
+    at::Tensor g = std::move(grads[0]);
+    const bool ours = sole_owner(g);
+    if (!ours) g = g.to(at::kFloat);
+    auto r = per_channel_bwd(g, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["axis"].toInt(),
+                             ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0), /*from_x=*/true, ours);
     return input_gradients(ctx, r, 8);  // x, scale, zero_point, qmin, qmax, axis, grad_factor, floor
   }
 };
