@@ -18,12 +18,17 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/generated/Functions.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -599,8 +604,193 @@ at::Tensor fq_per_channel_cpu(const at::Tensor& x, const at::Tensor& scale, cons
   return per_channel_q_fwd(x.contiguous(), scale, zero_point, qmin, qmax, axis, floor, false)[0];
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// An activation quantizer whose input is the output of a SiLU: x = silu(a) (YOLO's and RTMDet's conv blocks end in
+// one). The node is attached to `a` instead of x: the forward quantizes silu(a) computed from a, and the backward
+// gives dL/da = silu'(a)·(in range)·g and the scale/offset gradients in one pass over (g, a), reading nothing else.
+// It keeps nothing of its own for backward (a is kept by the SiLU's node anyway): the 2-byte state and, in the
+// backward, the gradient of x written and read again and SiLU's own backward pass are saved. The SiLU's node still
+// passes the gradients of x's other readers to a, where autograd adds them to this one: the total is the same
+// whatever else reads x. Only a gradient of x itself (a hook on x, `x.retain_grad()`, autograd.grad w.r.t. x)
+// no longer contains this reader's part. DETQ_NO_SILU_FUSION=1 turns it off.
+
+// exp(x) in float32 without a call or a branch, so that the loops stay vectorised: Cody-Waite reduction and the
+// degree-6 polynomial of Cephes' expf (about 2 ulp). exp(x) overflows to inf above 88.376 and is 0 below -87.337
+// (expf gives denormals down to -103.97; silu and its derivative then differ by under 1e-36); NaN stays NaN.
+inline float exp_poly(float x) {
+  constexpr float HI = 88.3762626647949f, LO = -87.3365478515625f;
+  float xc = x > HI ? HI : x;
+  xc = xc < LO ? LO : xc;
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  float res = p * two_n;
+  res = x > HI ? std::numeric_limits<float>::infinity() : res;
+  res = x < LO ? 0.f : res;
+  return x != x ? x : res;
+}
+
+// The pre-activation `a` of x when x = silu(a) came from an out-of-place SiLU on a float32 CPU tensor of x's sizes
+// and strides that requires a gradient; else an undefined tensor (the quantizer then takes x as usual).
+at::Tensor silu_input(const at::Tensor& x) {
+  static const bool disabled = [] {
+    const char* v = std::getenv("DETQ_NO_SILU_FUSION");
+    return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  if (disabled || !x.requires_grad() || x.is_view()) return {};
+  const auto fn = x.grad_fn();
+  auto* silu = dynamic_cast<torch::autograd::generated::SiluBackward0*>(fn.get());
+  if (silu == nullptr || x.output_nr() != 0) return {};
+  at::Tensor a;
+  try {
+    a = silu->self_.unpack();  // raises if a was changed in place since
+  } catch (const c10::Error&) {
+    return {};
+  }
+  if (!a.defined() || !a.requires_grad() || a.scalar_type() != at::kFloat || !a.device().is_cpu() ||
+      a.sizes() != x.sizes() || a.strides() != x.strides() || !a.is_non_overlapping_and_dense()) {
+    return {};
+  }
+  // `a` must be the very tensor the SiLU read (an in-place silu_ keeps a copy made outside the graph instead)
+  if (!(torch::autograd::impl::gradient_edge(a) == fn->next_edge(0))) return {};
+  return a;
+}
+
+// silu(a) / s, written once for the forward and the backward, which both visit the elements in the same
+// CHUNK-aligned spans: the backward's rounding decisions are the forward's, bit for bit.
+inline float silu_over_s(float a, float e, float s) { return (a / (1.f + e)) / s; }
+
+// Forward over n elements of a: out = clamp(round(silu(a)/s), lo, hi)·s.
+inline void silu_fwd_span(const float* __restrict a, float* __restrict out, int64_t n, float s, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(silu_over_s(a[i], exp_poly(-a[i]), s));
+    float c = r < lo ? lo : r;
+    c = c > hi ? hi : c;
+    out[i] = c * s;
+  }
+}
+
+// One element of the backward: *ga = (in range) ? g·silu'(a) : 0 and the sums of Acc (as bwd_elem).
+inline void silu_bwd_elem(float gg, float av, float* ga, float s, float lo, float hi, float& a0, float& a1, float& a2,
+                          float& a3, float& a4) {
+  const float e = exp_poly(-av);
+  const float sig = 1.f / (1.f + e);
+  const float t = silu_over_s(av, e, s);
+  const float r = std::nearbyint(t);
+  const bool in = (r >= lo) & (r <= hi);
+  const float low = r < lo ? 1.f : 0.f;
+  const float high = r > hi ? 1.f : 0.f;
+  const float nn = r != r ? 1.f : 0.f;
+  const float gi = in ? gg : 0.f;
+  *ga = in ? gg * (sig * (1.f + av * (1.f - sig))) : 0.f;  // as ATen's silu_backward
+  a0 += gi * (in ? t - r : 0.f);
+  a1 += gg * low;
+  a2 += gg * high;
+  a3 += gg * nn;
+  a4 += nn;
+}
+
+// IN_PLACE: the upstream gradient is read from ga and a's gradient written over it. An OpenMP simd reduction (not
+// bwd_span_t's lane arrays: the exp and divisions keep GCC from vectorising that form here); the sums' order then
+// depends on the build's vector width only.
+template <bool IN_PLACE>
+inline void silu_bwd_span(const float* g, const float* __restrict a, float* __restrict ga, int64_t n, float s, float lo,
+                          float hi, Acc& acc) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
+  for (int64_t i = 0; i < n; ++i) {
+    silu_bwd_elem(IN_PLACE ? ga[i] : g[i], a[i], ga + i, s, lo, hi, a0, a1, a2, a3, a4);
+  }
+  acc.resid += a0;
+  acc.low += a1;
+  acc.high += a2;
+  acc.nan_g += a3;
+  acc.nan_count += a4;
+}
+
+class SiluFQ : public torch::autograd::Function<SiluFQ> {
+ public:
+  // x: silu(a) as the SiLU computed it, passed without its graph edge; the output is the ordinary quantizer's on it.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& zero_point, int64_t qmin, int64_t qmax, double grad_factor, double floor) {
+    const Bounds b = tensor_bounds(scale, zero_point, qmin, qmax, floor);
+    auto out = per_tensor_fwd(x, b.s, b.lo, b.hi, false)[0];
+    ctx->save_for_backward({a});
+    ctx->saved_data["s"] = b.s;
+    ctx->saved_data["lo"] = b.lo;
+    ctx->saved_data["hi"] = b.hi;
+    ctx->saved_data["gf"] = grad_factor;
+    save_parameter_shapes(ctx, scale, zero_point);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {  // by reference: as PerTensorFQ
+    const at::Tensor a = ctx->get_saved_variables()[0];
+    at::Tensor g = std::move(grads[0]);
+    bool ours = sole_owner(g);
+    if (!ours) g = g.to(at::kFloat);
+    if (g.strides() != a.strides()) {
+      at::Tensor c = at::empty_like(a);
+      c.copy_(g);
+      g = c;
+      ours = true;
+    }
+    const bool need_a = ctx->needs_input_grad(0);
+    at::Tensor ga = !need_a ? at::empty_like(a) : (ours ? g : at::empty_like(a));  // scratch when not needed
+    const double s = ctx->saved_data["s"].toDouble(), lo = ctx->saved_data["lo"].toDouble(),
+                 hi = ctx->saved_data["hi"].toDouble();
+    const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+    const float* gp = g.const_data_ptr<float>();
+    const float* ap = a.const_data_ptr<float>();
+    float* gap = ga.data_ptr<float>();
+    const int64_t n = a.numel();
+    const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+    std::vector<Acc> part(nchunks);
+    const bool in_place = gap == gp;
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t i0 = c * CHUNK, len = std::min(CHUNK, n - i0);
+        if (in_place) {
+          silu_bwd_span<true>(nullptr, ap + i0, gap + i0, len, fs, flo, fhi, part[c]);
+        } else {
+          silu_bwd_span<false>(gp + i0, ap + i0, gap + i0, len, fs, flo, fhi, part[c]);
+        }
+      }
+    });
+    Acc t;
+    for (const auto& p : part) t.add(p);
+    double gs = -t.resid + lo * t.low + hi * t.high;
+    if (t.nan_count > 0) gs = std::nan("");
+    const double gz = -s * (t.low + t.high + t.nan_g);
+    const double gf = ctx->saved_data["gf"].toDouble();
+    auto opts = a.options();
+    auto grad_s = at::empty({1}, opts), grad_z = at::empty({1}, opts);
+    grad_s.mutable_data_ptr<float>()[0] = static_cast<float>(gs * gf);
+    grad_z.mutable_data_ptr<float>()[0] = static_cast<float>(gz * gf);
+    variable_list out(8);  // a, x, scale, zero_point, qmin, qmax, grad_factor, floor
+    if (need_a) out[0] = ga;
+    if (ctx->needs_input_grad(2)) out[2] = grad_s.reshape(ctx->saved_data["scale_shape"].toIntVector());
+    if (ctx->needs_input_grad(3)) out[3] = grad_z.reshape(ctx->saved_data["zero_shape"].toIntVector());
+    return out;
+  }
+};
+
 at::Tensor fq_per_tensor_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                                   int64_t qmin, int64_t qmax, double grad_factor, double floor) {
+  if (at::GradMode::is_enabled()) {
+    const at::Tensor a = silu_input(x);
+    if (a.defined()) return SiluFQ::apply(a, x.detach(), scale, zero_point, qmin, qmax, grad_factor, floor);
+  }
   return PerTensorFQ::apply(x, scale, zero_point, qmin, qmax, grad_factor, floor);
 }
 
