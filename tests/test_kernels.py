@@ -340,91 +340,105 @@ def test_fallback_without_compiler_warns_once_and_keeps_results(tmp_path):
     assert "AVAILABLE False" in out and "EQUAL True" in out
 
 
-# ------------------------------------------------------------------------------------ SiLU-fed quantizer
-def _silu_fed(q, a0, g, fused, readers=1, layout="contiguous"):
-    """a -> (a*1) -> SiLU -> quantizer (and, with readers=2, a second reader of the SiLU's output); returns the
-    output, the gradients of a, scale and offset, and the output's graph node's first input node."""
+# --------------------------------------------------------------------- quantizer reading a SiLU's / ReLU's output
+ACTIVATIONS = {
+    "silu": lambda t: torch.nn.functional.silu(t),
+    "silu_": lambda t: torch.nn.functional.silu(t, inplace=True),
+    "relu": lambda t: torch.relu(t),
+    "relu_": lambda t: torch.relu_(t),
+}
+
+
+def _activation_fed(q, a0, g, act, fused, readers=1, layout="contiguous"):
+    """a -> (a*1) -> activation -> quantizer (and, with readers=2, a second reader of the activation's output);
+    returns the output, the gradients of a, scale and offset, and the name of the output's node's first input."""
     q.zero_grad(set_to_none=True)
     a = a0.clone()
     if layout == "channels_last":
         a = a.contiguous(memory_format=torch.channels_last)
     a.requires_grad_(True)
-    y = torch.nn.functional.silu(a * 1.0)
-    out = q(y if fused else y.clone())  # a clone's node is not a SiLU: the ordinary quantizer node
+    y = ACTIVATIONS[act](a * 1.0)
+    out = q(y if fused else y.clone())  # a clone's node is no activation: the ordinary quantizer node
     loss = (out * g).sum() + ((y * y).sum() if readers == 2 else 0.0)
     loss.backward()
-    zg = q.zero_point.grad.clone() if isinstance(q.zero_point, nn.Parameter) else None
-    return out.detach(), a.grad, q.scale.grad.clone(), zg, type(out.grad_fn.next_functions[0][0]).__name__
+    zg = q.zero_point.grad.clone() if q.zero_point.grad is not None else None
+    sg = q.scale.grad.clone() if q.scale.grad is not None else None
+    return out.detach(), a.grad, sg, zg, type(out.grad_fn.next_functions[0][0]).__name__
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("kind", ["lsq", "lsq_plus"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("readers", [1, 2])
-def test_silu_fed_quantizer_bypasses_the_silu_with_the_same_values(bits, kind, layout, readers):
-    """An activation quantizer reading an (out-of-place) SiLU's output attaches its node to the SiLU's input: the
-    output is the ordinary node's, bit for bit; the gradients reaching a are the SiLU's backward of the ordinary
-    ones (float tolerance: silu' computed in the kernel) with the same zeros (in-range mask), also when another
-    reader of the SiLU's output sends its gradient through the SiLU's own node; scale/offset gradients to float
-    tolerance. Sizes with a vector tail, several chunks and a saturated part."""
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_activation_fed_quantizer_stands_for_the_activation_with_the_same_values(bits, kind, layout, readers, act):
+    """An activation quantizer reading a SiLU's or ReLU's output (in place or not) attaches its node to the
+    activation's input: the output is the ordinary node's, bit for bit; the gradients reaching a are the
+    activation's backward of the ordinary ones (ReLU exactly; SiLU to float tolerance, silu' computed in the
+    kernel) with the same zeros (in-range mask), also when another reader of the activation's output sends its
+    gradient through the activation's own node; scale/offset gradients to float tolerance. Sizes with a vector
+    tail, several chunks and a saturated part."""
     a0 = torch.randn(3, 8, 29, 31, generator=torch.Generator().manual_seed(bits)) * 4
-    q = _quantizer(bits, False, kind, torch.nn.functional.silu(a0))
+    q = _quantizer(bits, False, kind, ACTIVATIONS[act](a0.clone()))
     g = torch.randn(a0.shape, generator=torch.Generator().manual_seed(7))
-    f_out, f_ga, f_gs, f_gz, f_node = _silu_fed(q, a0, g, True, readers, layout)
-    r_out, r_ga, r_gs, r_gz, r_node = _silu_fed(q, a0, g, False, readers, layout)
-    assert f_node == "MulBackward0" and r_node == "CloneBackward0"  # the fused node's input is a*1, not the SiLU
+    f_out, f_ga, f_gs, f_gz, f_node = _activation_fed(q, a0, g, act, True, readers, layout)
+    r_out, r_ga, r_gs, r_gz, r_node = _activation_fed(q, a0, g, act, False, readers, layout)
+    assert f_node == "MulBackward0" and r_node == "CloneBackward0"  # the fused node's input is a*1
     assert torch.equal(f_out, r_out)
     if layout == "channels_last":
         assert f_out.is_contiguous(memory_format=torch.channels_last)
     if readers == 1:
         assert torch.equal(f_ga == 0, r_ga == 0)
         assert (f_ga == 0).float().mean() > 0.05  # the range clips some: the mask is exercised
+        if act.startswith("relu"):
+            assert torch.equal(f_ga, r_ga)
     torch.testing.assert_close(f_ga, r_ga, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f_gs, r_gs, rtol=1e-4, atol=1e-6)
     if kind == "lsq_plus":
         torch.testing.assert_close(f_gz, r_gz, rtol=1e-4, atol=1e-6)
 
 
-def test_silu_fed_quantizer_keeps_nothing_of_its_own_for_backward():
-    """It keeps the SiLU's input (the SiLU's node keeps the same tensor: no new memory), not a 2-byte state."""
-    a = torch.randn(2, 8, 32, 32, requires_grad=True)
-    pre = a * 1.0
-    y = torch.nn.functional.silu(pre)
+@pytest.mark.parametrize("act", ["silu", "relu_"])
+def test_activation_fed_quantizer_keeps_nothing_of_its_own_for_backward(act):
+    """It keeps the tensor the activation's node keeps anyway (SiLU: its input; ReLU: its output), no state."""
+    pre = torch.randn(2, 8, 32, 32, requires_grad=True) * 1.0
+    keep = pre.data_ptr()
+    y = ACTIVATIONS[act](pre)
     q = _quantizer(8, False, "lsq", y.detach())
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
         q(y)
-    assert saved == [pre.data_ptr()]
+    assert saved == [keep if act == "silu" else y.data_ptr()]
 
 
-@pytest.mark.parametrize("case", ["inplace_silu", "view", "nan"])
-def test_silu_fed_quantizer_falls_back_or_matches_on_other_inputs(case):
-    """An in-place SiLU (its node keeps a copy outside the graph) and a view of a SiLU's output take the ordinary
-    node; a NaN in the SiLU's input gives the same output and a NaN scale gradient, as the ordinary node."""
+@pytest.mark.parametrize("case", ["view", "nan", "no_grad_scale"])
+def test_activation_fed_quantizer_on_other_inputs(case):
+    """A view of an activation's output takes the ordinary node; a NaN before the SiLU gives the ordinary output
+    and a NaN scale gradient; a quantizer whose scale needs no gradient still gives a's."""
     a0 = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(2)) * 3
     q = _quantizer(4, False, "lsq", torch.nn.functional.silu(a0))
-    a = a0.clone().requires_grad_(True)
-    pre = a * 1.0
-    if case == "inplace_silu":
-        out = q(torch.nn.functional.silu(pre, inplace=True))
-        assert type(out.grad_fn.next_functions[0][0]).__name__ == "SiluBackward0"
-    elif case == "view":
-        out = q(torch.nn.functional.silu(pre)[:, :4])
+    if case == "view":
+        out = q(torch.nn.functional.silu(a0.clone().requires_grad_(True) * 1.0)[:, :4])
         assert type(out.grad_fn.next_functions[0][0]).__name__ != "MulBackward0"
-    else:
+    elif case == "nan":
         a0[0, 0, 0, 0] = float("nan")
         g = torch.ones_like(a0)
-        f = _silu_fed(q, a0, g, True)
-        r = _silu_fed(q, a0, g, False)
+        f = _activation_fed(q, a0, g, "silu", True)
+        r = _activation_fed(q, a0, g, "silu", False)
         assert f[4] == "MulBackward0"
         assert torch.equal(torch.nan_to_num(f[0], 7.0), torch.nan_to_num(r[0], 7.0))
         assert f[2].isnan().all() and r[2].isnan().all()
-        return
-    out.sum().backward()
-    assert a.grad is not None and a.grad.isfinite().all()
+    else:
+        q.scale.requires_grad_(False)
+        q.zero_point.requires_grad_(False)
+        g = torch.randn(a0.shape, generator=torch.Generator().manual_seed(3))
+        f = _activation_fed(q, a0, g, "silu", True)[1]
+        q.scale.requires_grad_(True)
+        q.zero_point.requires_grad_(True)
+        torch.testing.assert_close(f, _activation_fed(q, a0, g, "silu", False)[1], rtol=1e-5, atol=1e-6)
 
 
-def test_silu_fusion_can_be_turned_off():
+def test_activation_fusion_can_be_turned_off():
     code = textwrap.dedent(
         """
         import torch
@@ -435,8 +449,8 @@ def test_silu_fusion_can_be_turned_off():
         print("NODE", type(q(y).grad_fn.next_functions[0][0]).__name__)
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT), DETQ_NO_SILU_FUSION="1"),
-                         capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DETQ_NO_ACTIVATION_FUSION="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "NODE SiluBackward0" in res.stdout
 

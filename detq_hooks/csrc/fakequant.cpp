@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/generated/Functions.h>
@@ -605,14 +606,16 @@ at::Tensor fq_per_channel_cpu(const at::Tensor& x, const at::Tensor& scale, cons
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// An activation quantizer whose input is the output of a SiLU: x = silu(a) (YOLO's and RTMDet's conv blocks end in
-// one). The node is attached to `a` instead of x: the forward quantizes silu(a) computed from a, and the backward
-// gives dL/da = silu'(a)·(in range)·g and the scale/offset gradients in one pass over (g, a), reading nothing else.
-// It keeps nothing of its own for backward (a is kept by the SiLU's node anyway): the 2-byte state and, in the
-// backward, the gradient of x written and read again and SiLU's own backward pass are saved. The SiLU's node still
-// passes the gradients of x's other readers to a, where autograd adds them to this one: the total is the same
-// whatever else reads x. Only a gradient of x itself (a hook on x, `x.retain_grad()`, autograd.grad w.r.t. x)
-// no longer contains this reader's part. DETQ_NO_SILU_FUSION=1 turns it off.
+// An activation quantizer whose input is the output of a SiLU or a ReLU (x = act(a); the conv blocks of YOLO,
+// RTMDet and ResNets end in one). Its graph node is attached where the activation's node is attached (to a's
+// producer), so it stands for act and the quantizer together: the forward is the ordinary quantizer's on x (bit for
+// bit), and the backward gives dL/da = act'(a)·(in range)·g and the scale/offset gradients in one pass, from the
+// tensor the activation's node keeps anyway (SiLU: its input, recomputing silu(a) for the rounding; ReLU: its
+// output x itself). Nothing of its own is kept (the 2-byte state goes), and the backward neither writes nor reads
+// the gradient of x nor runs the activation's backward. The activation's node still passes the gradients of x's
+// other readers to a, where autograd adds them to this one: the total is the same whatever else reads x. Only a
+// gradient of x itself (a hook on x, `x.retain_grad()`, autograd.grad w.r.t. x) lacks this reader's part.
+// DETQ_NO_ACTIVATION_FUSION=1 turns it off.
 
 // exp(x) in float32 without a call or a branch, so that the loops stay vectorised: Cody-Waite reduction and the
 // degree-6 polynomial of Cephes' expf (about 2 ulp). exp(x) overflows to inf above 88.376 and is 0 below -87.337
@@ -640,59 +643,79 @@ inline float exp_poly(float x) {
   return x != x ? x : res;
 }
 
-// The pre-activation `a` of x when x = silu(a) came from an out-of-place SiLU on a float32 CPU tensor of x's sizes
-// and strides that requires a gradient; else an undefined tensor (the quantizer then takes x as usual).
-at::Tensor silu_input(const at::Tensor& x) {
+enum class Act { SILU, RELU };
+
+// What the fused node needs when x is the output of an activation's node: which activation, the tensor to keep
+// (SiLU: its saved input, the pre-activation's values even for an in-place silu_, which keeps a copy; ReLU: x), and
+// the edge to the activation's input. `found` is false otherwise (the quantizer then takes x as usual).
+struct ActivationInput {
+  bool found = false;
+  Act act = Act::SILU;
+  at::Tensor data;
+  torch::autograd::Edge edge;
+};
+
+ActivationInput activation_input(const at::Tensor& x) {
   static const bool disabled = [] {
-    const char* v = std::getenv("DETQ_NO_SILU_FUSION");
+    const char* v = std::getenv("DETQ_NO_ACTIVATION_FUSION");
     return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
   }();
-  if (disabled || !x.requires_grad() || x.is_view()) return {};
+  ActivationInput r;
+  if (disabled || !x.requires_grad() || x.is_view() || x.output_nr() != 0 || x.scalar_type() != at::kFloat ||
+      !x.device().is_cpu() || !x.is_non_overlapping_and_dense()) {
+    return r;
+  }
   const auto fn = x.grad_fn();
-  auto* silu = dynamic_cast<torch::autograd::generated::SiluBackward0*>(fn.get());
-  if (silu == nullptr || x.output_nr() != 0) return {};
-  at::Tensor a;
-  try {
-    a = silu->self_.unpack();  // raises if a was changed in place since
-  } catch (const c10::Error&) {
-    return {};
+  if (fn == nullptr || fn->num_outputs() != 1) return r;
+  if (auto* silu = dynamic_cast<torch::autograd::generated::SiluBackward0*>(fn.get())) {
+    try {
+      r.data = silu->self_.unpack();  // raises if it was changed in place since
+    } catch (const c10::Error&) {
+      return r;
+    }
+    if (!r.data.defined() || r.data.scalar_type() != at::kFloat || r.data.strides() != x.strides() ||
+        r.data.sizes() != x.sizes()) {
+      return r;
+    }
+    r.act = Act::SILU;
+  } else if (dynamic_cast<torch::autograd::generated::ReluBackward0*>(fn.get()) != nullptr) {
+    r.data = x;
+    r.act = Act::RELU;
+  } else {
+    return r;
   }
-  if (!a.defined() || !a.requires_grad() || a.scalar_type() != at::kFloat || !a.device().is_cpu() ||
-      a.sizes() != x.sizes() || a.strides() != x.strides() || !a.is_non_overlapping_and_dense()) {
-    return {};
-  }
-  // `a` must be the very tensor the SiLU read (an in-place silu_ keeps a copy made outside the graph instead)
-  if (!(torch::autograd::impl::gradient_edge(a) == fn->next_edge(0))) return {};
-  return a;
+  r.edge = fn->next_edge(0);
+  r.found = r.edge.is_valid();
+  return r;
 }
 
-// silu(a) / s, written once for the forward and the backward, which both visit the elements in the same
-// CHUNK-aligned spans: the backward's rounding decisions are the forward's, bit for bit.
+// silu(a) / s as ATen's SiLU computes silu (its rounding can differ by an ulp where the exp does).
 inline float silu_over_s(float a, float e, float s) { return (a / (1.f + e)) / s; }
 
-// Forward over n elements of a: out = clamp(round(silu(a)/s), lo, hi)·s.
-inline void silu_fwd_span(const float* __restrict a, float* __restrict out, int64_t n, float s, float lo, float hi) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float r = std::nearbyint(silu_over_s(a[i], exp_poly(-a[i]), s));
-    float c = r < lo ? lo : r;
-    c = c > hi ? hi : c;
-    out[i] = c * s;
+// One element of the backward: *ga = (in range) ? g·act'(a) : 0 and the sums of Acc (as bwd_elem). `d` is the
+// kept tensor's element: a for SiLU (silu(a)/s recomputed as the forward's SiLU computed it, up to rounding: the
+// forward's code is recovered except where silu(a)/s lies within a few ulp of a rounding boundary), x for ReLU
+// (exact).
+template <Act ACT>
+inline void act_bwd_elem(float gg, float d, float* ga, float s, float lo, float hi, float& a0, float& a1, float& a2,
+                         float& a3, float& a4) {
+  float t, deriv;
+  if constexpr (ACT == Act::SILU) {
+    const float e = exp_poly(-d);
+    const float sig = 1.f / (1.f + e);
+    t = silu_over_s(d, e, s);
+    deriv = sig * (1.f + d * (1.f - sig));  // as ATen's silu_backward
+  } else {
+    t = d / s;
+    deriv = d > 0.f ? 1.f : 0.f;  // as threshold_backward on the ReLU's output
   }
-}
-
-// One element of the backward: *ga = (in range) ? g·silu'(a) : 0 and the sums of Acc (as bwd_elem).
-inline void silu_bwd_elem(float gg, float av, float* ga, float s, float lo, float hi, float& a0, float& a1, float& a2,
-                          float& a3, float& a4) {
-  const float e = exp_poly(-av);
-  const float sig = 1.f / (1.f + e);
-  const float t = silu_over_s(av, e, s);
   const float r = std::nearbyint(t);
   const bool in = (r >= lo) & (r <= hi);
   const float low = r < lo ? 1.f : 0.f;
   const float high = r > hi ? 1.f : 0.f;
   const float nn = r != r ? 1.f : 0.f;
   const float gi = in ? gg : 0.f;
-  *ga = in ? gg * (sig * (1.f + av * (1.f - sig))) : 0.f;  // as ATen's silu_backward
+  *ga = in ? gg * deriv : 0.f;
   a0 += gi * (in ? t - r : 0.f);
   a1 += gg * low;
   a2 += gg * high;
@@ -701,15 +724,15 @@ inline void silu_bwd_elem(float gg, float av, float* ga, float s, float lo, floa
 }
 
 // IN_PLACE: the upstream gradient is read from ga and a's gradient written over it. An OpenMP simd reduction (not
-// bwd_span_t's lane arrays: the exp and divisions keep GCC from vectorising that form here); the sums' order then
+// bwd_span_t's lane arrays: with the exp and divisions GCC does not vectorise that form); the sums' order then
 // depends on the build's vector width only.
-template <bool IN_PLACE>
-inline void silu_bwd_span(const float* g, const float* __restrict a, float* __restrict ga, int64_t n, float s, float lo,
-                          float hi, Acc& acc) {
+template <Act ACT, bool IN_PLACE>
+inline void act_bwd_span(const float* g, const float* __restrict d, float* __restrict ga, int64_t n, float s, float lo,
+                         float hi, Acc& acc) {
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4)
   for (int64_t i = 0; i < n; ++i) {
-    silu_bwd_elem(IN_PLACE ? ga[i] : g[i], a[i], ga + i, s, lo, hi, a0, a1, a2, a3, a4);
+    act_bwd_elem<ACT>(IN_PLACE ? ga[i] : g[i], d[i], ga + i, s, lo, hi, a0, a1, a2, a3, a4);
   }
   acc.resid += a0;
   acc.low += a1;
@@ -718,52 +741,53 @@ inline void silu_bwd_span(const float* g, const float* __restrict a, float* __re
   acc.nan_count += a4;
 }
 
-class SiluFQ : public torch::autograd::Function<SiluFQ> {
- public:
-  // x: silu(a) as the SiLU computed it, passed without its graph edge; the output is the ordinary quantizer's on it.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& x, const at::Tensor& scale,
-                            const at::Tensor& zero_point, int64_t qmin, int64_t qmax, double grad_factor, double floor) {
-    const Bounds b = tensor_bounds(scale, zero_point, qmin, qmax, floor);
-    auto out = per_tensor_fwd(x, b.s, b.lo, b.hi, false)[0];
-    ctx->save_for_backward({a});
-    ctx->saved_data["s"] = b.s;
-    ctx->saved_data["lo"] = b.lo;
-    ctx->saved_data["hi"] = b.hi;
-    ctx->saved_data["gf"] = grad_factor;
-    save_parameter_shapes(ctx, scale, zero_point);
-    return out;
-  }
+// The fused node (a graph node written directly rather than a custom Function: its edge is the activation's
+// input edge, which a Function would only get from a tensor, and an in-place activation leaves none).
+struct ActivationFakeQuantBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable data;
+  Act act = Act::SILU;
+  double s = 1, lo = 0, hi = 0, grad_factor = 1;
+  std::vector<int64_t> scale_shape, zero_shape;
 
-  static variable_list backward(AutogradContext* ctx, variable_list& grads) {  // by reference: as PerTensorFQ
-    const at::Tensor a = ctx->get_saved_variables()[0];
+  std::string name() const override { return act == Act::SILU ? "SiluFakeQuantBackward" : "ReluFakeQuantBackward"; }
+  void release_variables() override { data.reset_data(); }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);  // a, scale, zero_point
     at::Tensor g = std::move(grads[0]);
+    if (!g.defined()) return out;
+    const at::Tensor d = data.unpack();
     bool ours = sole_owner(g);
     if (!ours) g = g.to(at::kFloat);
-    if (g.strides() != a.strides()) {
-      at::Tensor c = at::empty_like(a);
+    if (g.strides() != d.strides()) {
+      at::Tensor c = at::empty_like(d);
       c.copy_(g);
       g = c;
       ours = true;
     }
-    const bool need_a = ctx->needs_input_grad(0);
-    at::Tensor ga = !need_a ? at::empty_like(a) : (ours ? g : at::empty_like(a));  // scratch when not needed
-    const double s = ctx->saved_data["s"].toDouble(), lo = ctx->saved_data["lo"].toDouble(),
-                 hi = ctx->saved_data["hi"].toDouble();
+    const bool need_a = should_compute_output(0);
+    at::Tensor ga = (ours || !need_a) ? g : at::empty_like(d);  // without need_a g is only scratch
     const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
     const float* gp = g.const_data_ptr<float>();
-    const float* ap = a.const_data_ptr<float>();
+    const float* dp = d.const_data_ptr<float>();
     float* gap = ga.data_ptr<float>();
-    const int64_t n = a.numel();
+    const bool in_place = gap == gp;
+    const int64_t n = d.numel();
     const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
     std::vector<Acc> part(nchunks);
-    const bool in_place = gap == gp;
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         const int64_t i0 = c * CHUNK, len = std::min(CHUNK, n - i0);
-        if (in_place) {
-          silu_bwd_span<true>(nullptr, ap + i0, gap + i0, len, fs, flo, fhi, part[c]);
+        if (act == Act::SILU) {
+          if (in_place) {
+            act_bwd_span<Act::SILU, true>(nullptr, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
+          } else {
+            act_bwd_span<Act::SILU, false>(gp + i0, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
+          }
+        } else if (in_place) {
+          act_bwd_span<Act::RELU, true>(nullptr, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
         } else {
-          silu_bwd_span<false>(gp + i0, ap + i0, gap + i0, len, fs, flo, fhi, part[c]);
+          act_bwd_span<Act::RELU, false>(gp + i0, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
         }
       }
     });
@@ -772,15 +796,10 @@ class SiluFQ : public torch::autograd::Function<SiluFQ> {
     double gs = -t.resid + lo * t.low + hi * t.high;
     if (t.nan_count > 0) gs = std::nan("");
     const double gz = -s * (t.low + t.high + t.nan_g);
-    const double gf = ctx->saved_data["gf"].toDouble();
-    auto opts = a.options();
-    auto grad_s = at::empty({1}, opts), grad_z = at::empty({1}, opts);
-    grad_s.mutable_data_ptr<float>()[0] = static_cast<float>(gs * gf);
-    grad_z.mutable_data_ptr<float>()[0] = static_cast<float>(gz * gf);
-    variable_list out(8);  // a, x, scale, zero_point, qmin, qmax, grad_factor, floor
+    auto opts = d.options();
     if (need_a) out[0] = ga;
-    if (ctx->needs_input_grad(2)) out[2] = grad_s.reshape(ctx->saved_data["scale_shape"].toIntVector());
-    if (ctx->needs_input_grad(3)) out[3] = grad_z.reshape(ctx->saved_data["zero_shape"].toIntVector());
+    if (should_compute_output(1)) out[1] = at::full(scale_shape, static_cast<float>(gs * grad_factor), opts);
+    if (should_compute_output(2)) out[2] = at::full(zero_shape, static_cast<float>(gz * grad_factor), opts);
     return out;
   }
 };
@@ -788,8 +807,27 @@ class SiluFQ : public torch::autograd::Function<SiluFQ> {
 at::Tensor fq_per_tensor_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                                   int64_t qmin, int64_t qmax, double grad_factor, double floor) {
   if (at::GradMode::is_enabled()) {
-    const at::Tensor a = silu_input(x);
-    if (a.defined()) return SiluFQ::apply(a, x.detach(), scale, zero_point, qmin, qmax, grad_factor, floor);
+    ActivationInput ai = activation_input(x);
+    if (ai.found) {
+      const Bounds b = tensor_bounds(scale, zero_point, qmin, qmax, floor);
+      at::Tensor out = per_tensor_fwd(x, b.s, b.lo, b.hi, false)[0];
+      auto node = c10::make_intrusive<ActivationFakeQuantBackward>();
+      torch::autograd::edge_list edges{ai.edge};
+      for (const at::Tensor* p : {&scale, &zero_point}) {
+        edges.push_back(p->requires_grad() ? torch::autograd::impl::gradient_edge(*p) : torch::autograd::Edge());
+      }
+      node->set_next_edges(std::move(edges));
+      node->data = torch::autograd::SavedVariable(ai.data, false);
+      node->act = ai.act;
+      node->s = b.s;
+      node->lo = b.lo;
+      node->hi = b.hi;
+      node->grad_factor = grad_factor;
+      node->scale_shape = scale.sizes().vec();
+      node->zero_shape = zero_point.sizes().vec();
+      torch::autograd::set_history(out, node);
+      return out;
+    }
   }
   return PerTensorFQ::apply(x, scale, zero_point, qmin, qmax, grad_factor, floor);
 }
