@@ -438,6 +438,69 @@ def test_activation_fed_quantizer_on_other_inputs(case):
         torch.testing.assert_close(f, _activation_fed(q, a0, g, "silu", False)[1], rtol=1e-5, atol=1e-6)
 
 
+class _Blocks(nn.Module):
+    """SiLU and in-place ReLU conv blocks whose outputs are read by several quantized layers, a chunk, a concat
+    and a residual add: the graph shapes of YOLO's C2f/C3k2 and ResNet's blocks."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(c1, c2, act):
+            return nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), act)
+
+        self.stem = block(3, 16, nn.SiLU())
+        self.a = block(16, 16, nn.SiLU())
+        self.b = block(8, 8, nn.ReLU(inplace=True))
+        self.c = block(24, 16, nn.SiLU())
+        self.d = block(16, 16, nn.ReLU(inplace=True))
+        self.e = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a = self.a(s)
+        left, right = a.chunk(2, 1)
+        c = self.c(torch.cat([left, right, self.b(right)], 1))
+        d = self.d(c)  # in-place ReLU, read by e and by the add
+        return self.e(d) + (d + c + s).mean(), s  # c read by d and the add; s by a and the add
+
+
+def test_whole_model_gradients_with_fused_activations_match_the_reference_formula():
+    """A training step of a model mixing SiLU and in-place ReLU blocks, outputs read several times: every
+    parameter's gradient (weights, BN, step sizes and offsets) as the reference formula's, to float tolerance, and
+    the fused nodes are in the graph."""
+    import detq_hooks as dq
+
+    torch.manual_seed(0)
+    model = _Blocks()
+    dq.quantize(model, "w4a4")
+    x = torch.randn(2, 3, 24, 24)
+    dq.calibrate(model, [x], progress=False)
+    model.train()
+    grads = {}
+    for mode in ("fused", "reference"):
+        model.zero_grad(set_to_none=True)
+        with quantizer_mode(mode):
+            out, s = model(x)
+            (out.square().mean() + s.mean()).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if mode == "fused":
+            names = set()
+
+            def walk(fn, seen=set()):
+                if fn is None or fn in seen:
+                    return
+                seen.add(fn)
+                names.add(fn.name())
+                for nxt, _ in fn.next_functions:
+                    walk(nxt)
+
+            walk(out.grad_fn)
+            assert {"SiluFakeQuantBackward", "ReluFakeQuantBackward"} <= names
+    assert grads["fused"].keys() == grads["reference"].keys() and len(grads["fused"]) > 20
+    for n, g in grads["fused"].items():
+        torch.testing.assert_close(g, grads["reference"][n], rtol=2e-4, atol=1e-6, msg=n)
+
+
 def test_activation_fusion_can_be_turned_off():
     code = textwrap.dedent(
         """
