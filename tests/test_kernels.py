@@ -411,10 +411,11 @@ def test_activation_fed_quantizer_keeps_nothing_of_its_own_for_backward(act):
     assert saved == [keep if act == "silu" else y.data_ptr()]
 
 
-@pytest.mark.parametrize("case", ["view", "nan", "no_grad_scale"])
+@pytest.mark.parametrize("case", ["view", "nan", "no_grad_scale", "scale_only"])
 def test_activation_fed_quantizer_on_other_inputs(case):
     """A view of an activation's output takes the ordinary node; a NaN before the SiLU gives the ordinary output
-    and a NaN scale gradient; a quantizer whose scale needs no gradient still gives a's."""
+    and a NaN scale gradient; a quantizer whose scale needs no gradient still gives a's; asked for the step
+    size's gradient only, it leaves the caller's upstream gradient untouched."""
     a0 = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(2)) * 3
     q = _quantizer(4, False, "lsq", torch.nn.functional.silu(a0))
     if case == "view":
@@ -428,6 +429,16 @@ def test_activation_fed_quantizer_on_other_inputs(case):
         assert f[4] == "MulBackward0"
         assert torch.equal(torch.nan_to_num(f[0], 7.0), torch.nan_to_num(r[0], 7.0))
         assert f[2].isnan().all() and r[2].isnan().all()
+    elif case == "scale_only":  # only the step size's gradient asked for, with a gradient the caller holds
+        g = torch.randn(a0.shape, generator=torch.Generator().manual_seed(5))
+        g_before = g.clone()
+        grads = []
+        for fused in (True, False):
+            y = torch.nn.functional.silu(a0.clone().requires_grad_(True) * 1.0)
+            (gs,) = torch.autograd.grad(q(y if fused else y.clone()), [q.scale], g)
+            grads.append(gs)
+        assert torch.equal(g, g_before)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     else:
         q.scale.requires_grad_(False)
         q.zero_point.requires_grad_(False)

@@ -766,7 +766,7 @@ struct ActivationFakeQuantBackward : public torch::autograd::Node {
       ours = true;
     }
     const bool need_a = should_compute_output(0);
-    at::Tensor ga = (ours || !need_a) ? g : at::empty_like(d);  // without need_a g is only scratch
+    at::Tensor ga = ours ? g : at::empty_like(d);  // written even when a needs no gradient (then scratch)
     const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
     const float* gp = g.const_data_ptr<float>();
     const float* dp = d.const_data_ptr<float>();
