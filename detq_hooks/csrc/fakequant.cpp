@@ -31,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -85,7 +86,27 @@ struct Acc {
     nan_g += o.nan_g;
     nan_count += o.nan_count;
   }
+  // The LSQ step-size and offset gradients (before the gradient factor), with lo = qmin - z, hi = qmax - z; the
+  // residual sum in units of `resid_unit` (RSCALE for the activations' int16 state, 1 for exact residuals).
+  double scale_gradient(double lo, double hi, double resid_unit = 1.0) const {
+    return nan_count > 0 ? std::nan("") : -resid / resid_unit + lo * low + hi * high;
+  }
+  double offset_gradient(double s) const { return -s * (low + high + nan_g); }
 };
+
+// The sums of `span(i0, len, acc)` over fixed CHUNK-sized pieces of n elements, run in parallel and added in
+// piece order, so that the result does not depend on the number of threads.
+template <typename F>
+Acc sum_over_chunks(int64_t n, const F& span) {
+  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<Acc> part(nchunks);
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) span(c * CHUNK, std::min(CHUNK, n - c * CHUNK), part[c]);
+  });
+  Acc t;
+  for (const auto& p : part) t.add(p);
+  return t;
+}
 
 // One element of the backward pass into lane accumulators. Written with 0/1 float factors rather than
 // conditional adds so that GCC vectorises the lane loop; the stored input gradient is a select, so an inf or NaN
@@ -321,6 +342,30 @@ std::vector<at::Tensor> weight_codes(const at::Tensor& w_in, const at::Tensor& s
   return {codes, flag};
 }
 
+// Whether a gradient handed to a backward is referenced by nothing else (no hook or retained .grad keeps it, no
+// other tensor shares its memory), so the backward may overwrite it.
+bool sole_owner(const at::Tensor& g) {
+  return g.defined() && g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() && !g.is_inference() &&
+         g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_non_overlapping_and_dense();
+}
+
+// A backward's upstream gradient taken out of its list, as float32, and whether the backward may write over it
+// (sole_owner).
+std::pair<at::Tensor, bool> take_gradient(at::Tensor&& g) {
+  const bool ours = sole_owner(g);
+  return {ours ? std::move(g) : g.to(at::kFloat), ours};
+}
+
+// `grad` with `like`'s strides: itself when it has them, else a copy, which is then the caller's to overwrite
+// (`ours` becomes true).
+at::Tensor in_strides_of(const at::Tensor& grad, const at::Tensor& like, bool& ours) {
+  if (grad.strides() == like.strides()) return grad;
+  at::Tensor copy = at::empty_like(like, grad.options());
+  copy.copy_(grad);
+  ours = true;
+  return copy;
+}
+
 // Per tensor. A grad without the state's strides is copied to them first.
 // Returns (grad_x, grad_s[1], grad_z[1]). With grad_is_ours (the caller holds the only reference to grad and its
 // memory) grad_x is written over grad: no fresh activation-sized buffer, and each cache line is read and written
@@ -328,47 +373,24 @@ std::vector<at::Tensor> weight_codes(const at::Tensor& w_in, const at::Tensor& s
 std::vector<at::Tensor> per_tensor_bwd_impl(const at::Tensor& grad_in, const at::Tensor& st, double s, double lo,
                                             double hi, double grad_factor, bool need_x, bool grad_is_ours) {
   TORCH_CHECK(grad_in.device().is_cpu() && grad_in.scalar_type() == at::kFloat, "detq fused fake-quant: grad must be CPU float32");
-  at::Tensor grad = grad_in;
-  if (grad.strides() != st.strides()) {
-    grad = at::empty_like(st, grad_in.options());
-    grad.copy_(grad_in);
-    grad_is_ours = true;
-  }
-  const int64_t n = st.numel();
+  at::Tensor grad = in_strides_of(grad_in, st, grad_is_ours);
   at::Tensor gx = !need_x ? at::empty({0}, grad.options()) : (grad_is_ours ? grad : at::empty_like(grad));
   const float* gp = grad.const_data_ptr<float>();
   const int16_t* sp = st.const_data_ptr<int16_t>();
   float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
-  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
-  std::vector<Acc> part(nchunks);
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const int64_t i0 = c * CHUNK, len = std::min(CHUNK, n - i0);
-      bwd_span(gp + i0, sp + i0, gxp ? gxp + i0 : nullptr, len, need_x, part[c]);
-    }
+  const Acc t = sum_over_chunks(st.numel(), [&](int64_t i0, int64_t len, Acc& acc) {
+    bwd_span(gp + i0, sp + i0, gxp ? gxp + i0 : nullptr, len, need_x, acc);
   });
-  Acc t;
-  for (const auto& p : part) t.add(p);
-  double gs = -t.resid / RSCALE + lo * t.low + hi * t.high;
-  if (t.nan_count > 0) gs = std::nan("");
-  const double gz = -s * (t.low + t.high + t.nan_g);
   auto opts = grad.options();
   auto grad_s = at::empty({1}, opts), grad_z = at::empty({1}, opts);
-  grad_s.mutable_data_ptr<float>()[0] = static_cast<float>(gs * grad_factor);
-  grad_z.mutable_data_ptr<float>()[0] = static_cast<float>(gz * grad_factor);
+  grad_s.mutable_data_ptr<float>()[0] = static_cast<float>(t.scale_gradient(lo, hi, RSCALE) * grad_factor);
+  grad_z.mutable_data_ptr<float>()[0] = static_cast<float>(t.offset_gradient(s) * grad_factor);
   return {gx, grad_s, grad_z};
 }
 
 std::vector<at::Tensor> per_tensor_bwd(const at::Tensor& grad, const at::Tensor& st, double s, double lo, double hi,
                                        double grad_factor, bool need_x) {
   return per_tensor_bwd_impl(grad, st, s, lo, hi, grad_factor, need_x, false);
-}
-
-// Whether a gradient handed to a backward is referenced by nothing else (no hook or retained .grad keeps it, no
-// other tensor shares its memory), so the backward may overwrite it.
-bool sole_owner(const at::Tensor& g) {
-  return g.defined() && g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() && !g.is_inference() &&
-         g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_non_overlapping_and_dense();
 }
 
 // Per channel along `axis` of a contiguous x viewed as (outer, C, inner); scale/lo/hi are float32 [C]. The state
@@ -447,10 +469,8 @@ std::vector<at::Tensor> per_channel_bwd(const at::Tensor& grad_in, const at::Ten
         }
         t.add(a);
       }
-      double gs = -t.resid + static_cast<double>(l[c]) * t.low + static_cast<double>(h[c]) * t.high;
-      if (t.nan_count > 0) gs = std::nan("");
-      gsp[c] = static_cast<float>(gs * grad_factor);
-      gzp[c] = static_cast<float>(-static_cast<double>(s[c]) * (t.low + t.high + t.nan_g) * grad_factor);
+      gsp[c] = static_cast<float>(t.scale_gradient(l[c], h[c]) * grad_factor);
+      gzp[c] = static_cast<float>(t.offset_gradient(s[c]) * grad_factor);
     }
   });
   return {gx, grad_s, grad_z};
@@ -555,9 +575,7 @@ class PerTensorFQ : public torch::autograd::Function<PerTensorFQ> {
   // nothing else references it, and may then be overwritten by the input gradient (sole_owner).
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto st = ctx->get_saved_variables()[0];
-    at::Tensor g = std::move(grads[0]);
-    const bool ours = sole_owner(g);
-    if (!ours) g = g.to(at::kFloat);
+    auto [g, ours] = take_gradient(std::move(grads[0]));
     auto r = per_tensor_bwd_impl(g, st, ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
                                  ctx->saved_data["hi"].toDouble(), ctx->saved_data["gf"].toDouble(),
                                  ctx->needs_input_grad(0), ours);
@@ -585,9 +603,7 @@ class PerChannelFQ : public torch::autograd::Function<PerChannelFQ> {
 
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {  // by reference: as PerTensorFQ
     const auto saved = ctx->get_saved_variables();
-    at::Tensor g = std::move(grads[0]);
-    const bool ours = sole_owner(g);
-    if (!ours) g = g.to(at::kFloat);
+    auto [g, ours] = take_gradient(std::move(grads[0]));
     auto r = per_channel_bwd(g, saved[0], saved[1], saved[2], saved[3], ctx->saved_data["axis"].toInt(),
                              ctx->saved_data["gf"].toDouble(), ctx->needs_input_grad(0), /*from_x=*/true, ours);
     return input_gradients(ctx, r, 8);  // x, scale, zero_point, qmin, qmax, axis, grad_factor, floor
@@ -741,6 +757,16 @@ inline void act_bwd_span(const float* g, const float* __restrict d, float* __res
   acc.nan_count += a4;
 }
 
+// ga == g: a's gradient is written over the upstream one (as bwd_span).
+template <Act ACT>
+inline void act_bwd_chunk(const float* g, const float* d, float* ga, int64_t n, float s, float lo, float hi, Acc& acc) {
+  if (ga == g) {
+    act_bwd_span<ACT, true>(nullptr, d, ga, n, s, lo, hi, acc);
+  } else {
+    act_bwd_span<ACT, false>(g, d, ga, n, s, lo, hi, acc);
+  }
+}
+
 // The fused node (a graph node written directly rather than a custom Function: its edge is the activation's
 // input edge, which a Function would only get from a tensor, and an in-place activation leaves none).
 struct ActivationFakeQuantBackward : public torch::autograd::Node {
@@ -754,52 +780,27 @@ struct ActivationFakeQuantBackward : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     variable_list out(3);  // a, scale, zero_point
-    at::Tensor g = std::move(grads[0]);
-    if (!g.defined()) return out;
+    if (!grads[0].defined()) return out;
     const at::Tensor d = data.unpack();
-    bool ours = sole_owner(g);
-    if (!ours) g = g.to(at::kFloat);
-    if (g.strides() != d.strides()) {
-      at::Tensor c = at::empty_like(d);
-      c.copy_(g);
-      g = c;
-      ours = true;
-    }
+    auto [taken, ours] = take_gradient(std::move(grads[0]));
+    const at::Tensor g = in_strides_of(taken, d, ours);
     const bool need_a = should_compute_output(0);
     at::Tensor ga = ours ? g : at::empty_like(d);  // written even when a needs no gradient (then scratch)
     const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
     const float* gp = g.const_data_ptr<float>();
     const float* dp = d.const_data_ptr<float>();
     float* gap = ga.data_ptr<float>();
-    const bool in_place = gap == gp;
-    const int64_t n = d.numel();
-    const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
-    std::vector<Acc> part(nchunks);
-    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        const int64_t i0 = c * CHUNK, len = std::min(CHUNK, n - i0);
-        if (act == Act::SILU) {
-          if (in_place) {
-            act_bwd_span<Act::SILU, true>(nullptr, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
-          } else {
-            act_bwd_span<Act::SILU, false>(gp + i0, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
-          }
-        } else if (in_place) {
-          act_bwd_span<Act::RELU, true>(nullptr, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
-        } else {
-          act_bwd_span<Act::RELU, false>(gp + i0, dp + i0, gap + i0, len, fs, flo, fhi, part[c]);
-        }
+    const Acc t = sum_over_chunks(d.numel(), [&](int64_t i0, int64_t len, Acc& acc) {
+      if (act == Act::SILU) {
+        act_bwd_chunk<Act::SILU>(gp + i0, dp + i0, gap + i0, len, fs, flo, fhi, acc);
+      } else {
+        act_bwd_chunk<Act::RELU>(gp + i0, dp + i0, gap + i0, len, fs, flo, fhi, acc);
       }
     });
-    Acc t;
-    for (const auto& p : part) t.add(p);
-    double gs = -t.resid + lo * t.low + hi * t.high;
-    if (t.nan_count > 0) gs = std::nan("");
-    const double gz = -s * (t.low + t.high + t.nan_g);
     auto opts = d.options();
     if (need_a) out[0] = ga;
-    if (should_compute_output(1)) out[1] = at::full(scale_shape, static_cast<float>(gs * grad_factor), opts);
-    if (should_compute_output(2)) out[2] = at::full(zero_shape, static_cast<float>(gz * grad_factor), opts);
+    if (should_compute_output(1)) out[1] = at::full(scale_shape, static_cast<float>(t.scale_gradient(lo, hi) * grad_factor), opts);
+    if (should_compute_output(2)) out[2] = at::full(zero_shape, static_cast<float>(t.offset_gradient(s) * grad_factor), opts);
     return out;
   }
 };
