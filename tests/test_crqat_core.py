@@ -177,6 +177,43 @@ def test_pkd_gradient_stays_bounded_for_a_channel_without_spread():
 
     assert pkd_loss([f], [g]).item() == pytest.approx(((plain(f) - plain(g)) ** 2).mean().item() / 2, rel=1e-6)
 
+
+def test_pkd_keeps_only_the_student_map_for_backward_and_matches_autograd():
+    """The PKD term recomputes the standardisation in its backward: what it holds for backward is the student map
+    and the teacher's standardised map (2 maps, was 5), and its value and gradient are autograd's through the plain
+    formula, a floored (constant) channel included."""
+    from detq_hooks.distill import _channel_standardize
+
+    torch.manual_seed(0)
+    shapes = [(4, 16, 10, 10), (4, 32, 5, 5)]
+    students = [torch.randn(*sh).requires_grad_() for sh in shapes]
+    with torch.no_grad():
+        students[0][:, 3] = 0.7  # a dead channel: the std floor is active there
+    teachers = [torch.randn(*sh) for sh in shapes]
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = pkd_loss(students, teachers)
+    assert sum(saved.values()) == 2 * sum(s.numel() * 4 for s in students)
+    loss.backward()
+    reference = [s.detach().clone().requires_grad_() for s in students]
+    expected = sum(torch.nn.functional.mse_loss(_channel_standardize(s), _channel_standardize(t)) / 2
+                   for s, t in zip(reference, teachers)) / len(shapes)
+    expected.backward()
+    assert loss.item() == expected.item()
+    for s, r in zip(students, reference):
+        torch.testing.assert_close(s.grad, r.grad, rtol=0, atol=0)
+    assert students[0].grad[:, 3].abs().max() < 1.0  # the floored channel's gradient stays bounded
+    # a double backward through it is refused, not silently wrong (nothing in the project asks for one)
+    s = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="pkd_loss has no double backward"):
+        torch.autograd.grad(pkd_loss([s], [torch.randn(2, 4, 3, 3)]), s, create_graph=True)
+
+
 def test_distillation_terms_follow_the_stage_and_give_gradients_only_to_the_student():
     model, teacher = _student_and_teacher()
     x = torch.randn(2, 3, 32, 32)
