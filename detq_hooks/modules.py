@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import os
 import threading
 import weakref
 from typing import Optional
@@ -75,6 +77,104 @@ def uncached_weights():
         yield
     finally:
         _CACHE_OFF.depth -= 1
+
+
+# ------------------------------------------------------------------ training without keeping the quantized weight
+# A convolution or linear layer keeps its weight for backward; with a fake-quant weight that is a fresh tensor
+# the size of the parameter, held from the forward to the backward for every layer (all of a detector's
+# parameters again: ResNet-18 FCOS 45 MB, YOLO11n 10 MB). The layers below keep the parameter instead (held
+# anyway) and quantize it again in their backward: the same kernel on the same values gives the same weight, bit
+# for bit, for one extra pass over the weights per layer and step. A layer called several times per step (FCOS's
+# shared head) keeps the cached quantized weight instead, so its weight is quantized once per step (see
+# quantized_weight). ``DETQ_KEEP_QUANTIZED_WEIGHTS=1`` turns this off.
+_RECOMPUTE_WEIGHTS = os.environ.get("DETQ_KEEP_QUANTIZED_WEIGHTS", "") in ("", "0")
+
+
+class _BackwardCount(threading.local):
+    value = 0  # backward passes through a layer below; a layer called twice between two of them is shared
+
+
+_BACKWARDS = _BackwardCount()
+_LAST_CALL: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_SHARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _weight_args(layer) -> tuple:
+    """What the weight quantizer's kernel takes besides the weight: scale, zero point, and the fixed arguments."""
+    wq = layer.weight_quantizer
+    n = max(1, layer.weight.numel() // wq.scale.numel())
+    return (wq.scale, wq.zero_point.float()), (wq.qmin, wq.qmax, wq.channel_axis, 1.0 / math.sqrt(n * wq.qmax),
+                                               quantizers._SCALE_FLOOR)
+
+
+def _weight_backward(grad_wq: Optional[torch.Tensor], weight, scale, zero_point, fixed, needs: tuple) -> tuple:
+    """The weight quantizer's backward from the weight itself (the kernel that PerChannelFQ's backward runs):
+    gradients of weight, scale and zero point, ``None`` where ``needs`` says not needed."""
+    if grad_wq is None or not any(needs):
+        return None, None, None
+    qmin, qmax, axis, grad_factor, floor = fixed
+    gw, gs, gz = quantizers._kernel_ops().per_channel_q_bwd(grad_wq, weight, scale.detach(), zero_point.detach(), qmin,
+                                                            qmax, axis, grad_factor, floor, needs[0])
+    return (gw if needs[0] else None, gs.reshape(scale.shape) if needs[1] else None,
+            gz.reshape(zero_point.shape) if needs[2] else None)
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True) runs in grad mode
+        raise RuntimeError("a quantized layer's memory-saving backward has no double backward; run it under "
+                           "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
+                           "DETQ_KEEP_QUANTIZED_WEIGHTS=1")
+    _BACKWARDS.value += 1
+
+
+class _ConvRecomputedWeight(torch.autograd.Function):
+    """``conv2d(x, Q(w))`` keeping ``x`` and ``w`` for backward, not ``Q(w)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, zero_point, bias, fixed, geometry):
+        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *fixed)  # forward runs without autograd
+        stride, padding, dilation, groups = geometry
+        out = torch.ops.aten.convolution(x, wq, bias, stride, padding, dilation, False, [0, 0], groups)
+        ctx.save_for_backward(x, weight, scale, zero_point)
+        ctx.fixed, ctx.geometry, ctx.bias_sizes = fixed, geometry, None if bias is None else [bias.shape[0]]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _no_double_backward()
+        x, weight, scale, zero_point = ctx.saved_tensors
+        need_x, need_w, need_s, need_z, need_b = ctx.needs_input_grad[:5]
+        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)  # no autograd in backward
+        stride, padding, dilation, groups = ctx.geometry
+        grad_x, grad_wq, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, wq, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+            [need_x, need_w or need_s or need_z, need_b])
+        grad_w, grad_s, grad_z = _weight_backward(grad_wq, weight, scale, zero_point, ctx.fixed, (need_w, need_s, need_z))
+        return grad_x, grad_w, grad_s, grad_z, grad_b, None, None
+
+
+class _LinearRecomputedWeight(torch.autograd.Function):
+    """``linear(x, Q(w))`` keeping ``x`` and ``w`` for backward, not ``Q(w)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, zero_point, bias, fixed):
+        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *fixed)
+        ctx.save_for_backward(x, weight, scale, zero_point)
+        ctx.fixed, ctx.has_bias = fixed, bias is not None
+        return F.linear(x, wq, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _no_double_backward()
+        x, weight, scale, zero_point = ctx.saved_tensors
+        need_x, need_w, need_s, need_z, need_b = ctx.needs_input_grad[:5]
+        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)
+        grad_x = grad.matmul(wq) if need_x else None
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_wq = flat.t().mm(x.reshape(-1, x.shape[-1])) if (need_w or need_s or need_z) else None
+        grad_b = flat.sum(0) if need_b and ctx.has_bias else None
+        grad_w, grad_s, grad_z = _weight_backward(grad_wq, weight, scale, zero_point, ctx.fixed, (need_w, need_s, need_z))
+        return grad_x, grad_w, grad_s, grad_z, grad_b, None
 
 
 class QuantModuleMixin:
@@ -185,6 +285,45 @@ class QuantModuleMixin:
             out.register_hook(_drop)
         return out
 
+    def _recomputes_weight(self, x: torch.Tensor) -> bool:
+        """Whether this training call keeps the parameter rather than the quantized weight for backward (see
+        ``_ConvRecomputedWeight``): the fused per-channel kernel on float32 CPU tensors, the quantizer called plainly
+        (no hooks, observer or export), ``quantized_weight`` not replaced on the layer, and the layer not called
+        twice in one step."""
+        wq, w = self.weight_quantizer, self.weight  # type: ignore[attr-defined]
+        if not (
+            _RECOMPUTE_WEIGHTS
+            and torch.is_grad_enabled()
+            and type(wq) is FakeQuantizer
+            and wq.enabled
+            and wq.per_channel
+            and wq.observer is None
+            and wq.initialized
+            and not wq._forward_hooks
+            and not wq._forward_pre_hooks
+            and quantizers._FUSED_ENABLED
+            and quantizers._mode() == "fused"
+            and not quantizers._global_module_hooks()
+            and not _CACHE_OFF.depth
+            and not torch.is_inference_mode_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and w.dtype == torch.float32
+            and x.dtype == torch.float32
+            and w.device.type == "cpu"
+            and x.device.type == "cpu"
+            and quantizers._fused_ops(w) is not None
+            and "quantized_weight" not in self.__dict__  # replaced for this layer (AdaRound's soft weight)
+        ):
+            return False
+        if self in _SHARED:  # type: ignore[operator]
+            return False
+        if _LAST_CALL.get(self) == _BACKWARDS.value:  # a second call before any backward: a shared layer
+            _SHARED.add(self)  # type: ignore[arg-type]
+            return False
+        _LAST_CALL[self] = _BACKWARDS.value  # type: ignore[index]
+        return True
+
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         q = self.input_quantizer
         if q is None:
@@ -205,7 +344,12 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
             out = integer_inference.conv2d(self, input)
             if out is not None:
                 return out
-        return self._conv_forward(self._quantize_input(input), self.quantized_weight(), self.bias)
+        x = self._quantize_input(input)
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and self._recomputes_weight(x):
+            scale_zp, fixed = _weight_args(self)
+            return _ConvRecomputedWeight.apply(x, self.weight, *scale_zp, self.bias, fixed,
+                                               (self.stride, self.padding, self.dilation, self.groups))
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QuantLinear(QuantModuleMixin, nn.Linear):
@@ -217,7 +361,11 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
             out = integer_inference.linear(self, input)
             if out is not None:
                 return out
-        return F.linear(self._quantize_input(input), self.quantized_weight(), self.bias)
+        x = self._quantize_input(input)
+        if self._recomputes_weight(x):
+            scale_zp, fixed = _weight_args(self)
+            return _LinearRecomputedWeight.apply(x, self.weight, *scale_zp, self.bias, fixed)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
 
 class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):

@@ -14,7 +14,8 @@ from torch import nn
 
 from detq_hooks import kernels
 from detq_hooks import quantizers as Q
-from detq_hooks.modules import QuantConv2d
+from detq_hooks import modules as M
+from detq_hooks.modules import QuantConv2d, QuantLinear
 from detq_hooks.quantizers import FakeQuantizer, fake_quantize_reference, quantizer_mode
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels not built: {kernels.status()}")
@@ -580,6 +581,144 @@ def test_weight_cache_invalidation():
         conv.weight_quantizer.bits = 8
         conv(x)
         assert len(calls) == 8
+
+
+# ------------------------------------------------------------------ training keeps the parameter, not Q(w)
+def _recompute_pair(kind, bits, seed=0):
+    """Two identical quantized layers (the second for the path that keeps the quantized weight)."""
+    def make():
+        torch.manual_seed(seed)
+        if kind == "linear":
+            layer = QuantLinear.from_float(nn.Linear(12, 7), weight_spec=dict(bits=bits, symmetric=True),
+                                           input_spec=dict(bits=8, symmetric=False))
+            x = torch.randn(3, 5, 12)
+        else:
+            groups, stride, dilation, bias = {"conv": (1, 1, 1, True), "grouped": (2, 2, 1, False),
+                                              "depthwise": (8, 1, 2, True)}[kind]
+            layer = QuantConv2d.from_float(nn.Conv2d(8, 8 if groups == 8 else 6, 3, stride, 2 if dilation == 2 else 1,
+                                                     dilation, groups, bias), weight_spec=dict(bits=bits, symmetric=True),
+                                           input_spec=dict(bits=8, symmetric=False))
+            x = torch.randn(2, 8, 11, 11)
+        layer.weight_quantizer.initialize_from(layer.weight)
+        layer.input_quantizer.initialize_from(x)
+        return layer, x * 1.3
+    return make(), make()
+
+
+def _train_grads(layer, x, monkeypatch, recompute: bool, channels_last=False):
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", recompute)
+    x = x.clone()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = layer(x)
+    (y.square().sum() + y.sum()).backward()
+    return y, [x.grad] + [p.grad for p in layer.parameters()], type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("kind", ["conv", "grouped", "depthwise", "linear"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_layer_that_quantizes_its_weight_again_in_backward_gives_the_same_gradients(kind, bits, monkeypatch):
+    """Training keeps the parameter (held anyway) instead of the quantized weight and quantizes it again in the
+    backward: outputs and every gradient (input, weight, bias, weight and input step sizes) are bit for bit those of
+    the layer that keeps the quantized weight; channels-last inputs too."""
+    (a, x), (b, _) = _recompute_pair(kind, bits)
+    for channels_last in ([False, True] if kind != "linear" else [False]):
+        for layer in (a, b):
+            layer.zero_grad()
+        ya, ga, node_a = _train_grads(a, x, monkeypatch, True, channels_last)
+        yb, gb, node_b = _train_grads(b, x, monkeypatch, False, channels_last)
+        assert node_a.endswith("RecomputedWeightBackward") and not node_b.endswith("RecomputedWeightBackward")
+        assert torch.equal(ya, yb)
+        assert len(ga) == len(gb) and all(g is not None for g in ga)
+        for g1, g2 in zip(ga, gb):
+            assert torch.equal(g1, g2)
+
+
+def test_recomputing_layer_keeps_no_weight_sized_tensor_for_backward(monkeypatch):
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(nn.Conv2d(64, 64, 3, padding=1), weight_spec=dict(bits=4, symmetric=True),
+                                  input_spec=None)
+    conv.weight_quantizer.initialize_from(conv.weight)
+    x = torch.randn(1, 64, 4, 4, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in conv.parameters()} | {
+        p.untyped_storage().data_ptr() for p in conv.weight_quantizer.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t.numel())
+        return t
+
+    for recompute, weight_sized in ((True, 0), (False, 1)):
+        monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", recompute)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = conv(x)
+        assert saved.count(conv.weight.numel()) == weight_sized, saved  # the quantized weight, a fresh tensor
+        assert x.numel() in saved  # the input, as for any convolution
+        y.sum().backward()
+
+
+def test_shared_layer_and_gradient_accumulation(monkeypatch):
+    """A layer called again before any backward (FCOS's head over five levels) is marked shared and takes the cached
+    quantized weight (quantized once per step) from then on; gradient accumulation, a backward between the calls,
+    does not mark it; the gradients are the reference's either way."""
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    (conv, _), (ref, _) = _recompute_pair("conv", 4)
+    xs = [torch.randn(2, 8, s, s) for s in (16, 8, 4)]
+    for _ in range(3):  # accumulation: one level per backward
+        for x in xs:
+            y = conv(x)
+            assert type(y.grad_fn).__name__ == "_ConvRecomputedWeightBackward"
+            y.square().sum().backward()
+    assert conv not in M._SHARED
+    conv.zero_grad()
+    nodes = [type(conv(x).grad_fn).__name__ for x in xs]
+    assert nodes[0] == "_ConvRecomputedWeightBackward" and set(nodes[1:]) == {"ConvolutionBackward0"}
+    assert conv in M._SHARED
+    conv.zero_grad()
+    sum(conv(x).square().sum() for x in xs).backward()
+    with quantizer_mode("reference"):
+        sum(ref(x).square().sum() for x in xs).backward()
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.weight_quantizer.scale.grad, ref.weight_quantizer.scale.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_recomputing_layer_with_a_frozen_weight_and_refusing_a_double_backward(monkeypatch):
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    (a, x), (b, _) = _recompute_pair("conv", 4)
+    for layer in (a, b):
+        layer.weight.requires_grad_(False)  # a frozen curriculum stage: the step sizes still learn
+    ga = _train_grads(a, x, monkeypatch, True)[1]
+    gb = _train_grads(b, x, monkeypatch, False)[1]
+    assert a.weight.grad is None and b.weight.grad is None
+    for g1, g2 in zip(ga, gb):
+        assert (g1 is None and g2 is None) or torch.equal(g1, g2)
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    a.weight.requires_grad_(True)
+    xr = x.clone().requires_grad_()
+    y = a(xr)
+    assert type(y.grad_fn).__name__ == "_ConvRecomputedWeightBackward"
+    with pytest.raises(RuntimeError, match="no double backward.*quantizer_mode\\('reference'\\)"):
+        torch.autograd.grad(y.square().sum(), a.weight, create_graph=True)
+
+
+def test_keep_quantized_weights_switch():
+    code = textwrap.dedent("""
+        import torch
+        from torch import nn
+        from detq_hooks.modules import QuantConv2d
+        conv = QuantConv2d.from_float(nn.Conv2d(4, 4, 3), weight_spec=dict(bits=4, symmetric=True), input_spec=None)
+        conv.weight_quantizer.initialize_from(conv.weight)
+        print("NODE", type(conv(torch.randn(1, 4, 5, 5)).grad_fn).__name__)
+    """)
+    for value, node in (("1", "ConvolutionBackward0"), ("0", "_ConvRecomputedWeightBackward")):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), DETQ_KEEP_QUANTIZED_WEIGHTS=value)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"NODE {node}" in res.stdout
 
 
 def _act_conv(channels=8):

@@ -517,6 +517,16 @@ std::vector<at::Tensor> per_channel_q_fwd(const at::Tensor& x, const at::Tensor&
   return per_channel_fwd(x, b[0], b[1], b[2], axis, need_state);
 }
 
+// The backward of per_channel_q_fwd from the weight itself (nothing saved by a forward): the gradients of the weight
+// (if need_x), scale and zero point [C] for the gradient of the quantized weight. For the layers that quantize their
+// weight again in backward (modules.py) instead of keeping the quantized weight from the forward.
+std::vector<at::Tensor> per_channel_q_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                          const at::Tensor& zero_point, int64_t qmin, int64_t qmax, int64_t axis,
+                                          double grad_factor, double floor, bool need_x) {
+  const auto b = channel_bounds(scale, zero_point, qmin, qmax, floor);
+  return per_channel_bwd(grad, x.contiguous(), b[0], b[1], b[2], axis, grad_factor, need_x, /*from_x=*/true);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Autograd ops on the quantizer's own parameters: the forward reads the bounds (scale floored at `floor` with a
 // straight-through gradient, zero point rounded half to even and clamped), the backward gives the input, scale and
@@ -852,6 +862,7 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("per_channel_fwd(Tensor x, Tensor scale, Tensor lo, Tensor hi, int axis, bool need_state) -> Tensor[]");
   m.def("per_channel_q_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float floor, bool need_state) -> Tensor[]");
   m.def("per_channel_bwd(Tensor grad, Tensor state, Tensor scale, Tensor lo, Tensor hi, int axis, float grad_factor, bool need_x) -> Tensor[]");
+  m.def("per_channel_q_bwd(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor, bool need_x) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
@@ -867,6 +878,7 @@ TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
     return per_channel_bwd(grad, st, scale, lo, hi, axis, grad_factor, need_x);
   });
   m.impl("per_channel_q_fwd", &per_channel_q_fwd);
+  m.impl("per_channel_q_bwd", &per_channel_q_bwd);
   m.impl("fq_per_tensor", &fq_per_tensor_cpu);
   m.impl("fq_per_channel", &fq_per_channel_cpu);
 }
