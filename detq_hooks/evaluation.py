@@ -26,7 +26,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["EvalResult", "coco_evaluate", "detections_from_tensors", "image_id_by_filename", "load_coco"]
+__all__ = ["EvalResult", "ImageMatches", "bootstrap_map", "coco_evaluate", "detections_from_tensors",
+           "image_id_by_filename", "load_coco", "match_per_image"]
 
 _IOU_TYPES = ("bbox", "segm")
 # order of COCOeval.stats
@@ -176,6 +177,128 @@ def coco_evaluate(
         ar100=stats[8], per_category=per_category, per_category_ap50=per_category_ap50,
         num_images=len(images), num_detections=len(results), stats=stats,
     )
+
+
+# ------------------------------------------------------------------------------------------ bootstrap over images
+@dataclass
+class ImageMatches:
+    """pycocotools' per-image matching of one model's detections (area "all", 100 detections per image and
+    category), kept so that COCO AP can be recomputed on any resample of the images without matching again.
+
+    For each category id, detections in descending score order: ``image[d]`` (the image index of detection ``d``),
+    ``true_positives[t]`` (the indices of the detections matched at IoU threshold ``t``), ``counted[t, d]`` (False
+    for a detection pycocotools ignores at that threshold; ``None`` when none is ignored) and ``num_gt[i]`` (the
+    non-ignored ground truths of image ``i``)."""
+
+    image_ids: list
+    categories: dict  # category id -> name
+    per_category: dict  # category id -> (image [D], true_positives [T arrays], counted [T, D] or None, num_gt [I])
+    recall_thresholds: np.ndarray
+
+    def category_ap(self, weights: np.ndarray | None = None) -> dict:
+        """AP50-95 of each category with ground truth in the (re)sample ``weights`` (the number of times each image
+        is drawn; all ones is the data set itself, which gives pycocotools' figures), category id -> AP.
+
+        Precision only rises at a true positive, so the interpolated precision at a recall threshold (the
+        largest precision at that recall or beyond) is read at true positives alone: per threshold, the work is
+        in the matched detections; only the running count of all detections goes over the whole list."""
+        weights = np.ones(len(self.image_ids)) if weights is None else np.asarray(weights, dtype=float)
+        out = {}
+        for cat, (image, true_positives, counted, num_gt) in self.per_category.items():
+            positives = float(num_gt @ weights)
+            if positives == 0:
+                continue  # pycocotools leaves such a category out
+            w = weights[image]
+            seen = np.cumsum(w) if counted is None else None  # detections up to and including each one
+            ap = []
+            for t, hits in enumerate(true_positives):
+                if hits.size == 0:
+                    ap.append(0.0)
+                    continue
+                upto = seen[hits] if counted is None else np.cumsum(w * counted[t])[hits]
+                found = np.cumsum(w[hits])
+                precision = found / (upto + np.spacing(1))
+                precision = np.maximum.accumulate(precision[::-1])[::-1]  # the PR envelope
+                at = np.searchsorted(found / positives, self.recall_thresholds, side="left")
+                ap.append(float(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0).mean()))
+            out[cat] = float(np.mean(ap))
+        return out
+
+
+def match_per_image(gt, detections: Sequence[Mapping], category_ids: Sequence[int] | None = None,
+                    max_dets: int = 100) -> ImageMatches:
+    """Match ``detections`` to ``gt`` per image with pycocotools (the matching :func:`coco_evaluate` scores), for
+    :func:`bootstrap_map`. ``ImageMatches.category_ap()`` on all images equals ``coco_evaluate``'s per-category AP."""
+    from pycocotools.cocoeval import COCOeval
+
+    coco_gt = load_coco(gt)
+    categories = sorted(coco_gt.getCatIds()) if category_ids is None else [int(c) for c in category_ids]
+    images = sorted(coco_gt.getImgIds())
+    results = [dict(d) for d in detections]
+    _check_detections(results, set(images), set(coco_gt.getCatIds()), "bbox")
+    names = {c["id"]: c["name"] for c in coco_gt.loadCats(categories)}
+    index_of = {img: i for i, img in enumerate(images)}
+    thresholds = 10  # IoU 0.50:0.05:0.95
+    nothing = (np.zeros(0, dtype=int), [np.zeros(0, dtype=int)] * thresholds, None)
+    per_category = {}
+    if not results:  # nothing detected (loadRes cannot take an empty list): every category with ground truth has AP 0
+        for cat in categories:
+            num_gt = np.array([len(coco_gt.getAnnIds(imgIds=[img], catIds=[cat], iscrowd=False)) for img in images],
+                              dtype=float)
+            per_category[cat] = (*nothing, num_gt)
+        return ImageMatches(images, names, per_category, np.linspace(0.0, 1.0, 101))
+    with _quiet(True):
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+    evaluator.params.catIds, evaluator.params.imgIds = categories, images
+    evaluator.params.maxDets = [max_dets]
+    evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
+    with _quiet(True):
+        evaluator.evaluate()
+    num_images = len(images)
+    for k, cat in enumerate(categories):
+        found = [e for e in evaluator.evalImgs[k * num_images:(k + 1) * num_images] if e is not None]
+        num_gt = np.zeros(num_images)
+        for e in found:
+            num_gt[index_of[e["image_id"]]] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+        scores = [np.asarray(e["dtScores"][:max_dets]) for e in found]
+        if not sum(len(x) for x in scores):
+            per_category[cat] = (*nothing, num_gt)
+            continue
+        image = np.concatenate([np.full(len(x), index_of[e["image_id"]]) for x, e in zip(scores, found)]).astype(int)
+        matched = np.concatenate([e["dtMatches"][:, :max_dets] for e in found], axis=1) > 0
+        ignored = np.concatenate([e["dtIgnore"][:, :max_dets] for e in found], axis=1) > 0
+        order = np.argsort(-np.concatenate(scores), kind="mergesort")  # pycocotools' order, ties included
+        image, matched, ignored = image[order], matched[:, order], ignored[:, order]
+        true_positives = [np.flatnonzero(m & ~i) for m, i in zip(matched, ignored)]
+        per_category[cat] = (image, true_positives, ~ignored if ignored.any() else None, num_gt)
+    return ImageMatches(images, names, per_category, np.asarray(evaluator.params.recThrs))
+
+
+def bootstrap_map(matches: Mapping[str, ImageMatches], groups: Mapping[str, Sequence[int]], resamples: int = 1000,
+                  seed: int = 0) -> dict:
+    """Mean AP50-95 over each group of category ids, for every model, on ``resamples`` bootstrap resamples of the
+    images (drawn with replacement, the *same* resample for every model, so differences between models are paired).
+
+    Returns ``{model: {group: array of the resamples' figures}}``; the full set's own figure is
+    ``ImageMatches.category_ap()`` (equal to :func:`coco_evaluate`'s).
+    """
+    models = list(matches)
+    if not models:
+        raise ValueError("bootstrap_map needs at least one model's matches")
+    images = matches[models[0]].image_ids
+    for name in models[1:]:
+        if matches[name].image_ids != images:
+            raise ValueError(f"model {name!r} was matched on other images than {models[0]!r}: resamples must be paired")
+    rng = np.random.default_rng(seed)
+    out = {name: {group: np.empty(resamples) for group in groups} for name in models}
+    for r in range(resamples):
+        weights = np.bincount(rng.integers(0, len(images), len(images)), minlength=len(images)).astype(float)
+        for name in models:
+            ap = matches[name].category_ap(weights)
+            for group, cats in groups.items():
+                values = [ap[c] for c in cats if c in ap]
+                out[name][group][r] = np.mean(values) if values else np.nan
+    return out
 
 
 def detections_from_tensors(

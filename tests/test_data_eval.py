@@ -14,7 +14,14 @@ from detq_hooks.tools.data import (
     load_synthetic_dataset,
     make_synthetic_dataset,
 )
-from detq_hooks.evaluation import EvalResult, coco_evaluate, detections_from_tensors, image_id_by_filename
+from detq_hooks.evaluation import (
+    EvalResult,
+    bootstrap_map,
+    coco_evaluate,
+    detections_from_tensors,
+    image_id_by_filename,
+    match_per_image,
+)
 
 SMALL = dict(num_train=24, num_val=8, imgsz=160)
 
@@ -307,6 +314,88 @@ def test_tensor_round_trip_through_evaluation(dataset):
     dets = detections_from_tensors([ids[s] for s in stems], [r[:, :4] for r in rows],
                                    [np.ones(len(r)) for r in rows], [r[:, 4].astype(int) for r in rows])
     assert coco_evaluate(dataset.coco_val_json, dets).map50_95 == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ bootstrap over images
+
+
+def _noisy_detections(coco: dict, seed: int, ties: bool = True) -> list:
+    """Jittered copies of the ground truth (some with the wrong class), random false positives, scores with ties
+    (rounded to 2 decimals) or without."""
+    rng = np.random.default_rng(seed)
+    score = (lambda: float(np.round(rng.random(), 2))) if ties else (lambda: float(rng.random()))
+    dets = []
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        for _ in range(2):
+            dx, dy, dw, dh = rng.normal(0.0, 0.15 * max(w, h), 4)
+            cat = a["category_id"] if rng.random() < 0.8 else int(rng.integers(1, 9))
+            dets.append({"image_id": a["image_id"], "category_id": cat, "bbox": [x + dx, y + dy, max(1.0, w + dw),
+                         max(1.0, h + dh)], "score": score()})
+    for image in coco["images"]:
+        for _ in range(4):
+            dets.append({"image_id": image["id"], "category_id": int(rng.integers(1, 9)),
+                         "bbox": [float(v) for v in rng.uniform(0, 150, 4)], "score": score()})
+    return dets
+
+
+def test_image_matches_give_pycocotools_figures(dataset):
+    coco = json.loads(dataset.coco_val_json.read_text())
+    dets = _noisy_detections(coco, 0)
+    res = coco_evaluate(dataset.coco_val_json, dets)
+    matches = match_per_image(dataset.coco_val_json, dets)
+    ap = matches.category_ap()
+    assert {matches.categories[c]: v for c, v in ap.items()} == pytest.approx(res.per_category, abs=1e-12)
+    assert 0.1 < res.map50_95 < 0.9  # neither trivial case
+    some = [2, 5]
+    only = match_per_image(dataset.coco_val_json, dets, category_ids=some).category_ap()
+    assert only == pytest.approx({c: ap[c] for c in some}, abs=1e-12)
+    empty = match_per_image(dataset.coco_val_json, []).category_ap()
+    assert {matches.categories[c]: v for c, v in empty.items()} == coco_evaluate(dataset.coco_val_json, []).per_category
+
+
+def test_resample_weights_equal_duplicated_images(dataset):
+    """A bootstrap resample (image i drawn w_i times) scores as pycocotools scores a data set holding w_i copies
+    (scores without ties across images: pycocotools orders those by image id, which copies change)."""
+    coco = json.loads(dataset.coco_val_json.read_text())
+    dets = _noisy_detections(coco, 1, ties=False)
+    matches = match_per_image(dataset.coco_val_json, dets)
+    weights = np.random.default_rng(0).integers(0, 4, len(matches.image_ids))
+    copies = {"images": [], "annotations": [], "categories": coco["categories"]}
+    copied_dets = []
+    for i, image_id in enumerate(matches.image_ids):
+        for k in range(weights[i]):
+            new_id = 1000 * (k + 1) + image_id
+            copies["images"].append({**next(im for im in coco["images"] if im["id"] == image_id), "id": new_id})
+            copies["annotations"] += [{**a, "id": len(copies["annotations"]) + j + 1, "image_id": new_id}
+                                      for j, a in enumerate(a for a in coco["annotations"] if a["image_id"] == image_id)]
+            copied_dets += [{**d, "image_id": new_id} for d in dets if d["image_id"] == image_id]
+    expected = coco_evaluate(copies, copied_dets).per_category
+    got = {matches.categories[c]: v for c, v in matches.category_ap(weights).items()}
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert got != pytest.approx({matches.categories[c]: v for c, v in matches.category_ap().items()}, abs=1e-3)
+
+
+def test_bootstrap_is_paired_and_reproducible(dataset):
+    coco = json.loads(dataset.coco_val_json.read_text())
+    good = match_per_image(dataset.coco_val_json, _noisy_detections(coco, 2))
+    # class 3 loses its detections scored below 0.5: its PR curve is cut short, so its AP can only drop
+    worse = match_per_image(dataset.coco_val_json,
+                            [d for d in _noisy_detections(coco, 2) if d["category_id"] != 3 or d["score"] >= 0.5])
+    groups = {"all": sorted(good.categories), "three": [3]}
+    boot = bootstrap_map({"a": good, "a again": good, "b": worse}, groups, resamples=200, seed=0)
+    assert np.array_equal(boot["a"]["all"], boot["a again"]["all"])  # the same resamples for every model
+    full = np.mean(list(good.category_ap().values()))
+    lo, hi = np.percentile(boot["a"]["all"], [2.5, 97.5])
+    assert lo < full < hi and hi - lo > 0.01
+    drop = boot["a"]["three"] - boot["b"]["three"]  # paired: on every resample, never negative
+    assert np.all(drop >= -1e-12) and np.mean(drop > 1e-3) > 0.9
+    again = bootstrap_map({"a": good}, groups, resamples=200, seed=0)
+    assert np.array_equal(again["a"]["all"], boot["a"]["all"])
+    other = match_per_image(dataset.coco_val_json, _noisy_detections(coco, 2))
+    other.image_ids = other.image_ids[:-1]
+    with pytest.raises(ValueError, match="'b' was matched on other images than 'a'"):
+        bootstrap_map({"a": good, "b": other}, groups, resamples=2)
 
 
 # ---------------------------------------------------------------------------------------------------- zoo

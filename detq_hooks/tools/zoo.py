@@ -31,7 +31,7 @@ from .data import SynthDataset, exclusive_lock
 from ..evaluation import EvalResult, coco_evaluate, image_id_by_filename
 
 __all__ = ["FROM_SCRATCH_HYPERPARAMETERS", "FloatReference", "cached_float_checkpoint", "evaluate_ultralytics",
-           "float_refs_dir", "synthetic_data_dir"]
+           "float_refs_dir", "predict_ultralytics_coco", "synthetic_data_dir"]
 
 ZOO_VERSION = 2  # bump when the training recipe below changes, so old checkpoints are not reused
 
@@ -154,13 +154,20 @@ def evaluate_ultralytics(weights, dataset: SynthDataset, imgsz: int | None = Non
     as for its mAP). ``model.predict`` keeps only the best class per box, which starves the rare classes
     of a long-tailed data set: on the synthetic data it reports the tail classes at AP 0.
     """
+    detections = predict_ultralytics_coco(weights, dataset, imgsz, split, conf, iou, max_det, batch)
+    return coco_evaluate(dataset.coco_json(split), detections)
+
+
+def predict_ultralytics_coco(weights, dataset: SynthDataset, imgsz: int | None = None, split: str = "val",
+                             conf: float = 0.001, iou: float = 0.7, max_det: int = 300, batch: int = 16) -> list[dict]:
+    """The COCO result dicts (ids of ``dataset``'s annotation file) that :func:`evaluate_ultralytics` scores."""
     import tempfile
 
     from ultralytics import YOLO
     from ultralytics.models.yolo.detect import DetectionValidator
 
     class CollectingValidator(DetectionValidator):
-        def eval_json(self, stats):  # keep predictions.json; scoring is pycocotools' below
+        def eval_json(self, stats):  # keep predictions.json; scoring is pycocotools'
             return stats
 
     model = weights if hasattr(weights, "val") else YOLO(str(weights))
@@ -178,7 +185,7 @@ def evaluate_ultralytics(weights, dataset: SynthDataset, imgsz: int | None = Non
             raise ValueError(f"Ultralytics predicted on {det['file_name']}, which is not in {dataset.coco_json(split)}")
         detections.append({"image_id": ids[stem], "category_id": int(det["category_id"]), "bbox": det["bbox"],
                            "score": det["score"]})
-    return coco_evaluate(dataset.coco_json(split), detections)
+    return detections
 
 
 # ----------------------------------------------------------------------------------------------------
