@@ -306,6 +306,7 @@ class QuantModuleMixin:
             and not quantizers._global_module_hooks()
             and not _CACHE_OFF.depth
             and not torch.is_inference_mode_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast picks the convolution's precision: the ordinary path
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
             and w.dtype == torch.float32

@@ -705,6 +705,17 @@ def test_recomputing_layer_with_a_frozen_weight_and_refusing_a_double_backward(m
         torch.autograd.grad(y.square().sum(), a.weight, create_graph=True)
 
 
+def test_recomputing_layer_leaves_autocast_to_the_ordinary_path(monkeypatch):
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    (conv, x), _ = _recompute_pair("conv", 8)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_ConvRecomputedWeightBackward"
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and conv.weight.grad is not None
+
+
 def test_keep_quantized_weights_switch():
     code = textwrap.dedent("""
         import torch
