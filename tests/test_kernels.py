@@ -716,6 +716,34 @@ def test_recomputing_layer_leaves_autocast_to_the_ordinary_path(monkeypatch):
     assert x.grad.dtype == torch.float32 and conv.weight.grad is not None
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recomputing_layers_under_activation_checkpointing(reentrant, monkeypatch):
+    """torch.utils.checkpoint (MMDetection backbones' with_cp) runs the layers again in backward: the gradients over
+    two steps equal a plain run's, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+
+    def stack():
+        torch.manual_seed(0)
+        layers = nn.Sequential(*[QuantConv2d.from_float(nn.Conv2d(4, 4, 3, padding=1), weight_spec=dict(bits=4, symmetric=True),
+                                                        input_spec=dict(bits=8, symmetric=False)) for _ in range(3)])
+        for c in layers:
+            c.weight_quantizer.initialize_from(c.weight)
+            c.input_quantizer.initialize_from(torch.randn(2, 4, 6, 6))
+        return layers
+
+    x = torch.randn(2, 4, 6, 6)
+    plain, checkpointed = stack(), stack()
+    plain(x).square().sum().backward()
+    for _ in range(2):
+        checkpointed.zero_grad()
+        checkpoint(checkpointed, x.clone().requires_grad_(), use_reentrant=reentrant).square().sum().backward()
+        for a, b in zip(checkpointed.parameters(), plain.parameters()):
+            assert torch.equal(a.grad, b.grad)
+    assert not any(c in M._SHARED for c in checkpointed)
+
+
 def test_keep_quantized_weights_switch():
     code = textwrap.dedent("""
         import torch
