@@ -161,7 +161,16 @@ class _LinearRecomputedWeight(torch.autograd.Function):
         wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *fixed)
         ctx.save_for_backward(x, weight, scale, zero_point)
         ctx.fixed, ctx.has_bias = fixed, bias is not None
-        return F.linear(x, wq, bias)
+        # F.linear's output for a batched input is a view of its 2-D product, and a custom Function's output must not
+        # be a view (an in-place op after it, a transformer's dropout or ReLU, would be refused): the product is
+        # written into a fresh tensor of the output's shape instead, by the same addmm
+        out = x.new_empty(*x.shape[:-1], wq.shape[0])
+        flat = x.reshape(-1, x.shape[-1])
+        if bias is None:
+            torch.mm(flat, wq.t(), out=out.view(-1, wq.shape[0]))
+        else:
+            torch.addmm(bias, flat, wq.t(), out=out.view(-1, wq.shape[0]))
+        return out
 
     @staticmethod
     def backward(ctx, grad):
