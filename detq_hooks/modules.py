@@ -107,24 +107,34 @@ def _weight_args(layer) -> tuple:
                                                quantizers._SCALE_FLOOR)
 
 
-def _weight_backward(grad_wq: Optional[torch.Tensor], weight, scale, zero_point, fixed, needs: tuple) -> tuple:
-    """The weight quantizer's backward from the weight itself (the kernel that PerChannelFQ's backward runs):
-    gradients of weight, scale and zero point, ``None`` where ``needs`` says not needed."""
-    if grad_wq is None or not any(needs):
-        return None, None, None
-    qmin, qmax, axis, grad_factor, floor = fixed
-    gw, gs, gz = quantizers._kernel_ops().per_channel_q_bwd(grad_wq, weight, scale.detach(), zero_point.detach(), qmin,
-                                                            qmax, axis, grad_factor, floor, needs[0])
-    return (gw if needs[0] else None, gs.reshape(scale.shape) if needs[1] else None,
-            gz.reshape(zero_point.shape) if needs[2] else None)
-
-
 def _no_double_backward() -> None:
     if torch.is_grad_enabled():  # backward(create_graph=True) runs in grad mode
         raise RuntimeError("a quantized layer's memory-saving backward has no double backward; run it under "
                            "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
                            "DETQ_KEEP_QUANTIZED_WEIGHTS=1")
     _BACKWARDS.value += 1
+
+
+def _weight_again(ctx) -> tuple:
+    """What both layers' backward start from: the saved input, the weight quantized again (the forward's kernel on
+    the same values: bit for bit the forward's weight) and the saved (weight, scale, zero point)."""
+    _no_double_backward()
+    x, weight, scale, zero_point = ctx.saved_tensors
+    return x, quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed), (weight, scale, zero_point)
+
+
+def _weight_backward(ctx, grad_wq: Optional[torch.Tensor], params: tuple) -> tuple:
+    """The weight quantizer's backward from the weight itself (the kernel that PerChannelFQ's backward runs):
+    gradients of weight, scale and zero point (inputs 1-3 of both Functions), ``None`` where not needed."""
+    needs = ctx.needs_input_grad[1:4]
+    if grad_wq is None or not any(needs):
+        return None, None, None
+    weight, scale, zero_point = params
+    qmin, qmax, axis, grad_factor, floor = ctx.fixed
+    gw, gs, gz = quantizers._kernel_ops().per_channel_q_bwd(grad_wq, weight, scale.detach(), zero_point.detach(), qmin,
+                                                            qmax, axis, grad_factor, floor, needs[0])
+    return (gw if needs[0] else None, gs.reshape(scale.shape) if needs[1] else None,
+            gz.reshape(zero_point.shape) if needs[2] else None)
 
 
 class _ConvRecomputedWeight(torch.autograd.Function):
@@ -141,16 +151,12 @@ class _ConvRecomputedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _no_double_backward()
-        x, weight, scale, zero_point = ctx.saved_tensors
-        need_x, need_w, need_s, need_z, need_b = ctx.needs_input_grad[:5]
-        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)  # no autograd in backward
+        x, wq, params = _weight_again(ctx)
         stride, padding, dilation, groups = ctx.geometry
         grad_x, grad_wq, grad_b = torch.ops.aten.convolution_backward(
             grad, x, wq, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-            [need_x, need_w or need_s or need_z, need_b])
-        grad_w, grad_s, grad_z = _weight_backward(grad_wq, weight, scale, zero_point, ctx.fixed, (need_w, need_s, need_z))
-        return grad_x, grad_w, grad_s, grad_z, grad_b, None, None
+            [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[4]])
+        return grad_x, *_weight_backward(ctx, grad_wq, params), grad_b, None, None
 
 
 class _LinearRecomputedWeight(torch.autograd.Function):
@@ -174,16 +180,12 @@ class _LinearRecomputedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _no_double_backward()
-        x, weight, scale, zero_point = ctx.saved_tensors
-        need_x, need_w, need_s, need_z, need_b = ctx.needs_input_grad[:5]
-        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)
-        grad_x = grad.matmul(wq) if need_x else None
+        x, wq, params = _weight_again(ctx)
+        grad_x = grad.matmul(wq) if ctx.needs_input_grad[0] else None
         flat = grad.reshape(-1, grad.shape[-1])
-        grad_wq = flat.t().mm(x.reshape(-1, x.shape[-1])) if (need_w or need_s or need_z) else None
-        grad_b = flat.sum(0) if need_b and ctx.has_bias else None
-        grad_w, grad_s, grad_z = _weight_backward(grad_wq, weight, scale, zero_point, ctx.fixed, (need_w, need_s, need_z))
-        return grad_x, grad_w, grad_s, grad_z, grad_b, None
+        grad_wq = flat.t().mm(x.reshape(-1, x.shape[-1])) if any(ctx.needs_input_grad[1:4]) else None
+        grad_b = flat.sum(0) if ctx.needs_input_grad[4] and ctx.has_bias else None
+        return grad_x, *_weight_backward(ctx, grad_wq, params), grad_b, None
 
 
 class QuantModuleMixin:
@@ -254,15 +256,7 @@ class QuantModuleMixin:
         :func:`uncached_weights` bypass it.
         """
         wq, w = self.weight_quantizer, self.weight  # type: ignore[attr-defined]
-        if (
-            not wq.enabled
-            or wq.observer is not None
-            or not wq.initialized
-            or quantizers._mode() != "fused"
-            or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()
-            or _CACHE_OFF.depth
-        ):
+        if not self._weight_quantizer_is_plain():
             _WEIGHT_CACHE.pop(self, None)
             return wq(w)
         key = (w._version, wq.scale._version, wq.zero_point._version, wq.bits, torch.is_grad_enabled(),
@@ -294,6 +288,13 @@ class QuantModuleMixin:
             out.register_hook(_drop)
         return out
 
+    def _weight_quantizer_is_plain(self) -> bool:
+        """The weight quantizer runs its fused-mode arithmetic as is: enabled, calibrated, not observing, not under
+        export, tracing, ``torch.compile`` or :func:`uncached_weights` (what the cache and the recomputation need)."""
+        wq = self.weight_quantizer
+        return bool(wq.enabled and wq.observer is None and wq.initialized and quantizers._mode() == "fused"
+                    and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _CACHE_OFF.depth)
+
     def _recomputes_weight(self, x: torch.Tensor) -> bool:
         """Whether this training call keeps the parameter rather than the quantized weight for backward (see
         ``_ConvRecomputedWeight``): the fused per-channel kernel on float32 CPU tensors, the quantizer called plainly
@@ -304,20 +305,14 @@ class QuantModuleMixin:
             _RECOMPUTE_WEIGHTS
             and torch.is_grad_enabled()
             and type(wq) is FakeQuantizer
-            and wq.enabled
             and wq.per_channel
-            and wq.observer is None
-            and wq.initialized
+            and self._weight_quantizer_is_plain()
             and not wq._forward_hooks
             and not wq._forward_pre_hooks
             and quantizers._FUSED_ENABLED
-            and quantizers._mode() == "fused"
             and not quantizers._global_module_hooks()
-            and not _CACHE_OFF.depth
             and not torch.is_inference_mode_enabled()
             and not torch.is_autocast_enabled("cpu")  # autocast picks the convolution's precision: the ordinary path
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
             and w.dtype == torch.float32
             and x.dtype == torch.float32
             and w.device.type == "cpu"
