@@ -71,5 +71,8 @@ def save_json(path, args, rows: list[dict], **extra) -> None:
     """A script's ``--json PATH`` output, read by ``benchmarks/run.py``: its options, ``extra`` and its rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from detq_hooks import allocator  # whether the timed steps ran with the allocator kept warm
+
+    extra.setdefault("allocator", allocator.status())
     path.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, **extra, "rows": rows},
                                indent=2, default=str))

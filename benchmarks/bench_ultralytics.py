@@ -43,6 +43,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import clock, fmt_ratio, model_state_bytes, ratio_stats, saved_for_backward_bytes  # noqa: E402
 
 
+def training_batches(trainer, batch: int, n: int = 4) -> list:
+    """The first ``n`` preprocessed training batches of an Ultralytics trainer's loader."""
+    batches = []
+    for b in trainer.get_dataloader(trainer.data["train"], batch_size=batch, rank=-1, mode="train"):
+        batches.append(trainer.preprocess_batch(b))
+        if len(batches) >= n:
+            break
+    return batches
+
+
+def train_step(model, opt, b) -> float:
+    """Seconds of one training step as Ultralytics runs it: forward with the loss, backward, optimizer step."""
+    t = clock()
+    loss, _ = model(b)
+    loss.sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return clock() - t
+
+
 def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: int, recipes: list[str]) -> dict:
     """Training-step seconds, validation-forward seconds and memory held for backward, for float, each recipe and
     Ultralytics' ``quantize=8`` (where ModelOpt imports), on identical batches. The variants are built first and
@@ -58,12 +78,7 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
                                               workers=0, amp=False, plots=False, verbose=False, exist_ok=True,
                                               project="/tmp/detq_bench_runs", name="steps"))
     trainer.model = trainer.get_model(cfg=model_yaml, verbose=False)
-    loader = trainer.get_dataloader(trainer.data["train"], batch_size=batch, rank=-1, mode="train")
-    batches = []
-    for b in loader:
-        batches.append(trainer.preprocess_batch(b))
-        if len(batches) >= 4:
-            break
+    batches = training_batches(trainer, batch)
     base = trainer.model
     base.args = trainer.args
     names = ["float", *recipes]
@@ -85,14 +100,6 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
                 model.criterion = DetQCriterion(model.init_criterion(), model, session)
         model.train()
         variants[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
-
-    def train_step(model, opt, b):
-        t = clock()
-        loss, _ = model(b)
-        loss.sum().backward()
-        opt.step()
-        opt.zero_grad()
-        return clock() - t
 
     def val_forwards(model, b):
         """The first forward after a training step (new weights: quantized again; integer layers keep the float path
@@ -201,6 +208,9 @@ def main() -> None:
     report["first_validation_forward_ratio_stats"] = st["val_first"]
     report["memory_bytes"] = st["memory_bytes"]
     report["memory_ratio"] = st["memory_ratio"]
+    from detq_hooks import allocator
+
+    report["allocator"] = allocator.status()
     if "w4a4-crqat" in st["train"]:
         report["teacher_cost_vs_plain_w4a4"] = st["train"]["w4a4-crqat"]["median_s"] / st["train"]["w4a4"]["median_s"]
     report["clock"] = os.environ.get("DETQ_BENCH_CLOCK", "wall")

@@ -73,7 +73,7 @@ SIZES = {
         ("threads", int, SCRIPT_DEFAULT, 1, "torch threads of each script"),
     ],
     "cost": [
-        ("sources", str, "convnet,ultralytics,mmdet,lightning,fisher-step", "convnet,ultralytics", "which scripts run"),
+        ("sources", str, "convnet,ultralytics,mmdet,lightning,ultralytics-alone,fisher-step", "convnet,ultralytics", "which scripts run"),
         ("imgsz", int, SCRIPT_DEFAULT, 64, "input size"),
         ("batch", int, SCRIPT_DEFAULT, 4, "images per step"),
         ("steps", int, SCRIPT_DEFAULT, 3, "timed repetitions (interleaved over the configurations)"),
@@ -454,6 +454,22 @@ def cost_lightning(args):
                   "memory_mb": r["memory_bytes"] / 2**20, "memory_ratio": r["memory_ratio"]} for r in data["rows"]]
 
 
+def cost_ultralytics_alone(args):
+    path = args.out / "raw" / "ultralytics_alone.json"
+    quick = ["--rounds", "1", "--steps", "3", "--num-train", "16", "--num-val", "4"] if args.quick else []
+    ran = run_logged(args, "ultralytics-alone", "bench_step_alone.py", [
+        "--json", path, *quick, *flags(args, ["imgsz", "batch"])])
+    data = read_json(path, ran)
+    alone = "each configuration alone in its own process (float with glibc's default malloc)"
+    return ran, [{"trainer": "Ultralytics", "model": f"YOLO11n, {alone}", "config": r["variant"], "baseline": "float",
+                  "step_ms": r["step_ms"], "step_ratio": r["ratio_median"], "step_ratio_min": r["ratio_min"],
+                  "step_ratio_max": r["ratio_max"],
+                  "val_ratio": not_measured("bench_step_alone.py times training steps only"),
+                  "val_first_ratio": not_measured("bench_step_alone.py times training steps only"),
+                  "memory_mb": not_measured("bench_ultralytics.py's rows hold it"),
+                  "memory_ratio": not_measured("bench_ultralytics.py's rows hold it")} for r in data["rows"]]
+
+
 def cost_fisher_step(args):
     path = args.out / "raw" / "fisher_step.json"
     ran = run_logged(args, "fisher-step", "bench_fisher_step.py", [
@@ -471,7 +487,7 @@ def cost_fisher_step(args):
 
 
 COST_SOURCES = {"convnet": cost_convnet, "ultralytics": cost_ultralytics, "mmdet": cost_mmdet,
-                "lightning": cost_lightning, "fisher-step": cost_fisher_step}
+                "lightning": cost_lightning, "ultralytics-alone": cost_ultralytics_alone, "fisher-step": cost_fisher_step}
 
 
 def cost(args):
@@ -481,7 +497,13 @@ def cost(args):
         commands.append(ran)
         rows += got
     notes = ["each script measures its configurations side by side in one process, interleaved, so that load "
-             "from other processes hits them alike; ratios are medians of per-repetition ratios", MEMORY_NOTE]
+             "from other processes hits them alike; ratios are medians of per-repetition ratios", MEMORY_NOTE,
+             "in those one-process rows float and quantized steps alike run with glibc's malloc keeping freed memory, "
+             "which `detq_hooks.quantize` sets once per process (`detq_hooks.allocator`; each raw JSON records its "
+             "status under `allocator`; `DETQ_MALLOC_TUNING=0` leaves malloc alone)",
+             "rows 'each configuration alone in its own process' (bench_step_alone.py) are what a user's two runs "
+             "see: one fresh process per configuration, in turns, float with glibc's default malloc; ratios are "
+             "medians over rounds of each round's median step ÷ float's"]
     return "training step time and memory ÷ float", COST_COLUMNS, rows, {"commands": commands, "notes": notes}, plot_cost
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from . import allocator
 from .modules import QUANT_MODULES, is_quantized_module, is_swappable, quantized_layers
 from .quantizers import FakeQuantizer, iter_quantizers
 from .ranges import calibrate_weight_quantizer
@@ -257,6 +258,7 @@ def quantize(
         for parent, attr, old in reversed(swapped):
             parent._modules[attr] = old
         raise
+    allocator.keep_freed_memory()  # the quantizers' extra tensors would otherwise refault the heap every step
     return model
 
 
