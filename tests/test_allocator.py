@@ -65,12 +65,13 @@ def test_quantize_keeps_freed_memory_in_the_process():
     assert tuned["status_before"].startswith("not yet")
     assert tuned["status"].startswith("glibc malloc keeps freed memory"), tuned["status"]
     # tuned: the blocks come from the heap and its pages stay with the process (one block's 4,096 pages faulted
-    # once over the nine steps); glibc's default mmaps them and gives pages back at every step (measured 77,543)
+    # once over the nine steps); glibc's default mmaps them and gives pages back (how many steps' worth depends
+    # on what the process freed before: 16,378 and 77,543 measured in two environments)
     assert tuned["mmapped"] == 0
     assert tuned["faults"] < 8192, tuned
     assert default["status"] == "left alone: DETQ_MALLOC_TUNING=0"
     assert default["mmapped"] >= 48 << 20
-    assert default["faults"] > 3 * 8192, default
+    assert default["faults"] > tuned["faults"] + 4096, (default, tuned)
 
 
 def test_users_own_malloc_settings_are_left_alone():
