@@ -73,7 +73,7 @@ SIZES = {
         ("threads", int, SCRIPT_DEFAULT, 1, "torch threads of each script"),
     ],
     "cost": [
-        ("sources", str, "convnet,ultralytics,mmdet,lightning,ultralytics-alone,fisher-step", "convnet,ultralytics", "which scripts run"),
+        ("sources", str, "convnet,ultralytics,mmdet,lightning,ultralytics-alone,fisher-step", "convnet,ultralytics,ultralytics-alone", "which scripts run"),
         ("imgsz", int, SCRIPT_DEFAULT, 64, "input size"),
         ("batch", int, SCRIPT_DEFAULT, 4, "images per step"),
         ("steps", int, SCRIPT_DEFAULT, 3, "timed repetitions (interleaved over the configurations)"),

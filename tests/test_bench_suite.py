@@ -206,6 +206,10 @@ def test_quick_cost_has_float_at_one_and_every_configuration(quick):
     assert all(r["step_ratio_min"] <= r["step_ratio"] <= r["step_ratio_max"] for r in yolo.values())
     assert yolo["w8a8"]["memory_mb"] > yolo["float"]["memory_mb"]  # quantizer state is held for backward
     assert {r["config"] for r in envelope["rows"] if r["model"] == "YOLO-sized conv net"} >= {"float", "w8a8"}
+    # each configuration alone in its process (bench_step_alone.py): float first and at 1, each ratio a real one
+    alone = [r for r in envelope["rows"] if r["model"].startswith("YOLO11n, each configuration alone")]
+    assert [r["config"] for r in alone] == ["float", "w8a8", "w4a4"]
+    assert alone[0]["step_ratio"] == 1.0 and all(0.3 < r["step_ratio"] < 5 and r["step_ms"] > 0 for r in alone)
 
 
 def test_quick_deploy_compares_exported_files_with_float(quick):
