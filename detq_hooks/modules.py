@@ -123,10 +123,9 @@ def _weight_again(ctx) -> tuple:
     return x, quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed), (weight, scale, zero_point)
 
 
-def _weight_backward(ctx, grad_wq: Optional[torch.Tensor], params: tuple) -> tuple:
+def _weight_backward(ctx, grad_wq: Optional[torch.Tensor], params: tuple, needs: tuple) -> tuple:
     """The weight quantizer's backward from the weight itself (the kernel that PerChannelFQ's backward runs):
-    gradients of weight, scale and zero point (inputs 1-3 of both Functions), ``None`` where not needed."""
-    needs = ctx.needs_input_grad[1:4]
+    gradients of weight, scale and zero point (``needs``: which of the three are wanted), ``None`` where not needed."""
     if grad_wq is None or not any(needs):
         return None, None, None
     weight, scale, zero_point = params
@@ -137,26 +136,44 @@ def _weight_backward(ctx, grad_wq: Optional[torch.Tensor], params: tuple) -> tup
             gz.reshape(zero_point.shape) if needs[2] else None)
 
 
-class _ConvRecomputedWeight(torch.autograd.Function):
-    """``conv2d(x, Q(w))`` keeping ``x`` and ``w`` for backward, not ``Q(w)``."""
+class _ConvRecomputed(torch.autograd.Function):
+    """``conv2d(xq, Q(w))`` keeping for backward what is held anyway, and computing the rest again in backward:
+
+    - with ``fixed`` (the weight quantizer's arguments), the parameter ``w`` rather than ``Q(w)``; without, ``weight``
+      is the quantized weight already (a shared layer's cached one) and is kept as is;
+    - with ``input_bounds`` (the input quantizer's ``(scale, lo, hi)``), the float input ``x`` that ``xq`` was
+      quantized from rather than ``xq``: ``x`` is a ReLU's output, which the ReLU's node keeps anyway, or a tensor
+      outside autograd (the image batch). The per-tensor kernel on the same values gives ``xq`` again bit for bit.
+      The quantizer's own node (``xq``'s history) still gives the input's and the step size's gradients.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, scale, zero_point, bias, fixed, geometry):
-        wq = quantizers.fake_quantize_fused(weight, scale, zero_point, *fixed)  # forward runs without autograd
+    def forward(ctx, xq, x, weight, scale, zero_point, bias, input_bounds, fixed, geometry):
+        wq = weight if fixed is None else quantizers.fake_quantize_fused(weight, scale, zero_point, *fixed)
         stride, padding, dilation, groups = geometry
-        out = torch.ops.aten.convolution(x, wq, bias, stride, padding, dilation, False, [0, 0], groups)
-        ctx.save_for_backward(x, weight, scale, zero_point)
-        ctx.fixed, ctx.geometry, ctx.bias_sizes = fixed, geometry, None if bias is None else [bias.shape[0]]
+        out = torch.ops.aten.convolution(xq, wq, bias, stride, padding, dilation, False, [0, 0], groups)
+        ctx.save_for_backward(xq if input_bounds is None else x, weight, scale, zero_point)
+        ctx.input_bounds, ctx.fixed, ctx.geometry = input_bounds, fixed, geometry
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, wq, params = _weight_again(ctx)
+        _no_double_backward()
+        kept, weight, scale, zero_point = ctx.saved_tensors
+        xq = kept if ctx.input_bounds is None else quantizers._kernel_ops().per_tensor_fwd(kept, *ctx.input_bounds,
+                                                                                           False)[0]
+        wq = weight if ctx.fixed is None else quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)
+        needs = ctx.needs_input_grad
         stride, padding, dilation, groups = ctx.geometry
-        grad_x, grad_wq, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, wq, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-            [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4]), ctx.needs_input_grad[4]])
-        return grad_x, *_weight_backward(ctx, grad_wq, params), grad_b, None, None
+        grad_xq, grad_wq, grad_b = torch.ops.aten.convolution_backward(
+            grad, xq, wq, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+            [needs[0], any(needs[2:5]), needs[5]])
+        if ctx.fixed is None:
+            weight_grads = (grad_wq if needs[2] else None, None, None)
+        else:
+            weight_grads = _weight_backward(ctx, grad_wq, (weight, scale, zero_point), needs[2:5])
+        return grad_xq if needs[0] else None, None, *weight_grads, grad_b, None, None, None
 
 
 class _LinearRecomputedWeight(torch.autograd.Function):
@@ -185,7 +202,7 @@ class _LinearRecomputedWeight(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])
         grad_wq = flat.t().mm(x.reshape(-1, x.shape[-1])) if any(ctx.needs_input_grad[1:4]) else None
         grad_b = flat.sum(0) if ctx.needs_input_grad[4] and ctx.has_bias else None
-        return grad_x, *_weight_backward(ctx, grad_wq, params), grad_b, None
+        return grad_x, *_weight_backward(ctx, grad_wq, params, ctx.needs_input_grad[1:4]), grad_b, None
 
 
 class QuantModuleMixin:
@@ -297,7 +314,7 @@ class QuantModuleMixin:
 
     def _recomputes_weight(self, x: torch.Tensor) -> bool:
         """Whether this training call keeps the parameter rather than the quantized weight for backward (see
-        ``_ConvRecomputedWeight``): the fused per-channel kernel on float32 CPU tensors, the quantizer called plainly
+        ``_ConvRecomputed``): the fused per-channel kernel on float32 CPU tensors, the quantizer called plainly
         (no hooks, observer or export), ``quantized_weight`` not replaced on the layer, and the layer not called
         twice in one step."""
         wq, w = self.weight_quantizer, self.weight  # type: ignore[attr-defined]
@@ -329,6 +346,41 @@ class QuantModuleMixin:
         _LAST_CALL[self] = _BACKWARDS.value  # type: ignore[index]
         return True
 
+    def _input_bounds_if_kept(self, input: torch.Tensor, x: torch.Tensor) -> Optional[tuple[float, float, float]]:
+        """The input quantizer's ``(scale, lo, hi)`` when this training call should keep the float ``input`` for
+        backward rather than its quantized ``x`` (see ``_ConvRecomputed``): ``input`` is held anyway (a ReLU's output,
+        which the ReLU's node keeps; a tensor outside autograd, the image batch, which the caller holds), and ``x``
+        came from the quantizer's plain per-tensor kernel, so the kernel gives it again bit for bit. ``None``
+        otherwise (then ``x`` is kept, as by any convolution)."""
+        q = self.input_quantizer
+        if not (
+            _RECOMPUTE_WEIGHTS
+            and x is not input
+            and torch.is_grad_enabled()
+            and type(q) is FakeQuantizer
+            and not q.per_channel
+            and q.enabled and q.initialized and q.observer is None
+            and not q._forward_hooks
+            and not q._forward_pre_hooks
+            and quantizers._mode() == "fused"
+            and quantizers._FUSED_ENABLED
+            and not quantizers._global_module_hooks()
+            and not quantizers._in_export_trace()
+            and not torch.compiler.is_compiling()
+            and not torch.is_inference_mode_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and input.dtype == torch.float32
+            and input.device.type == "cpu"
+            and self.weight.dtype == torch.float32  # type: ignore[attr-defined]
+            and quantizers._dense(input) is input
+            and input._base is None
+            and (type(input.grad_fn).__name__ == "ReluBackward0" or (input.grad_fn is None and not input.requires_grad))
+            and quantizers._fused_ops(input) is not None
+        ):
+            return None
+        s, lo, hi = quantizers._per_tensor_bounds(q.scale, q.zero_point, q.qmin, q.qmax)
+        return max(s, quantizers._SCALE_FLOOR), lo, hi
+
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         q = self.input_quantizer
         if q is None:
@@ -350,10 +402,17 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
             if out is not None:
                 return out
         x = self._quantize_input(input)
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and self._recomputes_weight(x):
-            scale_zp, fixed = _weight_args(self)
-            return _ConvRecomputedWeight.apply(x, self.weight, *scale_zp, self.bias, fixed,
-                                               (self.stride, self.padding, self.dilation, self.groups))
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            input_bounds = self._input_bounds_if_kept(input, x)
+            recomputes_weight = self._recomputes_weight(x)
+            if recomputes_weight or input_bounds is not None:
+                if recomputes_weight:
+                    weight, (scale_zp, fixed) = self.weight, _weight_args(self)
+                else:
+                    weight, scale_zp, fixed = self.quantized_weight(), (None, None), None
+                return _ConvRecomputed.apply(x, None if input_bounds is None else input.detach(), weight, *scale_zp,
+                                             self.bias, input_bounds, fixed,
+                                             (self.stride, self.padding, self.dilation, self.groups))
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 

@@ -630,7 +630,7 @@ def test_layer_that_quantizes_its_weight_again_in_backward_gives_the_same_gradie
             layer.zero_grad()
         ya, ga, node_a = _train_grads(a, x, monkeypatch, True, channels_last)
         yb, gb, node_b = _train_grads(b, x, monkeypatch, False, channels_last)
-        assert node_a.endswith("RecomputedWeightBackward") and not node_b.endswith("RecomputedWeightBackward")
+        assert node_a in ("_ConvRecomputedBackward", "_LinearRecomputedWeightBackward") and "Recomputed" not in node_b
         assert torch.equal(ya, yb)
         assert len(ga) == len(gb) and all(g is not None for g in ga)
         for g1, g2 in zip(ga, gb):
@@ -669,16 +669,17 @@ def test_shared_layer_and_gradient_accumulation(monkeypatch):
     does not mark it; the gradients are the reference's either way."""
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
     (conv, _), (ref, _) = _recompute_pair("conv", 4)
-    xs = [torch.randn(2, 8, s, s) for s in (16, 8, 4)]
+    # inputs that require a gradient: the layer keeps its quantized input (the float one is kept by nobody else)
+    xs = [torch.randn(2, 8, s, s, requires_grad=True) for s in (16, 8, 4)]
     for _ in range(3):  # accumulation: one level per backward
         for x in xs:
             y = conv(x)
-            assert type(y.grad_fn).__name__ == "_ConvRecomputedWeightBackward"
+            assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"
             y.square().sum().backward()
     assert conv not in M._SHARED
     conv.zero_grad()
     nodes = [type(conv(x).grad_fn).__name__ for x in xs]
-    assert nodes[0] == "_ConvRecomputedWeightBackward" and set(nodes[1:]) == {"ConvolutionBackward0"}
+    assert nodes[0] == "_ConvRecomputedBackward" and set(nodes[1:]) == {"ConvolutionBackward0"}
     assert conv in M._SHARED
     conv.zero_grad()
     sum(conv(x).square().sum() for x in xs).backward()
@@ -702,7 +703,7 @@ def test_recomputing_layer_with_a_frozen_weight_and_refusing_a_double_backward(m
     a.weight.requires_grad_(True)
     xr = x.clone().requires_grad_()
     y = a(xr)
-    assert type(y.grad_fn).__name__ == "_ConvRecomputedWeightBackward"
+    assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"
     with pytest.raises(RuntimeError, match="no double backward.*quantizer_mode\\('reference'\\)"):
         torch.autograd.grad(y.square().sum(), a.weight, create_graph=True)
 
@@ -713,7 +714,7 @@ def test_recomputing_layer_leaves_autocast_to_the_ordinary_path(monkeypatch):
     x = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
-    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_ConvRecomputedWeightBackward"
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_ConvRecomputedBackward"
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and conv.weight.grad is not None
 
@@ -755,12 +756,115 @@ def test_keep_quantized_weights_switch():
         conv.weight_quantizer.initialize_from(conv.weight)
         print("NODE", type(conv(torch.randn(1, 4, 5, 5)).grad_fn).__name__)
     """)
-    for value, node in (("1", "ConvolutionBackward0"), ("0", "_ConvRecomputedWeightBackward")):
+    for value, node in (("1", "ConvolutionBackward0"), ("0", "_ConvRecomputedBackward")):
         env = dict(os.environ, PYTHONPATH=str(ROOT), DETQ_KEEP_QUANTIZED_WEIGHTS=value)
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         assert f"NODE {node}" in res.stdout
 
+
+
+# ------------------------------------------------------------------ training keeps a ReLU's output, not Qa(relu(a))
+def _relu_stack(act_bits, w_bits, channels_last, shared_last):
+    """A ReLU network of quantized convolutions (ResNet blocks, FCOS's tower) and its float input."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(3):
+        c = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, padding=1), weight_spec=dict(bits=w_bits, symmetric=True),
+                                   input_spec=dict(bits=act_bits, symmetric=False))
+        c.weight_quantizer.initialize_from(c.weight)
+        c.input_quantizer.initialize_from(torch.rand(2, 8, 9, 9) * 0.8)
+        layers.append(c)
+    x = torch.randn(2, 8, 9, 9)
+    return layers, x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _relu_stack_step(monkeypatch, keep, inplace, act_bits=8, w_bits=4, channels_last=False, shared_last=False):
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", keep)
+    monkeypatch.setattr(M, "_SHARED", __import__("weakref").WeakSet())
+    layers, x = _relu_stack(act_bits, w_bits, channels_last, shared_last)
+    h = layers[0](x)  # the image batch: outside autograd, held by the caller
+    nodes = [type(h.grad_fn).__name__]
+    for c in layers[1:] + (layers[-1:] if shared_last else []):
+        h = c(torch.relu_(h) if inplace else torch.relu(h))
+        nodes.append(type(h.grad_fn).__name__)
+    (h.square().sum() + h.sum()).backward()
+    return h, [(n, p.grad) for c in layers for n, p in c.named_parameters()], nodes
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("act_bits,w_bits", [(8, 8), (8, 4), (4, 4), (2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_keeping_its_float_relu_input_gives_the_same_gradients(inplace, act_bits, w_bits, channels_last,
+                                                                     monkeypatch):
+    """A convolution whose input is a ReLU's output (kept by the ReLU's node) or the image batch keeps that float
+    input for backward and quantizes it again there: outputs and every gradient (weights, biases, weight and input
+    step sizes and offsets) are bit for bit those of the layer that keeps its quantized input."""
+    ya, ga, nodes_a = _relu_stack_step(monkeypatch, True, inplace, act_bits, w_bits, channels_last)
+    yb, gb, nodes_b = _relu_stack_step(monkeypatch, False, inplace, act_bits, w_bits, channels_last)
+    assert nodes_a == ["_ConvRecomputedBackward"] * 3 and nodes_b == ["ConvolutionBackward0"] * 3
+    assert torch.equal(ya, yb)
+    assert [n for n, _ in ga] == [n for n, _ in gb] and len(ga) == 12  # weight, bias, the two step sizes
+    for (name, g1), (_, g2) in zip(ga, gb):
+        assert g1 is not None and torch.equal(g1, g2), name
+    assert any(n.startswith("input_quantizer.scale") and g.abs().sum() > 0 for n, g in ga)
+
+
+def test_shared_layer_keeping_its_relu_input_matches_the_reference(monkeypatch):
+    """A layer called again before backward (FCOS's shared head) takes its cached quantized weight and still keeps
+    the ReLU's output rather than its quantized input; gradients equal the reference arithmetic's."""
+    _, ga, nodes = _relu_stack_step(monkeypatch, True, False, shared_last=True)
+    assert nodes == ["_ConvRecomputedBackward"] * 4
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", False)
+    layers, x = _relu_stack(8, 4, False, True)
+    with quantizer_mode("reference"):
+        h = layers[0](x)
+        for c in layers[1:] + layers[-1:]:
+            h = c(torch.relu(h))
+        (h.square().sum() + h.sum()).backward()
+    for (name, g1), (_, g2) in zip(ga, [(n, p.grad) for c in layers for n, p in c.named_parameters()]):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_layer_keeping_its_relu_input_saves_no_quantized_copy(monkeypatch):
+    """Saved for backward: the ReLU's output once (the ReLU's node and the convolution share it), nothing the size of
+    the quantized input; the ordinary path keeps that quantized copy as well."""
+    layers, x = _relu_stack(8, 4, False, False)
+    a = torch.relu(layers[0](x))
+    sizes = {}
+    for keep in (True, False):
+        monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", keep)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layers[1](a)
+        sizes[keep] = [n for ptr, n in storages.items() if n == a.numel()]
+        y.sum().backward(retain_graph=True)
+    assert sizes[True] == [a.numel()] and sizes[False] == [a.numel()] * 2  # ours: a alone; ordinary: a and Qa(a)
+
+
+def test_layer_keeping_its_relu_input_refuses_a_changed_input_and_a_double_backward(monkeypatch):
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    layers, x = _relu_stack(8, 4, False, False)
+    a = torch.relu(layers[0](x))
+    y = layers[1](a)
+    assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"
+    a.mul_(2)  # changed after the convolution read it: as for a float convolution, backward refuses
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    a = torch.relu(layers[0](x))
+    y = layers[1](a)
+    with pytest.raises(RuntimeError, match="no double backward.*quantizer_mode\\('reference'\\)"):
+        torch.autograd.grad(y.square().sum(), layers[1].weight, create_graph=True)
+    with quantizer_mode("reference"):  # what the Fisher methods run: the ordinary path, double backward allowed
+        y = layers[1](torch.relu(layers[0](x)))
+    assert type(y.grad_fn).__name__ == "ConvolutionBackward0"
+    g, = torch.autograd.grad(y.square().sum(), layers[1].weight, create_graph=True)
+    assert g.requires_grad
 
 def _act_conv(channels=8):
     torch.manual_seed(0)
