@@ -144,36 +144,74 @@ class _ConvRecomputed(torch.autograd.Function):
     - with ``input_bounds`` (the input quantizer's ``(scale, lo, hi)``), the float input ``x`` that ``xq`` was
       quantized from rather than ``xq``: ``x`` is a ReLU's output, which the ReLU's node keeps anyway, or a tensor
       outside autograd (the image batch). The per-tensor kernel on the same values gives ``xq`` again bit for bit.
-      The quantizer's own node (``xq``'s history) still gives the input's and the step size's gradients.
+    - ``xq`` given: the quantizer's own node (``xq``'s history) gives the input's and the step size's gradients.
+      ``xq`` ``None`` (``x`` outside autograd): this node quantizes ``x`` and gives the input quantizer's step-size
+      and offset gradients itself (``a_scale``, ``a_zero_point``, ``grad_factor``), without the input gradient a
+      float layer never computes there: by linearity ``Σ (conv_wᵀ g) · ∂xq/∂s = Σ g · conv_w(∂xq/∂s)``, a forward
+      convolution of the quantizer's tangent (``per_tensor_tangents``) and a dot product. On the 3-channel image
+      that replaces a transposed convolution which costs several times the layer's weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, xq, x, weight, scale, zero_point, bias, input_bounds, fixed, geometry):
+    def forward(ctx, xq, x, weight, scale, zero_point, bias, a_scale, a_zero_point, input_bounds, fixed, geometry,
+                grad_factor):
+        ops = quantizers._kernel_ops()
+        ctx.constant_input = xq is None
+        if xq is None:
+            xq = ops.per_tensor_fwd(x, *input_bounds, False)[0]
         wq = weight if fixed is None else quantizers.fake_quantize_fused(weight, scale, zero_point, *fixed)
         stride, padding, dilation, groups = geometry
         out = torch.ops.aten.convolution(xq, wq, bias, stride, padding, dilation, False, [0, 0], groups)
         ctx.save_for_backward(xq if input_bounds is None else x, weight, scale, zero_point)
-        ctx.input_bounds, ctx.fixed, ctx.geometry = input_bounds, fixed, geometry
+        ctx.input_bounds, ctx.fixed, ctx.geometry, ctx.grad_factor = input_bounds, fixed, geometry, grad_factor
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        ctx.input_parameter_shapes = (None if a_scale is None else a_scale.shape,
+                                      None if a_zero_point is None else a_zero_point.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         _no_double_backward()
+        ops = quantizers._kernel_ops()
         kept, weight, scale, zero_point = ctx.saved_tensors
-        xq = kept if ctx.input_bounds is None else quantizers._kernel_ops().per_tensor_fwd(kept, *ctx.input_bounds,
-                                                                                           False)[0]
+        xq = kept if ctx.input_bounds is None else ops.per_tensor_fwd(kept, *ctx.input_bounds, False)[0]
         wq = weight if ctx.fixed is None else quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)
         needs = ctx.needs_input_grad
         stride, padding, dilation, groups = ctx.geometry
         grad_xq, grad_wq, grad_b = torch.ops.aten.convolution_backward(
             grad, xq, wq, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups,
-            [needs[0], any(needs[2:5]), needs[5]])
+            [needs[0] and not ctx.constant_input, any(needs[2:5]), needs[5]])
         if ctx.fixed is None:
             weight_grads = (grad_wq if needs[2] else None, None, None)
         else:
             weight_grads = _weight_backward(ctx, grad_wq, (weight, scale, zero_point), needs[2:5])
-        return grad_xq if needs[0] else None, None, *weight_grads, grad_b, None, None, None
+        grad_s = grad_z = None
+        if ctx.constant_input and (needs[6] or needs[7]):
+            ds, dz, any_nan = ops.per_tensor_tangents(kept, *ctx.input_bounds, needs[7])
+            tangents = torch.cat([ds, dz]) if needs[7] else ds  # one convolution for both
+            t = torch.ops.aten.convolution(tangents, wq.detach(), None, stride, padding, dilation, False, [0, 0], groups)
+            n = grad.shape[0]
+            if needs[6]:
+                grad_s = (_dot(grad, t[:n]) * ctx.grad_factor).reshape(ctx.input_parameter_shapes[0])
+                if any_nan:  # as the quantizer's kernels: a NaN input makes the step size's gradient NaN
+                    grad_s = torch.full_like(grad_s, math.nan)
+            if needs[7]:
+                grad_z = (_dot(grad, t[n:]) * ctx.grad_factor).reshape(ctx.input_parameter_shapes[1])
+        return (grad_xq if needs[0] and not ctx.constant_input else None, None, *weight_grads, grad_b, grad_s, grad_z,
+                None, None, None, None)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum()`` of two tensors of one shape, summed in float64 in chunks without an ``a * b`` buffer where
+    both lay their elements out alike (contiguous or channels-last)."""
+    if a.stride() == b.stride() and quantizers._dense(a) is a and quantizers._dense(b) is b:
+        # the same dense layout: the flat storages pair element for element
+        fa, fb = a.as_strided((a.numel(),), (1,)), b.as_strided((b.numel(),), (1,))
+        chunk, n = 1 << 14, fa.numel()
+        k = n // chunk  # float32 dot products of chunks (one batched product), added in float64
+        total = torch.bmm(fa[:k * chunk].view(k, 1, chunk), fb[:k * chunk].view(k, chunk, 1)).double().sum()
+        return (total + torch.dot(fa[k * chunk:], fb[k * chunk:]).double()).float()
+    return (a.double() * b.double()).sum().float()
 
 
 class _LinearRecomputedWeight(torch.autograd.Function):
@@ -346,16 +384,15 @@ class QuantModuleMixin:
         _LAST_CALL[self] = _BACKWARDS.value  # type: ignore[index]
         return True
 
-    def _input_bounds_if_kept(self, input: torch.Tensor, x: torch.Tensor) -> Optional[tuple[float, float, float]]:
+    def _input_bounds_if_kept(self, input: torch.Tensor) -> Optional[tuple[float, float, float]]:
         """The input quantizer's ``(scale, lo, hi)`` when this training call should keep the float ``input`` for
-        backward rather than its quantized ``x`` (see ``_ConvRecomputed``): ``input`` is held anyway (a ReLU's output,
-        which the ReLU's node keeps; a tensor outside autograd, the image batch, which the caller holds), and ``x``
-        came from the quantizer's plain per-tensor kernel, so the kernel gives it again bit for bit. ``None``
-        otherwise (then ``x`` is kept, as by any convolution)."""
+        backward rather than the quantized one (see ``_ConvRecomputed``): ``input`` is held anyway (a ReLU's output,
+        which the ReLU's node keeps; a tensor outside autograd, the image batch, which the caller holds), and the
+        quantizer would run its plain per-tensor kernel, which then gives the quantized input again bit for bit.
+        ``None`` otherwise (the quantized input is kept, as by any convolution)."""
         q = self.input_quantizer
         if not (
             _RECOMPUTE_WEIGHTS
-            and x is not input
             and torch.is_grad_enabled()
             and type(q) is FakeQuantizer
             and not q.per_channel
@@ -401,18 +438,25 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
             out = integer_inference.conv2d(self, input)
             if out is not None:
                 return out
-        x = self._quantize_input(input)
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            input_bounds = self._input_bounds_if_kept(input, x)
-            recomputes_weight = self._recomputes_weight(x)
-            if recomputes_weight or input_bounds is not None:
-                if recomputes_weight:
-                    weight, (scale_zp, fixed) = self.weight, _weight_args(self)
-                else:
-                    weight, scale_zp, fixed = self.quantized_weight(), (None, None), None
-                return _ConvRecomputed.apply(x, None if input_bounds is None else input.detach(), weight, *scale_zp,
-                                             self.bias, input_bounds, fixed,
-                                             (self.stride, self.padding, self.dilation, self.groups))
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return self._conv_forward(self._quantize_input(input), self.quantized_weight(), self.bias)
+        input_bounds = self._input_bounds_if_kept(input)
+        constant_input = input_bounds is not None and input.grad_fn is None
+        x = None if constant_input else self._quantize_input(input)  # None: _ConvRecomputed quantizes the image
+        recomputes_weight = self._recomputes_weight(input if x is None else x)
+        if recomputes_weight or input_bounds is not None:
+            if recomputes_weight:
+                weight, (scale_zp, fixed) = self.weight, _weight_args(self)
+            else:
+                weight, scale_zp, fixed = self.quantized_weight(), (None, None), None
+            q = self.input_quantizer
+            input_parameters, grad_factor = (None, None), None
+            if constant_input:
+                input_parameters = (q.scale, q.zero_point)
+                grad_factor = 1.0 / math.sqrt(max(1, input.numel()) * q.qmax)  # the quantizer's own (LSQ)
+            return _ConvRecomputed.apply(x, None if input_bounds is None else input.detach(), weight, *scale_zp,
+                                         self.bias, *input_parameters, input_bounds, fixed,
+                                         (self.stride, self.padding, self.dilation, self.groups), grad_factor)
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 

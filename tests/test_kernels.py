@@ -738,7 +738,7 @@ def test_recomputing_layers_under_activation_checkpointing(reentrant, monkeypatc
 
     x = torch.randn(2, 4, 6, 6)
     plain, checkpointed = stack(), stack()
-    plain(x).square().sum().backward()
+    plain(x.clone().requires_grad_()).square().sum().backward()  # as checkpoint() gets it
     for _ in range(2):
         checkpointed.zero_grad()
         checkpoint(checkpointed, x.clone().requires_grad_(), use_reentrant=reentrant).square().sum().backward()
@@ -805,10 +805,70 @@ def test_layer_keeping_its_float_relu_input_gives_the_same_gradients(inplace, ac
     assert nodes_a == ["_ConvRecomputedBackward"] * 3 and nodes_b == ["ConvolutionBackward0"] * 3
     assert torch.equal(ya, yb)
     assert [n for n, _ in ga] == [n for n, _ in gb] and len(ga) == 12  # weight, bias, the two step sizes
-    for (name, g1), (_, g2) in zip(ga, gb):
-        assert g1 is not None and torch.equal(g1, g2), name
+    for i, ((name, g1), (_, g2)) in enumerate(zip(ga, gb)):
+        if i == 3:  # the image's step size: a forward convolution of the tangent (another order of summation)
+            assert name == "input_quantizer.scale"
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+        else:
+            assert g1 is not None and torch.equal(g1, g2), name
     assert any(n.startswith("input_quantizer.scale") and g.abs().sum() > 0 for n, g in ga)
 
+
+
+@pytest.mark.parametrize("kind", ["lsq", "lsq_plus"])
+@pytest.mark.parametrize("geometry", [(1, 1, 1), (2, 1, 1), (1, 3, 1), (2, 1, 2)])  # stride, groups, dilation
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_on_the_image_learns_its_input_range_without_an_input_gradient(kind, geometry, channels_last,
+                                                                              monkeypatch):
+    """On a tensor outside autograd (the image batch) the layer gives its input quantizer's step-size and offset
+    gradients from a forward convolution of the quantizer's tangent, not from an input gradient: the same as the
+    reference arithmetic's to float rounding, with the output and the weight's gradients bit for bit the ordinary
+    path's; saturated, all-in-range and NaN inputs alike."""
+    stride, groups, dilation = geometry
+
+    def make():
+        torch.manual_seed(0)
+        conv = QuantConv2d.from_float(nn.Conv2d(3 * groups, 6, 3, stride, dilation, dilation, groups),
+                                      weight_spec=dict(bits=8, symmetric=True),
+                                      input_spec=dict(bits=8, symmetric=False, kind=kind))
+        conv.weight_quantizer.initialize_from(conv.weight)
+        conv.input_quantizer.set_range(torch.tensor(-0.2), torch.tensor(0.9))
+        return conv
+
+    torch.manual_seed(1)
+    images = {"mixed": torch.rand(2, 3 * groups, 17, 17) * 1.4 - 0.3, "inside": torch.rand(2, 3 * groups, 17, 17) * 0.6,
+              "saturated": torch.rand(2, 3 * groups, 17, 17) * 4 + 1}
+    for case, x in images.items():
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        grads = {}
+        for path in ("ours", "ordinary", "reference"):
+            monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", path == "ours")
+            conv = make()
+            with quantizer_mode("reference" if path == "reference" else "fused"):
+                y = conv(x)
+                assert (type(y.grad_fn).__name__ == "_ConvRecomputedBackward") == (path == "ours")
+                (y.square().sum() + y.sum()).backward()
+            grads[path] = (y.detach(), {n: p.grad for n, p in conv.named_parameters()})
+        (y_ours, g_ours), (y_ord, g_ord), (_, g_ref) = grads["ours"], grads["ordinary"], grads["reference"]
+        assert torch.equal(y_ours, y_ord)
+        assert g_ours.keys() == g_ord.keys() and ("input_quantizer.zero_point" in g_ours) == (kind == "lsq_plus")
+        for name, g in g_ours.items():
+            if name.startswith("input_quantizer."):
+                torch.testing.assert_close(g, g_ord[name], rtol=2e-5, atol=1e-6, msg=f"{case} {name}")
+                torch.testing.assert_close(g, g_ref[name], rtol=1e-4, atol=1e-5, msg=f"{case} {name}")
+            else:
+                assert torch.equal(g, g_ord[name]), (case, name)
+        if case == "inside" and kind == "lsq_plus":
+            assert g_ours["input_quantizer.zero_point"].abs().item() == 0  # no element outside the range
+        if case == "saturated":
+            assert g_ours["input_quantizer.scale"].abs().item() > 1  # every element clipped high: hi · Σ g
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+    conv = make()
+    x = images["mixed"].clone()
+    x[0, 0, 3, 3] = float("nan")
+    conv(x).sum().backward()
+    assert conv.input_quantizer.scale.grad.isnan().all()  # as the quantizer's own kernels and the reference
 
 def test_shared_layer_keeping_its_relu_input_matches_the_reference(monkeypatch):
     """A layer called again before backward (FCOS's shared head) takes its cached quantized weight and still keeps

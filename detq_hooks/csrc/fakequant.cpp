@@ -214,6 +214,45 @@ void per_tensor_fwd_out(const at::Tensor& x, at::Tensor& out, double s, double l
   });
 }
 
+// The derivatives of per-tensor fake quantization out = clamp(round(v), lo, hi) * s, v = x / s, along its step size
+// and offset, element by element, with the straight-through rounding of the backward kernels: d out / d s is
+// round(v) - v inside the range and the clamped code outside (NaN for a NaN input, so that the step size's gradient
+// is NaN as per_tensor_bwd's); with need_zero also d out / d z, 0 inside and -s outside (a NaN input counts as
+// outside, as there); and whether any input is NaN. For a layer whose input needs no gradient (the image batch): the step size's gradient is then
+// the dot product of the output's gradient with the layer applied to d out / d s, a forward convolution, instead
+// of the input gradient's transposed convolution (modules.py, _ConvOnConstantInput).
+std::vector<at::Tensor> per_tensor_tangents(const at::Tensor& x, double s, double lo, double hi, bool need_zero) {
+  check_input(x, "input");
+  auto ds = at::empty_like(x);
+  at::Tensor dz = need_zero ? at::empty_like(x) : at::empty({0}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* dsp = ds.mutable_data_ptr<float>();
+  float* dzp = need_zero ? dz.mutable_data_ptr<float>() : nullptr;
+  const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  std::atomic<bool> any_nan{false};
+  at::parallel_for(0, x.numel(), CHUNK, [&](int64_t b, int64_t e) {
+    int nan_seen = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const float v = xp[i] / fs;
+      const float r = std::nearbyint(v);
+      const bool in = (r >= flo) & (r <= fhi);
+      float c = r < flo ? flo : r;
+      c = c > fhi ? fhi : c;  // NaN stays NaN
+      dsp[i] = in ? r - v : c;
+      nan_seen |= (r != r);
+    }
+    if (nan_seen) any_nan = true;
+    if (dzp != nullptr) {
+      for (int64_t i = b; i < e; ++i) {
+        const float r = std::nearbyint(xp[i] / fs);
+        dzp[i] = (r >= flo) & (r <= fhi) ? 0.f : -fs;
+      }
+    }
+  });
+  // whether any element is NaN: the step size's gradient is then NaN even where the layer reads no such element
+  return {ds, dz, at::scalar_tensor(any_nan.load() ? 1 : 0, x.options().dtype(at::kBool))};
+}
+
 // Codes of n elements read with a stride, written contiguously. The restrict qualifiers matter: a uint8_t store may
 // alias anything, and without them the loop is not vectorised; so does a stride known to be 1. Returns the number
 // of NaN inputs.
@@ -854,6 +893,7 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("per_tensor_fwd(Tensor x, float s, float lo, float hi, bool need_state) -> Tensor[]");
   m.def("fq_per_tensor(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, float grad_factor, float floor) -> Tensor");
   m.def("fq_per_channel(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor) -> Tensor");
+  m.def("per_tensor_tangents(Tensor x, float s, float lo, float hi, bool need_zero) -> Tensor[]");
   m.def("per_tensor_fwd_out(Tensor x, Tensor(a!) out, float s, float lo, float hi) -> ()");
   m.def("per_tensor_codes_nhwc(Tensor x, float s, float lo, float hi) -> Tensor[]");
   m.def("channels_last_to_contiguous(Tensor x) -> Tensor");
@@ -868,6 +908,7 @@ TORCH_LIBRARY(detq_fq, m) {
 TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_tensor_fwd", &per_tensor_fwd);
   m.impl("per_tensor_fwd_out", &per_tensor_fwd_out);
+  m.impl("per_tensor_tangents", &per_tensor_tangents);
   m.impl("per_tensor_codes_nhwc", &per_tensor_codes_nhwc);
   m.impl("channels_last_to_contiguous", &channels_last_to_contiguous);
   m.impl("weight_codes", &weight_codes);
