@@ -43,9 +43,16 @@ def _channel_standardize(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # A channel with (almost) no spread -- dead after an activation, or a 1x1 level over two images -- would be
     # divided by ~eps and its gradient scaled up as much (x1e4 for a constant channel): each channel's std is
     # floored at a small fraction of the whole map's, which leaves healthy channels as they are.
-    std = flat.std(1, keepdim=True, correction=1 if n > 1 else 0)
-    std = torch.maximum(std, STD_FLOOR * flat.std(correction=0))
-    return (flat - flat.mean(1, keepdim=True)) / (std + eps)
+    # The statistics from one centred map (ATen's std along a row is ~10x slower than this on CPU): the whole map's
+    # variance by the law of total variance from the channels' (all channels have n elements). The floor is applied
+    # to the variances, and the square root taken of at least 1e-30, so that a constant channel's gradient is 0,
+    # not 0 * inf.
+    mean = flat.mean(1, keepdim=True)
+    centred = flat - mean
+    squares = centred.square().sum(1, keepdim=True)
+    whole_var = (squares / n + (mean - mean.mean()).square()).mean()
+    var = torch.maximum(squares / max(n - 1, 1), STD_FLOOR ** 2 * whole_var)  # Bessel's correction where n > 1
+    return centred / (var.clamp_min(1e-30).sqrt() + eps)
 
 
 class _PKDMap(torch.autograd.Function):

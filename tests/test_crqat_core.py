@@ -437,3 +437,29 @@ def test_relational_loss_equals_its_per_class_definition(monkeypatch, chunk, gro
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-8)
     assert got > 0
     assert relational_loss(s, t, anchors, labels, torch.zeros(B, A, dtype=torch.bool), index) == 0
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 10, 10), (2, 8, 1, 1), (1, 4, 1, 1)])
+def test_channel_standardisation_is_the_floored_std_formula(shape):
+    """The standardisation computed from one centred map equals the definition with torch.std (Bessel-corrected per
+    channel where a channel has more than one element, floored at STD_FLOOR of the whole map's population std), in
+    value and gradient, with a constant channel's gradient finite."""
+    from detq_hooks.distill import STD_FLOOR, _channel_standardize
+
+    def definition(f, eps=1e-6):
+        flat = f.transpose(0, 1).reshape(f.shape[1], -1)
+        std = flat.std(1, keepdim=True, correction=1 if flat.shape[1] > 1 else 0)
+        std = torch.maximum(std, STD_FLOOR * flat.std(correction=0))
+        return (flat - flat.mean(1, keepdim=True)) / (std + eps)
+
+    torch.manual_seed(0)
+    f = torch.randn(*shape) * 3 + 1
+    f[:, 0] = 0.7  # constant channel: the floor holds
+    target = torch.randn(shape[1], f.numel() // shape[1])
+    a, b = f.clone().requires_grad_(), f.clone().requires_grad_()
+    out_a, out_b = _channel_standardize(a), definition(b)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    torch.nn.functional.mse_loss(out_a, target).backward()
+    torch.nn.functional.mse_loss(out_b, target).backward()
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
