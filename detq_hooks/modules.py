@@ -394,6 +394,8 @@ class QuantModuleMixin:
         if not (
             _RECOMPUTE_WEIGHTS
             and torch.is_grad_enabled()
+            # first, as the most selective: a SiLU keeps its input, not its output, so YOLO's layers stop here
+            and (type(input.grad_fn).__name__ == "ReluBackward0" or (input.grad_fn is None and not input.requires_grad))
             and type(q) is FakeQuantizer
             and not q.per_channel
             and q.enabled and q.initialized and q.observer is None
@@ -411,7 +413,6 @@ class QuantModuleMixin:
             and self.weight.dtype == torch.float32  # type: ignore[attr-defined]
             and quantizers._dense(input) is input
             and input._base is None
-            and (type(input.grad_fn).__name__ == "ReluBackward0" or (input.grad_fn is None and not input.requires_grad))
             and quantizers._fused_ops(input) is not None
         ):
             return None
