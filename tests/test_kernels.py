@@ -734,7 +734,8 @@ def test_recomputing_layers_under_activation_checkpointing(reentrant, monkeypatc
         for c in layers:
             c.weight_quantizer.initialize_from(c.weight)
             c.input_quantizer.initialize_from(torch.randn(2, 4, 6, 6))
-        return layers
+        # ReLUs between the layers: the second and third keep the ReLU's output, not their quantized input
+        return nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(inplace=True), layers[2])
 
     x = torch.randn(2, 4, 6, 6)
     plain, checkpointed = stack(), stack()
@@ -745,6 +746,7 @@ def test_recomputing_layers_under_activation_checkpointing(reentrant, monkeypatc
         for a, b in zip(checkpointed.parameters(), plain.parameters()):
             assert torch.equal(a.grad, b.grad)
     assert not any(c in M._SHARED for c in checkpointed)
+    assert type(plain[2](torch.relu(x.requires_grad_())).grad_fn).__name__ == "_ConvRecomputedBackward"
 
 
 def test_keep_quantized_weights_switch():
