@@ -208,9 +208,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # the same dense layout: the flat storages pair element for element
         fa, fb = a.as_strided((a.numel(),), (1,)), b.as_strided((b.numel(),), (1,))
         chunk, n = 1 << 14, fa.numel()
-        k = n // chunk  # float32 dot products of chunks (one batched product), added in float64
-        total = torch.bmm(fa[:k * chunk].view(k, 1, chunk), fb[:k * chunk].view(k, chunk, 1)).double().sum()
-        return (total + torch.dot(fa[k * chunk:], fb[k * chunk:]).double()).float()
+        k = n // chunk  # float32 dot products of chunks (ATen's cascade sums in one call), added in float64
+        total = torch.linalg.vecdot(fa[:k * chunk].view(k, chunk), fb[:k * chunk].view(k, chunk)).double().sum()
+        return (total + torch.linalg.vecdot(fa[k * chunk:], fb[k * chunk:]).double()).float()
     return (a.double() * b.double()).sum().float()
 
 
