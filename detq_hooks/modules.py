@@ -117,10 +117,12 @@ def _no_double_backward() -> None:
 
 def _weight_again(ctx) -> tuple:
     """What both layers' backward start from: the saved input, the weight quantized again (the forward's kernel on
-    the same values: bit for bit the forward's weight) and the saved (weight, scale, zero point)."""
+    the same values: bit for bit the forward's weight; without ``ctx.fixed`` the saved weight is the quantized one)
+    and the saved (weight, scale, zero point)."""
     _no_double_backward()
     x, weight, scale, zero_point = ctx.saved_tensors
-    return x, quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed), (weight, scale, zero_point)
+    wq = weight if ctx.fixed is None else quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)
+    return x, wq, (weight, scale, zero_point)
 
 
 def _weight_backward(ctx, grad_wq: Optional[torch.Tensor], params: tuple, needs: tuple) -> tuple:
@@ -171,11 +173,9 @@ class _ConvRecomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _no_double_backward()
+        kept, wq, params = _weight_again(ctx)
         ops = quantizers._kernel_ops()
-        kept, weight, scale, zero_point = ctx.saved_tensors
         xq = kept if ctx.input_bounds is None else ops.per_tensor_fwd(kept, *ctx.input_bounds, False)[0]
-        wq = weight if ctx.fixed is None else quantizers.fake_quantize_fused(weight, scale, zero_point, *ctx.fixed)
         needs = ctx.needs_input_grad
         stride, padding, dilation, groups = ctx.geometry
         grad_xq, grad_wq, grad_b = torch.ops.aten.convolution_backward(
@@ -184,7 +184,7 @@ class _ConvRecomputed(torch.autograd.Function):
         if ctx.fixed is None:
             weight_grads = (grad_wq if needs[2] else None, None, None)
         else:
-            weight_grads = _weight_backward(ctx, grad_wq, (weight, scale, zero_point), needs[2:5])
+            weight_grads = _weight_backward(ctx, grad_wq, params, needs[2:5])
         grad_s = grad_z = None
         if ctx.constant_input and (needs[6] or needs[7]):
             ds, dz, any_nan = ops.per_tensor_tangents(kept, *ctx.input_bounds, needs[7])
@@ -397,19 +397,9 @@ class QuantModuleMixin:
             # first, as the most selective: a SiLU keeps its input, not its output, so YOLO's layers stop here
             and (type(input.grad_fn).__name__ == "ReluBackward0" or (input.grad_fn is None and not input.requires_grad))
             and type(q) is FakeQuantizer
-            and not q.per_channel
-            and q.enabled and q.initialized and q.observer is None
-            and not q._forward_hooks
-            and not q._forward_pre_hooks
-            and quantizers._mode() == "fused"
-            and quantizers._FUSED_ENABLED
-            and not quantizers._global_module_hooks()
-            and not quantizers._in_export_trace()
-            and not torch.compiler.is_compiling()
+            and q._plain_kernel_call(input)
             and not torch.is_inference_mode_enabled()
             and not torch.is_autocast_enabled("cpu")
-            and input.dtype == torch.float32
-            and input.device.type == "cpu"
             and self.weight.dtype == torch.float32  # type: ignore[attr-defined]
             and quantizers._dense(input) is input
             and input._base is None
@@ -444,7 +434,7 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
         input_bounds = self._input_bounds_if_kept(input)
         constant_input = input_bounds is not None and input.grad_fn is None
         x = None if constant_input else self._quantize_input(input)  # None: _ConvRecomputed quantizes the image
-        recomputes_weight = self._recomputes_weight(input if x is None else x)
+        recomputes_weight = self._recomputes_weight(input)  # reads x's dtype and device only: input's
         if recomputes_weight or input_bounds is not None:
             if recomputes_weight:
                 weight, (scale_zp, fixed) = self.weight, _weight_args(self)

@@ -500,12 +500,19 @@ class FakeQuantizer(nn.Module):
         return _per_tensor_no_grad(ops, self, x, reuse_buffer=True) if ops is not None else None
 
     def _plain_no_grad_call(self, x: torch.Tensor) -> bool:
-        """Whether calling the quantizer on ``x`` would be the no-grad kernel and nothing else: no hook to see the
-        output, no calibration observer, no export; so a caller may compute the same codes its own way."""
-        # the kernel test first: in training (autograd on) it ends the check at once, in every layer's forward
-        return (self._takes_no_grad_kernel(x, _mode()) and self._enabled and self._initialized
-                and self.observer is None and not (self._forward_hooks or self._forward_pre_hooks)
-                and not _global_module_hooks() and not _in_export_trace())
+        """Whether calling the quantizer on ``x`` would be the no-grad kernel and nothing else (see
+        :meth:`_plain_kernel_call`); so a caller may compute the same codes its own way."""
+        # autograd first: in training it ends the check at once, in every layer's forward
+        return not torch.is_grad_enabled() and _NO_GRAD_PATH and self._plain_kernel_call(x)
+
+    def _plain_kernel_call(self, x: torch.Tensor) -> bool:
+        """Whether calling the quantizer on ``x`` runs the fused per-tensor kernel on its own range and nothing else,
+        with autograd or without: enabled and calibrated, no calibration observer, no hook to see the output, not
+        under export, tracing or ``torch.compile``, float32 on CPU in the fused mode."""
+        return (_FUSED_ENABLED and not self.per_channel and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self._enabled and self._initialized and self.observer is None
+                and not (self._forward_hooks or self._forward_pre_hooks) and _mode() == "fused"
+                and not _global_module_hooks() and not _in_export_trace() and not torch.compiler.is_compiling())
 
     def _takes_no_grad_kernel(self, x: torch.Tensor, mode: str) -> bool:
         """Whether ``x`` goes through :func:`_per_tensor_no_grad`: no autograd, per tensor, float32 on CPU, the

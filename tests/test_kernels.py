@@ -767,7 +767,7 @@ def test_keep_quantized_weights_switch():
 
 
 # ------------------------------------------------------------------ training keeps a ReLU's output, not Qa(relu(a))
-def _relu_stack(act_bits, w_bits, channels_last, shared_last):
+def _relu_stack(act_bits, w_bits, channels_last):
     """A ReLU network of quantized convolutions (ResNet blocks, FCOS's tower) and its float input."""
     torch.manual_seed(0)
     layers = []
@@ -784,7 +784,7 @@ def _relu_stack(act_bits, w_bits, channels_last, shared_last):
 def _relu_stack_step(monkeypatch, keep, inplace, act_bits=8, w_bits=4, channels_last=False, shared_last=False):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", keep)
     monkeypatch.setattr(M, "_SHARED", __import__("weakref").WeakSet())
-    layers, x = _relu_stack(act_bits, w_bits, channels_last, shared_last)
+    layers, x = _relu_stack(act_bits, w_bits, channels_last)
     h = layers[0](x)  # the image batch: outside autograd, held by the caller
     nodes = [type(h.grad_fn).__name__]
     for c in layers[1:] + (layers[-1:] if shared_last else []):
@@ -878,7 +878,7 @@ def test_shared_layer_keeping_its_relu_input_matches_the_reference(monkeypatch):
     _, ga, nodes = _relu_stack_step(monkeypatch, True, False, shared_last=True)
     assert nodes == ["_ConvRecomputedBackward"] * 4
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", False)
-    layers, x = _relu_stack(8, 4, False, True)
+    layers, x = _relu_stack(8, 4, False)
     with quantizer_mode("reference"):
         h = layers[0](x)
         for c in layers[1:] + layers[-1:]:
@@ -891,7 +891,7 @@ def test_shared_layer_keeping_its_relu_input_matches_the_reference(monkeypatch):
 def test_layer_keeping_its_relu_input_saves_no_quantized_copy(monkeypatch):
     """Saved for backward: the ReLU's output once (the ReLU's node and the convolution share it), nothing the size of
     the quantized input; the ordinary path keeps that quantized copy as well."""
-    layers, x = _relu_stack(8, 4, False, False)
+    layers, x = _relu_stack(8, 4, False)
     a = torch.relu(layers[0](x))
     sizes = {}
     for keep in (True, False):
@@ -911,7 +911,7 @@ def test_layer_keeping_its_relu_input_saves_no_quantized_copy(monkeypatch):
 
 def test_layer_keeping_its_relu_input_refuses_a_changed_input_and_a_double_backward(monkeypatch):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
-    layers, x = _relu_stack(8, 4, False, False)
+    layers, x = _relu_stack(8, 4, False)
     a = torch.relu(layers[0](x))
     y = layers[1](a)
     assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"

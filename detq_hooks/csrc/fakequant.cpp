@@ -218,9 +218,9 @@ void per_tensor_fwd_out(const at::Tensor& x, at::Tensor& out, double s, double l
 // and offset, element by element, with the straight-through rounding of the backward kernels: d out / d s is
 // round(v) - v inside the range and the clamped code outside (NaN for a NaN input, so that the step size's gradient
 // is NaN as per_tensor_bwd's); with need_zero also d out / d z, 0 inside and -s outside (a NaN input counts as
-// outside, as there); and whether any input is NaN. For a layer whose input needs no gradient (the image batch): the step size's gradient is then
-// the dot product of the output's gradient with the layer applied to d out / d s, a forward convolution, instead
-// of the input gradient's transposed convolution (modules.py, _ConvOnConstantInput).
+// outside, as there); and whether any input is NaN. For a layer whose input needs no gradient (the image batch):
+// the step size's gradient is then the dot product of the output's gradient with the layer applied to d out / d s,
+// a forward convolution, instead of the input gradient's transposed convolution (modules.py, _ConvRecomputed).
 std::vector<at::Tensor> per_tensor_tangents(const at::Tensor& x, double s, double lo, double hi, bool need_zero) {
   check_input(x, "input");
   auto ds = at::empty_like(x);
@@ -239,15 +239,10 @@ std::vector<at::Tensor> per_tensor_tangents(const at::Tensor& x, double s, doubl
       float c = r < flo ? flo : r;
       c = c > fhi ? fhi : c;  // NaN stays NaN
       dsp[i] = in ? r - v : c;
+      if (dzp != nullptr) dzp[i] = in ? 0.f : -fs;
       nan_seen |= (r != r);
     }
     if (nan_seen) any_nan = true;
-    if (dzp != nullptr) {
-      for (int64_t i = b; i < e; ++i) {
-        const float r = std::nearbyint(xp[i] / fs);
-        dzp[i] = (r >= flo) & (r <= fhi) ? 0.f : -fs;
-      }
-    }
   });
   // whether any element is NaN: the step size's gradient is then NaN even where the layer reads no such element
   return {ds, dz, at::scalar_tensor(any_nan.load() ? 1 : 0, x.options().dtype(at::kBool))};
