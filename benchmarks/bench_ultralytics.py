@@ -10,9 +10,10 @@ ModelOpt (for ``quantize=8``) is not a dependency of detq-hooks; to include it w
     PYTHONPATH=/tmp/modelopt_site YOLO_OFFLINE=1 python benchmarks/bench_ultralytics.py
 
 1. Step time: one Ultralytics training step (forward + loss + backward + optimizer step, batch 16) of YOLO11n in
-   float, W8A8, W4A8, W4A4, W4A4 CR-QAT and Ultralytics ``quantize=8`` (ModelOpt, where it imports), interleaved,
-   same batches: per-step ratios to float (median, min-max); the validation forward (eval, no_grad) likewise; the
-   memory a training step holds for backward plus parameters, gradients and optimizer state, as a ratio to float.
+   float, W8A8, W4A8, W4A4, W4A4 CR-QAT (also with a bf16 teacher) and Ultralytics ``quantize=8`` (ModelOpt, where it
+   imports), interleaved, same batches: per-step ratios to float (median, min-max); the validation forward (eval,
+   no_grad) likewise; the memory a training step holds for backward plus parameters, gradients and optimizer state,
+   as a ratio to float.
    Targets (issue 11): W8A8 <= min(1.10, ModelOpt), W4A4 <= 1.15, CR-QAT W4A4 <= 1.45, memory <= 1.2,
    validation <= 1.1.
 2. Accuracy: a float YOLO11n trained ``--pre-epochs`` epochs from scratch (``detq_hooks.tools.zoo``: trained once,
@@ -63,6 +64,11 @@ def train_step(model, opt, b) -> float:
     return clock() - t
 
 
+# Configurations timed beside the presets: CR-QAT with its teacher's forward under bf16 autocast (an opt-in recipe
+# key, for CPUs with AVX512-BF16/AMX and GPUs; slower where bf16 has no hardware kernels).
+EXTRA_RECIPES = {"w4a4-crqat, bf16 teacher": {"preset": "w4a4-crqat", "distillation": {"teacher_precision": "bfloat16"}}}
+
+
 def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: int, recipes: list[str]) -> dict:
     """Training-step seconds, validation-forward seconds and memory held for backward, for float, each recipe and
     Ultralytics' ``quantize=8`` (where ModelOpt imports), on identical batches. The variants are built first and
@@ -92,7 +98,7 @@ def step_times(model_yaml: str, data_yaml: str, imgsz: int, steps: int, batch: i
 
             model = prepare_qat(model, batches, lambda b: b, batches=2)
         elif name != "float":  # the session as DetQTrainer runs it
-            session = QuantSession(name, family=UltralyticsFamily(), calibration_batches=2)
+            session = QuantSession(EXTRA_RECIPES.get(name, name), family=UltralyticsFamily(), calibration_batches=2)
             session.convert(model)  # CR-QAT: the float teacher is copied first
             session.calibrate(model, [b["img"] for b in batches], calibration_forward)
             if session.terms:  # CR-QAT at its final stage (every layer quantized, every distillation term on)
@@ -200,7 +206,7 @@ def main() -> None:
 
     report["quantizer_kernels"] = kernels.status()
     print("quantizer kernels:", report["quantizer_kernels"], "| modelopt:", modelopt_check())
-    st = step_times(a.model, data, a.imgsz, a.steps, a.batch, ["w8a8", "w4a8", "w4a4", "w4a4-crqat"])
+    st = step_times(a.model, data, a.imgsz, a.steps, a.batch, ["w8a8", "w4a8", "w4a4", "w4a4-crqat", *EXTRA_RECIPES])
     report["step_time_s"] = {k: v["median_s"] for k, v in st["train"].items()}
     report["step_time_ratio"] = {k: v["ratio_median"] for k, v in st["train"].items()}
     report["step_time_ratio_stats"] = st["train"]

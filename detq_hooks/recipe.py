@@ -338,6 +338,9 @@ class CurriculumSection(_Section):
         return [i / num_stages for i in range(1, num_stages)]
 
 
+TEACHER_PRECISIONS = ("float32", "bfloat16", "float16")
+
+
 @dataclass(kw_only=True)
 class DistillationSection(_Section):
     """Distillation from a frozen full-precision teacher (CR-QAT). Weights of 0 turn a term off.
@@ -350,6 +353,9 @@ class DistillationSection(_Section):
         logit_weight: classification-logit distillation on the teacher's positives.
         box_weight: box consistency, 1 − IoU between student and teacher boxes at the same anchor/query.
         temperature: softening of the logit term.
+        teacher_precision: ``float32`` (default, the paper's full-precision teacher), or ``bfloat16``/``float16``:
+            the teacher's forward under autocast, for hardware with fast half-precision kernels (CPUs with
+            AVX512-BF16 or AMX, GPUs); its features and scores are then targets rounded to that precision.
     """
 
     enabled: bool = False
@@ -359,6 +365,7 @@ class DistillationSection(_Section):
     logit_weight: float = 1.0
     box_weight: float = 1.0
     temperature: float = 1.0
+    teacher_precision: str = "float32"
 
     _path = "distillation"
 
@@ -372,6 +379,9 @@ class DistillationSection(_Section):
             raise RecipeError(f"`distillation.temperature` = {self.temperature!r} must be > 0")
         if self.teacher is not None:
             _check_type("distillation.teacher", self.teacher, str)
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise RecipeError(f"`distillation.teacher_precision` = {self.teacher_precision!r} must be one of "
+                              f"{', '.join(TEACHER_PRECISIONS)}")
 
 
 BUDGET_KINDS = ("avg_weight_bits", "size_mb", "bops_ratio")

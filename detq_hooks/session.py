@@ -302,7 +302,7 @@ class QuantSession:
         weights when the recipe names a checkpoint (in :meth:`convert` and :meth:`restore` alike)."""
         if not self.recipe.distillation.enabled:
             return None
-        teacher = Teacher.from_model(model)
+        teacher = Teacher.from_model(model, self.recipe.distillation.teacher_precision)
         path = self.recipe.distillation.teacher
         if path:
             state = self.read_weights(path)

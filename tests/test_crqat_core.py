@@ -14,7 +14,7 @@ from detq_hooks.distill import (
     hungarian_match, logit_loss, pkd_loss, relational_loss,
 )
 from detq_hooks.recipe import RecipeError, load_recipe
-from detq_hooks.recording import capture_outputs
+from detq_hooks.recording import Taps, capture_outputs, record
 
 from core_models import TinyDetector
 
@@ -327,6 +327,9 @@ def test_before_the_last_stage_the_teacher_runs_only_as_far_as_the_started_stage
     assert session.stage == 0
     module.train()
     module(batch[0])
+    session.loss_terms(module, batch)  # the first call traces the whole teacher once (which BatchNorms fold)
+    calls.update(neck=0, head=0)
+    module(batch[0])
     terms = session.loss_terms(module, batch)
     assert calls == {"neck": 0, "head": 0}
     assert set(session.last_terms) == {"distill", "distill_pkd_stage1"}
@@ -463,3 +466,102 @@ def test_channel_standardisation_is_the_floored_std_formula(shape):
     torch.nn.functional.mse_loss(out_b, target).backward()
     assert torch.isfinite(a.grad).all()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+class _FoldCases(torch.nn.Module):
+    """One conv→BN pair of each kind the teacher's folding must tell apart."""
+
+    def __init__(self):
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        super().__init__()
+        nn = torch.nn
+        self.plain, self.plain_bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)  # folds
+        self.residual, self.residual_bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)  # output read twice
+        self.frozen, self.frozen_bn = nn.Conv2d(8, 8, 1), FrozenBatchNorm2d(8)  # torchvision's: folds
+        self.batch_stats, self.batch_stats_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, track_running_stats=False)
+        self.shared, self.shared_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)  # called twice, same BN each time: folds
+        self.tapped, self.tapped_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)  # its output is read by a hook (keep)
+        self.two_norms, self.norm_a, self.norm_b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+                    m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.3, 3.0)
+                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
+            self.frozen_bn.running_mean.uniform_(-0.5, 0.5), self.frozen_bn.running_var.uniform_(0.3, 3.0)
+            self.frozen_bn.weight.uniform_(0.5, 1.5), self.frozen_bn.bias.uniform_(-0.3, 0.3)
+
+    def forward(self, x):
+        x = torch.relu(self.plain_bn(self.plain(x)))
+        r = self.residual(x)
+        x = torch.relu(self.residual_bn(r) + r)
+        x = self.frozen_bn(self.frozen(x))
+        x = self.batch_stats_bn(self.batch_stats(x))
+        x = self.shared_bn(self.shared(x))
+        x = self.shared_bn(self.shared(x))
+        x = self.tapped_bn(self.tapped(x))
+        t = self.two_norms(x)
+        return self.norm_a(t) + self.norm_b(t)
+
+
+def test_teacher_folds_exactly_the_batchnorms_that_only_read_a_conv():
+    """The distillation teacher runs a copy with eval BatchNorms folded into their convs (channels-last on CPU):
+    only pairs where nothing else reads the conv's output and the BN uses running statistics, not a conv a hook
+    reads; the copy computes what the teacher computes (to float rounding), shares the other tensors, keeps every
+    module name, and is rebuilt when the teacher's weights change."""
+    from detq_hooks.distill import Teacher, conv_batchnorm_pairs
+
+    torch.manual_seed(0)
+    model, x = _FoldCases().eval(), torch.randn(2, 3, 12, 12)
+    assert conv_batchnorm_pairs(model, lambda m: m(x), keep=["tapped"]) == [
+        ("plain", "plain_bn"), ("frozen", "frozen_bn"), ("shared", "shared_bn")]
+    teacher = Teacher.from_model(model)
+    fast = teacher.inference_module(lambda m: m(x), keep=["tapped"])
+    assert fast is not teacher.module and isinstance(fast.plain_bn, torch.nn.Identity)
+    assert isinstance(fast.tapped_bn, torch.nn.BatchNorm2d) and isinstance(fast.residual_bn, torch.nn.BatchNorm2d)
+    assert fast.plain.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.residual.weight.data_ptr() == teacher.module.residual.weight.data_ptr()  # shared, not copied
+    assert set(dict(fast.named_modules())) == set(dict(teacher.module.named_modules()))
+    expected = teacher(x)
+    torch.testing.assert_close(teacher.run(lambda m: m(x), fast), expected, rtol=1e-5, atol=1e-5)
+    assert teacher.inference_module(lambda m: m(x), keep=["tapped"]) is fast  # cached while the weights stay
+    assert all(not isinstance(m, torch.nn.Identity) for m in teacher.module.modules())  # the teacher as given
+
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    state["plain_bn.running_var"] *= 4
+    teacher.load_state_dict(state)
+    rebuilt = teacher.inference_module(lambda m: m(x), keep=["tapped"])
+    assert rebuilt is not fast
+    torch.testing.assert_close(teacher.run(lambda m: m(x), rebuilt), teacher(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        teacher.module.frozen_bn.bias.add_(1.0)  # written in place, not through load_state_dict
+    torch.testing.assert_close(teacher.run(lambda m: m(x), teacher.inference_module(lambda m: m(x), keep=["tapped"])),
+                               teacher(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_teacher_switch_runs_the_teacher_as_given(monkeypatch):
+    import detq_hooks.distill as distill
+
+    model, x = _FoldCases().eval(), torch.randn(2, 3, 12, 12)
+    teacher = distill.Teacher.from_model(model)
+    monkeypatch.setattr(distill, "_FAST_TEACHER", False)  # DETQ_PLAIN_TEACHER=1
+    assert teacher.inference_module(lambda m: m(x)) is teacher.module
+
+
+def test_half_precision_teacher_runs_under_autocast_and_gives_the_same_loss_to_its_rounding():
+    """`distillation.teacher_precision: bfloat16` runs the teacher's forward under autocast: its features come
+    out in bf16 and the distillation loss stays within bf16 rounding of the float32 teacher's."""
+    module, session, batch = _point_detector_session()
+    session.start_training(module, progress=1.0)  # the last stage: every feature and head term
+    module.train()
+    module(batch[0])
+    reference = session.loss_terms(module, batch)["distill"].item()
+    session.teacher.precision = "bfloat16"  # what the recipe key sets when the session builds its teacher
+    with record(session.teacher.module, Taps(outputs=["detector.backbone"])) as seen:
+        session.teacher(batch[0])
+    assert seen.output("detector.backbone").dtype == torch.bfloat16
+    module(batch[0])
+    half = session.loss_terms(module, batch)["distill"].item()
+    assert half == pytest.approx(reference, rel=2e-2) and half != reference
+    recipe_session = type(session)({"preset": "w4a8", "distillation": {"enabled": True, "teacher_precision": "bfloat16"}})
+    assert recipe_session.recipe.distillation.teacher_precision == "bfloat16"

@@ -44,6 +44,7 @@ def test_dict_roundtrip_and_override(tmp_path):
         ({"mode": "train"}, r"`mode` = 'train'"),
         ({"version": 2}, r"`version` = 2 is not supported"),
         ({"quantization": {"activation": {"per_channel": True}}}, r"per_channel` = True is not supported"),
+        ({"distillation": {"teacher_precision": "int8"}}, r"`distillation.teacher_precision` = 'int8' must be one of"),
     ],
 )
 def test_bad_recipes_name_the_culprit(bad, match):
