@@ -41,7 +41,9 @@ STD_FLOOR = 1e-2  # of the whole feature map's std
 
 def _channel_standardize(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     c = f.shape[1]
-    flat = f.transpose(0, 1).reshape(c, -1)
+    # rows in memory order: a channels-last map (the teacher's inference copy on CPU) reshapes to a column-major
+    # view, which every reduction below and the MSE against the student's rows would read across strides
+    flat = f.transpose(0, 1).reshape(c, -1).contiguous()
     n = flat.shape[1]
     # A channel with (almost) no spread -- dead after an activation, or a 1x1 level over two images -- would be
     # divided by ~eps and its gradient scaled up as much (x1e4 for a constant channel): each channel's std is
