@@ -368,7 +368,8 @@ def conv_batchnorm_pairs(model: nn.Module, forward, keep: Sequence[str] = ()) ->
     """``(conv, norm)`` names of the ``nn.Conv2d`` → eval BatchNorm pairs of ``model`` that one eval forward,
     ``forward(model)``, shows to be exactly ``norm(conv(x))`` with nothing else reading the conv's output: the
     pairs whose BatchNorm can be folded into the conv without changing what the model computes. Convs named
-    in ``keep`` (their outputs are read by hooks) are left out."""
+    in ``keep`` (their outputs are read by hooks) are left out. What Python does not run (a TorchScript function
+    reading a conv's output) is not seen."""
     trace = _ConsumerTrace()
     handles = []
     for name, m in model.named_modules():

@@ -291,7 +291,7 @@ def test_stop_after_ends_the_forward_once_every_named_module_ran():
             pass
 
 
-def _point_detector_session(stage_boundary=0.5):
+def _point_detector_session(stage_boundary=0.5, **distillation):
     import sys
     from pathlib import Path
 
@@ -305,7 +305,7 @@ def _point_detector_session(stage_boundary=0.5):
     batch = (torch.stack([img for img, _ in data]), [t for _, t in data])
     teacher_state = copy.deepcopy(module.state_dict())
     session = QuantSession({"preset": "w4a8", "curriculum": {"enabled": True, "boundaries": [stage_boundary]},
-                            "distillation": {"enabled": True}}, family=PointDetectorFamily())
+                            "distillation": {"enabled": True, **distillation}}, family=PointDetectorFamily())
     session.convert(module)
     session.set_teacher_weights(teacher_state, "test")
     session.calibrate(module, [batch], forward_fn=lambda m, b: m(b[0]))
@@ -551,17 +551,16 @@ def test_plain_teacher_switch_runs_the_teacher_as_given(monkeypatch):
 def test_half_precision_teacher_runs_under_autocast_and_gives_the_same_loss_to_its_rounding():
     """`distillation.teacher_precision: bfloat16` runs the teacher's forward under autocast: its features come
     out in bf16 and the distillation loss stays within bf16 rounding of the float32 teacher's."""
-    module, session, batch = _point_detector_session()
-    session.start_training(module, progress=1.0)  # the last stage: every feature and head term
-    module.train()
-    module(batch[0])
-    reference = session.loss_terms(module, batch)["distill"].item()
-    session.teacher.precision = "bfloat16"  # what the recipe key sets when the session builds its teacher
-    with record(session.teacher.module, Taps(outputs=["detector.backbone"])) as seen:
-        session.teacher(batch[0])
-    assert seen.output("detector.backbone").dtype == torch.bfloat16
-    module(batch[0])
-    half = session.loss_terms(module, batch)["distill"].item()
-    assert half == pytest.approx(reference, rel=2e-2) and half != reference
-    recipe_session = type(session)({"preset": "w4a8", "distillation": {"enabled": True, "teacher_precision": "bfloat16"}})
-    assert recipe_session.recipe.distillation.teacher_precision == "bfloat16"
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        module, session, batch = _point_detector_session(teacher_precision=precision)
+        assert session.teacher.precision == precision
+        session.start_training(module, progress=1.0)  # the last stage: every feature and head term
+        module.train()
+        module(batch[0])
+        losses[precision] = session.loss_terms(module, batch)["distill"].item()
+        with record(session.teacher.module, Taps(outputs=["detector.backbone"])) as seen:
+            session.teacher(batch[0])
+        assert seen.output("detector.backbone").dtype == getattr(torch, precision)
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2) and losses["bfloat16"] != losses["float32"]
