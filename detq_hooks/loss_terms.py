@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .curriculum import Stage
 from .distill import DistillationLoss, Teacher
@@ -135,6 +136,9 @@ class DistillationTerm(LossTerm):
         once = all(len(ctx.recorded.outputs.get(n, ())) == 1 for n in names)
         with record(teacher, taps) as t_rec, stop_after(teacher, names if once and not reads_head else ()):
             self.teacher.run(forward, teacher)
+        if self.teacher.precision != "float32":
+            # a half-precision teacher's outputs, rounded once: decoded (anchors, boxes) and compared in float32
+            t_rec = Recorded(*(tree_map(_float32, store) for store in (t_rec.outputs, t_rec.inputs)))
         s_feats = [[f for n in group for f in _feature_maps(ctx.recorded.output(n))] for group in groups]
         t_feats = [[f for n in group for f in _feature_maps(t_rec.output(n))] for group in groups]
         s_head = t_head = assignment = None
@@ -154,6 +158,10 @@ def _zero_like_parameters(model: nn.Module) -> torch.Tensor:
     """A 0-d zero on the model's device and dtype (a term that has nothing to add this step)."""
     p = next(model.parameters(), None)
     return p.new_zeros(()) if p is not None else torch.zeros(())
+
+
+def _float32(x: Any) -> Any:
+    return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _feature_maps(output: Any) -> list[torch.Tensor]:

@@ -559,7 +559,11 @@ def test_half_precision_teacher_runs_under_autocast_and_gives_the_same_loss_to_i
         session.start_training(module, progress=1.0)  # the last stage: every feature and head term
         module.train()
         module(batch[0])
+        read, head_outputs = [], session.family.head_outputs
+        session.family.head_outputs = lambda m, rec, b: read.append(rec) or head_outputs(m, rec, b)
         losses[precision] = session.loss_terms(module, batch)["distill"].item()
+        # the teacher's recorded outputs reach the family's decoding in float32 (rounded once to bf16)
+        assert {t.dtype for rec in read for outs in rec.outputs.values() for t in outs if torch.is_tensor(t)} == {torch.float32}
         with record(session.teacher.module, Taps(outputs=["detector.backbone"])) as seen:
             session.teacher(batch[0])
         assert seen.output("detector.backbone").dtype == getattr(torch, precision)

@@ -330,6 +330,7 @@ def test_lightning_cli_yaml(tmp_path):
                        save_config_callback=None)
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, DetQCallback))
     assert cb.recipe.curriculum.enabled and cb.recipe.distillation.enabled and cb.target == "model"
+    assert cb.recipe.distillation.teacher_precision == "float32"
 
 
 class CLIModel(TinyDet):
