@@ -55,8 +55,12 @@ def training_batches(trainer, batch: int, n: int = 4) -> list:
 
 
 def train_step(model, opt, b) -> float:
-    """Seconds of one training step as Ultralytics runs it: forward with the loss, backward, optimizer step."""
+    """Seconds of one training step as Ultralytics runs it (with DetQTrainer: the batch handed to the session as its
+    ``preprocess_batch`` does), forward with the loss, backward, optimizer step."""
     t = clock()
+    criterion = getattr(model, "criterion", None)
+    if hasattr(criterion, "session"):
+        criterion.session.batch_ready(b)
     loss, _ = model(b)
     loss.sum().backward()
     opt.step()

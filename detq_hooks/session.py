@@ -555,6 +555,17 @@ class QuantSession:
         s = self.schedule
         return f"curriculum stage {s.current + 1}/{len(s.stages)} ({s.stage_name()}) at {progress:.3f} of the budget"
 
+    def batch_ready(self, batch: Any) -> None:
+        """The trainer holds the step's batch, before the student's forward: terms may start work that does not
+        depend on the student (the distillation teacher's forward, in a worker thread on a core the trainer leaves
+        idle). Only while training; :meth:`loss_terms` on the same batch takes the result."""
+        if self._recorder is None:
+            return
+        for term in self.terms:
+            prefetch = getattr(term, "prefetch", None)
+            if prefetch is not None:
+                prefetch(batch, self.stage)
+
     def loss_terms(self, model: nn.Module, batch: Any, outputs: Any = None) -> dict[str, torch.Tensor]:
         """The extra loss terms of this step (call inside the trainer's forward/loss, after the model ran on
         ``batch``); their sum goes into the loss. Names starting with ``_`` are not for logging."""
@@ -592,6 +603,10 @@ class QuantSession:
         """After training: nothing frozen, no recording (evaluation and export see the whole quantized model)."""
         if self.schedule is not None:
             self.schedule.remove_hooks()
+        for term in self.terms:
+            close = getattr(term, "close", None)
+            if close is not None:
+                close()
         self._remove_recorder()
 
     def _remove_recorder(self) -> None:

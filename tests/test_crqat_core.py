@@ -568,3 +568,49 @@ def test_half_precision_teacher_runs_under_autocast_and_gives_the_same_loss_to_i
             session.teacher(batch[0])
         assert seen.output("detector.backbone").dtype == getattr(torch, precision)
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2) and losses["bfloat16"] != losses["float32"]
+
+
+def test_teacher_runs_ahead_in_a_worker_thread_where_a_core_is_idle(monkeypatch):
+    """With a core the trainer leaves idle (Ultralytics runs cores − 1 threads), `batch_ready` starts the
+    teacher's forward in a worker thread before the student's forward; the loss call takes that result, the same
+    loss bit for bit as the teacher run in the loss call. A prefetch for another batch is dropped."""
+    import os
+    import threading
+
+    import detq_hooks.loss_terms as loss_terms
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    module, session, batch = _point_detector_session()
+    ran_in = []
+    session.teacher.module.register_forward_hook(lambda *a: ran_in.append(threading.current_thread().name))
+    session.start_training(module, progress=1.0)
+    module.train()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as Ultralytics on two cores: one core idle
+    session.batch_ready(batch)  # the first step traces the teacher: nothing runs ahead yet
+    module(batch[0])
+    session.loss_terms(module, batch)
+    assert ran_in == ["MainThread", "MainThread"]  # the trace, then the pass
+
+    ran_in.clear()
+    session.batch_ready(batch)
+    module(batch[0])
+    ahead = session.loss_terms(module, batch)["distill"]
+    assert len(ran_in) == 1 and ran_in[0].startswith("detq-teacher")
+    monkeypatch.setattr(loss_terms, "_TEACHER_THREAD", False)  # DETQ_TEACHER_THREAD=0
+    ran_in.clear()
+    session.batch_ready(batch)
+    module(batch[0])
+    assert torch.equal(session.loss_terms(module, batch)["distill"], ahead) and ran_in == ["MainThread"]
+
+    monkeypatch.setattr(loss_terms, "_TEACHER_THREAD", True)
+    other = (batch[0].clone(), batch[1])  # another batch: its prefetched pass is not this step's
+    ran_in.clear()
+    session.batch_ready(other)
+    module(batch[0])
+    assert torch.equal(session.loss_terms(module, batch)["distill"], ahead)
+    assert ran_in[0].startswith("detq-teacher") and ran_in[1:] == ["MainThread"]
+    session.batch_ready(batch)
+    session.end_training(module)  # waits for the pass nobody takes and ends the worker
+    term = next(t for t in session.terms if isinstance(t, loss_terms.DistillationTerm))
+    assert term._pending is None and term._worker is None

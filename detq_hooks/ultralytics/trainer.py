@@ -281,6 +281,8 @@ class _DetQMixin:
         criterion = getattr(unwrap_model(self.model), "criterion", None) if getattr(self, "model", None) is not None else None
         if isinstance(criterion, DetQCriterion):  # RT-DETR hands its criterion the targets without the images
             criterion.images = batch["img"]
+            # the teacher may start on this batch now, on the core Ultralytics leaves idle (it runs cores - 1 threads)
+            criterion.session.batch_ready(batch)
         return batch
 
     def _setup_train(self):
