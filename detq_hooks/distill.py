@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 
 from .recipe import DistillationSection
@@ -405,13 +406,10 @@ def folded_copy(model: nn.Module, pairs: Sequence[tuple[str, str]], channels_las
     copy_ = copy.deepcopy(model, memo=dict(shared))
     for conv_name, norm_name in pairs:
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-        inv_std = torch.rsqrt(norm.running_var.double() + norm.eps)
-        gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(inv_std)
-        beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(inv_std)
-        factor = gamma * inv_std
-        weight = (conv.weight.double() * factor.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(inv_std)
-        bias = ((bias - norm.running_mean.double()) * factor + beta).to(conv.weight.dtype)
+        double = lambda t: None if t is None else t.double()  # noqa: E731  (the fold in float64, rounded once)
+        weight, bias = fuse_conv_bn_weights(double(conv.weight), double(conv.bias), double(norm.running_mean),
+                                            double(norm.running_var), norm.eps, double(norm.weight), double(norm.bias))
+        weight, bias = weight.detach().to(conv.weight.dtype), bias.detach().to(conv.weight.dtype)
         folded = copy_.get_submodule(conv_name)
         folded.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last) if channels_last else weight,
                                      requires_grad=False)
