@@ -108,6 +108,7 @@ def export_onnx(
     target: str = "qdq",
     weight_storage: str = "int8",
     calibration_inputs: Optional[Sequence[Any]] = None,
+    integer_adds: bool = True,
 ) -> ExportResult:
     """Export a quantized model to a clean QDQ ONNX file with integer weights (checked by ``onnx.checker``).
 
@@ -126,6 +127,10 @@ def export_onnx(
             two per byte; onnxruntime and OpenVINO then dequantize those weights to float at load time).
         calibration_inputs: inputs (tensors or tuples) from which ``target="onnxruntime"`` calibrates the
             requantization scales of the Conv outputs.
+        integer_adds: with ``target="openvino"``, put both inputs of each ``Add`` whose sum is quantized (the
+            residual adds) on an 8-bit grid, so OpenVINO adds integers and fuses the quantizers into the
+            convolutions (:func:`detq_hooks.onnx_graph.integer_adds`; each input is rounded once more than in the
+            fake-quant model). ``False``: the trained graph exactly.
 
     Example:
         >>> res = export_onnx(qmodel, torch.randn(1, 3, 64, 64), "model.onnx")  # doctest: +SKIP
@@ -136,6 +141,7 @@ def export_onnx(
 
     from .onnx_graph import (clean_qdq, drop_requantizers_after_selections, graph_summary, pack_int4_weights,
                              share_activation_qdq)
+    from .onnx_graph import integer_adds as integer_add_inputs
     from .onnx_ort import make_ort_units
     from .sharing import is_shared
 
@@ -176,6 +182,8 @@ def export_onnx(
     clean_qdq(proto)
     share_activation_qdq(proto, hoist=is_shared(model))
     if target == "openvino":
+        if integer_adds and integer_add_inputs(proto):
+            share_activation_qdq(proto, hoist=is_shared(model))
         drop_requantizers_after_selections(proto)
     if target == "onnxruntime" and bits:
         notes += make_ort_units(proto, [_as_tuple(x) for x in calibration_inputs])

@@ -359,6 +359,89 @@ def drop_requantizers_after_selections(model) -> int:
     return dropped
 
 
+def _dequantized(gr: Graph, x: str) -> bool:
+    dq = gr.producer.get(x)
+    return dq is not None and dq.op_type == "DequantizeLinear"
+
+
+def _pair_reading(gr: Graph, x: str) -> Optional[tuple]:
+    """``(Q, DQ)`` of a per-tensor, constant ``QuantizeLinear`` that reads ``x`` and is dequantized right after
+    (no ``Clip`` between: an 8-bit grid); ``None`` if ``x`` has none."""
+    for q in gr.consumers.get(x, []):
+        key = _qdq_key(gr, q)
+        if key is None or key[0] != "QuantizeLinear" or key[3] is not None:
+            continue
+        dq = next((d for d in gr.consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"), None)
+        if dq is not None:
+            return q, dq
+    return None
+
+
+def _sum_quantizer(gr: Graph, add) -> Optional[tuple]:
+    """``(Q, DQ)`` that quantizes the output of ``add``: read by per-tensor quantizers only (one set of constants),
+    directly or through one selection (a ``Concat`` of it and other tensors)."""
+    out = add.output[0]
+    readers = gr.consumers.get(out, [])
+    if out in gr.outputs or not readers:
+        return None
+    if len(readers) == 1 and readers[0].op_type in _SELECTIONS:
+        readers, key = _one_quantizer_after(gr, readers[0])
+        if key is None:
+            return None
+        source = readers[0].input[0]
+    else:
+        source = out
+    keys = [_qdq_key(gr, r) for r in readers]
+    if any(k is None or k[0] != "QuantizeLinear" for k in keys) or len({_param_key(k) for k in keys}) != 1:
+        return None
+    return _pair_reading(gr, source)
+
+
+def integer_adds(model) -> int:
+    """Put both inputs of each ``Add`` whose sum is quantized on an 8-bit grid (in place; returns how many
+    inputs were changed), so that OpenVINO runs the residual adds of a bottleneck on integers and fuses the
+    quantizers into the convolutions that produce them, as it does for models quantized by NNCF.
+
+    An input that the model already quantizes for another layer (the skip input of a residual block, which the
+    block's first convolution quantizes) is read through that quantizer: its trained scale. Any other input
+    (the block's last activation) is put on the grid of the sum's own quantizer. Not exact, unlike the other
+    passes: the fake-quant model adds the float values and rounds once, here each input is rounded first (at
+    most half a step of its grid more per element). Adds with a constant input, or whose sum stays float, are
+    left alone."""
+    from onnx import helper
+
+    gr = Graph(model)
+    types = _elem_types(model)
+    changed = 0
+    # last first: once a later residual add reads its skip input through a quantizer, the earlier add whose sum
+    # that is has only quantizers as readers
+    for node in reversed(list(gr.g.node)):
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in gr.inits for i in node.input) or \
+                any(types.get(i) != 1 for i in node.input):  # 1: FLOAT
+            continue
+        target = _sum_quantizer(gr, node)
+        if target is None:
+            continue
+        for k, x in enumerate(node.input):
+            if _dequantized(gr, x):
+                continue
+            pair = _pair_reading(gr, x)
+            if pair is None:
+                q, dq = target
+                q_out, dq_out = gr.fresh(x + "_aq"), gr.fresh(x + "_adq")
+                gr.g.node.append(helper.make_node("QuantizeLinear", [x, *q.input[1:]], [q_out], name=q_out))
+                gr.g.node.append(helper.make_node("DequantizeLinear", [q_out, *dq.input[1:]], [dq_out], name=dq_out))
+                node.input[k] = dq_out
+            else:
+                node.input[k] = pair[1].output[0]
+            changed += 1
+            gr.reindex()
+    toposort(gr)
+    gr.reindex()
+    gr.prune()
+    return changed
+
+
 def share_activation_qdq(model, hoist: bool = True) -> dict[str, int]:
     """One ``Q→DQ`` per tensor where it is produced (in place): duplicate quantizers of one tensor merged and,
     with ``hoist``, the quantizer after a selection (``Concat``, ``Split``, ``Slice``, ``MaxPool``, nearest

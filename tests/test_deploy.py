@@ -169,10 +169,47 @@ def test_openvino_ir_runs_quantized_convs_in_u8_and_agrees(models, x, tmp_path):
     n_convs = res.onnx.quantized_convs
     assert sum(prec["Convolution"].get(p, 0) for p in ("u8", "i8")) + sum(prec.get("GroupConvolution", {}).get(p, 0) for p in ("u8", "i8")) == n_convs
     ref = _torch_out(models["w8a8"], x)
-    # Stated tolerance, f32: as the QDQ graph. Default precision (bf16 on CPUs with AVX512-BF16) runs the float
+    # Stated tolerance, f32: as the QDQ graph (the residual adds' inputs rounded once more, integer_adds: at this
+    # size no box moved by more than 0.05 px). Default precision (bf16 on CPUs with AVX512-BF16) runs the float
     # parts (box decode, SiLU) in bf16: boxes within 0.5 px, class probabilities within 0.01.
     _assert_close(make_runner(res.xml, "openvino", precision="f32")(x.numpy())[0], ref, 0.05, 2e-3)
     _assert_close(make_runner(res.xml, "openvino")(x.numpy())[0], ref, 0.5, 0.01)
+
+
+def test_integer_adds_put_both_inputs_of_each_quantized_residual_add_on_a_grid(models, x, tmp_path):
+    """YOLO11n has 13 residual adds (five C3k2 bottlenecks, three C3k blocks of two, PSA's attention and
+    feed-forward) and the attention's ``v + pe(v)``; the head's box decode adds in float and stays so."""
+    graphs = {}
+    for adds in (False, True):
+        res = _export(models["w8a8"], x, tmp_path / f"{adds}.onnx", target="openvino", integer_adds=adds)
+        graphs[adds] = onnx.load(str(res.path))
+    on_grid = {}
+    for adds, m in graphs.items():
+        g = m.graph
+        producer = {o: n for n in g.node for o in n.output}
+        inits = {t.name for t in g.initializer}
+        constant = lambda i: i in inits or (i in producer and producer[i].op_type == "Constant")  # noqa: E731
+        act_adds = [n for n in g.node if n.op_type == "Add" and "model.23" not in n.name
+                    and not any(constant(i) for i in n.input)]
+        on_grid[adds] = sum(all(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)
+                            for n in act_adds)
+        decode = [n for n in g.node if n.op_type == "Add" and "model.23" in n.name]
+        assert decode and not any(i in producer and producer[i].op_type == "DequantizeLinear"
+                                  for n in decode for i in n.input)
+        assert len(act_adds) == 14
+    assert on_grid == {False: 0, True: 14}
+    # the new quantizers reuse the trained scales: one on each block's last activation (the sum's step), the skip
+    # input through the quantizer its first conv already had; no new scale constant, no Round/Clip
+    scales = {adds: {t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and not t.dims}
+              for adds, m in graphs.items()}
+    assert scales[True] <= scales[False]
+    s = graph_summary(graphs[True])
+    assert s["Round"] == s["Clip"] == 0
+    # Stated tolerance between the two: each add input rounded once more, at most half a step each; the
+    # outputs stay within the f32 tolerance of test_openvino_ir_runs_quantized_convs_in_u8_and_agrees
+    runs = {adds: make_runner(tmp_path / f"{adds}.onnx", "onnxruntime")(x.numpy())[0] for adds in graphs}
+    _assert_close(runs[True], runs[False], 0.05, 2e-3)
+    assert not np.array_equal(runs[True], runs[False])  # the graphs do differ
 
 
 # ------------------------------------------------------------------------------------------------ bad input
