@@ -1,5 +1,6 @@
-"""OpenVINO export with the residual adds on integers (``export_openvino(integer_adds=True)``, the default)
-against the trained graph exactly (``integer_adds=False``), beside NNCF's PTQ of the same float model.
+"""OpenVINO and onnxruntime exports with the residual adds on integers (``integer_adds=True``, the default)
+against the trained graph exactly (``integer_adds=False``), beside NNCF's PTQ and onnxruntime's
+``quantize_static`` of the same float model.
 
     YOLO_OFFLINE=1 python benchmarks/bench_integer_adds.py [--recipes w8a8 w8a8+shared --sizes 320 640
         --rounds 15 --json out.json]
@@ -10,7 +11,8 @@ validation images at 160 px; the CPU plugin's standalone float nodes (``Subgraph
 into a convolution) and integer ``Eltwise`` adds in its runtime model; and, at each ``--sizes``, two latencies
 measured side by side in ``--rounds`` interleaved rounds (2 threads, batch 1): the wall time of one inference
 and the sum of the executed nodes' times from the plugin's own profiler (``PERF_COUNT``), which leaves out the
-thread scheduling that makes wall times on a shared 2-core VM spread by ±20 %.
+thread scheduling that makes wall times on a shared 2-core VM spread by ±20 %. The same for
+``export_onnx(target="onnxruntime")`` in onnxruntime (wall time, mAP, the fused ``QLinearAdd``/``QLinearSigmoid``).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import bench_deploy as bd
-    from detq_hooks.deploy import export_openvino, make_runner
+    from detq_hooks.deploy import export_openvino, make_runner, ort_op_counts, time_runners
+    from detq_hooks.export import export_onnx
     from detq_hooks.tools.data import make_synthetic_dataset
     from detq_hooks.tools.zoo import cached_float_checkpoint, synthetic_data_dir
     from detq_hooks.ultralytics.deploy import export_head_mode
@@ -96,7 +99,16 @@ def main(argv=None) -> None:
     models = bd.build_models(str(ref.checkpoint), calib, args.recipes)
     out = Path(args.out)
     names = dict(input_names=["images"], output_names=["output0"])
-    report = {"float_map50_95": ref.map50_95, "map50_95": {}, "runtime": {}, "latency": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"float_map50_95": ref.map50_95, "map50_95": {}, "runtime": {}, "latency": {},
+              "onnxruntime": {"map50_95": {}, "ops": {}, "latency": {}}}
+
+    def export_ort(recipe, adds, size):
+        path = out / f"{recipe}_{'int' if adds else 'float'}_adds_{size}_ort.onnx"
+        calib_s = [torch.from_numpy(c[None]) for c in bd._resize(calib, size)]
+        export_onnx(export_head_mode(models[recipe]), torch.zeros(1, 3, size, size), path, target="onnxruntime",
+                    calibration_inputs=calib_s, integer_adds=adds, **names)
+        return path
 
     def export(recipe, adds, size):
         xml = out / f"{recipe}_{'int' if adds else 'float'}_adds_{size}" / "m.xml"
@@ -111,6 +123,15 @@ def main(argv=None) -> None:
                                                                                       ds, 160, val), 4)
                                        for prec in (None, "f32")}
             print(key, report["map50_95"][key], flush=True)
+            ort160 = export_ort(r, adds, 160)
+            report["onnxruntime"]["map50_95"][key] = round(bd.evaluate_runner(make_runner(ort160, "onnxruntime", 2), ds,
+                                                                              160, val), 4)
+            print(key, "onnxruntime mAP", report["onnxruntime"]["map50_95"][key], flush=True)
+    float160 = out / "float_160.onnx"
+    export_onnx(export_head_mode(models["float"]), torch.zeros(1, 3, 160, 160), float160, **names)
+    qs160 = bd.ort_quantize_static(float160, out / "qs_160.onnx", [torch.from_numpy(c[None]) for c in calib])
+    report["onnxruntime"]["map50_95"]["ort_quantize_static"] = round(
+        bd.evaluate_runner(make_runner(qs160, "onnxruntime", 2), ds, 160, val), 4)
     for size in args.sizes:
         calib_s = [torch.from_numpy(c[None]) for c in bd._resize(calib, size)]
         files = {f"{r}, integer_adds={adds}": export(r, adds, size) for r in args.recipes for adds in (False, True)}
@@ -121,11 +142,24 @@ def main(argv=None) -> None:
             print(f"{size} px  {k:40s} wall {v['wall']['median_ms']:7.2f} ms  node sum {v['node_sum']['median_ms']:7.2f} ms"
                   f" ({v['node_sum']['p10_ms']:.2f}-{v['node_sum']['p90_ms']:.2f})", flush=True)
         print(size, "px runtime nodes:", report["runtime"][size], flush=True)
+        ort_files = {f"{r}, integer_adds={adds}": export_ort(r, adds, size) for r in args.recipes for adds in (False, True)}
+        float_onnx = out / f"float_{size}.onnx"
+        export_onnx(export_head_mode(models["float"]), torch.zeros(1, 3, size, size), float_onnx, **names)
+        ort_files["ort_quantize_static"] = bd.ort_quantize_static(float_onnx, out / f"qs_{size}.onnx", calib_s)
+        keep = ("QLinearConv", "QLinearAdd", "QLinearSigmoid", "QLinearMul", "Add", "Sigmoid")
+        report["onnxruntime"]["ops"][size] = {k: {op: ort_op_counts(p)[op] for op in keep} for k, p in ort_files.items()}
+        report["onnxruntime"]["latency"][size] = time_runners(
+            {k: make_runner(p, "onnxruntime", 2) for k, p in ort_files.items()}, np.zeros((1, 3, size, size), np.float32),
+            reps=20, rounds=args.rounds)
+        for k, v in report["onnxruntime"]["latency"][size].items():
+            print(f"{size} px onnxruntime {k:40s} {v['median_ms']:7.2f} ms ({v['p10_ms']:.2f}-{v['p90_ms']:.2f})",
+                  report["onnxruntime"]["ops"][size][k], flush=True)
     report["seconds"] = round(time.time() - t0, 1)
     report["rounds"] = args.rounds
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("map50_95", "seconds")}, indent=1))
+    print(json.dumps({"map50_95": report["map50_95"], "onnxruntime_map50_95": report["onnxruntime"]["map50_95"],
+                      "seconds": report["seconds"]}, indent=1))
 
 
 if __name__ == "__main__":

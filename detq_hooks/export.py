@@ -127,10 +127,11 @@ def export_onnx(
             two per byte; onnxruntime and OpenVINO then dequantize those weights to float at load time).
         calibration_inputs: inputs (tensors or tuples) from which ``target="onnxruntime"`` calibrates the
             requantization scales of the Conv outputs.
-        integer_adds: with ``target="openvino"``, put both inputs of each ``Add`` whose sum is quantized (the
-            residual adds) on an 8-bit grid, so OpenVINO adds integers and fuses the quantizers into the
-            convolutions (:func:`detq_hooks.onnx_graph.integer_adds`; each input is rounded once more than in the
-            fake-quant model). ``False``: the trained graph exactly.
+        integer_adds: with ``target="openvino"`` or ``"onnxruntime"``, put both inputs of each ``Add`` whose sum
+            is quantized (the residual adds) on an 8-bit grid, so OpenVINO adds integers and fuses the quantizers
+            into the convolutions, and onnxruntime fuses ``QLinearAdd`` and the SiLUs before it
+            (:func:`detq_hooks.onnx_graph.integer_adds`; each input is rounded once more than in the fake-quant
+            model). ``False``: the trained graph exactly. The ``"qdq"`` target is always the trained graph.
 
     Example:
         >>> res = export_onnx(qmodel, torch.randn(1, 3, 64, 64), "model.onnx")  # doctest: +SKIP
@@ -181,9 +182,9 @@ def export_onnx(
         proto = onnx.load(str(raw))
     clean_qdq(proto)
     share_activation_qdq(proto, hoist=is_shared(model))
+    if integer_adds and target in ("openvino", "onnxruntime") and integer_add_inputs(proto):
+        share_activation_qdq(proto, hoist=is_shared(model))  # the skip tensors are now quantized for every reader
     if target == "openvino":
-        if integer_adds and integer_add_inputs(proto):
-            share_activation_qdq(proto, hoist=is_shared(model))
         drop_requantizers_after_selections(proto)
     if target == "onnxruntime" and bits:
         notes += make_ort_units(proto, [_as_tuple(x) for x in calibration_inputs])

@@ -135,7 +135,9 @@ def test_low_bit_activations_clip_and_int4_weight_storage(models, x, tmp_path):
 
 def test_onnxruntime_target_fuses_every_quantized_conv(models, x, tmp_path):
     calib = [torch.rand(1, 3, IMGSZ, IMGSZ) for _ in range(4)]
-    res = _export(models["w8a8"], x, tmp_path / "ort.onnx", target="onnxruntime", calibration_inputs=calib)
+    # the trained graph's structure (integer_adds=False); the default's extra fusions are tested below
+    res = _export(models["w8a8"], x, tmp_path / "ort.onnx", target="onnxruntime", calibration_inputs=calib,
+                  integer_adds=False)
     assert res.notes == []
     ops = ort_op_counts(res.path)
     assert ops["QLinearConv"] == res.quantized_convs == 88 and ops.get("Conv", 0) == 0
@@ -210,6 +212,17 @@ def test_integer_adds_put_both_inputs_of_each_quantized_residual_add_on_a_grid(m
     runs = {adds: make_runner(tmp_path / f"{adds}.onnx", "onnxruntime")(x.numpy())[0] for adds in graphs}
     _assert_close(runs[True], runs[False], 0.05, 2e-3)
     assert not np.array_equal(runs[True], runs[False])  # the graphs do differ
+
+    # onnxruntime: the residual adds whose SiLU inputs now feed only quantizers fuse too (QLinearAdd, and
+    # QLinearSigmoid/QLinearMul for those SiLUs); nothing else of the ORT target changes
+    calib = [torch.rand(1, 3, IMGSZ, IMGSZ) for _ in range(4)]
+    ort = {adds: _export(models["w8a8"], x, tmp_path / f"ort_{adds}.onnx", target="onnxruntime", calibration_inputs=calib,
+                         integer_adds=adds) for adds in (False, True)}
+    ops = {adds: ort_op_counts(r.path) for adds, r in ort.items()}
+    assert ops[False]["QLinearConv"] == ops[True]["QLinearConv"] == 88 and ops[False].get("QLinearAdd", 0) == 0
+    assert ops[True]["QLinearAdd"] >= 5 and ops[True]["QLinearSigmoid"] >= ops[False]["QLinearSigmoid"] + 5, ops[True]
+    # Stated tolerance: the ORT target's (test_onnxruntime_target_fuses_every_quantized_conv)
+    _assert_close(make_runner(ort[True].path, "onnxruntime")(x.numpy())[0], _torch_out(models["w8a8"], x), 1.5, 0.03)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
