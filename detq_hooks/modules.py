@@ -96,6 +96,9 @@ class _BackwardCount(threading.local):
 
 _BACKWARDS = _BackwardCount()
 _LAST_CALL: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+# the image layer's step-size gradient is zero without a convolution when the image lies on its quantizer's grid
+# (``_ConvRecomputed``); a switch for benchmarks and tests
+_SKIP_ZERO_TANGENTS = True
 _SHARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -187,16 +190,25 @@ class _ConvRecomputed(torch.autograd.Function):
             weight_grads = _weight_backward(ctx, grad_wq, params, needs[2:5])
         grad_s = grad_z = None
         if ctx.constant_input and (needs[6] or needs[7]):
-            ds, dz, any_nan = ops.per_tensor_tangents(kept, *ctx.input_bounds, needs[7])
-            tangents = torch.cat([ds, dz]) if needs[7] else ds  # one convolution for both
-            t = torch.ops.aten.convolution(tangents, wq.detach(), None, stride, padding, dilation, False, [0, 0], groups)
-            n = grad.shape[0]
-            if needs[6]:
-                grad_s = (_dot(grad, t[:n]) * ctx.grad_factor).reshape(ctx.input_parameter_shapes[0])
-                if any_nan:  # as the quantizer's kernels: a NaN input makes the step size's gradient NaN
-                    grad_s = torch.full_like(grad_s, math.nan)
-            if needs[7]:
-                grad_z = (_dot(grad, t[n:]) * ctx.grad_factor).reshape(ctx.input_parameter_shapes[1])
+            ds, dz, any_nan, on_grid = ops.per_tensor_tangents(kept, *ctx.input_bounds, needs[7])
+            if on_grid and _SKIP_ZERO_TANGENTS:
+                # every input on the grid and in range (8-bit images at 1/255): the tangent is zero but for the
+                # rounding of x / s, so the gradients are 0 (not a convolution of rounding noise), or NaN where a
+                # weight or gradient is not finite, as that convolution's dot product would be
+                zero = 0.0 if bool(torch.isfinite(grad).all()) and bool(torch.isfinite(wq).all()) else math.nan
+                grad_s = grad.new_full(ctx.input_parameter_shapes[0], zero) if needs[6] else None
+                grad_z = grad.new_full(ctx.input_parameter_shapes[1], zero) if needs[7] else None
+            else:
+                tangents = torch.cat([ds, dz]) if needs[7] else ds  # one convolution for both
+                t = torch.ops.aten.convolution(tangents, wq.detach(), None, stride, padding, dilation, False, [0, 0],
+                                               groups)
+                n = grad.shape[0]
+                if needs[6]:
+                    grad_s = (_dot(grad, t[:n]) * ctx.grad_factor).reshape(ctx.input_parameter_shapes[0])
+                    if any_nan:  # as the quantizer's kernels: a NaN input makes the step size's gradient NaN
+                        grad_s = torch.full_like(grad_s, math.nan)
+                if needs[7]:
+                    grad_z = (_dot(grad, t[n:]) * ctx.grad_factor).reshape(ctx.input_parameter_shapes[1])
         return (grad_xq if needs[0] and not ctx.constant_input else None, None, *weight_grads, grad_b, grad_s, grad_z,
                 None, None, None, None)
 

@@ -872,6 +872,52 @@ def test_layer_on_the_image_learns_its_input_range_without_an_input_gradient(kin
     conv(x).sum().backward()
     assert conv.input_quantizer.scale.grad.isnan().all()  # as the quantizer's own kernels and the reference
 
+@pytest.mark.parametrize("kind", ["lsq", "lsq_plus"])
+def test_image_on_the_quantizer_grid_skips_the_tangent_convolution(kind, monkeypatch):
+    """8-bit images read as n/255 (Ultralytics' batches) under an 8-bit input quantizer at 1/255 (what calibration
+    finds for them): every tangent is zero but for the rounding of x / s, so the layer skips their convolution (one
+    forward convolution of the image's size per step) and gives zero gradients, where the ordinary path gives
+    rounding noise; a non-finite upstream gradient still makes them NaN; an image off the grid still takes the
+    convolution."""
+    monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
+
+    def make():
+        torch.manual_seed(0)
+        conv = QuantConv2d.from_float(nn.Conv2d(3, 8, 3, 2, 1), weight_spec=dict(bits=8, symmetric=True),
+                                      input_spec=dict(bits=8, symmetric=False, kind=kind))
+        conv.weight_quantizer.initialize_from(conv.weight)
+        conv.input_quantizer.set_range(torch.tensor(0.0), torch.tensor(1.0))
+        return conv
+
+    torch.manual_seed(1)
+    on_grid = torch.randint(0, 256, (2, 3, 16, 16)).float() / 255
+    off_grid = on_grid + 0.3 / 255
+
+    def step(x, ordinary=False, poison=False):
+        monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", not ordinary)
+        conv = make()
+        y = conv(x)
+        g = torch.ones_like(y)
+        if poison:
+            g[0, 0, 0, 0] = float("inf")
+        with torch.autograd.profiler.profile() as prof:
+            y.backward(g)
+        convs = sum(e.name == "aten::convolution" for e in prof.function_events)
+        return {n: p.grad for n, p in conv.named_parameters() if n.startswith("input_quantizer.")}, convs
+
+    off, convs = step(off_grid)
+    assert convs == 1 and off["input_quantizer.scale"].abs().item() > 0.05  # measured 0.125
+    ours, convs = step(on_grid)
+    ordinary, _ = step(on_grid, ordinary=True)
+    assert convs == 0 and ours.keys() == ordinary.keys() and len(ours) == (2 if kind == "lsq_plus" else 1)
+    for name, g in ours.items():
+        assert g.abs().sum().item() == 0, name
+        # the ordinary path's rounding noise: under 1e-4 of the off-grid image's gradient
+        assert ordinary[name].abs().item() <= 1e-4 * off["input_quantizer.scale"].abs().item(), name
+    poisoned, _ = step(on_grid, poison=True)
+    assert poisoned["input_quantizer.scale"].isnan().all()
+
+
 def test_shared_layer_keeping_its_relu_input_matches_the_reference(monkeypatch):
     """A layer called again before backward (FCOS's shared head) takes its cached quantized weight and still keeps
     the ReLU's output rather than its quantized input; gradients equal the reference arithmetic's."""

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -229,23 +230,31 @@ std::vector<at::Tensor> per_tensor_tangents(const at::Tensor& x, double s, doubl
   float* dsp = ds.mutable_data_ptr<float>();
   float* dzp = need_zero ? dz.mutable_data_ptr<float>() : nullptr;
   const float fs = static_cast<float>(s), flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
-  std::atomic<bool> any_nan{false};
+  std::atomic<bool> any_nan{false}, any_nonzero{false};
   at::parallel_for(0, x.numel(), CHUNK, [&](int64_t b, int64_t e) {
-    int nan_seen = 0;
+    int nan_seen = 0, nonzero = 0;
     for (int64_t i = b; i < e; ++i) {
       const float v = xp[i] / fs;
       const float r = std::nearbyint(v);
       const bool in = (r >= flo) & (r <= fhi);
       float c = r < flo ? flo : r;
       c = c > fhi ? fhi : c;  // NaN stays NaN
-      dsp[i] = in ? r - v : c;
+      const float d = in ? r - v : c;
+      dsp[i] = d;
       if (dzp != nullptr) dzp[i] = in ? 0.f : -fs;
       nan_seen |= (r != r);
+      // off the grid by more than v = x / s's own float rounding (a few ulp of v), or clipped; NaN counts too
+      nonzero |= !(std::fabs(in ? d : c) <= (in ? 4.f * FLT_EPSILON * std::fabs(v) : 0.f)) | (dzp != nullptr && !in);
     }
     if (nan_seen) any_nan = true;
+    if (nonzero) any_nonzero = true;
   });
-  // whether any element is NaN: the step size's gradient is then NaN even where the layer reads no such element
-  return {ds, dz, at::scalar_tensor(any_nan.load() ? 1 : 0, x.options().dtype(at::kBool))};
+  // whether any element is NaN: the step size's gradient is then NaN even where the layer reads no such element;
+  // whether every input is on the grid and in range (8-bit images read as n/255 under a 1/255 step): the tangents
+  // are then zero but for the rounding of x / s (n/255 / (1/255) is n only to an ulp), whose convolution would give
+  // the step size a gradient of rounding noise; the caller skips it and gives zero
+  const auto flag = [&](bool v) { return at::scalar_tensor(v ? 1 : 0, x.options().dtype(at::kBool)); };
+  return {ds, dz, flag(any_nan.load()), flag(!any_nonzero.load())};
 }
 
 // Codes of n elements read with a stride, written contiguously. The restrict qualifiers matter: a uint8_t store may
