@@ -60,6 +60,13 @@ class LossTerm:
         """The names this term logs at every step (trainers that need a fixed set of loss items ask first)."""
         return [] if self.name.startswith("_") else [self.name]
 
+    def prefetch(self, batch: Any, stage: Optional[int]) -> None:
+        """The trainer holds the step's batch, before the student's forward (:meth:`QuantSession.batch_ready`):
+        start work that does not depend on the student. Nothing by default."""
+
+    def close(self) -> None:
+        """End of training: release what :meth:`prefetch` holds. Nothing by default."""
+
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 

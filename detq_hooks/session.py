@@ -562,9 +562,7 @@ class QuantSession:
         if self._recorder is None:
             return
         for term in self.terms:
-            prefetch = getattr(term, "prefetch", None)
-            if prefetch is not None:
-                prefetch(batch, self.stage)
+            term.prefetch(batch, self.stage)
 
     def loss_terms(self, model: nn.Module, batch: Any, outputs: Any = None) -> dict[str, torch.Tensor]:
         """The extra loss terms of this step (call inside the trainer's forward/loss, after the model ran on
@@ -604,9 +602,7 @@ class QuantSession:
         if self.schedule is not None:
             self.schedule.remove_hooks()
         for term in self.terms:
-            close = getattr(term, "close", None)
-            if close is not None:
-                close()
+            term.close()
         self._remove_recorder()
 
     def _remove_recorder(self) -> None:
