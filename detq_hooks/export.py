@@ -181,9 +181,10 @@ def export_onnx(
             model.train(was_training)
         proto = onnx.load(str(raw))
     clean_qdq(proto)
-    share_activation_qdq(proto, hoist=is_shared(model))
+    hoist = is_shared(model)
+    share_activation_qdq(proto, hoist=hoist)
     if integer_adds and target in ("openvino", "onnxruntime") and integer_add_inputs(proto):
-        share_activation_qdq(proto, hoist=is_shared(model))  # the skip tensors are now quantized for every reader
+        share_activation_qdq(proto, hoist=hoist)  # the skip tensors are now quantized for every reader
     if target == "openvino":
         drop_requantizers_after_selections(proto)
     if target == "onnxruntime" and bits:
