@@ -16,8 +16,10 @@ from core_models import TinyDetector
 def _heavy_tailed(n=200_000, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g)
-    x = torch.nn.functional.silu(x * 2) + torch.distributions.StudentT(2.0).sample((n,)).abs() * (torch.rand(n, generator=g) < 0.01)
-    return x
+    with torch.random.fork_rng(devices=[]):  # StudentT samples from the global generator: seeded here, left as it was
+        torch.manual_seed(seed)
+        tail = torch.distributions.StudentT(2.0).sample((n,)).abs()
+    return torch.nn.functional.silu(x * 2) + tail * (torch.rand(n, generator=g) < 0.01)
 
 
 def _lp(x, lo, hi, bits, p=2.4):
