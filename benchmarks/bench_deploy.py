@@ -16,6 +16,11 @@ images, trained once) this builds, with the same calibration images (``--calib``
 * NNCF's PTQ of the float model exactly as Ultralytics' ``export(format="openvino", int8=True)`` runs it
   (``torch2openvino``: preset MIXED, the head's decode and Sigmoid ignored), in OpenVINO.
 
+mAP depends on which images calibrate a model (about ±0.001 here), so with ``--calib-subsets K`` every PTQ model (ours,
+``quantize_static``, NNCF) is built K times, from K disjoint sets of ``--calib`` training images, and each mAP is
+reported as the mean over them with its min and max and the per-set values; the comparison with a peer is then
+paired (the same images calibrate both). Latency is measured on the files of the first set.
+
 Latency: batch 1, ``--threads`` threads, every runner of one image size timed side by side in ``--rounds``
 interleaved rounds of ``--reps`` calls (median, p10, p90 and per-round medians), so contention on a shared
 machine hits all alike. mAP50-95: each exported model at the training size (160 px) on the 64 synthetic
@@ -168,6 +173,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib", type=int, default=64, help="training images used for calibration (all methods)")
+    p.add_argument("--calib-subsets", type=int, default=3,
+                   help="disjoint calibration sets the mAP is measured over (as many as the training images allow)")
     p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"],
                    help="presets to calibrate and export; <preset>+shared: with quantization.shared_activations")
     p.add_argument("--out", default="/tmp/detq_bench_deploy")
@@ -194,7 +201,10 @@ def main(argv=None) -> None:
     ds = make_synthetic_dataset(synthetic_data_dir(args.num_train, args.num_val, imgsz), num_train=args.num_train,
                                 num_val=args.num_val, imgsz=imgsz, seed=0)
     ref = cached_float_checkpoint(ds, args.model, epochs=args.float_epochs, imgsz=imgsz, verbose=False)
-    train_images = [a for _, a, _ in load_images(ds.train_images, imgsz)][: args.calib]
+    all_train = [a for _, a, _ in load_images(ds.train_images, imgsz)]
+    subsets = [all_train[k * args.calib:(k + 1) * args.calib]
+               for k in range(max(1, min(args.calib_subsets, len(all_train) // max(1, args.calib))))]
+    train_images = subsets[0]
     models = build_models(str(ref.checkpoint), train_images, args.recipes)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "threads": args.threads, "shared": True},
@@ -205,15 +215,26 @@ def main(argv=None) -> None:
 
     if not args.skip_map:  # accuracy at the training size, exported the same way
         val = load_images(ds.val_images, imgsz)
-        files = exported[imgsz] = export_all(models, imgsz, out / f"s{imgsz}", train_images)
-        acc = {}
-        for name, m in models.items():
-            res, _ = evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, imgsz, head_type="Detect", images=val)
-            acc[f"{name} | pytorch"] = res.map50_95
-        for name, run in runners_for(files, args.threads).items():
-            acc[name] = evaluate_runner(run, ds, imgsz, val)
-        report["map50_95"] = acc
-        print(json.dumps(acc, indent=1))
+        per_subset: dict[str, list[float]] = {}
+        for k, calib in enumerate(subsets):
+            # set 0 is the one the latency files come from; the others only differ in their calibration images
+            ms = models if k == 0 else build_models(str(ref.checkpoint), calib, args.recipes)
+            files = export_all(ms, imgsz, out / (f"s{imgsz}" if k == 0 else f"s{imgsz}_calib{k}"), calib)
+            if k == 0:
+                exported[imgsz] = files
+            for name, m in ms.items():
+                if k == 0 or name != "float":
+                    res, _ = evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, imgsz, head_type="Detect",
+                                      images=val)
+                    per_subset.setdefault(f"{name} | pytorch", []).append(res.map50_95)
+            for name, run in runners_for(files, args.threads).items():
+                if k == 0 or not name.startswith("float |"):  # the float model needs no calibration
+                    per_subset.setdefault(name, []).append(evaluate_runner(run, ds, imgsz, val))
+            print(f"calibration set {k}:", json.dumps({n: round(v[-1], 4) for n, v in per_subset.items()}), flush=True)
+        report["map50_95"] = {n: float(np.mean(v)) for n, v in per_subset.items()}
+        report["map50_95_subsets"] = per_subset
+        report["calib_subsets"] = len(subsets)
+        print(json.dumps(report["map50_95"], indent=1))
 
     time_sizes_and_write(report, args, out, exported, lambda size: export_all(models, size, out / f"s{size}", train_images), t0)
 
@@ -257,14 +278,42 @@ def table(report: dict) -> str:
             name, runtime = k.split(" | ")
             rt = runtime.split()[0]
             size = r["bytes"][name]["onnx" if rt == "onnxruntime" else "ov"] / 1e6
-            mp = acc.get(k)
             lines.append(f"| {name} | {runtime} | {v['median_ms']:.2f} ({v['p10_ms']:.2f}-{v['p90_ms']:.2f}) | "
                          f"{f32[rt] / v['median_ms']:.2f}x | {dflt[rt] / v['median_ms']:.2f}x | {size:.2f} | "
-                         f"{'' if mp is None else f'{mp:.4f}'} |")
+                         f"{map_cell(report, k)} |")
     if acc:
         lines += ["\n| model | mAP50-95 PyTorch fake-quant |", "|---|---|"]
-        lines += [f"| {k.split(' | ')[0]} | {v:.4f} |" for k, v in acc.items() if k.endswith("pytorch")]
+        lines += [f"| {k.split(' | ')[0]} | {map_cell(report, k)} |" for k in acc if k.endswith("pytorch")]
+        lines += paired_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def map_cell(report: dict, key: str) -> str:
+    """The mean mAP over the calibration sets, with (min-max) where there were several."""
+    mean, values = report.get("map50_95", {}).get(key), report.get("map50_95_subsets", {}).get(key, [])
+    if mean is None:
+        return ""
+    return f"{mean:.4f}" + (f" ({min(values):.4f}-{max(values):.4f})" if len(values) > 1 else "")
+
+
+PEER_RUNNERS = {"openvino": "nncf_ptq | openvino f32", "onnxruntime": "ort_quantize_static | onnxruntime"}
+
+
+def paired_lines(report: dict) -> list[str]:
+    """Each of our exported models minus the peer in the same runtime, calibration set by calibration set."""
+    sets = report.get("map50_95_subsets", {})
+    rows = []
+    for key, ours in sets.items():
+        name, runtime = key.split(" | ")
+        peer = PEER_RUNNERS.get(runtime.split()[0])
+        if name.startswith(("float", "nncf_ptq", "ort_quantize_static")) or peer not in sets or runtime == "openvino default":
+            continue
+        diffs = [a - b for a, b in zip(ours, sets[peer])]
+        rows.append(f"| {key} | {peer} | {' / '.join(f'{d:+.4f}' for d in diffs)} | "
+                    f"{sum(d > 0 for d in diffs)} of {len(diffs)} |")
+    if not rows:
+        return []
+    return ["\n| ours | peer | mAP50-95 difference per calibration set | sets ours ahead |", "|---|---|---|---|", *rows]
 
 
 def plot(report: dict, path: Path) -> None:

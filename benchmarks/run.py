@@ -528,7 +528,7 @@ def deploy_rows(data: dict, detector: str) -> list[dict]:
         reference = "float | onnxruntime" if kind == "onnx" else "float | openvino f32"
         row = {"detector": detector, "model": model, "runtime": runtime, "file_mb": first["bytes"][model][kind] / 1e6,
                "map50_95": acc.get(key, not_measured("run without mAP (--skip-map)")),
-               "kept": ratio(acc.get(key), float_map, "float mAP50-95")}
+               "kept": ratio(acc.get(key), float_map, "float mAP50-95"), **calibration_spread(data, key)}
         for size, r in sizes.items():
             lat = r["latency"][key]
             row.update({f"latency_ms_{size}": lat["median_ms"], f"latency_ms_{size}_min": lat["p10_ms"],
@@ -540,17 +540,41 @@ def deploy_rows(data: dict, detector: str) -> list[dict]:
         if runtime == "pytorch":
             row = {"detector": detector, "model": model, "runtime": "PyTorch" + (" (fake-quant)" if model != "float" else ""),
                    "file_mb": not_measured("not exported"),
-                   "map50_95": value, "kept": ratio(value, float_map, "float mAP50-95")}
+                   "map50_95": value, "kept": ratio(value, float_map, "float mAP50-95"), **calibration_spread(data, key)}
             row.update({f"{c}_{s}": not_measured("PyTorch is not timed") for s in sizes for c in ("latency_ms", "speedup")})
             rows.append(row)
     return rows
+
+
+def calibration_spread(data: dict, key: str) -> dict:
+    """``map50_95_min`` / ``_max`` over the calibration sets a model was calibrated on (one value where there was
+    one set, or none, as for the float model)."""
+    values = data.get("map50_95_subsets", {}).get(key) or [data["map50_95"].get(key)]
+    return {"map50_95_min": min(values), "map50_95_max": max(values)} if None not in values else {}
+
+
+PEER_IN_RUNTIME = {"openvino f32": "nncf_ptq | openvino f32", "onnxruntime": "ort_quantize_static | onnxruntime"}
+
+
+def paired_notes(data: dict, detector: str) -> list[str]:
+    """Our exported PTQ models minus the peer's in the same runtime, calibrated on the same images, set by set."""
+    sets, notes = data.get("map50_95_subsets", {}), []
+    for key, ours in sets.items():
+        model, runtime = key.split(" | ")
+        peer = PEER_IN_RUNTIME.get(runtime)
+        if peer is None or peer not in sets or model.startswith(("float", "nncf_ptq", "ort_quantize_static")):
+            continue
+        diffs = [a - b for a, b in zip(ours, sets[peer])]
+        notes.append(f"{detector}: {key} minus {peer}, mAP50-95 per calibration set (the same images calibrate "
+                     f"both): {', '.join(f'{d:+.4f}' for d in diffs)}")
+    return notes
 
 
 DEPLOY_SOURCES = {"yolo11n": "YOLO11n (Ultralytics)", "rtmdet-tiny": "RTMDet-tiny (MMDetection)"}
 
 
 def deploy(args):
-    commands, rows, raw, data = [], [], {}, None
+    commands, rows, raw, data, paired = [], [], {}, None, []
     common = ["--sizes", *split(args.sizes), "--recipes", *split(args.recipes),
               *flags(args, ["reps", "rounds", "calib", "threads"])]
     for detector in chosen(args, "deploy", "detectors", DEPLOY_SOURCES):
@@ -565,10 +589,12 @@ def deploy(args):
         data = read_json(out / "results.json", ran)
         commands.append(ran)
         rows += deploy_rows(data, DEPLOY_SOURCES[detector])
+        paired += paired_notes(data, DEPLOY_SOURCES[detector])
         raw[detector] = {k: data[k] for k in ("float_reference", "sizes")}
     columns = [Column("detector", "detector"), Column("model", "model"), Column("runtime", "runtime"),
                Column("file_mb", "file MB", "number", ".2f"),
-               Column("map50_95", f"mAP50-95 ({data.get('map_imgsz', 160)} px)", "number", ".4f"),
+               Column("map50_95", f"mAP50-95 ({data.get('map_imgsz', 160)} px; PTQ: mean, min–max over calibration sets)",
+                      "number", ".4f", spread=True),
                Column("kept", "kept of float", "number", ".1%")]
     for size in data["sizes"]:
         columns += [Column(f"latency_ms_{size}", f"ms @{size} px (p10–p90)", "number", ".2f", spread=True),
@@ -576,7 +602,7 @@ def deploy(args):
     notes = [f"batch 1, {data['machine']['threads']} thread(s); every runner of one size timed side by side in "
              "interleaved rounds; × float f32: float's median in the same runtime (OpenVINO at f32) ÷ this one's",
              "RTMDet-tiny files end at the head's raw outputs (its decoding and NMS run in PyTorch, outside the graph); "
-             "YOLO11n files include the box decode"]
+             "YOLO11n files include the box decode", *paired]
     return "exported models in onnxruntime and OpenVINO vs float", columns, rows, \
         {"commands": commands, "notes": notes, "raw": raw}, plot_deploy
 

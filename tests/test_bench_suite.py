@@ -219,6 +219,14 @@ def test_quick_deploy_compares_exported_files_with_float(quick):
             ("ort_quantize_static", "onnxruntime"), ("w8a8", "PyTorch (fake-quant)")} <= set(rows)
     assert rows[("w8a8", "onnxruntime")]["file_mb"] < rows[("float", "onnxruntime")]["file_mb"] / 2
     assert rows[("float", "onnxruntime")]["speedup_64"] == 1.0
+    # PTQ mAP over three disjoint calibration sets (64 quick training images, 8 per set), compared with each peer
+    # set by set: the mean lies within its spread, and each of our files has its paired differences
+    ours = rows[("w8a8", "openvino f32")]
+    assert ours["map50_95_min"] <= ours["map50_95"] <= ours["map50_95_max"]
+    paired = [n for n in envelope["notes"] if "minus" in n]
+    assert any(n.startswith("YOLO11n (Ultralytics): w8a8 | openvino f32 minus nncf_ptq | openvino f32") for n in paired)
+    assert any("w8a8 | onnxruntime minus ort_quantize_static | onnxruntime" in n for n in paired)
+    assert all(len(n.split(": ")[-1].split(", ")) == 3 for n in paired)
 
 
 def test_quick_peers_has_a_number_or_a_reason_for_every_tool(quick):
