@@ -300,16 +300,17 @@ PEER_RUNNERS = {"openvino": "nncf_ptq | openvino f32", "onnxruntime": "ort_quant
 
 
 def paired_lines(report: dict) -> list[str]:
-    """Each of our exported models minus the peer in the same runtime, calibration set by calibration set."""
+    """Each of our exported W8A8 models minus the peer in the same runtime, calibration set by calibration set."""
     sets = report.get("map50_95_subsets", {})
     rows = []
     for key, ours in sets.items():
         name, runtime = key.split(" | ")
         peer = PEER_RUNNERS.get(runtime.split()[0])
-        if name.startswith(("float", "nncf_ptq", "ort_quantize_static")) or peer not in sets or runtime == "openvino default":
+        # the peers quantize weights to 8 bits: only our W8 models pair with them
+        if not name.startswith("w8a8") or peer not in sets or runtime == "openvino default":
             continue
         diffs = [a - b for a, b in zip(ours, sets[peer])]
-        rows.append(f"| {key} | {peer} | {' / '.join(f'{d:+.4f}' for d in diffs)} | "
+        rows.append(f"| {key.replace(' | ', ', ')} | {peer.replace(' | ', ', ')} | {' / '.join(f'{d:+.4f}' for d in diffs)} | "
                     f"{sum(d > 0 for d in diffs)} of {len(diffs)} |")
     if not rows:
         return []

@@ -82,6 +82,8 @@ SIZES = {
     "deploy": YOLO_SIZES + [
         ("sizes", str, "320,640", "64", "latency image sizes"),
         ("recipes", str, "w8a8,w4a8", "w8a8", "our recipes (PTQ) to export"),
+        ("yolo_shared", str, "w8a8", "w8a8", "YOLO11n only: these recipes again with one quantizer per tensor "
+         "(quantization.shared_activations, the structure NNCF's PTQ gives); 'none' for none"),
         ("reps", int, 20, 3, "calls per timing round"),
         ("rounds", int, 5, 1, "interleaved timing rounds"),
         ("calib", int, 64, 8, "calibration images (every method)"),
@@ -557,12 +559,12 @@ PEER_IN_RUNTIME = {"openvino f32": "nncf_ptq | openvino f32", "onnxruntime": "or
 
 
 def paired_notes(data: dict, detector: str) -> list[str]:
-    """Our exported PTQ models minus the peer's in the same runtime, calibrated on the same images, set by set."""
+    """Our exported W8A8 PTQ models minus the peer's in the same runtime, calibrated on the same images, set by set."""
     sets, notes = data.get("map50_95_subsets", {}), []
     for key, ours in sets.items():
         model, runtime = key.split(" | ")
         peer = PEER_IN_RUNTIME.get(runtime)
-        if peer is None or peer not in sets or model.startswith(("float", "nncf_ptq", "ort_quantize_static")):
+        if peer is None or peer not in sets or not model.startswith("w8a8"):  # the peers are W8A8
             continue
         diffs = [a - b for a, b in zip(ours, sets[peer])]
         notes.append(f"{detector}: {key} minus {peer}, mAP50-95 per calibration set (the same images calibrate "
@@ -575,16 +577,20 @@ DEPLOY_SOURCES = {"yolo11n": "YOLO11n (Ultralytics)", "rtmdet-tiny": "RTMDet-tin
 
 def deploy(args):
     commands, rows, raw, data, paired = [], [], {}, None, []
-    common = ["--sizes", *split(args.sizes), "--recipes", *split(args.recipes),
-              *flags(args, ["reps", "rounds", "calib", "threads"])]
+
+    def script_args(out, extra_recipes=()):
+        return ["--out", out, "--sizes", *split(args.sizes), "--recipes", *split(args.recipes), *extra_recipes,
+                *flags(args, ["reps", "rounds", "calib", "threads"])]
+
     for detector in chosen(args, "deploy", "detectors", DEPLOY_SOURCES):
         if detector == "yolo11n":
             out = args.out / "raw" / "deploy"
-            ran = run_logged(args, "deploy", "bench_deploy.py", ["--out", out, *common, *yolo_flags(args)],
+            shared = [f"{r}+shared" for r in split(args.yolo_shared) if r != "none"]
+            ran = run_logged(args, "deploy", "bench_deploy.py", [*script_args(out, shared), *yolo_flags(args)],
                              output=out / "results.json")
         else:
             out = args.out / "raw" / "deploy-mmdet"
-            ran = run_logged(args, "deploy-mmdet", "bench_deploy_mmdet.py", ["--out", out, *common],
+            ran = run_logged(args, "deploy-mmdet", "bench_deploy_mmdet.py", script_args(out),
                              output=out / "results.json")
         data = read_json(out / "results.json", ran)
         commands.append(ran)
