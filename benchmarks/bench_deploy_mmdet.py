@@ -17,7 +17,11 @@ Every file is the detector from the preprocessed image to the head's raw outputs
 head's ``predict_by_feat``, outside the graph). Latency: batch 1, ``--threads`` threads, every runner of one
 image size side by side in interleaved rounds (median, p10, p90). mAP50-95: each exported model at 160 px on the
 64 synthetic validation images with ``evaluate_exported`` (the config's test pipeline, the head's decoding, the
-config's CocoMetric: what ``Runner.test()`` reports), beside the PyTorch models. Writes ``results.json``,
+config's CocoMetric: what ``Runner.test()`` reports), beside the PyTorch models. With ``--calib-subsets K`` (default
+3) every PTQ model, ours and the peers', is built from K disjoint sets of ``--calib`` training images (the
+training set's images ``k·calib … (k+1)·calib - 1``, through the training pipeline), mAP is reported as the mean
+over them with the per-set values (``map50_95_subsets``), and latency is timed on the files of the first set, as
+``bench_deploy.py`` does. Writes ``results.json``,
 ``results.md`` and ``results.png`` under ``--out`` in ``bench_deploy.py``'s format.
 """
 
@@ -134,6 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib", type=int, default=64, help="training images used for calibration (all methods)")
     p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"], help="bit widths of our PTQ (<bits>-ptq presets)")
+    p.add_argument("--calib-subsets", type=int, default=3,
+                   help="disjoint calibration sets the mAP is measured over (as many as the training images allow)")
     p.add_argument("--float-epochs", type=int, default=40)
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-val", type=int, default=64)
@@ -153,11 +159,20 @@ def main(argv=None) -> None:
     float_ckpt = cached_float_mmdet(CONFIG, IMGSZ, 8, args.float_epochs, ds)
     cfg = mmdet_cfg(CONFIG, out / "work", IMGSZ, 8, load_from=str(float_ckpt))
     cfg.dump(str(out / "config.py"))
-    models = {"float": float_detector(cfg, float_ckpt)}
-    for bits in args.recipes:
-        ckpt = ptq_through_runner(cfg, bits, max(1, args.calib // 8), out / "work" / bits)
-        models[bits] = load_quantized_detector(out / "config.py", ckpt)
-    calib = calibration_inputs(models["float"], cfg, args.calib)
+    float_model = float_detector(cfg, float_ckpt)
+
+    def calibrated_on(k: int) -> tuple[dict, list[torch.Tensor]]:
+        """Our PTQ models and every tool's calibration inputs from the k-th set of ``--calib`` training images."""
+        cfg_k = copy.deepcopy(cfg)
+        cfg_k.train_dataloader.dataset.indices = list(range(k * args.calib, (k + 1) * args.calib))
+        models = {"float": float_model}
+        for bits in args.recipes:
+            ckpt = ptq_through_runner(cfg_k, bits, max(1, args.calib // 8), out / "work" / f"{bits}_calib{k}")
+            models[bits] = load_quantized_detector(out / "config.py", ckpt)
+        return models, calibration_inputs(float_model, cfg_k, args.calib)
+
+    num_sets = max(1, min(args.calib_subsets, args.num_train // max(1, args.calib)))
+    models, calib = calibrated_on(0)
     report = {"detector": "RTMDet-tiny", "machine": {"cpu": platform.processor() or platform.machine(),
                                                      "cores": os.cpu_count(), "threads": args.threads, "shared": True},
               "versions": {"onnxruntime": ort.__version__, "openvino": ov.__version__, "torch": torch.__version__},
@@ -166,14 +181,25 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     if not args.skip_map:
-        files = exported[IMGSZ] = export_all(models, IMGSZ, out / f"s{IMGSZ}", calib)
-        acc = {f"{name} | pytorch": evaluate_exported(m, None, out / "config.py")["coco/bbox_mAP"]
-               for name, m in models.items()}
-        for key, run in runners_for(files, args.threads).items():
-            acc[key] = evaluate_exported(models["float"], run, out / "config.py")["coco/bbox_mAP"]
-        report["map50_95"] = acc
-        report["float_reference"]["map50_95"] = acc["float | pytorch"]
-        print(json.dumps(acc, indent=1), flush=True)
+        per_set: dict[str, list[float]] = {}
+        for k in range(num_sets):
+            ms, cal = (models, calib) if k == 0 else calibrated_on(k)
+            files = export_all(ms, IMGSZ, out / (f"s{IMGSZ}" if k == 0 else f"s{IMGSZ}_calib{k}"), cal)
+            if k == 0:
+                exported[IMGSZ] = files
+            for name, m in ms.items():
+                if k == 0 or name != "float":  # the float model needs no calibration
+                    per_set.setdefault(f"{name} | pytorch", []).append(
+                        evaluate_exported(m, None, out / "config.py")["coco/bbox_mAP"])
+            for key, run in runners_for(files, args.threads).items():
+                if k == 0 or not key.startswith("float |"):
+                    per_set.setdefault(key, []).append(evaluate_exported(float_model, run, out / "config.py")["coco/bbox_mAP"])
+            print(f"calibration set {k}:", json.dumps({n: v[-1] for n, v in per_set.items()}), flush=True)
+        report["map50_95"] = {n: sum(v) / len(v) for n, v in per_set.items()}
+        report["map50_95_subsets"] = per_set
+        report["calib_subsets"] = num_sets
+        report["float_reference"]["map50_95"] = report["map50_95"]["float | pytorch"]
+        print(json.dumps(report["map50_95"], indent=1), flush=True)
 
     time_sizes_and_write(report, args, out, exported, lambda size: export_all(models, size, out / f"s{size}", calib), t0)
 
