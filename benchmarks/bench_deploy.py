@@ -43,6 +43,7 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from suite import paired_differences  # noqa: E402  (benchmarks/ is this script's folder)
 
 from detq_hooks.ultralytics.deploy import export_head_mode  # noqa: E402  (after the offline environment variables)
 
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
     ref = cached_float_checkpoint(ds, args.model, epochs=args.float_epochs, imgsz=imgsz, verbose=False)
     all_train = [a for _, a, _ in load_images(ds.train_images, imgsz)]
     subsets = [all_train[k * args.calib:(k + 1) * args.calib]
-               for k in range(max(1, min(args.calib_subsets, len(all_train) // max(1, args.calib))))]
+               for k in range(calibration_set_count(args.calib_subsets, len(all_train), args.calib))]
     train_images = subsets[0]
     models = build_models(str(ref.checkpoint), train_images, args.recipes)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -215,26 +216,13 @@ def main(argv=None) -> None:
 
     if not args.skip_map:  # accuracy at the training size, exported the same way
         val = load_images(ds.val_images, imgsz)
-        per_subset: dict[str, list[float]] = {}
-        for k, calib in enumerate(subsets):
-            # set 0 is the one the latency files come from; the others only differ in their calibration images
-            ms = models if k == 0 else build_models(str(ref.checkpoint), calib, args.recipes)
-            files = export_all(ms, imgsz, out / (f"s{imgsz}" if k == 0 else f"s{imgsz}_calib{k}"), calib)
-            if k == 0:
-                exported[imgsz] = files
-            for name, m in ms.items():
-                if k == 0 or name != "float":
-                    res, _ = evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, imgsz, head_type="Detect",
-                                      images=val)
-                    per_subset.setdefault(f"{name} | pytorch", []).append(res.map50_95)
-            for name, run in runners_for(files, args.threads).items():
-                if k == 0 or not name.startswith("float |"):  # the float model needs no calibration
-                    per_subset.setdefault(name, []).append(evaluate_runner(run, ds, imgsz, val))
-            print(f"calibration set {k}:", json.dumps({n: round(v[-1], 4) for n, v in per_subset.items()}), flush=True)
-        report["map50_95"] = {n: float(np.mean(v)) for n, v in per_subset.items()}
-        report["map50_95_subsets"] = per_subset
-        report["calib_subsets"] = len(subsets)
-        print(json.dumps(report["map50_95"], indent=1))
+        exported[imgsz] = map_over_calibration_sets(
+            report, len(subsets),
+            lambda k: (models if k == 0 else build_models(str(ref.checkpoint), subsets[k], args.recipes), subsets[k]),
+            lambda k, ms, calib: export_all(ms, imgsz, out / (f"s{imgsz}" if k == 0 else f"s{imgsz}_calib{k}"), calib),
+            lambda m: evaluate(export_head_mode(m), ds.val_images, ds.coco_val_json, imgsz, head_type="Detect",
+                               images=val)[0].map50_95,
+            lambda run: evaluate_runner(run, ds, imgsz, val), args.threads)
 
     time_sizes_and_write(report, args, out, exported, lambda size: export_all(models, size, out / f"s{size}", train_images), t0)
 
@@ -296,25 +284,45 @@ def map_cell(report: dict, key: str) -> str:
     return f"{mean:.4f}" + (f" ({min(values):.4f}-{max(values):.4f})" if len(values) > 1 else "")
 
 
-PEER_RUNNERS = {"openvino": "nncf_ptq | openvino f32", "onnxruntime": "ort_quantize_static | onnxruntime"}
-
-
 def paired_lines(report: dict) -> list[str]:
     """Each of our exported W8A8 models minus the peer in the same runtime, calibration set by calibration set."""
-    sets = report.get("map50_95_subsets", {})
-    rows = []
-    for key, ours in sets.items():
-        name, runtime = key.split(" | ")
-        peer = PEER_RUNNERS.get(runtime.split()[0])
-        # the peers quantize weights to 8 bits: only our W8 models pair with them
-        if not name.startswith("w8a8") or peer not in sets or runtime == "openvino default":
-            continue
-        diffs = [a - b for a, b in zip(ours, sets[peer])]
-        rows.append(f"| {key.replace(' | ', ', ')} | {peer.replace(' | ', ', ')} | {' / '.join(f'{d:+.4f}' for d in diffs)} | "
-                    f"{sum(d > 0 for d in diffs)} of {len(diffs)} |")
+    rows = [f"| {ours.replace(' | ', ', ')} | {peer.replace(' | ', ', ')} | {' / '.join(f'{d:+.4f}' for d in diffs)} | "
+            f"{sum(d > 0 for d in diffs)} of {len(diffs)} |"
+            for ours, peer, diffs in paired_differences(report.get("map50_95_subsets", {}))]
     if not rows:
         return []
     return ["\n| ours | peer | mAP50-95 difference per calibration set | sets ours ahead |", "|---|---|---|---|", *rows]
+
+
+def calibration_set_count(wanted: int, images: int, per_set: int) -> int:
+    """How many disjoint sets of ``per_set`` images ``images`` training images give: at most ``wanted``, at least 1."""
+    return max(1, min(wanted, images // max(1, per_set)))
+
+
+def map_over_calibration_sets(report: dict, num_sets: int, calibrated, export, score_model, score_runner,
+                              threads: int) -> dict:
+    """mAP of every model and exported file for each calibration set k: ``calibrated(k)`` gives (models,
+    calibration inputs), ``export(k, models, calib)`` the files, ``score_model`` / ``score_runner`` an mAP. The float
+    model needs no calibration and is scored on the first set only. Writes the mean, the per-set values and the
+    number of sets into ``report``; returns the first set's files (the ones latency is timed on)."""
+    per_set: dict[str, list[float]] = {}
+    first = None
+    for k in range(num_sets):
+        models, calib = calibrated(k)
+        files = export(k, models, calib)
+        first = first or files
+        for name, m in models.items():
+            if k == 0 or name != "float":
+                per_set.setdefault(f"{name} | pytorch", []).append(score_model(m))
+        for key, run in runners_for(files, threads).items():
+            if k == 0 or not key.startswith("float |"):
+                per_set.setdefault(key, []).append(score_runner(run))
+        print(f"calibration set {k}:", json.dumps({n: round(v[-1], 4) for n, v in per_set.items()}), flush=True)
+    report["map50_95"] = {n: float(np.mean(v)) for n, v in per_set.items()}
+    report["map50_95_subsets"] = per_set
+    report["calib_subsets"] = num_sets
+    print(json.dumps(report["map50_95"], indent=1), flush=True)
+    return first
 
 
 def plot(report: dict, path: Path) -> None:

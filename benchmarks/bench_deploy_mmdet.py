@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -41,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 from _mmdet import cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
-from bench_deploy import ort_quantize_static, runners_for, time_sizes_and_write  # noqa: E402
+from bench_deploy import (  # noqa: E402
+    calibration_set_count, map_over_calibration_sets, ort_quantize_static, time_sizes_and_write)
 
 CONFIG = "rtmdet_tiny_synthetic"
 IMGSZ = 160  # training and mAP size of the cached float model
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
             models[bits] = load_quantized_detector(out / "config.py", ckpt)
         return models, calibration_inputs(float_model, cfg_k, args.calib)
 
-    num_sets = max(1, min(args.calib_subsets, args.num_train // max(1, args.calib)))
+    num_sets = calibration_set_count(args.calib_subsets, args.num_train, args.calib)
     models, calib = calibrated_on(0)
     report = {"detector": "RTMDet-tiny", "machine": {"cpu": platform.processor() or platform.machine(),
                                                      "cores": os.cpu_count(), "threads": args.threads, "shared": True},
@@ -181,25 +181,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     if not args.skip_map:
-        per_set: dict[str, list[float]] = {}
-        for k in range(num_sets):
-            ms, cal = (models, calib) if k == 0 else calibrated_on(k)
-            files = export_all(ms, IMGSZ, out / (f"s{IMGSZ}" if k == 0 else f"s{IMGSZ}_calib{k}"), cal)
-            if k == 0:
-                exported[IMGSZ] = files
-            for name, m in ms.items():
-                if k == 0 or name != "float":  # the float model needs no calibration
-                    per_set.setdefault(f"{name} | pytorch", []).append(
-                        evaluate_exported(m, None, out / "config.py")["coco/bbox_mAP"])
-            for key, run in runners_for(files, args.threads).items():
-                if k == 0 or not key.startswith("float |"):
-                    per_set.setdefault(key, []).append(evaluate_exported(float_model, run, out / "config.py")["coco/bbox_mAP"])
-            print(f"calibration set {k}:", json.dumps({n: v[-1] for n, v in per_set.items()}), flush=True)
-        report["map50_95"] = {n: sum(v) / len(v) for n, v in per_set.items()}
-        report["map50_95_subsets"] = per_set
-        report["calib_subsets"] = num_sets
+        exported[IMGSZ] = map_over_calibration_sets(
+            report, num_sets, lambda k: (models, calib) if k == 0 else calibrated_on(k),
+            lambda k, ms, cal: export_all(ms, IMGSZ, out / (f"s{IMGSZ}" if k == 0 else f"s{IMGSZ}_calib{k}"), cal),
+            lambda m: evaluate_exported(m, None, out / "config.py")["coco/bbox_mAP"],
+            lambda run: evaluate_exported(float_model, run, out / "config.py")["coco/bbox_mAP"], args.threads)
         report["float_reference"]["map50_95"] = report["map50_95"]["float | pytorch"]
-        print(json.dumps(report["map50_95"], indent=1), flush=True)
 
     time_sizes_and_write(report, args, out, exported, lambda size: export_all(models, size, out / f"s{size}", calib), t0)
 

@@ -555,21 +555,11 @@ def calibration_spread(data: dict, key: str) -> dict:
     return {"map50_95_min": min(values), "map50_95_max": max(values)} if None not in values else {}
 
 
-PEER_IN_RUNTIME = {"openvino f32": "nncf_ptq | openvino f32", "onnxruntime": "ort_quantize_static | onnxruntime"}
-
-
 def paired_notes(data: dict, detector: str) -> list[str]:
     """Our exported W8A8 PTQ models minus the peer's in the same runtime, calibrated on the same images, set by set."""
-    sets, notes = data.get("map50_95_subsets", {}), []
-    for key, ours in sets.items():
-        model, runtime = key.split(" | ")
-        peer = PEER_IN_RUNTIME.get(runtime)
-        if peer is None or peer not in sets or not model.startswith("w8a8"):  # the peers are W8A8
-            continue
-        diffs = [a - b for a, b in zip(ours, sets[peer])]
-        notes.append(f"{detector}: {key} minus {peer}, mAP50-95 per calibration set (the same images calibrate "
-                     f"both): {', '.join(f'{d:+.4f}' for d in diffs)}")
-    return notes
+    return [f"{detector}: {ours} minus {peer}, mAP50-95 per calibration set (the same images calibrate both): "
+            f"{', '.join(f'{d:+.4f}' for d in diffs)}"
+            for ours, peer, diffs in suite.paired_differences(data.get("map50_95_subsets", {}))]
 
 
 DEPLOY_SOURCES = {"yolo11n": "YOLO11n (Ultralytics)", "rtmdet-tiny": "RTMDet-tiny (MMDetection)"}

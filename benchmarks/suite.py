@@ -174,6 +174,24 @@ def columns_of(envelope: dict) -> list[Column]:
     return [Column(**c) for c in envelope["columns"]]
 
 
+# ------------------------------------------------------------------------------------------ calibration sets
+# The tool each runtime's PTQ file is compared with in bench_deploy*.py (calibrated on the same images as ours)
+PEER_IN_RUNTIME = {"openvino f32": "nncf_ptq | openvino f32", "onnxruntime": "ort_quantize_static | onnxruntime"}
+
+
+def paired_differences(per_set: dict[str, list[float]]) -> list[tuple[str, str, list[float]]]:
+    """``(ours, peer, ours − peer for each calibration set)`` for every one of our W8A8 files (the peers quantize
+    weights to 8 bits) in a runtime a peer ran in; ``per_set`` is a ``bench_deploy*.py`` result's
+    ``map50_95_subsets`` (``"<model> | <runtime>"`` → mAP per set)."""
+    pairs = []
+    for key, ours in per_set.items():
+        model, runtime = key.split(" | ")
+        peer = PEER_IN_RUNTIME.get(runtime)
+        if model.startswith("w8a8") and peer in per_set:
+            pairs.append((key, peer, [a - b for a, b in zip(ours, per_set[peer])]))
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------ renderings
 def cell_text(column: Column, row: dict) -> str:
     value = row.get(column.key)
