@@ -229,6 +229,25 @@ def test_quick_deploy_compares_exported_files_with_float(quick):
     assert all(len(n.split(": ")[-1].split(", ")) == 3 for n in paired)
 
 
+def test_paired_differences_pair_each_w8a8_file_with_the_peer_of_its_runtime():
+    """Ours minus the peer calibrated on the same images, set by set: only W8A8 files (the peers' width), only in a
+    runtime a peer ran in (OpenVINO f32: NNCF; onnxruntime: quantize_static), never a peer with itself."""
+    per_set = {"w8a8 | openvino f32": [0.1650, 0.1663], "w8a8 | openvino default": [0.1655, 0.1679],
+               "w8a8 | onnxruntime": [0.1619, 0.1668], "w8a8+shared | onnxruntime": [0.1629, 0.1681],
+               "w4a8 | onnxruntime": [0.1554, 0.1592], "w8a8 | pytorch": [0.1647, 0.1677],
+               "nncf_ptq | openvino f32": [0.1668, 0.1664], "ort_quantize_static | onnxruntime": [0.1630, 0.1639]}
+    pairs = {(ours, peer): diffs for ours, peer, diffs in suite.paired_differences(per_set)}
+    assert set(pairs) == {("w8a8 | openvino f32", "nncf_ptq | openvino f32"),
+                          ("w8a8 | onnxruntime", "ort_quantize_static | onnxruntime"),
+                          ("w8a8+shared | onnxruntime", "ort_quantize_static | onnxruntime")}
+    assert pairs[("w8a8 | openvino f32", "nncf_ptq | openvino f32")] == pytest.approx([-0.0018, -0.0001], abs=1e-12)
+    assert pairs[("w8a8+shared | onnxruntime", "ort_quantize_static | onnxruntime")] == pytest.approx([-0.0001, 0.0042],
+                                                                                                    abs=1e-12)
+    # without the peer's run (e.g. NNCF missing) there is nothing to pair
+    assert suite.paired_differences({k: v for k, v in per_set.items() if not k.startswith("nncf")}) == [
+        (ours, peer, d) for ours, peer, d in suite.paired_differences(per_set) if not peer.startswith("nncf")]
+
+
 def test_quick_peers_has_a_number_or_a_reason_for_every_tool(quick):
     envelope, _ = _outputs(quick, "peers")
     tools = {(r["tool"], r["method"].split(",")[0]): r for r in envelope["rows"]}
