@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=64, help="training images used for calibration (every tool)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime and OpenVINO threads")
     p.add_argument("--seed", type=int, default=0, help="training seed of the QAT runs and the float fine-tune")
+    p.add_argument("--skip-ptq", action="store_true",
+                   help="only the float model and the QAT rows (the PTQ rows do not depend on --seed)")
     p.add_argument("--out", type=Path, default=Path("/tmp/detq_bench_peers"))
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
@@ -129,15 +131,16 @@ def main(argv=None) -> int:
     models = build_models(str(ref.checkpoint), calib_images, ["w8a8"])
     float_model = models["float"]
     measure("float", "float (no quantization)", "PyTorch", "float", lambda: score(float_model))
-    measure("detq-hooks", "PTQ min-max calibration", "PyTorch fake-quant", "ptq", lambda: score(models["w8a8"]))
-
-    float_onnx = a.out / "float.onnx"
-    export_onnx(export_head_mode(float_model), torch.zeros(1, 3, a.imgsz, a.imgsz), float_onnx,
-                input_names=["images"], output_names=["output0"])
-    measure("onnxruntime", "quantize_static (QDQ, MinMax)", "onnxruntime", "ptq",
-            lambda: score_exported(ort_quantize_static(float_onnx, a.out / "ort_qs.onnx", calib), "onnxruntime"))
-    measure("NNCF", "PTQ (nncf.quantize, as Ultralytics int8=True)", "OpenVINO f32", "ptq",
-            lambda: score_exported(nncf_ptq(float_model, a.imgsz, a.out / "nncf" / "nncf.xml", calib), "openvino", "f32"))
+    if not a.skip_ptq:
+        measure("detq-hooks", "PTQ min-max calibration", "PyTorch fake-quant", "ptq", lambda: score(models["w8a8"]))
+        float_onnx = a.out / "float.onnx"
+        export_onnx(export_head_mode(float_model), torch.zeros(1, 3, a.imgsz, a.imgsz), float_onnx,
+                    input_names=["images"], output_names=["output0"])
+        measure("onnxruntime", "quantize_static (QDQ, MinMax)", "onnxruntime", "ptq",
+                lambda: score_exported(ort_quantize_static(float_onnx, a.out / "ort_qs.onnx", calib), "onnxruntime"))
+        measure("NNCF", "PTQ (nncf.quantize, as Ultralytics int8=True)", "OpenVINO f32", "ptq",
+                lambda: score_exported(nncf_ptq(float_model, a.imgsz, a.out / "nncf" / "nncf.xml", calib), "openvino",
+                                       "f32"))
 
     data, project = str(ds.yolo_yaml), str(a.out / "runs")
     epochs = f"{a.qat_epochs} epoch{'s' if a.qat_epochs != 1 else ''}"

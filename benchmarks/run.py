@@ -94,7 +94,8 @@ SIZES = {
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs of the QAT rows (and the float fine-tune)"),
         ("calib", int, SCRIPT_DEFAULT, 8, "calibration images (every tool)"),
         ("threads", int, SCRIPT_DEFAULT, 1, "onnxruntime / OpenVINO threads"),
-        ("seed", int, 0, 0, "training seed"),
+        ("seeds", str, "0,1", "0", "training seeds of the QAT rows and the float fine-tune (the table shows the "
+         "mean and min–max over them; PTQ rows do not depend on the seed and run once)"),
     ],
 }
 
@@ -612,38 +613,81 @@ def plot_deploy(envelope, path):
 
 # ================================================================================================ peers
 PEERS_COLUMNS = [Column("tool", "tool"), Column("method", "method"), Column("bits", "bits"), Column("runtime", "runs in"),
-                 Column("map50_95", "mAP50-95", "number", ".4f"), Column("kept", "kept of float", "number", ".1%"),
+                 Column("seeds", "seeds"), Column("map50_95", "mAP50-95", "number", ".4f", spread=True),
+                 Column("kept", "kept of float", "number", ".1%", spread=True),
                  Column("seconds", "wall s", "number", ".0f")]
+PEERS_OURS_QAT = ("detq-hooks", "qat")  # paired, seed by seed, against every other QAT tool
 
 
-def peers(args):
-    path = args.out / "raw" / "peers.json"
-    ran = run_logged(args, "peers", "bench_peers.py", [
-        "--json", path, "--out", args.out / "raw" / "peers", *yolo_flags(args),
-        *flags(args, ["qat_epochs", "calib", "threads", "seed"])])
-    data = read_json(path, ran)
+def peers_of_seed(data: dict, seed: str) -> list[dict]:
+    """One seed's ``bench_peers.py`` rows with ``kept``: PTQ rows ÷ the float model, QAT rows ÷ the better of the
+    float model and its fine-tune with the same budget (that seed's)."""
     measured = {r["kind"]: r.get("map50_95") for r in data["rows"]}
     float_map = measured.get("float")
-    # QAT rows: against the better of the float model and its fine-tune with the same budget
     qat_reference = max((m for k, m in measured.items() if k in ("float", "float-finetune") and m is not None),
                         default=None)
     rows = []
     for r in data["rows"]:
-        row = {k: r[k] for k in ("tool", "method", "bits", "runtime")}
+        row = {k: r[k] for k in ("tool", "method", "bits", "runtime", "kind")}
+        row.update(seed=seed, seconds=r["seconds"])
         if "error" in r:
             row.update(map50_95=not_available(r["error"]), kept=not_available("see mAP50-95"))
         else:
             reference = qat_reference if r["kind"] in ("qat", "float-finetune") else float_map
             row.update(map50_95=r["map50_95"], kept=ratio(r["map50_95"], reference, "float mAP50-95"))
-        row["seconds"] = r["seconds"]
+        rows.append(row)
+    return rows
+
+
+def peers(args):
+    commands, runs = [], []
+    seeds = split(args.seeds)
+    for i, seed in enumerate(seeds):
+        path = args.out / "raw" / f"peers_seed{seed}.json"
+        ran = run_logged(args, f"peers_seed{seed}", "bench_peers.py", [
+            "--json", path, "--out", args.out / "raw" / f"peers_seed{seed}", *yolo_flags(args),
+            *flags(args, ["qat_epochs", "calib", "threads"]), "--seed", seed,
+            *([] if i == 0 else ["--skip-ptq"])], output=path)  # PTQ rows do not depend on the training seed
+        commands.append(ran)
+        runs += peers_of_seed(read_json(path, ran), seed)
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["tool"], r["method"], r["bits"], r["runtime"]), []).append(r)
+    rows = []
+    for (tool, method, bits, runtime), group in groups.items():
+        row = {"tool": tool, "method": method, "bits": bits, "runtime": runtime,
+               "seeds": ",".join(r["seed"] for r in group)}
+        row.update(mean_spread([r["map50_95"] for r in group], "map50_95"))
+        row.update(mean_spread([r["kept"] for r in group], "kept"))
+        row["seconds"] = statistics.fmean(r["seconds"] for r in group)
         rows.append(row)
     notes = ["same float model, data and calibration images for every tool; kept: PTQ rows ÷ the float model's mAP, "
-             "QAT rows ÷ the better of it and its fine-tune with the same budget",
+             "QAT rows ÷ the better of it and its fine-tune with the same budget and seed; a cell with a range shows "
+             "the mean and min–max over the seeds, PTQ rows (which no seed changes) run once",
              "ours, the float fine-tune and Ultralytics quantize=8 train in Ultralytics' trainer (its optimizer, "
              "warm-up and EMA); NNCF's PyTorch QAT has no such trainer and runs a plain loop with Ultralytics' loss "
-             "(AdamW, lr 5e-4, no warm-up or EMA), so its row is the same budget, not the same recipe"]
+             "(AdamW, lr 5e-4, no warm-up or EMA), so its row is the same budget, not the same recipe",
+             *paired_qat_notes(runs)]
     return "other tools' quantization of the same float model", PEERS_COLUMNS, rows, \
-        {"commands": [ran], "notes": notes, "raw_rows": data["rows"]}, plot_peers
+        {"commands": commands, "notes": notes, "runs": runs}, plot_peers
+
+
+def paired_qat_notes(runs: list[dict]) -> list[str]:
+    """Our QAT minus each other QAT tool, seed by seed (same float start, data, budget and seed)."""
+    by_seed = {}
+    for r in runs:
+        if r["kind"] == "qat" and isinstance(r["map50_95"], (int, float)):
+            by_seed.setdefault((r["tool"], r["method"]), {})[r["seed"]] = r["map50_95"]
+    ours = next((v for (tool, _), v in by_seed.items() if tool == PEERS_OURS_QAT[0]), None)
+    notes = []
+    for (tool, method), theirs in by_seed.items():
+        if ours is None or tool == PEERS_OURS_QAT[0]:
+            continue
+        seeds = [s for s in ours if s in theirs]
+        if seeds:
+            diffs = ", ".join(f"seed {s} {ours[s] - theirs[s]:+.4f}" for s in seeds)
+            notes.append(f"our QAT minus {tool} {method.split(' (')[0].split(',')[0]}, mAP50-95 per seed: {diffs}")
+    return notes
 
 
 def plot_peers(envelope, path):
@@ -730,9 +774,9 @@ def parser() -> argparse.ArgumentParser:
             continue
         q.add_argument("--out", type=Path, default=None,
                        help=f"results folder (default benchmarks/results/suite/{name}; --quick: suite-quick/{name})")
-        if name in ("accuracy", "deploy"):
+        if name in ("accuracy", "deploy", "peers"):
             q.add_argument("--resume", action="store_true",
-                           help="reuse each script run (accuracy: source × seed; deploy: detector) already finished "
+                           help="reuse each script run (accuracy: source × seed; deploy: detector; peers: seed) already finished "
                                 "with the same settings (its record under raw/logs/); run only the missing ones")
         for dest, kind, full, quick, text in SIZES[name]:
             full_text = "the script's default" if full is None else full

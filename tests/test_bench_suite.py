@@ -259,6 +259,31 @@ def test_quick_peers_has_a_number_or_a_reason_for_every_tool(quick):
             assert _is_finite_number(row["map50_95"]) or row["map50_95"].startswith(suite.NOT_AVAILABLE), row
 
 
+def test_peers_rows_are_kept_per_seed_and_qat_tools_paired_seed_by_seed():
+    """Each seed's QAT rows are divided by that seed's better float reference; our QAT minus each other QAT tool is
+    given seed by seed; a tool that did not run is in no pair."""
+    def seed_rows(finetune, ours, modelopt):
+        rows = [{"tool": "float", "method": "float (no quantization)", "bits": "FP32", "runtime": "PyTorch",
+                 "kind": "float", "map50_95": 0.170, "seconds": 3},
+                {"tool": "float", "method": "float fine-tune", "bits": "FP32", "runtime": "PyTorch",
+                 "kind": "float-finetune", "map50_95": finetune, "seconds": 45},
+                {"tool": "detq-hooks", "method": "QAT LSQ, 6 epochs", "bits": "W8A8", "runtime": "PyTorch fake-quant",
+                 "kind": "qat", "map50_95": ours, "seconds": 64},
+                {"tool": "Ultralytics", "method": "quantize=8 QAT (NVIDIA ModelOpt), 6 epochs", "bits": "W8A8",
+                 "runtime": "PyTorch fake-quant", "kind": "qat", "map50_95": modelopt, "seconds": 61},
+                {"tool": "NNCF", "method": "PyTorch QAT", "bits": "W8A8", "runtime": "PyTorch fake-quant",
+                 "kind": "qat", "error": "ModuleNotFoundError: nncf", "seconds": 0}]
+        return {"rows": rows}
+    runs = bench_run.peers_of_seed(seed_rows(0.180, 0.1802, 0.1844), "0") + \
+        bench_run.peers_of_seed(seed_rows(0.160, 0.1750, 0.1700), "1")
+    kept = {(r["tool"], r["seed"]): r["kept"] for r in runs}
+    assert kept[("detq-hooks", "0")] == pytest.approx(0.1802 / 0.180)
+    assert kept[("detq-hooks", "1")] == pytest.approx(0.1750 / 0.170)  # float beats that seed's fine-tune
+    assert kept[("NNCF", "1")].startswith(suite.NOT_AVAILABLE)
+    notes = bench_run.paired_qat_notes(runs)
+    assert notes == ["our QAT minus Ultralytics quantize=8 QAT, mAP50-95 per seed: seed 0 -0.0042, seed 1 +0.0050"]
+
+
 def test_report_regenerates_a_readme_copy_idempotently(quick, quick_root, tmp_path):
     for question in suite.QUESTIONS:
         quick(question)
