@@ -537,6 +537,7 @@ def deploy_rows(data: dict, detector: str) -> list[dict]:
             row.update({f"latency_ms_{size}": lat["median_ms"], f"latency_ms_{size}_min": lat["p10_ms"],
                         f"latency_ms_{size}_max": lat["p90_ms"],
                         f"speedup_{size}": r["latency"][reference]["median_ms"] / lat["median_ms"]})
+            row.update(node_time_cells(r, key, size, runtime))
         rows.append(row)
     for key, value in acc.items():  # the PyTorch models the files were exported from
         model, runtime = key.split(" | ")
@@ -544,9 +545,21 @@ def deploy_rows(data: dict, detector: str) -> list[dict]:
             row = {"detector": detector, "model": model, "runtime": "PyTorch" + (" (fake-quant)" if model != "float" else ""),
                    "file_mb": not_measured("not exported"),
                    "map50_95": value, "kept": ratio(value, float_map, "float mAP50-95"), **calibration_spread(data, key)}
-            row.update({f"{c}_{s}": not_measured("PyTorch is not timed") for s in sizes for c in ("latency_ms", "speedup")})
+            row.update({f"{c}_{s}": not_measured("PyTorch is not timed") for s in sizes
+                        for c in ("latency_ms", "speedup", "node_ms")})
             rows.append(row)
     return rows
+
+
+def node_time_cells(size_result: dict, key: str, size, runtime: str) -> dict:
+    """``node_ms_<size>`` (median, p10–p90): OpenVINO's own node time of one inference, or why there is none."""
+    if runtime == "onnxruntime":
+        return {f"node_ms_{size}": not_measured("OpenVINO's profiler only")}
+    node = size_result.get("openvino_node_ms", {}).get(key)
+    if node is None:
+        return {f"node_ms_{size}": not_measured("not recorded by this run (older bench_deploy)")}
+    return {f"node_ms_{size}": node["median_ms"], f"node_ms_{size}_min": node["p10_ms"],
+            f"node_ms_{size}_max": node["p90_ms"]}
 
 
 def calibration_spread(data: dict, key: str) -> dict:
@@ -595,9 +608,13 @@ def deploy(args):
                Column("kept", "kept of float", "number", ".1%")]
     for size in data["sizes"]:
         columns += [Column(f"latency_ms_{size}", f"ms @{size} px (p10–p90)", "number", ".2f", spread=True),
-                    Column(f"speedup_{size}", f"× float f32 @{size}", "number", ".2f")]
+                    Column(f"speedup_{size}", f"× float f32 @{size}", "number", ".2f"),
+                    Column(f"node_ms_{size}", f"OpenVINO node ms @{size}", "number", ".2f", spread=True)]
     notes = [f"batch 1, {data['machine']['threads']} thread(s); every runner of one size timed side by side in "
              "interleaved rounds; × float f32: float's median in the same runtime (OpenVINO at f32) ÷ this one's",
+             "OpenVINO node ms: the sum of the CPU plugin's executed node times per inference (PERF_COUNT, a second "
+             "interleaved pass): it leaves out thread scheduling, so it spreads by a few percent where wall-clock "
+             "latency on this shared machine spreads by tens of percent; compare OpenVINO files by it, wait times by ms",
              "RTMDet-tiny files end at the head's raw outputs (its decoding and NMS run in PyTorch, outside the graph); "
              "YOLO11n files include the box decode", *paired]
     return "exported models in onnxruntime and OpenVINO vs float", columns, rows, \

@@ -227,6 +227,13 @@ def test_quick_deploy_compares_exported_files_with_float(quick):
     assert any(n.startswith("YOLO11n (Ultralytics): w8a8 | openvino f32 minus nncf_ptq | openvino f32") for n in paired)
     assert any("w8a8 | onnxruntime minus ort_quantize_static | onnxruntime" in n for n in paired)
     assert all(len(n.split(": ")[-1].split(", ")) == 3 for n in paired)
+    # OpenVINO files also get the plugin's own node time (PERF_COUNT), onnxruntime files the reason they have none
+    for (model, runtime), row in rows.items():
+        if runtime.startswith("openvino"):
+            assert row["node_ms_64_min"] <= row["node_ms_64"] <= row["node_ms_64_max"], (model, runtime)
+        elif runtime == "onnxruntime":
+            assert row["node_ms_64"].startswith(suite.NOT_MEASURED) and "OpenVINO" in row["node_ms_64"]
+    assert any("OpenVINO node ms" in n for n in envelope["notes"])
 
 
 def test_paired_differences_pair_each_w8a8_file_with_the_peer_of_its_runtime():
