@@ -632,6 +632,48 @@ def test_dense_heads_final_layers_are_prediction_layers(base, leaves, tmp_path):
     assert len(roles) == len(leaves) and set(roles.values()) == {"prediction"}
 
 
+@pytest.mark.parametrize("base,predictors", [
+    # SSD's per-level cls_convs / reg_convs are its predictors (the depthwise-separable SSDLite: their pointwise conv)
+    ("ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py", {"bbox_head.cls_convs.#.1", "bbox_head.reg_convs.#.1"}),
+    ("ssd/ssd300_coco.py", {"bbox_head.cls_convs.#.0", "bbox_head.reg_convs.#.0"}),
+    ("yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py", {"bbox_head.convs_pred.#"}),
+    ("yolof/yolof_r50-c5_8xb8-1x_coco.py", {"bbox_head.cls_score", "bbox_head.bbox_pred", "bbox_head.object_pred"}),
+    ("centernet/centernet_r18_8xb16-crop512-140e_coco.py",
+     {"bbox_head.heatmap_head.2", "bbox_head.wh_head.2", "bbox_head.offset_head.2"}),
+    ("reppoints/reppoints-moment_r50_fpn_1x_coco.py",
+     {"bbox_head.reppoints_cls_out", "bbox_head.reppoints_pts_init_out", "bbox_head.reppoints_pts_refine_out"}),
+    ("sabl/sabl-retinanet_r50_fpn_1x_coco.py",
+     {"bbox_head.retina_cls", "bbox_head.retina_bbox_cls", "bbox_head.retina_bbox_reg"}),
+    ("mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", {"rpn_head.rpn_cls", "rpn_head.rpn_reg", "roi_head.bbox_head.fc_cls",
+                                                 "roi_head.bbox_head.fc_reg", "roi_head.mask_head.conv_logits"}),
+])
+def test_other_heads_final_layers_are_prediction_layers(base, predictors, tmp_path):
+    """Heads that name their predictors otherwise (SSD, YOLOv3, YOLOF, CenterNet, RepPoints, SABL, Mask R-CNN's
+    mask logits): exactly those layers stay at prediction_layer_bits; none of them fell back to the last layer
+    only, and the towers beside them (RetinaNet-style names: ``cls_convs``) stay body layers."""
+    import re
+
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from detq_hooks.detectors import family_for
+
+    register_all_modules()
+    (tmp_path / "cfg.py").write_text(f"_base_ = ['mmdet::{base}']\n")
+    cfg = Config.fromfile(str(tmp_path / "cfg.py")).model
+    cfg.backbone.init_cfg = None
+    model = MODELS.build(cfg)
+    preds = family_for(model).prediction_layers(model)
+    assert {re.sub(r"\.\d+\.(\d+)$", r".#.\1", re.sub(r"convs_pred\.\d+$", "convs_pred.#", n)) for n in preds} == predictors
+    dq.quantize(model, "w4a8", prediction_layers=preds)
+    roles = dict((n, m.detq_layer_role) for n, m in dq.quantized_layers(model))
+    assert {roles[n] for n in preds} == {"prediction"}
+    assert all(m.weight_quantizer.bits == 8 for n, m in dq.quantized_layers(model) if n in preds)
+    body = [n for n, r in roles.items() if n.split(".")[0] in ("bbox_head", "roi_head") and n not in preds]
+    assert all(roles[n] != "prediction" for n in body)  # SSDLite's depthwise convs, the towers, RoI fcs
+    assert body or base.startswith("ssd/ssd300")  # SSD300's head is its predictors alone
+
+
 def test_tood_task_decomposition_convs_stay_float_and_unrun_layers_are_named(tmp_path):
     """TOOD applies its task-decomposition ``reduction_conv`` weight with ``bmm``; the conv's forward never runs.
     The family keeps those convs float, so TOOD calibrates; quantized anyway, calibration names every such layer

@@ -32,10 +32,16 @@ from .base import DetectorFamily, UnsupportedDetectorError, blank_image, called_
 PREDICTION_LEAF = re.compile(
     r"(^|\.)(conv_cls|conv_reg|retina_cls|retina_reg|fc_cls|fc_reg|conv_centerness|conv_objectness|"
     r"rtm_cls\.\d+|rtm_reg\.\d+|rtm_obj\.\d+|multi_level_conv_cls\.\d+|multi_level_conv_reg\.\d+|"
-    r"multi_level_conv_obj\.\d+|cls_branches\.\d+|atss_cls|atss_reg|atss_centerness|gfl_cls|gfl_reg|tood_cls|"
-    r"tood_reg|vfnet_cls|vfnet_reg|vfnet_reg_refine|rpn_cls|rpn_reg)$"
+    r"multi_level_conv_obj\.\d+|(aux_)?cls_branches\.\d+|atss_cls|atss_reg|atss_centerness|gfl_cls|gfl_reg|tood_cls|"
+    r"tood_reg|vfnet_cls|vfnet_reg|vfnet_reg_refine|rpn_cls|rpn_reg|"
+    # YOLOv3, YOLOF, RepPoints, guided anchoring, SABL, Mask R-CNN's mask logits
+    r"convs_pred\.\d+|cls_score|bbox_pred|object_pred|reppoints_cls_out|reppoints_pts_init_out|"
+    r"reppoints_pts_refine_out|conv_loc|conv_shape|retina_bbox_cls|retina_bbox_reg|conv_logits)$"
 )
-PREDICTION_BRANCH = re.compile(r"(^|\.)(reg_branches\.\d+|cls_branches\.\d+)$")  # MLP branches: their last layer
+# containers whose last layer predicts: MLP branches (DETR family, DDQ's auxiliary ones), CenterNet's output heads
+PREDICTION_BRANCH = re.compile(r"(^|\.)((aux_)?reg_branches\.\d+|(aux_)?cls_branches\.\d+|heatmap_head|wh_head|offset_head)$")
+# SSD's per-level `cls_convs.<i>` / `reg_convs.<i>` are its predictors (elsewhere those names are the towers)
+SSD_PREDICTION_BRANCH = re.compile(r"^bbox_head\.(cls_convs|reg_convs)\.\d+$")
 CLASSIFIER_LEAF = re.compile(r"(^|\.)(conv_cls|retina_cls|rtm_cls\.\d+|multi_level_conv_cls\.\d+|gfl_cls|atss_cls|tood_cls|vfnet_cls|fc_cls)$")
 QUERY_CLASSIFIER = re.compile(r"^bbox_head\.cls_branches\.(\d+)$")  # Deformable DETR / DINO: one per decoder layer
 HEAD_ROOTS = ("bbox_head", "roi_head", "rpn_head")
@@ -54,12 +60,15 @@ class MMDetFamily(DetectorFamily):
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         in_head = [n for n in names if n.split(".")[0] in HEAD_ROOTS]
         chosen = [n for n in in_head if PREDICTION_LEAF.search(n)]
+        branch = PREDICTION_BRANCH.search
+        if any(c.__name__ == "SSDHead" for c in type(getattr(model, "bbox_head", None)).__mro__):
+            branch = lambda root: PREDICTION_BRANCH.search(root) or SSD_PREDICTION_BRANCH.search(root)  # noqa: E731
         branches: dict[str, str] = {}
         for n in in_head:
             parts = n.split(".")
             for i in range(len(parts), 0, -1):
                 root = ".".join(parts[:i])
-                if PREDICTION_BRANCH.search(root) and root != n:
+                if branch(root) and root != n:
                     branches[root] = n  # modules come in order: the last one wins
                     break
         found = sorted(set(chosen) | set(branches.values()), key=names.index)
