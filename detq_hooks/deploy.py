@@ -168,26 +168,15 @@ def make_runner(path: str | Path, runtime: str, threads: int = 2, precision: Opt
 def time_runners(runners: dict[str, Any], x: np.ndarray, reps: int = 50, rounds: int = 5, warmup: int = 5) -> dict[str, dict]:
     """Latency (ms) of several runners measured side by side: ``rounds`` interleaved rounds of ``reps`` calls,
     so contention on a shared machine hits all alike. Returns median, p10, p90 and the per-round medians."""
+    def wall_ms(run):
+        t = time.perf_counter()
+        run(x)
+        return (time.perf_counter() - t) * 1e3
+
     for run in runners.values():
         for _ in range(warmup):
             run(x)
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    round_medians: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for k, run in runners.items():
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                run(x)
-                ts.append((time.perf_counter() - t) * 1e3)
-            samples[k] += ts
-            round_medians[k].append(statistics.median(ts))
-    out = {}
-    for k, ts in samples.items():
-        q = np.percentile(ts, [10, 50, 90])
-        out[k] = {"median_ms": float(q[1]), "p10_ms": float(q[0]), "p90_ms": float(q[2]),
-                  "round_medians_ms": [round(v, 3) for v in round_medians[k]]}
-    return out
+    return _side_by_side({k: (lambda run=run: wall_ms(run)) for k, run in runners.items()}, reps, rounds)
 
 
 def time_openvino_nodes(files: dict[str, tuple], x: np.ndarray, threads: int = 2, reps: int = 20, rounds: int = 5,
@@ -200,6 +189,11 @@ def time_openvino_nodes(files: dict[str, tuple], x: np.ndarray, threads: int = 2
     what the kernels cost), so :func:`time_runners` stays the latency. Same keys as ``time_runners``' result."""
     ov = _require_openvino()
     core = ov.Core()
+
+    def node_ms(req):
+        req.infer([x])
+        return sum(p.real_time.total_seconds() for p in req.profiling_info if p.status.name == "EXECUTED") * 1e3
+
     requests = {}
     for key, (path, precision) in files.items():
         cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
@@ -208,14 +202,17 @@ def time_openvino_nodes(files: dict[str, tuple], x: np.ndarray, threads: int = 2
         requests[key] = core.compile_model(str(path), "CPU", cfg).create_infer_request()
         for _ in range(warmup):
             requests[key].infer([x])
-    samples: dict[str, list[float]] = {k: [] for k in requests}
-    round_medians: dict[str, list[float]] = {k: [] for k in requests}
+    return _side_by_side({k: (lambda req=req: node_ms(req)) for k, req in requests.items()}, reps, rounds)
+
+
+def _side_by_side(measures: dict[str, Any], reps: int, rounds: int) -> dict[str, dict]:
+    """``rounds`` interleaved rounds of ``reps`` calls of each ``measures`` value (a call returns ms): median, p10,
+    p90 over all calls and the median of each round."""
+    samples: dict[str, list[float]] = {k: [] for k in measures}
+    round_medians: dict[str, list[float]] = {k: [] for k in measures}
     for _ in range(rounds):
-        for key, req in requests.items():
-            ts = []
-            for _ in range(reps):
-                req.infer([x])
-                ts.append(sum(p.real_time.total_seconds() for p in req.profiling_info if p.status.name == "EXECUTED") * 1e3)
+        for key, measure in measures.items():
+            ts = [measure() for _ in range(reps)]
             samples[key] += ts
             round_medians[key].append(statistics.median(ts))
     out = {}
