@@ -554,7 +554,7 @@ def deploy_rows(data: dict, detector: str) -> list[dict]:
 def node_time_cells(size_result: dict, key: str, size, runtime: str) -> dict:
     """``node_ms_<size>`` (median, p10–p90): OpenVINO's own node time of one inference, or why there is none."""
     if runtime == "onnxruntime":
-        return {f"node_ms_{size}": not_measured("OpenVINO's profiler only")}
+        return {f"node_ms_{size}": not_measured("OpenVINO only")}
     node = size_result.get("openvino_node_ms", {}).get(key)
     if node is None:
         return {f"node_ms_{size}": not_measured("not recorded by this run (older bench_deploy)")}
@@ -751,6 +751,19 @@ def report(args) -> int:
     return 0
 
 
+def reused_runs(envelope: dict) -> str:
+    """Where a ``--resume`` reused script runs, when and at which commit they ran: the question's own time, date,
+    commit and load are then this rendering's, not the measurement's."""
+    reused = [c for c in envelope.get("commands", []) if c.get("reused")]
+    if not reused:
+        return ""
+    runs = "; ".join(f"{c['name']} {c['seconds']:.0f} s, finished {c.get('finished', '?')} at commit "
+                     f"{(c.get('commit') or '?')[:10]}{' (uncommitted changes)' if c.get('dirty_at_start') else ''}"
+                     for c in reused)
+    return (f" {len(reused)} of its {len(envelope['commands'])} script runs were reused from earlier sittings "
+            f"(`--resume`), so the time above is not theirs: {runs}.")
+
+
 def section(envelope: dict, path: Path, readme_dir: Path) -> str:
     m, git = envelope["machine"], envelope["git"]
     commit = (git["commit"] or "unknown")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
@@ -760,7 +773,7 @@ def section(envelope: dict, path: Path, readme_dir: Path) -> str:
     lines = [f"#### `{envelope['question']}`: {envelope['title']}", "",
              f"`{envelope['command']}` — {envelope['date']}, commit {commit}, {envelope['wall_s']:.0f} s on "
              f"{m['cpu']} ({m['logical_cores']} logical cores, {m['ram_gib']} GiB, {m['os']}, Python {m['python']}"
-             f"{load}).{quick}", "",
+             f"{load}).{quick}{reused_runs(envelope)}", "",
              suite.markdown_table(suite.columns_of(envelope), envelope["rows"]).rstrip("\n"), ""]
     lines += [f"{note}." if not note.endswith(".") else note for note in envelope.get("notes", [])]
     lines += ["", f"[plot]({png}) · [JSON]({Path(os.path.relpath(path, readme_dir)).as_posix()})", ""]

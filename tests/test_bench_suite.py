@@ -291,6 +291,20 @@ def test_peers_rows_are_kept_per_seed_and_qat_tools_paired_seed_by_seed():
     assert notes == ["our QAT minus Ultralytics quantize=8 QAT, mAP50-95 per seed: seed 0 -0.0042, seed 1 +0.0050"]
 
 
+def test_report_says_when_and_where_reused_script_runs_ran():
+    """A ``--resume`` rendering names each reused run's time, date and commit, since the question's own are the
+    rendering's; a question that ran everything itself says nothing extra."""
+    commands = [{"name": "deploy", "seconds": 614.2, "finished": "2026-12-06 06:15:33 UTC", "commit": "813808f11f00",
+                 "dirty_at_start": False, "reused": True},
+                {"name": "deploy-mmdet", "seconds": 483.0, "finished": "2026-12-06 06:23:36 UTC", "commit": "a64b1e7339aa",
+                 "dirty_at_start": True}]
+    text = bench_run.reused_runs({"commands": commands})
+    assert text.startswith(" 1 of its 2 script runs were reused")
+    assert "deploy 614 s, finished 2026-12-06 06:15:33 UTC at commit 813808f11f" in text
+    assert "deploy-mmdet" not in text
+    assert bench_run.reused_runs({"commands": [dict(commands[1])]}) == ""
+
+
 def test_report_regenerates_a_readme_copy_idempotently(quick, quick_root, tmp_path):
     for question in suite.QUESTIONS:
         quick(question)
