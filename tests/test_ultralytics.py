@@ -132,6 +132,29 @@ def test_training_writes_quantized_checkpoints(trained, name):
     assert run["final_val_quantized"] and all(run["final_val_quantized"])
 
 
+@pytest.mark.parametrize("name", ["yolov10n.yaml", "yolov9t.yaml", "yolo12n.yaml", "yolov6n.yaml", "yolov5nu.yaml",
+                                  "yolov3-tinyu.yaml"])
+def test_other_yolo_generations_train_quantized_and_export_integer(ds, project, name):
+    """The YOLO generations the main tests do not train (v10's one-to-one head, v9's GELAN, 12's area attention,
+    v6, the anchor-free v5u/v3u): one W4A8 epoch, best.pt quantized with its prediction layers at 8 bits and
+    the body at 4, and Ultralytics' own export(format="onnx") of it integer (DequantizeLinear weights, no Round)."""
+    import onnx
+
+    model = YOLO(name)
+    # run names without the "u": Ultralytics rewrites "yolov5nu" in paths to the v5 name when it loads best.pt
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq="w4a8", epochs=1, project=str(project),
+                name="gen_" + name.split(".")[0].replace("u", "U"), **COMMON)
+    best = YOLO(str(model.trainer.best))
+    layers = dict(best.model.named_modules())
+    preds = prediction_layers(best.model)
+    assert preds and all(layers[n].weight_quantizer.bits == 8 for n in preds)
+    body = [m for m in layers.values() if is_quantized_module(m) and getattr(m, "detq_layer_role", "") == "body"]
+    assert body and all(m.weight_quantizer.bits == 4 for m in body)
+    ops = [n.op_type for n in onnx.load(best.export(format="onnx", imgsz=IMGSZ)).graph.node]
+    quantized_convs = sum(1 for m in layers.values() if is_quantized_module(m) and isinstance(m, torch.nn.Conv2d))
+    assert ops.count("DequantizeLinear") >= quantized_convs and "Round" not in ops
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_loaded_checkpoint_predicts_and_fuse_keeps_function(trained, ds, name):
     best = str(trained(name)["trainer"].best)
