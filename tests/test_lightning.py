@@ -832,6 +832,32 @@ class TinySSDlite(TinyFCOS):
         self.model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
 
 
+@pytest.mark.parametrize("builder,predictor", [
+    ("maskrcnn_resnet50_fpn", "roi_heads.mask_predictor.mask_fcn_logits"),
+    ("keypointrcnn_resnet50_fpn", "roi_heads.keypoint_predictor.kps_score_lowres"),  # a ConvTranspose2d
+])
+def test_mask_and_keypoint_rcnn_predictors_are_prediction_layers(builder, predictor):
+    """torchvision's Mask R-CNN mask logits and Keypoint R-CNN keypoint scores stay at 8 bits beside the box
+    predictors (they trained at 4 bits as body layers); the heads before them stay body layers, and the quantized
+    model still predicts masks / keypoints."""
+    import torchvision
+
+    import detq_hooks as dq
+    from detq_hooks.detectors import family_for
+
+    model = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=3)
+    preds = family_for(model).prediction_layers(model)
+    assert predictor in preds and "roi_heads.box_predictor.cls_score" in preds
+    dq.quantize(model, "w4a8", prediction_layers=preds)
+    layers = dict(dq.quantized_layers(model))
+    assert layers[predictor].weight_quantizer.bits == 8 and layers[predictor].detq_layer_role == "prediction"
+    head = [m for n, m in layers.items() if n.startswith(predictor.rsplit(".", 2)[0]) and n not in preds]
+    assert head and all(m.weight_quantizer.bits == 4 for m in head)
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, 96, 96)])[0]
+    assert ("masks" if "mask" in builder else "keypoints") in out
+
+
 def test_ssdlite_head_decodes_as_its_own_postprocess_and_crqat_distils_it(tmp_path):
     """SSD/SSDlite family: every level's last class and box conv are prediction layers (8 bits); decoded boxes and
     softmax scores are those of SSD's own postprocess; W4A4 CR-QAT runs its stages with every head term."""

@@ -31,7 +31,8 @@ class UnsupportedDetectorError(NotImplementedError):
 # Final classification/regression layers of common dense and query heads (torchvision, MMDetection-style names).
 PREDICTION_LEAF = re.compile(
     r"(^|\.)(cls_logits|bbox_reg|bbox_ctrness|cls_score|bbox_pred|conv_cls|conv_reg|conv_centerness|"
-    r"retina_cls|retina_reg|class_embed|fc_cls|fc_reg)$"
+    r"retina_cls|retina_reg|class_embed|fc_cls|fc_reg|"
+    r"mask_fcn_logits|kps_score_lowres)$"  # torchvision Mask R-CNN / Keypoint R-CNN predictors
 )
 
 
