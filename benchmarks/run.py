@@ -339,13 +339,9 @@ def accuracy(args):
             ran, rows = SOURCES[source](args, seed)
             commands.append(ran)
             runs += rows
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["trainer"], r["model"], r["bits"].upper(), r["method"]), []).append(r)
     rows = []
-    for (trainer, model, bits, method), group in groups.items():
-        row = {"trainer": trainer, "model": model, "bits": bits, "method": method,
-               "seeds": ",".join(str(r["seed"]) for r in group)}
+    upper_bits = [{**r, "bits": r["bits"].upper()} for r in runs]
+    for row, group in seed_groups(upper_bits, ("trainer", "model", "bits", "method")):
         row.update(mean_spread([r["map50_95"] for r in group], "map50_95"))
         critical = [r.get("critical_map50_95") for r in group]
         row.update(mean_spread(critical, "critical_map50_95") if all(isinstance(c, (int, float)) for c in critical)
@@ -358,6 +354,15 @@ def accuracy(args):
              "min–max over seeds", where_they_ran(commands)]
     return "mAP50-95 kept after quantization", ACCURACY_COLUMNS, rows, {"runs": runs, "commands": commands,
                                                                         "notes": notes}, plot_accuracy
+
+
+def seed_groups(runs: list[dict], keys: tuple[str, ...]) -> list[tuple[dict, list[dict]]]:
+    """The runs grouped by ``keys`` (first-seen order): ``({key: value, ..., "seeds": "0,1"}, runs of the group)``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return [({**dict(zip(keys, values)), "seeds": ",".join(str(r["seed"]) for r in group)}, group)
+            for values, group in groups.items()]
 
 
 def where_they_ran(commands: list[dict]) -> str:
@@ -633,7 +638,7 @@ PEERS_COLUMNS = [Column("tool", "tool"), Column("method", "method"), Column("bit
                  Column("seeds", "seeds"), Column("map50_95", "mAP50-95", "number", ".4f", spread=True),
                  Column("kept", "kept of float", "number", ".1%", spread=True),
                  Column("seconds", "wall s", "number", ".0f")]
-PEERS_OURS_QAT = ("detq-hooks", "qat")  # paired, seed by seed, against every other QAT tool
+PEERS_OURS = "detq-hooks"  # our QAT is paired, seed by seed, with every other QAT tool
 
 
 def peers_of_seed(data: dict, seed: str) -> list[dict]:
@@ -667,13 +672,8 @@ def peers(args):
             *([] if i == 0 else ["--skip-ptq"])], output=path)  # PTQ rows do not depend on the training seed
         commands.append(ran)
         runs += peers_of_seed(read_json(path, ran), seed)
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["tool"], r["method"], r["bits"], r["runtime"]), []).append(r)
     rows = []
-    for (tool, method, bits, runtime), group in groups.items():
-        row = {"tool": tool, "method": method, "bits": bits, "runtime": runtime,
-               "seeds": ",".join(r["seed"] for r in group)}
+    for row, group in seed_groups(runs, ("tool", "method", "bits", "runtime")):
         row.update(mean_spread([r["map50_95"] for r in group], "map50_95"))
         row.update(mean_spread([r["kept"] for r in group], "kept"))
         row["seconds"] = statistics.fmean(r["seconds"] for r in group)
@@ -695,10 +695,10 @@ def paired_qat_notes(runs: list[dict]) -> list[str]:
     for r in runs:
         if r["kind"] == "qat" and isinstance(r["map50_95"], (int, float)):
             by_seed.setdefault((r["tool"], r["method"]), {})[r["seed"]] = r["map50_95"]
-    ours = next((v for (tool, _), v in by_seed.items() if tool == PEERS_OURS_QAT[0]), None)
+    ours = next((v for (tool, _), v in by_seed.items() if tool == PEERS_OURS), None)
     notes = []
     for (tool, method), theirs in by_seed.items():
-        if ours is None or tool == PEERS_OURS_QAT[0]:
+        if ours is None or tool == PEERS_OURS:
             continue
         seeds = [s for s in ours if s in theirs]
         if seeds:

@@ -114,13 +114,16 @@ def ort_session(path: str | Path, threads: int = 2, optimized_path: Optional[str
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def ov_compiled(path: str | Path, threads: int = 2, precision: Optional[str] = None):
+def ov_compiled(path: str | Path, threads: int = 2, precision: Optional[str] = None, perf_count: bool = False):
     """A CPU-compiled OpenVINO model (latency hint). ``precision`` None: the plugin's default (bf16 on CPUs
-    with AVX512-BF16/AMX); ``"f32"`` forces float32."""
+    with AVX512-BF16/AMX); ``"f32"`` forces float32. ``perf_count``: the plugin times each node
+    (``profiling_info`` of its infer requests)."""
     ov = _require_openvino()
     cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if precision:
         cfg["INFERENCE_PRECISION_HINT"] = precision
+    if perf_count:
+        cfg["PERF_COUNT"] = True
     return ov.Core().compile_model(str(path), "CPU", cfg)
 
 
@@ -187,19 +190,13 @@ def time_openvino_nodes(files: dict[str, tuple], x: np.ndarray, threads: int = 2
     It leaves out the thread scheduling between nodes, which on a shared machine spreads wall-clock latency by
     tens of percent while this sum moves by a few; the two answer different questions (what a user waits for,
     what the kernels cost), so :func:`time_runners` stays the latency. Same keys as ``time_runners``' result."""
-    ov = _require_openvino()
-    core = ov.Core()
-
     def node_ms(req):
         req.infer([x])
         return sum(p.real_time.total_seconds() for p in req.profiling_info if p.status.name == "EXECUTED") * 1e3
 
     requests = {}
     for key, (path, precision) in files.items():
-        cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True}
-        if precision:
-            cfg["INFERENCE_PRECISION_HINT"] = precision
-        requests[key] = core.compile_model(str(path), "CPU", cfg).create_infer_request()
+        requests[key] = ov_compiled(path, threads, precision, perf_count=True).create_infer_request()
         for _ in range(warmup):
             requests[key].infer([x])
     return _side_by_side({k: (lambda req=req: node_ms(req)) for k, req in requests.items()}, reps, rounds)

@@ -60,15 +60,13 @@ class MMDetFamily(DetectorFamily):
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         in_head = [n for n in names if n.split(".")[0] in HEAD_ROOTS]
         chosen = [n for n in in_head if PREDICTION_LEAF.search(n)]
-        branch = PREDICTION_BRANCH.search
-        if any(c.__name__ == "SSDHead" for c in type(getattr(model, "bbox_head", None)).__mro__):
-            branch = lambda root: PREDICTION_BRANCH.search(root) or SSD_PREDICTION_BRANCH.search(root)  # noqa: E731
+        ssd = any(c.__name__ == "SSDHead" for c in type(getattr(model, "bbox_head", None)).__mro__)
         branches: dict[str, str] = {}
         for n in in_head:
             parts = n.split(".")
             for i in range(len(parts), 0, -1):
                 root = ".".join(parts[:i])
-                if branch(root) and root != n:
+                if (PREDICTION_BRANCH.search(root) or (ssd and SSD_PREDICTION_BRANCH.search(root))) and root != n:
                     branches[root] = n  # modules come in order: the last one wins
                     break
         found = sorted(set(chosen) | set(branches.values()), key=names.index)
