@@ -90,3 +90,20 @@ def cached_float_mmdet(config: str, imgsz: int, batch: int, epochs: int, ds, val
     shutil.copy(work / f"epoch_{epochs}.pth", float_ckpt)
     print(f"float {config} trained in {time.time() - t:.0f} s -> {float_ckpt}", flush=True)
     return float_ckpt
+
+
+# DETR-family configs start from a pretrained backbone: RTMDet-tiny's (the same CSPNeXt-tiny), trained on the same
+# data, stands in for the ImageNet weights nobody can download here.
+BACKBONE_FROM_RTMDET = ("dino_cspnext_synthetic", "conditional_detr_cspnext_synthetic")
+RTMDET = "rtmdet_tiny_synthetic"
+
+
+def cached_float_model(config: str, imgsz: int, batch: int, epochs: int, ds, backbone_epochs: int = 40) -> Path:
+    """The cached float ``config``: trained from scratch, or -- for a config in ``BACKBONE_FROM_RTMDET`` -- from
+    the backbone of RTMDet-tiny trained ``backbone_epochs`` epochs on ``ds`` (validated every 10 epochs: DETRs
+    converge slowly)."""
+    if config not in BACKBONE_FROM_RTMDET:
+        return cached_float_mmdet(config, imgsz, batch, epochs, ds)
+    backbone = cached_float_mmdet(RTMDET, imgsz, batch, backbone_epochs, ds)
+    init = {"model.backbone.init_cfg": dict(_delete_=True, type="Pretrained", prefix="backbone.", checkpoint=str(backbone))}
+    return cached_float_mmdet(config, imgsz, batch, epochs, ds, val_interval=10, **init)

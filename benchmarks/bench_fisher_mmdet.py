@@ -11,7 +11,7 @@ iteration budget, the synthetic data's rarest classes as the critical set — th
 Conditional DETR (``conditional_detr_cspnext_synthetic``) runs too, but does not train to a usable float mAP on
 this CPU.
 
-The float model is trained once and cached (``_mmdet.cached_float_mmdet``), its backbone initialised from
+The float model is trained once and cached (``_mmdet.cached_float_model``), its backbone initialised from
 RTMDet-tiny trained ``--backbone-epochs`` on the same data (DETRs need a pretrained backbone; nothing can be
 downloaded here). Every QAT run is
 MMDetection's own ``Runner.train()`` with ``DetQHook`` (``integrations/mmdet/<config>_w4a8.py``, its recipe
@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _mmdet import StepTimer, cached_float_mmdet, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
+from _mmdet import StepTimer, cached_float_model, mmdet_cfg, synthetic_mmdet_data  # noqa: E402
 from bench_fisher import add_study_arguments, record_run, variant_recipe, write_outputs  # noqa: E402
 
 
@@ -82,11 +82,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--critical {unknown} are not classes of the synthetic data {ds.classes}")
     critical_labels = [ds.classes.index(c) for c in critical]
-    # DETRs start from a pretrained backbone: RTMDet-tiny's, trained on the same data (the one the other
-    # MMDetection benchmarks use), stands in for the ImageNet weights nobody can download here.
-    backbone = cached_float_mmdet("rtmdet_tiny_synthetic", a.imgsz, a.batch, a.backbone_epochs, ds)
-    init = {"model.backbone.init_cfg": dict(_delete_=True, type="Pretrained", prefix="backbone.", checkpoint=str(backbone))}
-    float_ckpt = cached_float_mmdet(a.config, a.imgsz, a.batch, a.float_epochs, ds, val_interval=10, **init)
+    float_ckpt = cached_float_model(a.config, a.imgsz, a.batch, a.float_epochs, ds, a.backbone_epochs)
 
     class CriticalMetrics(Hook):  # the float runs have no DetQHook: add the same critical AP to their evaluator
         def before_val(self, runner):

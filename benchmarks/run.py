@@ -55,7 +55,8 @@ YOLO_SIZES = [
 ]
 SIZES = {
     "accuracy": YOLO_SIZES + [
-        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,lightning", "ptq,qat", "which scripts run"),
+        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,ptq-dino,lightning", "ptq,qat",
+         "which scripts run"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
@@ -63,6 +64,8 @@ SIZES = {
         ("fisher_variants", str, "plain,mp,reg,both,crqat,crqat-fisher", "plain",
          "bench_fisher.py variants (crqat: CR-QAT beside the Fisher variants; crqat-fisher: CR-QAT + both Fisher methods)"),
         ("fisher_mmdet_variants", str, "plain,mp,reg,both", "plain", "bench_fisher_mmdet.py variants"),
+        ("dino_crqat_variants", str, "crqat,crqat-fisher", "crqat",
+         "bench_fisher_mmdet.py variants of the crqat-dino source (CR-QAT, CR-QAT + Fisher on the slim DINO)"),
         ("lightning_methods", str, "qat,ptq,crqat", "qat",
          "bench_lightning.py --accuracy methods per bit width (qat: LSQ; ptq: the <bits>-ptq preset; crqat: CR-QAT)"),
         # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
@@ -121,12 +124,25 @@ def _portable(value, out: Path) -> str:
     return str(value).replace(str(out), "<out>").replace(str(suite.REPO), "<repo>")
 
 
+# Script edits that run, for every unit of this suite, what the script ran before (they only add options whose
+# defaults keep the old behaviour): (script, content of the unit's record, content now) -> what changed. A record
+# with the older content is reused against exactly the newer one; any later edit needs its own line here.
+SAME_RUNS_AS = {
+    ("bench_ptq_mmdet.py", "9fa5e6a757c46ce4", "3f7de9431e6360bb"):
+        "--config, --num-train, --num-val added (defaults: RTMDet-tiny, 256, 64, as before); a config without "
+        "custom_hooks accepted",
+    ("bench_fisher_mmdet.py", "c249aff78ea9e7f9", "23a6046f3cea8d77"):
+        "the float model from _mmdet.cached_float_model: the same two cached trainings, called from one helper",
+}
+
+
 def run_logged(args, name: str, script: str, script_args: list, output: Path | None = None, *,
                threads_matter: bool = True) -> dict:
     """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran.
 
     With ``--resume`` a unit whose record (``raw/logs/<name>.run.json``) shows the same script (by content:
-    a changed default runs it again; records written before the content was recorded match on the name),
+    a changed default runs it again, unless ``SAME_RUNS_AS`` declares the two versions to run the same; records
+    written before the content was recorded match on the name),
     arguments and environment, and whose ``output`` is still there, is not run again: its record is returned,
     marked ``reused``. That lets a question of several hours be finished over several sittings, one unit at a
     time. ``threads_matter=False`` (accuracy units: threads change how long a run takes, not what it
@@ -139,9 +155,12 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
     if getattr(args, "resume", False) and output is not None and output.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         same = (lambda r: r) if threads_matter else _without_threads
-        if same({k: record.get(k) for k in wanted}) == same(wanted) and record.get("script_sha256", content) == content:
+        recorded = record.get("script_sha256", content)
+        if same({k: record.get(k) for k in wanted}) == same(wanted) and (
+                recorded == content or (script, recorded, content) in SAME_RUNS_AS):
             print(f"[{name}] reused: finished {record.get('finished', '?')} in {record['seconds']:.0f} s "
-                  f"({record_path.name})", flush=True)
+                  f"({record_path.name}{'' if recorded == content else '; an earlier version of the script that runs the same'})",
+                  flush=True)
             return {**record, "log": str(log), "reused": True}
         print(f"[{name}] its record differs from this run's settings: running it again", flush=True)
     print(f"[{name}] {script} {' '.join(map(str, script_args))}", flush=True)
@@ -225,9 +244,10 @@ def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_9
             **extra, "kept": ratio(map50_95, float_map, "float mAP50-95"), "float_map50_95": float_map}
 
 
-def ptq_runs(args, name, script, trainer, model, seed):
+def ptq_runs(args, name, script, trainer, model, seed, extra=()):
     out = args.out / "raw" / name / f"seed{seed}"
-    extra = ["--no-nncf"] + yolo_flags(args) if script == "bench_ptq.py" else []  # NNCF is the `peers` question's
+    if script == "bench_ptq.py":
+        extra = ["--no-nncf"] + yolo_flags(args)  # NNCF is the `peers` question's
     ran = run_logged(args, f"{name}_seed{seed}", script, [
         "--bits", args.bits, "--variants", args.ptq_methods, "--seed", seed, "--out", out, *extra,
         *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})],
@@ -267,15 +287,19 @@ def fisher_runs(args, seed):
                               float_map, critical_map50_95=r["critical_map50_95"]) for r in data["rows"]]
 
 
-def fisher_mmdet_runs(args, seed):
-    out = args.out / "raw" / "fisher-mmdet" / f"seed{seed}"
+def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None):
+    """``bench_fisher_mmdet.py`` (the slim DINO) at ``--fisher-bits`` with ``variants`` (default
+    ``--fisher-mmdet-variants``); ``crqat-dino`` is the same script with ``--dino-crqat-variants``, a unit of its
+    own so that the Fisher study's runs are reused as they are."""
+    variants = args.fisher_mmdet_variants if variants is None else variants
+    out = args.out / "raw" / name / f"seed{seed}"
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
-    ran = run_logged(args, f"fisher-mmdet_seed{seed}", "bench_fisher_mmdet.py", [
-        "--bits", args.fisher_bits, "--variants", args.fisher_mmdet_variants, "--seeds", seed, "--reg-every", 12, "--out", out,
+    ran = run_logged(args, f"{name}_seed{seed}", "bench_fisher_mmdet.py", [
+        "--bits", args.fisher_bits, "--variants", variants, "--seeds", seed, "--reg-every", 12, "--out", out,
         *flags(args, ["threads"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
-    missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(args.fisher_mmdet_variants) if (b, v) not in got]
+    missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(variants) if (b, v) not in got]
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]
@@ -319,6 +343,9 @@ SOURCES = {  # name -> rows of one seed
     "ptq-mmdet": lambda a, s: ptq_runs(a, "ptq-mmdet", "bench_ptq_mmdet.py", "MMDetection", "RTMDet-tiny", s),
     "qat-mmdet": qat_mmdet_runs,
     "fisher-mmdet": fisher_mmdet_runs,
+    "crqat-dino": lambda a, s: fisher_mmdet_runs(a, s, "crqat-dino", a.dino_crqat_variants),
+    "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,
+                                      ["--config", "dino_cspnext_synthetic"]),
     "lightning": lightning_runs,
 }
 

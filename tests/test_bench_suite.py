@@ -182,6 +182,18 @@ def test_resume_runs_again_when_settings_or_output_changed(monkeypatch, tmp_path
     args.resume = False
     bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
     assert len(ran) == 5  # without --resume every run happens
+    # an older version declared to run the same is reused, against exactly the version it names
+    args.resume = True
+    now = record["script_sha256"]
+    record_path.write_text(json.dumps({**record, "script_sha256": "1" * 16}))
+    monkeypatch.setitem(bench_run.SAME_RUNS_AS, ("bench_ptq.py", "1" * 16, "2" * 16), "another version")
+    bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
+    assert len(ran) == 6
+    record_path.write_text(json.dumps({**record, "script_sha256": "1" * 16}))
+    monkeypatch.setitem(bench_run.SAME_RUNS_AS, ("bench_ptq.py", "1" * 16, now), "options added")
+    reused = bench_run.run_logged(args, "ptq_seed0", "bench_ptq.py", ["--seed", 1, "--out", REPO / "x"], output)
+    assert len(ran) == 6 and reused["reused"] and reused["script_sha256"] == "1" * 16  # the record as it ran
+    ran[:] = ran[:5]
 
     # another thread count: run again where threads matter (timings), reused where they do not (accuracy)
     args.resume, args.threads = True, 2
@@ -411,6 +423,49 @@ def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partia
     missing = study["rows"][-1]
     with pytest.raises(suite.ScriptFailed, match=f"no result for {missing['bits']} {missing['variant']}"):
         bench_run.fisher_mmdet_runs(args, "0")
+
+
+def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch, tmp_path):
+    """crqat-dino: bench_fisher_mmdet.py with the CR-QAT variants, in a unit of its own (the Fisher study's runs
+    stay reusable); ptq-dino: bench_ptq_mmdet.py on the slim DINO config."""
+    study = json.loads((REPO / "benchmarks" / "results" / "fisher_mmdet" / "results.json").read_text())
+    calls = []
+
+    def fake_run(script, args, log, env=None):
+        calls.append((script, [str(a) for a in args]))
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if script == "bench_fisher_mmdet.py":
+            rows = [{**study["rows"][0], "bits": b, "variant": v} for b in ("w4a8", "w4a4") for v in ("crqat", "crqat-fisher")]
+            (out / "results.json").write_text(json.dumps({**study, "rows": rows}))
+        else:
+            rows = [{"bits": "w4a4", "variant": v, "map50_95": 0.05} for v in ("minmax", "taskq")]
+            (out / "ptq.json").write_text(json.dumps({"float_map50_95": 0.08, "rows": rows}))
+        return 1.0
+
+    monkeypatch.setattr(bench_run, "run_script", fake_run)
+    args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False, "fisher_bits": "w4a8,w4a4",
+                             "dino_crqat_variants": "crqat,crqat-fisher", "bits": "w4a4",
+                             "ptq_methods": "minmax,taskq", "ptq_images": None, "ptq_iterations": None})()
+    ran, rows = bench_run.SOURCES["crqat-dino"](args, "1")
+    script, argv = calls[-1]
+    assert script == "bench_fisher_mmdet.py" and argv[argv.index("--variants") + 1] == "crqat,crqat-fisher"
+    assert ran["name"] == "crqat-dino_seed1" and argv[argv.index("--out") + 1] == str(tmp_path / "raw" / "crqat-dino" / "seed1")
+    assert [r["method"] for r in rows] == [bench_run.FISHER_METHODS[v] for v in ("crqat", "crqat-fisher")] * 2
+    ran, rows = bench_run.SOURCES["ptq-dino"](args, "0")
+    script, argv = calls[-1]
+    assert script == "bench_ptq_mmdet.py" and argv[argv.index("--config") + 1] == "dino_cspnext_synthetic"
+    assert ran["name"] == "ptq-dino_seed0"
+    assert {r["model"] for r in rows} == {"DINO (CSPNeXt-tiny)"} and [r["kept"] for r in rows] == [0.05 / 0.08] * 2
+
+
+def test_declared_script_versions_are_the_ones_in_the_checkout():
+    """Each SAME_RUNS_AS line names the script's content now: an edit since then makes the line dead (the units
+    run again), so a stale line is caught here rather than silently never matching."""
+    import hashlib
+
+    for script, _, now in bench_run.SAME_RUNS_AS:
+        assert hashlib.sha256((REPO / "benchmarks" / script).read_bytes()).hexdigest()[:16] == now, script
 
 
 def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_missing_one(monkeypatch, tmp_path):
