@@ -56,7 +56,7 @@ YOLO_SIZES = [
 SIZES = {
     "accuracy": YOLO_SIZES + [
         ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,ptq-dino,lightning", "ptq,qat",
-         "which scripts run"),
+         "which scripts run; name:0+1 gives one source its own seeds"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
         ("ptq_methods", str, "minmax,mse,adaround,qdrop,taskq", "minmax,adaround", "bench_ptq*.py variants"),
@@ -64,6 +64,8 @@ SIZES = {
         ("fisher_variants", str, "plain,mp,reg,both,crqat,crqat-fisher", "plain",
          "bench_fisher.py variants (crqat: CR-QAT beside the Fisher variants; crqat-fisher: CR-QAT + both Fisher methods)"),
         ("fisher_mmdet_variants", str, "plain,mp,reg,both", "plain", "bench_fisher_mmdet.py variants"),
+        ("dino_ptq_methods", str, "minmax,mse,taskq", "minmax",
+         "bench_ptq_mmdet.py variants of the ptq-dino source (AdaRound and QDrop run on it too; left out of the full run for time)"),
         ("dino_crqat_variants", str, "crqat,crqat-fisher", "crqat",
          "bench_fisher_mmdet.py variants of the crqat-dino source (CR-QAT, CR-QAT + Fisher on the slim DINO)"),
         ("lightning_methods", str, "qat,ptq,crqat", "qat",
@@ -244,17 +246,18 @@ def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_9
             **extra, "kept": ratio(map50_95, float_map, "float mAP50-95"), "float_map50_95": float_map}
 
 
-def ptq_runs(args, name, script, trainer, model, seed, extra=()):
+def ptq_runs(args, name, script, trainer, model, seed, extra=(), methods=None):
+    methods = args.ptq_methods if methods is None else methods
     out = args.out / "raw" / name / f"seed{seed}"
     if script == "bench_ptq.py":
         extra = ["--no-nncf"] + yolo_flags(args)  # NNCF is the `peers` question's
     ran = run_logged(args, f"{name}_seed{seed}", script, [
-        "--bits", args.bits, "--variants", args.ptq_methods, "--seed", seed, "--out", out, *extra,
+        "--bits", args.bits, "--variants", methods, "--seed", seed, "--out", out, *extra,
         *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})],
         output=out / "ptq.json", threads_matter=False)
     data = read_json(out / "ptq.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}
-    missing = [f"{b} {v}" for b in split(args.bits) for v in split(args.ptq_methods) if (b, v) not in got]
+    missing = [f"{b} {v}" for b in split(args.bits) for v in split(methods) if (b, v) not in got]
     if missing:
         raise suite.ScriptFailed(f"{script}: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float_map50_95"]
@@ -345,7 +348,7 @@ SOURCES = {  # name -> rows of one seed
     "fisher-mmdet": fisher_mmdet_runs,
     "crqat-dino": lambda a, s: fisher_mmdet_runs(a, s, "crqat-dino", a.dino_crqat_variants),
     "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,
-                                      ["--config", "dino_cspnext_synthetic"]),
+                                      ["--config", "dino_cspnext_synthetic"], a.dino_ptq_methods),
     "lightning": lightning_runs,
 }
 
@@ -359,10 +362,23 @@ ACCURACY_COLUMNS = [
 ]
 
 
+def source_seeds(args) -> list[tuple[str, list[str]]]:
+    """``--sources`` as (source, seeds): ``name`` runs ``--seeds``, ``name:0`` or ``name:0+1`` its own seeds (a
+    source too slow for every seed in one sitting; the table's seeds column says which ran)."""
+    entries = [(name, seeds) for name, _, seeds in (entry.partition(":") for entry in split(args.sources))]
+    unknown = [name for name, _ in entries if name not in SOURCES]
+    if unknown:
+        raise SystemExit(f"accuracy: unknown --sources {unknown}; known: {', '.join(SOURCES)}")
+    bad = [f"{name}:{seeds}" for name, seeds in entries if seeds and not all(t.isdigit() for t in seeds.split("+"))]
+    if bad:
+        raise SystemExit(f"accuracy: --sources {bad}: seeds after ':' are integers joined by '+' (e.g. ptq-dino:0+1)")
+    return [(name, seeds.split("+") if seeds else split(args.seeds)) for name, seeds in entries]
+
+
 def accuracy(args):
     commands, runs = [], []
-    for source in chosen(args, "accuracy", "sources", SOURCES):
-        for seed in split(args.seeds):
+    for source, seeds in source_seeds(args):
+        for seed in seeds:
             ran, rows = SOURCES[source](args, seed)
             commands.append(ran)
             runs += rows

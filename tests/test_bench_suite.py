@@ -446,7 +446,7 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
     monkeypatch.setattr(bench_run, "run_script", fake_run)
     args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False, "fisher_bits": "w4a8,w4a4",
                              "dino_crqat_variants": "crqat,crqat-fisher", "bits": "w4a4",
-                             "ptq_methods": "minmax,taskq", "ptq_images": None, "ptq_iterations": None})()
+                             "dino_ptq_methods": "minmax,taskq", "ptq_images": None, "ptq_iterations": None})()
     ran, rows = bench_run.SOURCES["crqat-dino"](args, "1")
     script, argv = calls[-1]
     assert script == "bench_fisher_mmdet.py" and argv[argv.index("--variants") + 1] == "crqat,crqat-fisher"
@@ -455,8 +455,23 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
     ran, rows = bench_run.SOURCES["ptq-dino"](args, "0")
     script, argv = calls[-1]
     assert script == "bench_ptq_mmdet.py" and argv[argv.index("--config") + 1] == "dino_cspnext_synthetic"
+    assert argv[argv.index("--variants") + 1] == "minmax,taskq"
     assert ran["name"] == "ptq-dino_seed0"
     assert {r["model"] for r in rows} == {"DINO (CSPNeXt-tiny)"} and [r["kept"] for r in rows] == [0.05 / 0.08] * 2
+
+
+def test_a_source_can_have_its_own_seeds():
+    args = type("Args", (), {"sources": "ptq,ptq-dino:0,crqat-dino:1+2", "seeds": "0,1"})()
+    assert bench_run.source_seeds(args) == [("ptq", ["0", "1"]), ("ptq-dino", ["0"]), ("crqat-dino", ["1", "2"])]
+    args.sources = "ptq,dino:0"
+    with pytest.raises(SystemExit, match=r"unknown --sources \['dino'\]"):
+        bench_run.source_seeds(args)
+    args.sources = "ptq-dino:0,1"  # the comma starts a new source
+    with pytest.raises(SystemExit, match=r"unknown --sources \['1'\]"):
+        bench_run.source_seeds(args)
+    args.sources = "ptq-dino:a"
+    with pytest.raises(SystemExit, match="seeds after ':' are integers joined by '\\+'"):
+        bench_run.source_seeds(args)
 
 
 def test_declared_script_versions_are_the_ones_in_the_checkout():
