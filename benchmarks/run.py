@@ -138,6 +138,11 @@ SAME_RUNS_AS = {
 }
 
 
+def script_content(script: str) -> str:
+    """What a run record keeps of a benchmark script's content (``script_sha256``)."""
+    return hashlib.sha256((suite.REPO / "benchmarks" / script).read_bytes()).hexdigest()[:16]
+
+
 def run_logged(args, name: str, script: str, script_args: list, output: Path | None = None, *,
                threads_matter: bool = True) -> dict:
     """Run a script (one thread per process with ``--threads 1``), its log under ``raw/logs/``; what ran.
@@ -153,7 +158,7 @@ def run_logged(args, name: str, script: str, script_args: list, output: Path | N
     log = args.out / "raw" / "logs" / f"{name}.log"
     record_path = log.with_suffix(".run.json")
     wanted = {"name": name, "script": script, "args": [_portable(a, args.out) for a in script_args], "env": env}
-    content = hashlib.sha256((suite.REPO / "benchmarks" / script).read_bytes()).hexdigest()[:16]
+    content = script_content(script)
     if getattr(args, "resume", False) and output is not None and output.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         same = (lambda r: r) if threads_matter else _without_threads
@@ -216,9 +221,10 @@ def split(text: str) -> list[str]:
     return [t for t in str(text).split(",") if t]
 
 
-def chosen(args, question: str, option: str, known) -> list[str]:
-    """The comma-separated ``--<option>`` values, all of them in ``known`` (else exit naming the unknown ones)."""
-    values = split(getattr(args, option))
+def chosen(args, question: str, option: str, known, values: list[str] | None = None) -> list[str]:
+    """The comma-separated ``--<option>`` values (or ``values`` read from it), all of them in ``known`` (else exit
+    naming the unknown ones)."""
+    values = split(getattr(args, option)) if values is None else values
     unknown = [v for v in values if v not in known]
     if unknown:
         raise SystemExit(f"{question}: unknown --{option} {unknown}; known: {', '.join(known)}")
@@ -249,8 +255,6 @@ def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_9
 def ptq_runs(args, name, script, trainer, model, seed, extra=(), methods=None):
     methods = args.ptq_methods if methods is None else methods
     out = args.out / "raw" / name / f"seed{seed}"
-    if script == "bench_ptq.py":
-        extra = ["--no-nncf"] + yolo_flags(args)  # NNCF is the `peers` question's
     ran = run_logged(args, f"{name}_seed{seed}", script, [
         "--bits", args.bits, "--variants", methods, "--seed", seed, "--out", out, *extra,
         *flags(args, ["ptq_images", "ptq_iterations", "threads"], {"ptq_images": "images", "ptq_iterations": "iterations"})],
@@ -340,7 +344,8 @@ def lightning_runs(args, seed):
 
 
 SOURCES = {  # name -> rows of one seed
-    "ptq": lambda a, s: ptq_runs(a, "ptq", "bench_ptq.py", "Ultralytics", "YOLO11n", s),
+    # NNCF is the `peers` question's
+    "ptq": lambda a, s: ptq_runs(a, "ptq", "bench_ptq.py", "Ultralytics", "YOLO11n", s, ["--no-nncf", *yolo_flags(a)]),
     "qat": qat_ultralytics_runs,
     "fisher": fisher_runs,
     "ptq-mmdet": lambda a, s: ptq_runs(a, "ptq-mmdet", "bench_ptq_mmdet.py", "MMDetection", "RTMDet-tiny", s),
@@ -366,9 +371,7 @@ def source_seeds(args) -> list[tuple[str, list[str]]]:
     """``--sources`` as (source, seeds): ``name`` runs ``--seeds``, ``name:0`` or ``name:0+1`` its own seeds (a
     source too slow for every seed in one sitting; the table's seeds column says which ran)."""
     entries = [(name, seeds) for name, _, seeds in (entry.partition(":") for entry in split(args.sources))]
-    unknown = [name for name, _ in entries if name not in SOURCES]
-    if unknown:
-        raise SystemExit(f"accuracy: unknown --sources {unknown}; known: {', '.join(SOURCES)}")
+    chosen(args, "accuracy", "sources", SOURCES, [name for name, _ in entries])
     bad = [f"{name}:{seeds}" for name, seeds in entries if seeds and not all(t.isdigit() for t in seeds.split("+"))]
     if bad:
         raise SystemExit(f"accuracy: --sources {bad}: seeds after ':' are integers joined by '+' (e.g. ptq-dino:0+1)")

@@ -477,10 +477,8 @@ def test_a_source_can_have_its_own_seeds():
 def test_declared_script_versions_are_the_ones_in_the_checkout():
     """Each SAME_RUNS_AS line names the script's content now: an edit since then makes the line dead (the units
     run again), so a stale line is caught here rather than silently never matching."""
-    import hashlib
-
     for script, _, now in bench_run.SAME_RUNS_AS:
-        assert hashlib.sha256((REPO / "benchmarks" / script).read_bytes()).hexdigest()[:16] == now, script
+        assert bench_run.script_content(script) == now, script
 
 
 def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_missing_one(monkeypatch, tmp_path):
