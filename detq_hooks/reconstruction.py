@@ -23,8 +23,13 @@ input) is put back as it was.
 Memory: only one block's inputs (from both models) and float outputs are cached at a time, on the CPU by
 default; :attr:`ReconstructionResult.cached_bytes_per_image` reports the largest such cache per image. The
 inputs are captured by forward hooks while ``forward_fn`` runs the whole model, which stop the forward (a
-private exception) as soon as the block has been seen. A block is assumed to be called once per forward
-(only its first call is cached) and every tensor it reads or returns to have the batch as leading dimension.
+private exception) as soon as the block has been seen. Blocks are reconstructed in the order the forward first
+calls them (one probe forward of the quantized model on the first batch finds it), whatever order they are named
+in, so that each block is fit to inputs from already reconstructed blocks; an enclosing block named after blocks
+inside it stays after them. A block called several times per forward (a DETR's query-position MLP on every decoder
+layer, DINO's box branches both inside the decoder and in the head, a tower shared across pyramid levels) is fit
+to all its calls at once: every call's input and output are cached and the loss is their mean. Every tensor a
+block reads or returns must have the batch as leading dimension.
 
 Example:
     >>> import copy, torch, detq_hooks as dq
@@ -160,6 +165,7 @@ class BlockResult:
     loss_before: float = float("nan")
     loss_after: float = float("nan")
     quantized_layers: int = 0
+    calls: int = 1  # calls per forward, all fit together
     rounded_layers: int = 0  # layers whose rounding AdaRound learned
     learned_scales: int = 0  # activation quantizers whose step size was learned
     flipped_fraction: float = 0.0  # weights AdaRound rounded the other way than nearest rounding
@@ -264,45 +270,85 @@ class _BlockCache:
                 _map_tensors(take, self.float_output))
 
 
-def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *, want_output: bool,
-             device: Optional[torch.device]) -> tuple[list, list]:
-    """Run ``forward_fn`` on each batch and keep the block's first-call input (and output); the forward stops
-    right after what is needed."""
+def _capture(model: nn.Module, block: str, batches: Sequence[Any], forward_fn, *, calls: int, want_output: bool,
+             device: Optional[torch.device]) -> tuple[list[list], list[list]]:
+    """Run ``forward_fn`` on each batch and keep the block's inputs (and outputs) of its ``calls`` calls, as
+    ``[call][batch]`` lists; each forward stops right after what is needed."""
     module = model.get_submodule(block)
-    inputs: list = []
-    outputs: list = []
-    current = [0]  # index of the batch being run
+    inputs: list[list] = []  # [batch][call]
+    outputs: list[list] = []
 
     def pre_hook(mod, args, kwargs):
-        if len(inputs) < current[0] + 1:  # first call in this batch's forward
-            inputs.append(_detached_copy((args, kwargs), device))
-        if not want_output:
+        inputs[-1].append(_detached_copy((args, kwargs), device))
+        if not want_output and len(inputs[-1]) == calls:
             raise _StopForward
 
     def post_hook(mod, args, kwargs, output):
-        if len(outputs) < current[0] + 1:
-            outputs.append(_detached_copy(output, device))
-        raise _StopForward
+        outputs[-1].append(_detached_copy(output, device))
+        if len(outputs[-1]) == calls:
+            raise _StopForward
 
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     if want_output:
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
     try:
         for i, batch in enumerate(batches):
-            current[0] = i
+            inputs.append([])
+            outputs.append([])
             try:
                 forward_fn(model, batch)
             except _StopForward:
                 pass
-            if len(inputs) != i + 1:
+            if not inputs[-1]:
                 raise ReconstructionError(
                     f"block {block!r} did not run in the forward of calibration batch {i}; is it on the path of "
                     "`forward_fn`?"
                 )
+            if len(inputs[-1]) != calls or (want_output and len(outputs[-1]) != calls):
+                raise ReconstructionError(
+                    f"block {block!r} ran {len(inputs[-1])} time(s) in the forward of calibration batch {i} of the "
+                    f"{'float' if want_output else 'quantized'} model, {calls} time(s) in the quantized model's "
+                    "first forward; reconstruction needs the same calls in every forward"
+                )
     finally:
         for h in handles:
             h.remove()
-    return inputs, outputs
+    by_call = lambda per_batch: [[calls_[c] for calls_ in per_batch] for c in range(calls)]  # noqa: E731
+    return by_call(inputs), by_call(outputs) if want_output else []
+
+
+def _call_order(model: nn.Module, blocks: Sequence[str], batch: Any, forward_fn) -> dict[str, tuple[int, int]]:
+    """``{block: (position of its first call among all the blocks' calls, calls per forward)}`` from one forward
+    of ``batch``; a block that does not run is left out."""
+    seen: dict[str, list[int]] = {}
+    counter = [0]
+
+    def hook_for(name: str):
+        def hook(mod, args):
+            seen.setdefault(name, []).append(counter[0])
+            counter[0] += 1
+        return hook
+
+    handles = [model.get_submodule(b).register_forward_pre_hook(hook_for(b)) for b in blocks]
+    try:
+        with torch.no_grad():
+            forward_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (positions[0], len(positions)) for name, positions in seen.items()}
+
+
+def _in_call_order(blocks: list[str], first_call: dict[str, tuple[int, int]]) -> list[str]:
+    """``blocks`` sorted by their first call (stable). A block that did not run (a DETR's query embedding, read as
+    a weight) stays behind the block named before it. An enclosing block named after blocks inside it keeps its
+    place after them (a second, coarser pass over them)."""
+    keys: dict[str, float] = {}
+    for i, name in enumerate(blocks):
+        inner = [keys[a] for a in blocks[:i] if name == "" or a.startswith(name + ".")]
+        own = float(first_call[name][0]) if name in first_call else keys[blocks[i - 1]] if i else -1.0
+        keys[name] = max([own] + [k + 0.5 for k in inner])
+    return sorted(blocks, key=lambda b: keys[b])
 
 
 _PLACEHOLDER = torch.empty(0)
@@ -467,18 +513,21 @@ def _run_block(block: nn.Module, inputs: tuple[tuple, dict]) -> Any:
 
 
 @torch.no_grad()
-def _evaluate(block: nn.Module, cache: _BlockCache, batch_size: int, device, name: str, when: str,
+def _evaluate(block: nn.Module, caches: list[_BlockCache], batch_size: int, device, name: str, when: str,
               extra_loss=None) -> float:
+    """The block's loss on all cached images with the quantized model's own input, averaged over its calls."""
     total = 0.0
-    for start in range(0, cache.num_images, batch_size):
-        index = torch.arange(start, min(start + batch_size, cache.num_images))
-        quant_in, _, target = cache.select(index, device)
-        out = _run_block(block, quant_in)
-        bad = _first_non_finite(out)
-        if bad:
-            raise ReconstructionError(f"block {name!r}: {bad} in the quantized model's output ({when} reconstruction)")
-        total += float(_block_loss(name, out, target, extra_loss)) * len(index)
-    return total / cache.num_images
+    num_images = caches[0].num_images
+    for start in range(0, num_images, batch_size):
+        index = torch.arange(start, min(start + batch_size, num_images))
+        for cache in caches:
+            quant_in, _, target = cache.select(index, device)
+            out = _run_block(block, quant_in)
+            bad = _first_non_finite(out)
+            if bad:
+                raise ReconstructionError(f"block {name!r}: {bad} in the quantized model's output ({when} reconstruction)")
+            total += float(_block_loss(name, out, target, extra_loss)) * len(index)
+    return total / (num_images * len(caches))
 
 
 # ============================================================================================== entry point
@@ -587,9 +636,11 @@ def reconstruct(
     try:
         for p in quant_model.parameters():
             p.requires_grad_(False)
-        for name in blocks:
+        calls = _call_order(quant_model, blocks, batches[0], forward_fn)
+        for name in _in_call_order(blocks, calls):
             result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
-                                                    progress and dist_utils.rank() == 0, result, extra_loss))
+                                                    progress and dist_utils.rank() == 0, result, extra_loss,
+                                                    calls=calls.get(name, (0, 1))[1]))
         with torch.no_grad():  # under torch.distributed every rank ends with rank 0's weights and step sizes
             for tensor in quant_model.state_dict().values():
                 dist_utils.broadcast_(tensor)
@@ -610,9 +661,9 @@ def reconstruct(
 
 
 def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg: ReconstructionConfig, progress,
-                       result: ReconstructionResult, extra_loss=None) -> BlockResult:
+                       result: ReconstructionResult, extra_loss=None, *, calls: int = 1) -> BlockResult:
     block = quant_model.get_submodule(name)
-    out = BlockResult(name)
+    out = BlockResult(name, calls=calls)
     layers = [m for m in block.modules() if is_quantized_module(m)]
     out.quantized_layers = len(layers)
     if not layers:
@@ -622,33 +673,42 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     device = next(iter(quant_model.parameters())).device
     cache_device = torch.device("cpu") if cfg.cache_on_cpu else None
     with torch.no_grad():
-        quant_in, _ = _capture(quant_model, name, batches, forward_fn, want_output=False, device=cache_device)
-        float_in, float_out = _capture(float_model, name, batches, forward_fn, want_output=True, device=cache_device)
-    for i, tree in enumerate(float_out):
-        bad = _first_non_finite(tree)
-        if bad:
-            raise ReconstructionError(f"block {name!r}: {bad} in the float model's output (calibration batch {i})")
-    for i, tree in enumerate(quant_in):
-        bad = _first_non_finite(tree)
-        if bad:
-            raise ReconstructionError(f"block {name!r}: {bad} in its input from the quantized model (calibration "
-                                      f"batch {i}), i.e. in an earlier block's quantized output")
-    quant_input, n = _concat_batches(quant_in, name, "input")
-    float_input, _ = _concat_batches(float_in, name, "input")
-    float_output, _ = _concat_batches(float_out, name, "output")
+        quant_in, _ = _capture(quant_model, name, batches, forward_fn, calls=calls, want_output=False, device=cache_device)
+        float_in, float_out = _capture(float_model, name, batches, forward_fn, calls=calls, want_output=True,
+                                       device=cache_device)
+    caches = []
+    for call in range(calls):
+        where = f" (call {call + 1} of {calls} per forward)" if calls > 1 else ""
+        for i, tree in enumerate(float_out[call]):
+            bad = _first_non_finite(tree)
+            if bad:
+                raise ReconstructionError(f"block {name!r}: {bad} in the float model's output{where} (calibration batch {i})")
+        for i, tree in enumerate(quant_in[call]):
+            bad = _first_non_finite(tree)
+            if bad:
+                raise ReconstructionError(f"block {name!r}: {bad} in its input{where} from the quantized model "
+                                          f"(calibration batch {i}), i.e. in an earlier block's quantized output")
+        quant_input, n = _concat_batches(quant_in[call], name, "input")
+        float_input, _ = _concat_batches(float_in[call], name, "input")
+        float_output, _ = _concat_batches(float_out[call], name, "output")
+        if len(_leaves(quant_input)) != len(_leaves(float_input)):
+            raise ReconstructionError(f"block {name!r} reads differently structured inputs in the float and quantized "
+                                      f"models{where}")
+        if caches and n != caches[0].num_images:
+            raise ReconstructionError(f"block {name!r}: its calls per forward read different batch sizes "
+                                      f"({caches[0].num_images} and {n} images)")
+        caches.append(_BlockCache(quant_input, float_input, float_output, n))
     del quant_in, float_in, float_out
-    if len(_leaves(quant_input)) != len(_leaves(float_input)):
-        raise ReconstructionError(f"block {name!r} reads differently structured inputs in the float and quantized models")
+    n = caches[0].num_images
     if n < cfg.batch_size:
         raise ReconstructionError(f"block {name!r}: the calibration batches hold {n} images, fewer than one "
                                   f"reconstruction batch (`batch_size` = {cfg.batch_size}); pass more batches or "
                                   "lower `batch_size`")
-    cache = _BlockCache(quant_input, float_input, float_output, n)
-    out.cached_bytes_per_image = math.ceil(cache.nbytes / n)
+    out.cached_bytes_per_image = math.ceil(sum(c.nbytes for c in caches) / n)
     result.num_images = n
     result.cached_bytes_per_image = max(result.cached_bytes_per_image, out.cached_bytes_per_image)
 
-    out.loss_before = _evaluate(block, cache, cfg.batch_size, device, name, "before", extra_loss)
+    out.loss_before = _evaluate(block, caches, cfg.batch_size, device, name, "before", extra_loss)
     initial_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
     rounders = [_AdaRoundLayer(m) for m in layers if cfg.adaround and m.weight_quantizer.enabled]
     scales = []
@@ -663,7 +723,7 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
                     scales.append(fq.scale)  # the step size only: an LSQ+ offset stays as calibrated
     out.rounded_layers, out.learned_scales = len(rounders), len(scales)
     if rounders or scales:
-        _optimise(block, cache, rounders, scales, cfg, device, name, progress, extra_loss)
+        _optimise(block, caches, rounders, scales, cfg, device, name, progress, extra_loss)
     flipped = soft = total = 0
     for r in rounders:
         r.detach()
@@ -671,7 +731,7 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
         flipped, soft, total = flipped + f, soft + s, total + t
     out.flipped_fraction = flipped / total if total else 0.0
     out.soft_fraction = soft / total if total else 0.0
-    out.loss_after = _evaluate(block, cache, cfg.batch_size, device, name, "after", extra_loss)
+    out.loss_after = _evaluate(block, caches, cfg.batch_size, device, name, "after", extra_loss)
     if out.loss_after > out.loss_before:
         block.load_state_dict(initial_state)
         out.reverted, out.loss_after, out.flipped_fraction = True, out.loss_before, 0.0
@@ -685,7 +745,7 @@ def _block_loss(name: str, output: Any, target: Any, extra_loss) -> torch.Tensor
     return rec if term is None else rec + term
 
 
-def _optimise(block, cache: _BlockCache, rounders: list[_AdaRoundLayer], scales: list[nn.Parameter],
+def _optimise(block, caches: list[_BlockCache], rounders: list[_AdaRoundLayer], scales: list[nn.Parameter],
               cfg: ReconstructionConfig, device, name: str, progress: bool, extra_loss=None) -> None:
     groups = []
     if rounders:
@@ -706,10 +766,13 @@ def _optimise(block, cache: _BlockCache, rounders: list[_AdaRoundLayer], scales:
     try:
         with torch.enable_grad():
             for step in steps:
-                index = torch.randperm(cache.num_images, generator=generator)[: cfg.batch_size]
-                quant_in, float_in, target = cache.select(index, device)
-                inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
-                rec = _block_loss(name, _run_block(block, inputs), target, extra_loss)
+                index = torch.randperm(caches[0].num_images, generator=generator)[: cfg.batch_size]
+                rec = 0
+                for cache in caches:  # every call of the block on the same images, their losses averaged
+                    quant_in, float_in, target = cache.select(index, device)
+                    inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
+                    rec = rec + _block_loss(name, _run_block(block, inputs), target, extra_loss)
+                rec = rec / len(caches)
                 beta = _beta_at(step, cfg)
                 loss = rec
                 if beta is not None and rounders and cfg.round_weight > 0:

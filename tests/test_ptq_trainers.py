@@ -128,8 +128,9 @@ def test_ultralytics_taskq_ptq_end_to_end(tmp_path):
     session = model.trainer.detq_session
     result = session.last_calibration.reconstruction
     names = [b.name for b in result.blocks]
-    # head-wise units (STAHQ): each scale's box and class branch, then the whole head once more for DTR
-    assert names[-7:] == ["model.23.cv2.0", "model.23.cv3.0", "model.23.cv2.1", "model.23.cv3.1", "model.23.cv2.2",
+    # head-wise units (STAHQ): each scale's box and class branch in the order Detect calls them (every box
+    # branch, then every class branch), then the whole head once more for DTR
+    assert names[-7:] == ["model.23.cv2.0", "model.23.cv2.1", "model.23.cv2.2", "model.23.cv3.0", "model.23.cv3.1",
                           "model.23.cv3.2", "model.23"]
     assert session.float_copy is None  # freed after reconstruction
     trained = dict(dq.quantized_layers(model.trainer.model))
@@ -265,6 +266,15 @@ def test_mmdet_ptq_reconstructs_dino_with_level_shapes_shared_and_its_head_per_b
                  "bbox_head.reg_branches.2", "memory_trans_fc"):
         assert blocks[name].skipped is None and blocks[name].loss_after <= blocks[name].loss_before, name
     assert "bbox_head" not in blocks
+    # in call order: the query-position MLP before the first decoder layer, fit to every layer's call; the box
+    # branch that refines the first layer's reference points before the second layer, fit to that call and to
+    # the head's (a fit to the first call alone left the head's boxes on rounding learned for other inputs)
+    order = list(blocks)
+    layers = runner.model.decoder.num_layers
+    assert order.index("memory_trans_fc") < order.index("decoder.ref_point_head") < order.index("decoder.layers.0")
+    assert order.index("bbox_head.reg_branches.0") < order.index("decoder.layers.1")
+    assert blocks["decoder.ref_point_head"].calls == layers and blocks["bbox_head.reg_branches.0"].calls == 2
+    assert blocks["bbox_head.cls_branches.0"].calls == 1
     # no load_from: the log says the config's initial weights were quantized
     assert any(w.startswith("DetQHook: PTQ in Runner.test() of a model no checkpoint was loaded into") for w in warnings)
 

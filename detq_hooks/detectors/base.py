@@ -117,7 +117,7 @@ class DetectorFamily:
 
     def head_paths(self, model: nn.Module) -> list[str]:
         """The detection head's paths as module names — each scale's box branch and class branch — for head-wise
-        PTQ reconstruction (TASKQ's STAHQ); each is called once per forward. ``[]``: not known (the head is
+        PTQ reconstruction (TASKQ's STAHQ). ``[]``: not known (the head is
         reconstructed as the blocks :meth:`reconstruction_blocks` gives)."""
         return []
 

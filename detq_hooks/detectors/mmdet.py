@@ -96,8 +96,9 @@ class MMDetFamily(DetectorFamily):
 
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         """Children of the backbone, neck and head, with containers (``ModuleList`` of levels or convs)
-        expanded into the modules a forward calls (a head tower shared across levels is reconstructed on the
-        first level it runs on). A DETR head that reads only the decoder's queries is one block: its layers run on
+        expanded into the modules a forward calls (a module called several times -- a tower shared across
+        levels, DINO's box branches in the decoder and in the head -- is fit to all its calls; blocks are
+        reconstructed in the order the forward first calls them). A DETR head that reads only the decoder's queries is one block: its layers run on
         all decoder layers' queries stacked in front of the batch dimension; one that also reads reference points
         (Conditional DETR, Deformable DETR, DINO: batch first) is reconstructed per branch."""
         blocks = []
