@@ -166,6 +166,7 @@ class BlockResult:
     loss_after: float = float("nan")
     quantized_layers: int = 0
     calls: int = 1  # calls per forward, all fit together
+    target: str = "float model"  # or "float block": the float block on the quantized input (selected queries)
     rounded_layers: int = 0  # layers whose rounding AdaRound learned
     learned_scales: int = 0  # activation quantizers whose step size was learned
     flipped_fraction: float = 0.0  # weights AdaRound rounded the other way than nearest rounding
@@ -262,7 +263,8 @@ class _BlockCache:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.quant_input) + _nbytes(self.float_input) + _nbytes(self.float_output)
+        inputs = _nbytes(self.quant_input) + (0 if self.float_input is self.quant_input else _nbytes(self.float_input))
+        return inputs + _nbytes(self.float_output)
 
     def select(self, index: torch.Tensor, device: torch.device):
         take = lambda t: t[index.to(t.device)].to(device)  # noqa: E731
@@ -570,6 +572,7 @@ def reconstruct(
     family=None,
     progress: bool = False,
     extra_loss: Optional[Callable[[str, Any, Any, torch.Tensor], Optional[torch.Tensor]]] = None,
+    selected_query_blocks: Optional[Sequence[str]] = None,
 ) -> ReconstructionResult:
     """Optimise the quantized model block by block to reproduce the float model (AdaRound, LSQ, QDrop).
 
@@ -590,6 +593,11 @@ def reconstruct(
         extra_loss: ``extra_loss(block, quantized output, float output, reconstruction loss) -> term or None``
             added to a block's loss (e.g. TASKQ's detection-aware task regularisation on the head block); it
             counts in the before/after comparison too.
+        selected_query_blocks: module names that run on queries the model selects from its own data (a two-stage
+            DETR's top-k proposals; default: the family's :meth:`~detq_hooks.detectors.DetectorFamily.selected_query_blocks`).
+            A block inside one of them, or enclosing one, is fit to the float *block* run on the quantized model's
+            input (its :attr:`BlockResult.target` is ``"float block"``), without QDrop: there the float model's
+            inputs and outputs belong to other queries than the quantized model's.
 
     Returns:
         :class:`ReconstructionResult` with each block's loss before and after, times and cache size.
@@ -612,11 +620,16 @@ def reconstruct(
     if any(is_quantized_module(m) for m in float_model.modules()):
         raise ReconstructionError("`float_model` has quantized layers: pass a deep copy of the model taken before "
                                   "detq_hooks.quantize()")
-    if blocks is None:
+    if blocks is None or selected_query_blocks is None:
         from .detectors import family_for
 
-        blocks = (family or family_for(quant_model)).reconstruction_blocks(quant_model)
+        family = family or family_for(quant_model)
+    if blocks is None:
+        blocks = family.reconstruction_blocks(quant_model)
     blocks = _check_blocks(quant_model, float_model, blocks)
+    if selected_query_blocks is None:
+        selected_query_blocks = family.selected_query_blocks(quant_model)
+    selected = _check_selected(quant_model, selected_query_blocks)
     if config.num_batches is not None:
         batches = [b for _, b in zip(range(config.num_batches), batches)]
     else:
@@ -640,7 +653,8 @@ def reconstruct(
         for name in _in_call_order(blocks, calls):
             result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
                                                     progress and dist_utils.rank() == 0, result, extra_loss,
-                                                    calls=calls.get(name, (0, 1))[1]))
+                                                    calls=calls.get(name, (0, 1))[1],
+                                                    local=_overlaps(name, selected)))
         with torch.no_grad():  # under torch.distributed every rank ends with rank 0's weights and step sizes
             for tensor in quant_model.state_dict().values():
                 dist_utils.broadcast_(tensor)
@@ -660,10 +674,35 @@ def reconstruct(
     return result
 
 
+def _check_selected(model: nn.Module, names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        raise ReconstructionError(f"`selected_query_blocks` = {names!r} must be a list of module names, not one string")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in names:
+        if not isinstance(name, str) or name not in modules:
+            raise ReconstructionError(f"`selected_query_blocks` entry {name!r} is not a module name of the quantized "
+                                      f"model ({type(model).__name__})")
+    return list(names)
+
+
+def _overlaps(block: str, names: Sequence[str]) -> bool:
+    """Whether ``block`` is one of ``names``, lies inside one, or encloses one."""
+    return any(block == n or block.startswith(n + ".") or block == "" or n.startswith(block + ".") for n in names)
+
+
+def _float_block_outputs(float_model: nn.Module, name: str, quant_in: list[list], device, cache_device) -> list[list]:
+    """The float block's outputs on the quantized model's cached inputs, ``[call][batch]``, on ``cache_device``."""
+    block = float_model.get_submodule(name)
+    to_device = lambda t: t.to(device, copy=True)  # noqa: E731  (a copy: the block may work in place on its input)
+    with torch.no_grad():
+        return [[_detached_copy(_run_block(block, _map_tensors(to_device, inputs)), cache_device) for inputs in per_batch]
+                for per_batch in quant_in]
+
+
 def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg: ReconstructionConfig, progress,
-                       result: ReconstructionResult, extra_loss=None, *, calls: int = 1) -> BlockResult:
+                       result: ReconstructionResult, extra_loss=None, *, calls: int = 1, local: bool = False) -> BlockResult:
     block = quant_model.get_submodule(name)
-    out = BlockResult(name, calls=calls)
+    out = BlockResult(name, calls=calls, target="float block" if local else "float model")
     layers = [m for m in block.modules() if is_quantized_module(m)]
     out.quantized_layers = len(layers)
     if not layers:
@@ -674,8 +713,11 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
     cache_device = torch.device("cpu") if cfg.cache_on_cpu else None
     with torch.no_grad():
         quant_in, _ = _capture(quant_model, name, batches, forward_fn, calls=calls, want_output=False, device=cache_device)
-        float_in, float_out = _capture(float_model, name, batches, forward_fn, calls=calls, want_output=True,
-                                       device=cache_device)
+        if local:  # the float model's own inputs belong to other queries: run the float block on the quantized input
+            float_in, float_out = quant_in, _float_block_outputs(float_model, name, quant_in, device, cache_device)
+        else:
+            float_in, float_out = _capture(float_model, name, batches, forward_fn, calls=calls, want_output=True,
+                                           device=cache_device)
     caches = []
     for call in range(calls):
         where = f" (call {call + 1} of {calls} per forward)" if calls > 1 else ""
@@ -689,7 +731,8 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
                 raise ReconstructionError(f"block {name!r}: {bad} in its input{where} from the quantized model "
                                           f"(calibration batch {i}), i.e. in an earlier block's quantized output")
         quant_input, n = _concat_batches(quant_in[call], name, "input")
-        float_input, _ = _concat_batches(float_in[call], name, "input")
+        # a float block run on the quantized input: one input for both (no copy, and QDrop mixes nothing in)
+        float_input = quant_input if local else _concat_batches(float_in[call], name, "input")[0]
         float_output, _ = _concat_batches(float_out[call], name, "output")
         if len(_leaves(quant_input)) != len(_leaves(float_input)):
             raise ReconstructionError(f"block {name!r} reads differently structured inputs in the float and quantized "

@@ -275,6 +275,13 @@ def test_mmdet_ptq_reconstructs_dino_with_level_shapes_shared_and_its_head_per_b
     assert order.index("bbox_head.reg_branches.0") < order.index("decoder.layers.1")
     assert blocks["decoder.ref_point_head"].calls == layers and blocks["bbox_head.reg_branches.0"].calls == 2
     assert blocks["bbox_head.cls_branches.0"].calls == 1
+    # the decoder runs on the top-k encoder proposals, which the quantized model picks differently: its blocks
+    # and the decoder layers' branches are fit to the float block on the quantized input; the branch scoring
+    # the encoder's proposals (index num_layers) and everything before the pick to the float model
+    for name in ("decoder.layers.0", "decoder.ref_point_head", "bbox_head.reg_branches.0", f"bbox_head.cls_branches.{layers - 1}"):
+        assert blocks[name].target == "float block", name
+    for name in ("encoder.layers.1", "memory_trans_fc", f"bbox_head.cls_branches.{layers}"):
+        assert blocks[name].target == "float model", name
     # no load_from: the log says the config's initial weights were quantized
     assert any(w.startswith("DetQHook: PTQ in Runner.test() of a model no checkpoint was loaded into") for w in warnings)
 
@@ -584,3 +591,8 @@ def test_rtdetr_ptq_reconstructs_its_decoder_by_parts(tmp_path):
     done = {b.name: b for b in model.detq_ptq.reconstruction.blocks}
     for name in ("model.28.decoder.layers.0", "model.28.decoder.layers.1", "model.28.dec_score_head.1", "model.28.enc_output"):
         assert done[name].quantized_layers > 0 and done[name].loss_after <= done[name].loss_before, (name, done[name])
+    # the decoder runs on the top-k encoder proposals: fit to the float block on the quantized model's queries
+    assert {n: b.target for n, b in done.items() if n.startswith("model.28.")} == {
+        n: "float block" if n.split(".")[2] in ("decoder", "query_pos_head", "dec_bbox_head", "dec_score_head") else "float model"
+        for n in done if n.startswith("model.28.")}
+    assert done["model.28.query_pos_head"].calls == len(model.model[28].decoder.layers)

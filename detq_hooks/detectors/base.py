@@ -121,6 +121,14 @@ class DetectorFamily:
         reconstructed as the blocks :meth:`reconstruction_blocks` gives)."""
         return []
 
+    def selected_query_blocks(self, model: nn.Module) -> list[str]:
+        """Module names that run on queries the model selects from its own data (a two-stage DETR's top-k encoder
+        proposals). A quantized model selects other queries than the float model (on a W4A8 DINO 12 % of the
+        decoder's queries kept their index), so PTQ reconstructs a block inside one of them, or enclosing one,
+        against the float block run on the quantized model's own input: the float model's output there belongs to
+        other queries. ``[]`` (default): every block's inputs correspond element by element in both models."""
+        return []
+
     def head_block(self, model: nn.Module) -> Optional[str]:
         """The module whose output is the head's (decoded in eval mode): where PTQ's detection-aware task
         regularisation reads boxes and scores (:meth:`decode_head_output`). ``None``: not known."""

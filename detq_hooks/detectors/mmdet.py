@@ -116,6 +116,21 @@ class MMDetFamily(DetectorFamily):
             blocks.extend(kids or [name])
         return blocks
 
+    def selected_query_blocks(self, model: nn.Module) -> list[str]:
+        """Two-stage DETRs (DINO, two-stage Deformable DETR) pick the decoder's queries as the top-k encoder
+        proposals: the decoder, the layers that embed the picked proposals, and the head's branches of the decoder
+        layers (the branch scoring the encoder's proposals, index ``num_layers``, runs before the pick)."""
+        if not (self._is_detr(model) and getattr(model, "as_two_stage", False)):
+            return []
+        modules = dict(model.named_modules())
+        names = [n for n in ("decoder", "pos_trans_fc", "pos_trans_norm") if n in modules]
+        layers = getattr(getattr(model, "decoder", None), "num_layers", None)
+        for branches in ("cls_branches", "reg_branches"):
+            container = getattr(model.bbox_head, branches, None)
+            if isinstance(container, nn.ModuleList):
+                names += [f"bbox_head.{branches}.{i}" for i in range(len(container)) if layers is None or i < layers]
+        return names
+
     def class_names(self, model: nn.Module) -> Optional[list[str]]:
         meta = getattr(model, "dataset_meta", None) or {}
         classes = meta.get("classes")

@@ -152,6 +152,15 @@ class UltralyticsFamily(DetectorFamily):
             parts += [f"{p}.decoder.layers.{i}", f"{p}.dec_bbox_head.{i}", f"{p}.dec_score_head.{i}"]
         return blocks + parts
 
+    def selected_query_blocks(self, model: nn.Module) -> list[str]:
+        """RT-DETR's decoder runs on the top-k encoder proposals: its layers, query position head, box and score
+        heads (and a learned query embedding)."""
+        if not is_rtdetr_head(model):
+            return []
+        p, head = head_name(model), model.model[-1]
+        return [f"{p}.{n}" for n in ("decoder", "query_pos_head", "dec_bbox_head", "dec_score_head", "tgt_embed")
+                if hasattr(head, n)]
+
     def head_paths(self, model: nn.Module) -> list[str]:
         """Box (``cv2``) and class (``cv3``) branch of each scale; end-to-end heads (YOLOv10, YOLO26): the
         one-to-one branches, the ones inference runs."""
