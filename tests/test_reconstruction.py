@@ -54,6 +54,15 @@ def quantized_pair(recipe="w4a8", seed=0):
     return net.eval(), float_net, batches
 
 
+def calibrated(model, batches):
+    """(``model`` converted to W4A8 everywhere and calibrated, its float copy taken before, ``batches``)."""
+    model.eval()
+    float_ = copy.deepcopy(model)
+    dq.quantize(model, "w4a8", first_layers=[], prediction_layers=[])
+    dq.calibrate(model, batches)
+    return model, float_, batches
+
+
 def output_error(quant, float_, batches):
     x = torch.cat(batches)
     with torch.no_grad():
@@ -230,11 +239,7 @@ class KeywordBlocks(nn.Module):
 
 def test_blocks_called_with_keywords_and_returning_dicts():
     torch.manual_seed(0)
-    model = KeywordBlocks().eval()
-    float_ = copy.deepcopy(model)
-    batches = images()
-    dq.quantize(model, "w4a8", first_layers=[], prediction_layers=[])
-    dq.calibrate(model, batches)
+    model, float_, batches = calibrated(KeywordBlocks(), images())
     before = output_error(model, float_, batches)
     result = reconstruct(model, float_, batches, blocks=["stem", "head"], config=ReconstructionConfig(**FAST))
     assert all(a < b for b, a in result.losses().values())
@@ -268,12 +273,7 @@ class SharedPositionModule(nn.Module):
 
 def shared_position_pair():
     torch.manual_seed(0)
-    model = SharedPositionModule().eval()
-    float_ = copy.deepcopy(model)
-    batches = images()
-    dq.quantize(model, "w4a8", first_layers=[], prediction_layers=[])
-    dq.calibrate(model, batches)
-    return model, float_, batches
+    return calibrated(SharedPositionModule(), images())
 
 
 def test_blocks_run_in_call_order_and_a_block_called_twice_is_fit_to_both_calls():
@@ -332,11 +332,7 @@ class CallsDependOnBatch(nn.Module):
 
 def test_a_block_whose_calls_change_between_batches_is_refused_and_the_model_kept():
     torch.manual_seed(0)
-    model = CallsDependOnBatch().eval()
-    float_ = copy.deepcopy(model)
-    batches = [torch.randn(8, 3, 12, 12), torch.randn(4, 3, 12, 12)]
-    dq.quantize(model, "w4a8", first_layers=[], prediction_layers=[])
-    dq.calibrate(model, batches)
+    model, float_, batches = calibrated(CallsDependOnBatch(), [torch.randn(8, 3, 12, 12), torch.randn(4, 3, 12, 12)])
     before = state_of(model)
     with pytest.raises(ReconstructionError, match=r"block 'repeat' ran 1 time\(s\) in the forward of calibration "
                                                   r"batch 1 of the quantized model, 2 time\(s\)"):
@@ -363,13 +359,8 @@ class TopKQueries(nn.Module):
 
 def topk_pair():
     torch.manual_seed(0)
-    model = TopKQueries().eval()
-    float_ = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randn(8, 24, 8, generator=g) for _ in range(4)]
-    dq.quantize(model, "w4a8", first_layers=[], prediction_layers=[])
-    dq.calibrate(model, batches)
-    return model, float_, batches
+    return calibrated(TopKQueries(), [torch.randn(8, 24, 8, generator=g) for _ in range(4)])
 
 
 def decoder_error(model, float_, batches):
