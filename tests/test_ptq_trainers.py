@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -284,6 +285,48 @@ def test_mmdet_ptq_reconstructs_dino_with_level_shapes_shared_and_its_head_per_b
         assert blocks[name].target == "float model", name
     # no load_from: the log says the config's initial weights were quantized
     assert any(w.startswith("DetQHook: PTQ in Runner.test() of a model no checkpoint was loaded into") for w in warnings)
+
+
+def test_mmdet_ptq_fits_a_two_stage_deformable_detrs_decoder_to_the_float_block(tmp_path):
+    """Two-stage Deformable DETR (box refinement) picks its queries from the encoder's top-k proposals and embeds
+    them with ``pos_trans_fc``: those, the decoder and the decoder layers' branches are fit to the float block on
+    the quantized input; the proposal branch (index ``num_layers``) and the encoder to the float model."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from test_mmdet import CONFIGS, hook_recipe, load_cfg
+    from detq_hooks.tools.data import make_synthetic_dataset
+
+    config = tmp_path / "deformable_detr_two_stage_r18_synthetic_w4a8.py"
+    config.write_text(textwrap.dedent(f"""
+        _base_ = ['mmdet::deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py',
+                  '{CONFIGS / "synthetic_coco.py"}', '{CONFIGS / "detq_w4a8.py"}']
+        model = dict(num_queries=20,
+                     backbone=dict(depth=18, init_cfg=None, norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False),
+                     neck=dict(in_channels=[128, 256, 512]), encoder=dict(num_layers=1), decoder=dict(num_layers=2),
+                     bbox_head=dict(num_classes={{{{_base_.synth_num_classes}}}}), test_cfg=dict(max_per_img=20))
+        train_dataloader = {{{{_base_.synth_train_dataloader}}}}
+        val_dataloader = {{{{_base_.synth_val_dataloader}}}}
+        test_dataloader = {{{{_base_.synth_val_dataloader}}}}
+        val_evaluator = {{{{_base_.synth_val_evaluator}}}}
+        test_evaluator = {{{{_base_.synth_val_evaluator}}}}
+        """))
+    synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
+    recipe = {"preset": "w4a8-ptq", "calibration": {"num_batches": 2}, "ptq": {"method": "adaround", **FAST, "batch_size": 2}}
+    runner = Runner.from_cfg(hook_recipe(load_cfg(str(config), synth, tmp_path / "work"), recipe))
+    runner.model.init_weights()  # Runner.test() runs none: level_embed would stay uninitialised memory
+    runner.test()
+    hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    blocks = {b.name: b for b in hook.session.last_calibration.reconstruction.blocks}
+    assert runner.model.as_two_stage and "pos_trans_fc" in blocks
+    for name in ("pos_trans_fc", "decoder.layers.0", "decoder.layers.1", "bbox_head.reg_branches.0", "bbox_head.cls_branches.1"):
+        assert blocks[name].target == "float block" and blocks[name].loss_after <= blocks[name].loss_before, name
+    for name in ("encoder.layers.0", "bbox_head.cls_branches.2", "bbox_head.reg_branches.2"):
+        assert blocks[name].target == "float model", name
+    # the proposal branches run before the pick, so before pos_trans_fc and the decoder
+    order = list(blocks)
+    assert order.index("bbox_head.cls_branches.2") < order.index("pos_trans_fc") < order.index("decoder.layers.0")
 
 
 def test_mmdet_decoder_of_dtr_is_the_heads_own():
