@@ -341,13 +341,18 @@ def _call_order(model: nn.Module, blocks: Sequence[str], batch: Any, forward_fn)
     return {name: (positions[0], len(positions)) for name, positions in seen.items()}
 
 
+def _within(name: str, outer: str) -> bool:
+    """Whether module ``name`` is ``outer`` or lies inside it (``""``, the whole model, holds every module)."""
+    return outer == "" or name == outer or name.startswith(outer + ".")
+
+
 def _in_call_order(blocks: list[str], first_call: dict[str, tuple[int, int]]) -> list[str]:
     """``blocks`` sorted by their first call (stable). A block that did not run (a DETR's query embedding, read as
     a weight) stays behind the block named before it. An enclosing block named after blocks inside it keeps its
     place after them (a second, coarser pass over them)."""
     keys: dict[str, float] = {}
     for i, name in enumerate(blocks):
-        inner = [keys[a] for a in blocks[:i] if name == "" or a.startswith(name + ".")]
+        inner = [keys[a] for a in blocks[:i] if _within(a, name)]
         own = float(first_call[name][0]) if name in first_call else keys[blocks[i - 1]] if i else -1.0
         keys[name] = max([own] + [k + 0.5 for k in inner])
     return sorted(blocks, key=lambda b: keys[b])
@@ -555,7 +560,7 @@ def _check_blocks(quant_model: nn.Module, float_model: nn.Module, blocks: Sequen
     # paths for detection-aware regularisation); one inside a block already done would undo nothing useful.
     for i, a in enumerate(blocks):
         for b in blocks[i + 1:]:
-            if a == "" or b.startswith(a + "."):
+            if _within(b, a):
                 raise ReconstructionError(f"block {b!r} lies inside {a!r}, which comes before it; name disjoint "
                                           "sub-modules, or the enclosing block after the ones inside it")
     return blocks
@@ -687,7 +692,7 @@ def _check_selected(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 def _overlaps(block: str, names: Sequence[str]) -> bool:
     """Whether ``block`` is one of ``names``, lies inside one, or encloses one."""
-    return any(block == n or block.startswith(n + ".") or block == "" or n.startswith(block + ".") for n in names)
+    return any(_within(block, n) or _within(n, block) for n in names)
 
 
 def _float_block_outputs(float_model: nn.Module, name: str, quant_in: list[list], device, cache_device) -> list[list]:
