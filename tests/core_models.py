@@ -1,6 +1,5 @@
 """Small float models shared by the core tests (importable, so pickling works)."""
 
-import torch
 from torch import nn
 
 

@@ -21,7 +21,6 @@ from detq_hooks.evaluation import coco_evaluate
 from detq_hooks.fisher import FisherError, FisherRegularizer
 from detq_hooks.fisher_report import ap_drop_table, bits_table, save_ap_drop_plot, save_bits_plot
 from detq_hooks.loss_terms import StepContext
-from detq_hooks.quantizers import quantizer_mode
 from detq_hooks.ranges import calibrate_weight_quantizer
 from detq_hooks.recipe import RecipeError, load_recipe
 from detq_hooks.session import QuantSession

@@ -16,7 +16,7 @@ from detq_hooks import kernels
 from detq_hooks import quantizers as Q
 from detq_hooks import modules as M
 from detq_hooks.modules import QuantConv2d, QuantLinear
-from detq_hooks.quantizers import FakeQuantizer, fake_quantize_reference, quantizer_mode
+from detq_hooks.quantizers import FakeQuantizer, quantizer_mode
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"fused kernels not built: {kernels.status()}")
 

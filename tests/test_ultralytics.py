@@ -426,8 +426,6 @@ def test_crqat_gradients_reach_student_only(crqat_run, ds):
 
 
 def test_crqat_resume_mid_curriculum_reproduces(ds, project, crqat_run):
-    seen = {}
-
     def interrupt(trainer):
         raise Interrupt
 
