@@ -85,13 +85,6 @@ class MMDetFamily(DetectorFamily):
         middle = [n for n in children if n not in first and n not in head]
         if any(True for _ in model.parameters(recurse=False)):
             middle.append("")  # parameters the detector holds itself (Deformable DETR's level_embed): they feed the encoder
-        if self._is_detr(model):
-            # A DETR's head is not downstream of its transformer: DINO's and Deformable DETR's box branches refine
-            # the reference points inside the decoder (and score the two-stage proposals before it). As a third
-            # stage it sat float and frozen inside the stage that trained, then switched to its bits in the last
-            # third at a cosine schedule's lowest learning rates (the DINO with Fisher mixed precision, 2-bit box
-            # branches, kept 75 % of float at W4A8; 87.5 % with two stages). So the paper's two stages.
-            return [Stage("backbone", first, outputs=["backbone"]), Stage("neck_head", middle + head)] if first and middle + head else None
         stages = []
         if first:
             stages.append(Stage("backbone", first, outputs=["backbone"]))

@@ -1,0 +1,33 @@
+"""CR-QAT (+ Fisher) on an MMDetection DETR with the paper's two curriculum stages (backbone, then everything it
+feeds) instead of the family's three: ``bench_fisher_mmdet.py`` with each recipe's ``curriculum.stages`` set.
+
+    python benchmarks/bench_crqat_fisher_stages.py --bits w4a8,w4a4 --variants crqat-2st,crqat-fisher-2st --seeds 0 --threads 1
+
+Every ``bench_fisher_mmdet.py`` argument applies; a variant ending in ``-2st`` is that variant with two stages.
+It measured why CR-QAT + Fisher broke on the slim DINO (README, Results, "DINO, `crqat-dino`").
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fisher  # noqa: E402
+
+TWO_STAGES = [{"name": "backbone", "modules": ["backbone"], "outputs": ["backbone"]},
+              {"name": "neck_head", "modules": [r"re:^(?!backbone(\.|$))"], "outputs": []}]
+_variant_recipe = bench_fisher.variant_recipe
+
+
+def variant_recipe(bits, variant, critical, avg_bits, reg_weight, reg_every):
+    two = variant.endswith("-2st")
+    recipe = _variant_recipe(bits, variant[:-4] if two else variant, critical, avg_bits, reg_weight, reg_every)
+    if two:
+        recipe["name"] = f"{bits}-{variant}"
+        recipe["curriculum"] = dict(recipe["curriculum"], stages=TWO_STAGES)
+    return recipe
+
+
+if __name__ == "__main__":
+    import bench_fisher_mmdet
+
+    bench_fisher_mmdet.variant_recipe = variant_recipe
+    raise SystemExit(bench_fisher_mmdet.main(sys.argv[1:]))
