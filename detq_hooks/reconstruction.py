@@ -28,8 +28,10 @@ calls them (one probe forward of the quantized model on the first batch finds it
 in, so that each block is fit to inputs from already reconstructed blocks; an enclosing block named after blocks
 inside it stays after them. A block called several times per forward (a DETR's query-position MLP on every decoder
 layer, DINO's box branches both inside the decoder and in the head, a tower shared across pyramid levels) is fit
-to all its calls at once: every call's input and output are cached and the loss is their mean. Every tensor a
-block reads or returns must have the batch as leading dimension.
+to all its calls at once: every call's input and output are cached and the loss is their mean. Blocks that share
+a quantized layer without one holding the other (RTMDet's towers: per level a module with its own BatchNorm around
+one shared convolution) are fit together the same way, as one unit. Every tensor a block reads or returns must
+have the batch as leading dimension.
 
 Example:
     >>> import copy, torch, detq_hooks as dq
@@ -52,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+from scipy.cluster.hierarchy import DisjointSet
 from torch import nn
 
 from . import distributed as dist_utils
@@ -165,7 +168,8 @@ class BlockResult:
     loss_before: float = float("nan")
     loss_after: float = float("nan")
     quantized_layers: int = 0
-    calls: int = 1  # calls per forward, all fit together
+    calls: int = 1  # calls per forward, all fit together (of all its tied blocks)
+    tied_with: list[str] = field(default_factory=list)  # blocks sharing its quantized layers, fit with it
     target: str = "float model"  # or "float block": the float block on the quantized input (selected queries)
     rounded_layers: int = 0  # layers whose rounding AdaRound learned
     learned_scales: int = 0  # activation quantizers whose step size was learned
@@ -358,6 +362,28 @@ def _in_call_order(blocks: list[str], first_call: dict[str, tuple[int, int]]) ->
     return sorted(blocks, key=lambda b: keys[b])
 
 
+def _tied_groups(model: nn.Module, blocks: list[str]) -> list[list[str]]:
+    """``blocks`` (in call order) grouped where they share a quantized layer without one lying inside the other
+    (RTMDet's towers: one conv per depth, shared by the per-level modules that wrap it with their own BatchNorm).
+    A shared layer has one rounding and one input step size: fit to one member after another, each later fit
+    starts from the rounding the earlier ones fixed and serves only its own level. A group is reconstructed at its
+    first member's place, fit to all its members' calls at once."""
+    tied = DisjointSet(blocks)
+    holders: dict[int, list[str]] = {}  # quantized layer -> the blocks holding it
+    for name in blocks:
+        for m in model.get_submodule(name).modules():
+            if is_quantized_module(m):
+                holders.setdefault(id(m), []).append(name)
+    for names in holders.values():
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if not (_within(a, b) or _within(b, a)):  # an enclosing block is a second pass, not a tie
+                    tied.merge(a, b)
+    # subsets keep no order: members in call order, groups at their first member's place
+    groups = [sorted(subset, key=blocks.index) for subset in tied.subsets()]
+    return sorted(groups, key=lambda g: blocks.index(g[0]))
+
+
 _PLACEHOLDER = torch.empty(0)
 
 
@@ -520,21 +546,23 @@ def _run_block(block: nn.Module, inputs: tuple[tuple, dict]) -> Any:
 
 
 @torch.no_grad()
-def _evaluate(block: nn.Module, caches: list[_BlockCache], batch_size: int, device, name: str, when: str,
-              extra_loss=None) -> float:
-    """The block's loss on all cached images with the quantized model's own input, averaged over its calls."""
+def _evaluate(members: list[_Member], batch_size: int, device, when: str, extra_loss=None) -> float:
+    """The unit's loss on all cached images with the quantized model's own input, averaged over its blocks'
+    calls."""
     total = 0.0
-    num_images = caches[0].num_images
+    num_images = members[0].caches[0].num_images
     for start in range(0, num_images, batch_size):
         index = torch.arange(start, min(start + batch_size, num_images))
-        for cache in caches:
-            quant_in, _, target = cache.select(index, device)
-            out = _run_block(block, quant_in)
-            bad = _first_non_finite(out)
-            if bad:
-                raise ReconstructionError(f"block {name!r}: {bad} in the quantized model's output ({when} reconstruction)")
-            total += float(_block_loss(name, out, target, extra_loss)) * len(index)
-    return total / (num_images * len(caches))
+        for member in members:
+            for cache in member.caches:
+                quant_in, _, target = cache.select(index, device)
+                out = _run_block(member.module, quant_in)
+                bad = _first_non_finite(out)
+                if bad:
+                    raise ReconstructionError(f"block {member.name!r}: {bad} in the quantized model's output ({when} "
+                                              "reconstruction)")
+                total += float(_block_loss(member.name, out, target, extra_loss)) * len(index)
+    return total / (num_images * sum(len(m.caches) for m in members))
 
 
 # ============================================================================================== entry point
@@ -655,11 +683,11 @@ def reconstruct(
         for p in quant_model.parameters():
             p.requires_grad_(False)
         calls = _call_order(quant_model, blocks, batches[0], forward_fn)
-        for name in _in_call_order(blocks, calls):
-            result.blocks.append(_reconstruct_block(quant_model, float_model, name, batches, forward_fn, config,
+        for group in _tied_groups(quant_model, _in_call_order(blocks, calls)):
+            result.blocks.append(_reconstruct_block(quant_model, float_model, group, batches, forward_fn, config,
                                                     progress and dist_utils.rank() == 0, result, extra_loss,
-                                                    calls=calls.get(name, (0, 1))[1],
-                                                    local=_overlaps(name, selected)))
+                                                    calls=[calls.get(name, (0, 1))[1] for name in group],
+                                                    local=[_overlaps(name, selected) for name in group]))
         with torch.no_grad():  # under torch.distributed every rank ends with rank 0's weights and step sizes
             for tensor in quant_model.state_dict().values():
                 dist_utils.broadcast_(tensor)
@@ -704,17 +732,9 @@ def _float_block_outputs(float_model: nn.Module, name: str, quant_in: list[list]
                 for per_batch in quant_in]
 
 
-def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg: ReconstructionConfig, progress,
-                       result: ReconstructionResult, extra_loss=None, *, calls: int = 1, local: bool = False) -> BlockResult:
-    block = quant_model.get_submodule(name)
-    out = BlockResult(name, calls=calls, target="float block" if local else "float model")
-    layers = [m for m in block.modules() if is_quantized_module(m)]
-    out.quantized_layers = len(layers)
-    if not layers:
-        out.skipped = "no quantized layer"
-        return out
-    t0 = time.perf_counter()
-    device = next(iter(quant_model.parameters())).device
+def _cache_block(quant_model, float_model, name, batches, forward_fn, cfg: ReconstructionConfig, device, *,
+                 calls: int, local: bool) -> list[_BlockCache]:
+    """One block's caches, one per call per forward, on all calibration images (see :class:`_BlockCache`)."""
     cache_device = torch.device("cpu") if cfg.cache_on_cpu else None
     with torch.no_grad():
         quant_in, _ = _capture(quant_model, name, batches, forward_fn, calls=calls, want_output=False, device=cache_device)
@@ -746,18 +766,50 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
             raise ReconstructionError(f"block {name!r}: its calls per forward read different batch sizes "
                                       f"({caches[0].num_images} and {n} images)")
         caches.append(_BlockCache(quant_input, float_input, float_output, n))
-    del quant_in, float_in, float_out
-    n = caches[0].num_images
+    return caches
+
+
+@dataclass
+class _Member:
+    """One block of a reconstruction unit (a unit holds several when they share quantized layers)."""
+
+    name: str
+    module: nn.Module
+    caches: list[_BlockCache]
+
+
+def _reconstruct_block(quant_model, float_model, names: list[str], batches, forward_fn, cfg: ReconstructionConfig,
+                       progress, result: ReconstructionResult, extra_loss=None, *, calls: list[int],
+                       local: list[bool]) -> BlockResult:
+    """Reconstruct one unit: a block, or blocks that share quantized layers (``names[1:]`` are
+    :attr:`BlockResult.tied_with`), fit together to the mean loss over all their calls."""
+    name = names[0]
+    modules = [quant_model.get_submodule(n) for n in names]
+    out = BlockResult(name, calls=sum(calls), tied_with=list(names[1:]),
+                      target="float block" if any(local) else "float model")
+    layers = list({id(m): m for module in modules for m in module.modules() if is_quantized_module(m)}.values())
+    out.quantized_layers = len(layers)
+    if not layers:
+        out.skipped = "no quantized layer"
+        return out
+    t0 = time.perf_counter()
+    device = next(iter(quant_model.parameters())).device
+    members = [_Member(n, module, _cache_block(quant_model, float_model, n, batches, forward_fn, cfg, device,
+                                               calls=c, local=lo))
+               for n, module, c, lo in zip(names, modules, calls, local)]
+    n = members[0].caches[0].num_images
+    if any(c.num_images != n for m in members for c in m.caches):
+        raise ReconstructionError(f"blocks {names} share quantized layers but read different batch sizes")
     if n < cfg.batch_size:
         raise ReconstructionError(f"block {name!r}: the calibration batches hold {n} images, fewer than one "
                                   f"reconstruction batch (`batch_size` = {cfg.batch_size}); pass more batches or "
                                   "lower `batch_size`")
-    out.cached_bytes_per_image = math.ceil(sum(c.nbytes for c in caches) / n)
+    out.cached_bytes_per_image = math.ceil(sum(c.nbytes for m in members for c in m.caches) / n)
     result.num_images = n
     result.cached_bytes_per_image = max(result.cached_bytes_per_image, out.cached_bytes_per_image)
 
-    out.loss_before = _evaluate(block, caches, cfg.batch_size, device, name, "before", extra_loss)
-    initial_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    out.loss_before = _evaluate(members, cfg.batch_size, device, "before", extra_loss)
+    initial_state = [{k: v.detach().clone() for k, v in m.module.state_dict().items()} for m in members]
     rounders = [_AdaRoundLayer(m) for m in layers if cfg.adaround and m.weight_quantizer.enabled]
     scales = []
     if cfg.learn_activation_scales:
@@ -771,7 +823,7 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
                     scales.append(fq.scale)  # the step size only: an LSQ+ offset stays as calibrated
     out.rounded_layers, out.learned_scales = len(rounders), len(scales)
     if rounders or scales:
-        _optimise(block, caches, rounders, scales, cfg, device, name, progress, extra_loss)
+        _optimise(members, rounders, scales, cfg, device, name, progress, extra_loss)
     flipped = soft = total = 0
     for r in rounders:
         r.detach()
@@ -779,9 +831,10 @@ def _reconstruct_block(quant_model, float_model, name, batches, forward_fn, cfg:
         flipped, soft, total = flipped + f, soft + s, total + t
     out.flipped_fraction = flipped / total if total else 0.0
     out.soft_fraction = soft / total if total else 0.0
-    out.loss_after = _evaluate(block, caches, cfg.batch_size, device, name, "after", extra_loss)
+    out.loss_after = _evaluate(members, cfg.batch_size, device, "after", extra_loss)
     if out.loss_after > out.loss_before:
-        block.load_state_dict(initial_state)
+        for m, state in zip(members, initial_state):
+            m.module.load_state_dict(state)
         out.reverted, out.loss_after, out.flipped_fraction = True, out.loss_before, 0.0
     out.seconds = time.perf_counter() - t0
     return out
@@ -793,7 +846,7 @@ def _block_loss(name: str, output: Any, target: Any, extra_loss) -> torch.Tensor
     return rec if term is None else rec + term
 
 
-def _optimise(block, caches: list[_BlockCache], rounders: list[_AdaRoundLayer], scales: list[nn.Parameter],
+def _optimise(members: list[_Member], rounders: list[_AdaRoundLayer], scales: list[nn.Parameter],
               cfg: ReconstructionConfig, device, name: str, progress: bool, extra_loss=None) -> None:
     groups = []
     if rounders:
@@ -814,13 +867,15 @@ def _optimise(block, caches: list[_BlockCache], rounders: list[_AdaRoundLayer], 
     try:
         with torch.enable_grad():
             for step in steps:
-                index = torch.randperm(caches[0].num_images, generator=generator)[: cfg.batch_size]
-                rec = 0
-                for cache in caches:  # every call of the block on the same images, their losses averaged
-                    quant_in, float_in, target = cache.select(index, device)
-                    inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
-                    rec = rec + _block_loss(name, _run_block(block, inputs), target, extra_loss)
-                rec = rec / len(caches)
+                index = torch.randperm(members[0].caches[0].num_images, generator=generator)[: cfg.batch_size]
+                rec, terms = 0, 0
+                for member in members:  # every call of every tied block on the same images, their losses averaged
+                    for cache in member.caches:
+                        quant_in, float_in, target = cache.select(index, device)
+                        inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
+                        rec = rec + _block_loss(member.name, _run_block(member.module, inputs), target, extra_loss)
+                        terms += 1
+                rec = rec / terms
                 beta = _beta_at(step, cfg)
                 loss = rec
                 if beta is not None and rounders and cfg.round_weight > 0:
