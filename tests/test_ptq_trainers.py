@@ -235,6 +235,12 @@ def test_mmdet_taskq_ptq_from_runner_test(config, tmp_path):
     assert {b.name.split(".")[0] for b in done} >= {"backbone", "neck", "bbox_head"}
     # in data-flow order (DETR defines its head before the encoder and decoder), the head last, for DTR
     assert result.blocks[-1].name == "bbox_head" and result.blocks[-1].skipped is None
+    if config.startswith("rtmdet"):  # each tower depth: three per-level modules around one shared conv, one unit
+        tied = {b.name: b.tied_with for b in result.blocks if b.tied_with}
+        assert tied == {f"bbox_head.{t}_convs.0.{d}": [f"bbox_head.{t}_convs.{level}.{d}" for level in (1, 2)]
+                        for t in ("cls", "reg") for d in (0, 1)}
+        assert all(b.calls == 3 and b.quantized_layers == 1 for b in result.blocks if b.tied_with)
+        assert not any(b.name.startswith(("bbox_head.cls_convs.1", "bbox_head.reg_convs.2")) for b in result.blocks)
     assert isinstance(metrics, dict) and hook.session.float_copy is None  # random weights: no detection to score
     # EMAHook's copy (what the test ran) took the sparse outlier quantizers calibration added, with their ranges
     model = runner.model

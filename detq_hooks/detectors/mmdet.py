@@ -97,8 +97,9 @@ class MMDetFamily(DetectorFamily):
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         """Children of the backbone, neck and head, with containers (``ModuleList`` of levels or convs)
         expanded into the modules a forward calls (a module called several times -- a tower shared across
-        levels, DINO's box branches in the decoder and in the head -- is fit to all its calls; blocks are
-        reconstructed in the order the forward first calls them). A DETR head that reads only the decoder's queries is one block: its layers run on
+        levels, DINO's box branches in the decoder and in the head -- is fit to all its calls, and RTMDet's per-level
+        tower modules, which share their convolutions, are fit together as one unit; blocks are reconstructed in the
+        order the forward first calls them). A DETR head that reads only the decoder's queries is one block: its layers run on
         all decoder layers' queries stacked in front of the batch dimension; one that also reads reference points
         (Conditional DETR, Deformable DETR, DINO: batch first) is reconstructed per branch."""
         blocks = []
