@@ -55,7 +55,7 @@ YOLO_SIZES = [
 ]
 SIZES = {
     "accuracy": YOLO_SIZES + [
-        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,ptq-dino,lightning", "ptq,qat",
+        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,qat-dino:0,ptq-dino,lightning", "ptq,qat",
          "which scripts run; name:0+1 gives one source its own seeds"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
@@ -68,6 +68,10 @@ SIZES = {
          "bench_ptq_mmdet.py variants of the ptq-dino source (QDrop runs on it too; left out of the full run for time)"),
         ("dino_crqat_variants", str, "crqat,crqat-fisher", "crqat",
          "bench_fisher_mmdet.py variants of the crqat-dino source (CR-QAT, CR-QAT + Fisher on the slim DINO)"),
+        # one seed by default (qat-dino:0 in --sources): the suite asks two for the 4-bit rows only
+        ("dino_qat_bits", str, "w8a8", "w8a8", "bit widths of the qat-dino source (the slim DINO's W8A8 QAT rows)"),
+        ("dino_qat_variants", str, "plain,crqat", "plain",
+         "bench_fisher_mmdet.py variants of the qat-dino source (plain: LSQ QAT, crqat: CR-QAT)"),
         ("lightning_methods", str, "qat,ptq,crqat", "qat",
          "bench_lightning.py --accuracy methods per bit width (qat: LSQ; ptq: the <bits>-ptq preset; crqat: CR-QAT)"),
         # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
@@ -296,19 +300,21 @@ def fisher_runs(args, seed):
                               float_map, critical_map50_95=r["critical_map50_95"]) for r in data["rows"]]
 
 
-def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None):
-    """``bench_fisher_mmdet.py`` (the slim DINO) at ``--fisher-bits`` with ``variants`` (default
+def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None):
+    """``bench_fisher_mmdet.py`` (the slim DINO) at ``bits`` (default ``--fisher-bits``) with ``variants`` (default
     ``--fisher-mmdet-variants``); ``crqat-dino`` is the same script with ``--dino-crqat-variants``, a unit of its
-    own so that the Fisher study's runs are reused as they are."""
+    own so that the Fisher study's runs are reused as they are, and ``qat-dino`` with ``--dino-qat-variants`` at
+    ``--dino-qat-bits`` (W8A8, which the 4-bit Fisher study leaves out)."""
     variants = args.fisher_mmdet_variants if variants is None else variants
+    bits = args.fisher_bits if bits is None else bits
     out = args.out / "raw" / name / f"seed{seed}"
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
     ran = run_logged(args, f"{name}_seed{seed}", "bench_fisher_mmdet.py", [
-        "--bits", args.fisher_bits, "--variants", variants, "--seeds", seed, "--reg-every", 12, "--out", out,
+        "--bits", bits, "--variants", variants, "--seeds", seed, "--reg-every", 12, "--out", out,
         *flags(args, ["threads"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
-    missing = [f"{b} {v}" for b in split(args.fisher_bits) for v in split(variants) if (b, v) not in got]
+    missing = [f"{b} {v}" for b in split(bits) for v in split(variants) if (b, v) not in got]
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]
@@ -354,6 +360,7 @@ SOURCES = {  # name -> rows of one seed
     "qat-mmdet": qat_mmdet_runs,
     "fisher-mmdet": fisher_mmdet_runs,
     "crqat-dino": lambda a, s: fisher_mmdet_runs(a, s, "crqat-dino", a.dino_crqat_variants),
+    "qat-dino": lambda a, s: fisher_mmdet_runs(a, s, "qat-dino", a.dino_qat_variants, a.dino_qat_bits),
     "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,
                                       ["--config", "dino_cspnext_synthetic"], a.dino_ptq_methods),
     "lightning": lightning_runs,

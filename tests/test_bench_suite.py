@@ -427,7 +427,7 @@ def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partia
 
 def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch, tmp_path):
     """crqat-dino: bench_fisher_mmdet.py with the CR-QAT variants, in a unit of its own (the Fisher study's runs
-    stay reusable); ptq-dino: bench_ptq_mmdet.py on the slim DINO config."""
+    stay reusable); qat-dino: the same script at W8A8; ptq-dino: bench_ptq_mmdet.py on the slim DINO config."""
     study = json.loads((REPO / "benchmarks" / "results" / "fisher_mmdet" / "results.json").read_text())
     calls = []
 
@@ -436,7 +436,8 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
         out = Path(args[args.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
         if script == "bench_fisher_mmdet.py":
-            rows = [{**study["rows"][0], "bits": b, "variant": v} for b in ("w4a8", "w4a4") for v in ("crqat", "crqat-fisher")]
+            rows = [{**study["rows"][0], "bits": b, "variant": v} for b in args[args.index("--bits") + 1].split(",")
+                    for v in args[args.index("--variants") + 1].split(",")]
             (out / "results.json").write_text(json.dumps({**study, "rows": rows}))
         else:
             rows = [{"bits": "w4a4", "variant": v, "map50_95": 0.05} for v in ("minmax", "taskq")]
@@ -446,12 +447,19 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
     monkeypatch.setattr(bench_run, "run_script", fake_run)
     args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False, "fisher_bits": "w4a8,w4a4",
                              "dino_crqat_variants": "crqat,crqat-fisher", "bits": "w4a4",
+                             "dino_qat_bits": "w8a8", "dino_qat_variants": "plain,crqat",
                              "dino_ptq_methods": "minmax,taskq", "ptq_images": None, "ptq_iterations": None})()
     ran, rows = bench_run.SOURCES["crqat-dino"](args, "1")
     script, argv = calls[-1]
     assert script == "bench_fisher_mmdet.py" and argv[argv.index("--variants") + 1] == "crqat,crqat-fisher"
     assert ran["name"] == "crqat-dino_seed1" and argv[argv.index("--out") + 1] == str(tmp_path / "raw" / "crqat-dino" / "seed1")
     assert [r["method"] for r in rows] == [bench_run.FISHER_METHODS[v] for v in ("crqat", "crqat-fisher")] * 2
+    # qat-dino: the same script at W8A8 (which the 4-bit Fisher study leaves out), LSQ and CR-QAT, a unit of its own
+    ran, rows = bench_run.SOURCES["qat-dino"](args, "0")
+    script, argv = calls[-1]
+    assert argv[argv.index("--bits") + 1] == "w8a8" and argv[argv.index("--variants") + 1] == "plain,crqat"
+    assert ran["name"] == "qat-dino_seed0" and argv[argv.index("--out") + 1] == str(tmp_path / "raw" / "qat-dino" / "seed0")
+    assert [(r["bits"], r["method"]) for r in rows] == [("w8a8", bench_run.FISHER_METHODS[v]) for v in ("plain", "crqat")]
     ran, rows = bench_run.SOURCES["ptq-dino"](args, "0")
     script, argv = calls[-1]
     assert script == "bench_ptq_mmdet.py" and argv[argv.index("--config") + 1] == "dino_cspnext_synthetic"
