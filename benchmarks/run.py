@@ -300,12 +300,14 @@ def fisher_runs(args, seed):
                               float_map, critical_map50_95=r["critical_map50_95"]) for r in data["rows"]]
 
 
-def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None):
+def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None, methods=None):
     """``bench_fisher_mmdet.py`` (the slim DINO) at ``bits`` (default ``--fisher-bits``) with ``variants`` (default
     ``--fisher-mmdet-variants``); ``crqat-dino`` is the same script with ``--dino-crqat-variants``, a unit of its
     own so that the Fisher study's runs are reused as they are, and ``qat-dino`` with ``--dino-qat-variants`` at
-    ``--dino-qat-bits`` (W8A8, which the 4-bit Fisher study leaves out)."""
+    ``--dino-qat-bits`` (W8A8, which the 4-bit Fisher study leaves out); ``methods`` names each variant's row
+    (default: the Fisher study's names)."""
     variants = args.fisher_mmdet_variants if variants is None else variants
+    methods = FISHER_METHODS if methods is None else methods
     bits = args.fisher_bits if bits is None else bits
     out = args.out / "raw" / name / f"seed{seed}"
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
@@ -318,7 +320,7 @@ def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None)
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]
-    return ran, [accuracy_row("MMDetection", "DINO (CSPNeXt-tiny)", r["bits"], FISHER_METHODS[r["variant"]], seed,
+    return ran, [accuracy_row("MMDetection", "DINO (CSPNeXt-tiny)", r["bits"], methods[r["variant"]], seed,
                               r["map50_95"], float_map, critical_map50_95=r["critical_map50_95"])
                  for r in data["rows"]]
 
@@ -360,7 +362,8 @@ SOURCES = {  # name -> rows of one seed
     "qat-mmdet": qat_mmdet_runs,
     "fisher-mmdet": fisher_mmdet_runs,
     "crqat-dino": lambda a, s: fisher_mmdet_runs(a, s, "crqat-dino", a.dino_crqat_variants),
-    "qat-dino": lambda a, s: fisher_mmdet_runs(a, s, "qat-dino", a.dino_qat_variants, a.dino_qat_bits),
+    "qat-dino": lambda a, s: fisher_mmdet_runs(a, s, "qat-dino", a.dino_qat_variants, a.dino_qat_bits,
+                                               {"plain": QAT_METHODS["plain"], "crqat": QAT_METHODS["both"]}),
     "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,
                                       ["--config", "dino_cspnext_synthetic"], a.dino_ptq_methods),
     "lightning": lightning_runs,

@@ -459,7 +459,7 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
     script, argv = calls[-1]
     assert argv[argv.index("--bits") + 1] == "w8a8" and argv[argv.index("--variants") + 1] == "plain,crqat"
     assert ran["name"] == "qat-dino_seed0" and argv[argv.index("--out") + 1] == str(tmp_path / "raw" / "qat-dino" / "seed0")
-    assert [(r["bits"], r["method"]) for r in rows] == [("w8a8", bench_run.FISHER_METHODS[v]) for v in ("plain", "crqat")]
+    assert [(r["bits"], r["method"]) for r in rows] == [("w8a8", bench_run.QAT_METHODS[v]) for v in ("plain", "both")]
     ran, rows = bench_run.SOURCES["ptq-dino"](args, "0")
     script, argv = calls[-1]
     assert script == "bench_ptq_mmdet.py" and argv[argv.index("--config") + 1] == "dino_cspnext_synthetic"
