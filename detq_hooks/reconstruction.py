@@ -59,7 +59,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .calibration import default_forward
-from .modules import QuantModuleMixin, is_quantized_module
+from .modules import QuantModuleMixin, is_quantized_module, quantized_layers
 from .quantizers import FakeQuantizer
 
 # Rectified sigmoid stretch of AdaRound: h can reach exactly 0 and 1 with a non-vanishing gradient nearby.
@@ -371,9 +371,8 @@ def _tied_groups(model: nn.Module, blocks: list[str]) -> list[list[str]]:
     tied = DisjointSet(blocks)
     holders: dict[int, list[str]] = {}  # quantized layer -> the blocks holding it
     for name in blocks:
-        for m in model.get_submodule(name).modules():
-            if is_quantized_module(m):
-                holders.setdefault(id(m), []).append(name)
+        for _, layer in quantized_layers(model.get_submodule(name)):
+            holders.setdefault(id(layer), []).append(name)
     for names in holders.values():
         for i, a in enumerate(names):
             for b in names[i + 1:]:
@@ -787,7 +786,7 @@ def _reconstruct_block(quant_model, float_model, names: list[str], batches, forw
     modules = [quant_model.get_submodule(n) for n in names]
     out = BlockResult(name, calls=sum(calls), tied_with=list(names[1:]),
                       target="float block" if any(local) else "float model")
-    layers = list({id(m): m for module in modules for m in module.modules() if is_quantized_module(m)}.values())
+    layers = list({id(m): m for module in modules for _, m in quantized_layers(module)}.values())  # shared once
     out.quantized_layers = len(layers)
     if not layers:
         out.skipped = "no quantized layer"
@@ -855,6 +854,7 @@ def _optimise(members: list[_Member], rounders: list[_AdaRoundLayer], scales: li
         p.requires_grad_(True)
         groups.append({"params": [p], "lr": cfg.scale_lr * float(p.detach().abs().mean().clamp_min(1e-12))})
     optimizer = torch.optim.Adam(groups)
+    num_calls = sum(len(m.caches) for m in members)
     generator = torch.Generator().manual_seed(cfg.seed)
     steps: Iterable[int] = range(cfg.iterations)
     bar = None
@@ -868,14 +868,13 @@ def _optimise(members: list[_Member], rounders: list[_AdaRoundLayer], scales: li
         with torch.enable_grad():
             for step in steps:
                 index = torch.randperm(members[0].caches[0].num_images, generator=generator)[: cfg.batch_size]
-                rec, terms = 0, 0
+                rec = 0
                 for member in members:  # every call of every tied block on the same images, their losses averaged
                     for cache in member.caches:
                         quant_in, float_in, target = cache.select(index, device)
                         inputs = _mix_qdrop(quant_in, float_in, cfg.qdrop_prob, generator)
                         rec = rec + _block_loss(member.name, _run_block(member.module, inputs), target, extra_loss)
-                        terms += 1
-                rec = rec / terms
+                rec = rec / num_calls
                 beta = _beta_at(step, cfg)
                 loss = rec
                 if beta is not None and rounders and cfg.round_weight > 0:
