@@ -55,7 +55,8 @@ YOLO_SIZES = [
 ]
 SIZES = {
     "accuracy": YOLO_SIZES + [
-        ("sources", str, "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,qat-dino:0,ptq-dino,lightning", "ptq,qat",
+        ("sources", str,
+         "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,qat-dino:0,ptq-dino,qdrop-dino,lightning", "ptq,qat",
          "which scripts run; name:0+1 gives one source its own seeds"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
@@ -65,7 +66,7 @@ SIZES = {
          "bench_fisher.py variants (crqat: CR-QAT beside the Fisher variants; crqat-fisher: CR-QAT + both Fisher methods)"),
         ("fisher_mmdet_variants", str, "plain,mp,reg,both", "plain", "bench_fisher_mmdet.py variants"),
         ("dino_ptq_methods", str, "minmax,mse,adaround,taskq", "minmax",
-         "bench_ptq_mmdet.py variants of the ptq-dino source (QDrop runs on it too; left out of the full run for time)"),
+         "bench_ptq_mmdet.py variants of the ptq-dino source (QDrop is the qdrop-dino source's, a unit of its own)"),
         ("dino_crqat_variants", str, "crqat,crqat-fisher", "crqat",
          "bench_fisher_mmdet.py variants of the crqat-dino source (CR-QAT, CR-QAT + Fisher on the slim DINO)"),
         # one seed by default (qat-dino:0 in --sources): the suite asks two for the 4-bit rows only
@@ -366,6 +367,9 @@ SOURCES = {  # name -> rows of one seed
                                                {"plain": QAT_METHODS["plain"], "crqat": QAT_METHODS["both"]}),
     "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,
                                       ["--config", "dino_cspnext_synthetic"], a.dino_ptq_methods),
+    # QDrop on the DINO came after ptq-dino's runs: its own unit keeps those reusable; its rows join ptq-dino's
+    "qdrop-dino": lambda a, s: ptq_runs(a, "qdrop-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)",
+                                        s, ["--config", "dino_cspnext_synthetic"], "qdrop"),
     "lightning": lightning_runs,
 }
 
@@ -390,13 +394,27 @@ def source_seeds(args) -> list[tuple[str, list[str]]]:
     return [(name, seeds.split("+") if seeds else split(args.seeds)) for name, seeds in entries]
 
 
+# a source whose rows belong in another's part of the table (a unit of its own only so the other's runs are reused)
+ROWS_JOIN = {"qdrop-dino": "ptq-dino"}
+BITS_ORDER = ("w8a8", "w4a8", "w4a4")
+
+
 def accuracy(args):
-    commands, runs = [], []
+    commands, parts, joined = [], {}, set()
     for source, seeds in source_seeds(args):
         for seed in seeds:
             ran, rows = SOURCES[source](args, seed)
             commands.append(ran)
-            runs += rows
+            part = ROWS_JOIN.get(source, source)
+            parts.setdefault(part, []).extend(rows)
+            if part != source:
+                joined.add(part)
+    runs = []
+    for part, part_runs in parts.items():
+        if part in joined:  # by bits, then the PTQ methods' order (a stable sort: the seeds keep their order)
+            part_runs.sort(key=lambda r: (rank(r["bits"].lower(), BITS_ORDER),
+                                          rank(r["method"].removeprefix("PTQ "), split(args.ptq_methods))))
+        runs += part_runs
     rows = []
     upper_bits = [{**r, "bits": r["bits"].upper()} for r in runs]
     for row, group in seed_groups(upper_bits, ("trainer", "model", "bits", "method")):
@@ -412,6 +430,11 @@ def accuracy(args):
              "min–max over seeds", where_they_ran(commands)]
     return "mAP50-95 kept after quantization", ACCURACY_COLUMNS, rows, {"runs": runs, "commands": commands,
                                                                         "notes": notes}, plot_accuracy
+
+
+def rank(value: str, order) -> int:
+    """``value``'s place in ``order``; after all of them when it is not there."""
+    return list(order).index(value) if value in order else len(order)
 
 
 def seed_groups(runs: list[dict], keys: tuple[str, ...]) -> list[tuple[dict, list[dict]]]:

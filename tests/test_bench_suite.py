@@ -440,7 +440,8 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
                     for v in args[args.index("--variants") + 1].split(",")]
             (out / "results.json").write_text(json.dumps({**study, "rows": rows}))
         else:
-            rows = [{"bits": "w4a4", "variant": v, "map50_95": 0.05} for v in ("minmax", "taskq")]
+            variants = args[args.index("--variants") + 1].split(",")
+            rows = [{"bits": "w4a4", "variant": v, "map50_95": 0.05} for v in variants]
             (out / "ptq.json").write_text(json.dumps({"float_map50_95": 0.08, "rows": rows}))
         return 1.0
 
@@ -466,6 +467,37 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
     assert argv[argv.index("--variants") + 1] == "minmax,taskq"
     assert ran["name"] == "ptq-dino_seed0"
     assert {r["model"] for r in rows} == {"DINO (CSPNeXt-tiny)"} and [r["kept"] for r in rows] == [0.05 / 0.08] * 2
+    # qdrop-dino: the same script and config, QDrop only, a unit of its own so ptq-dino's runs stay reusable
+    bench_run.SOURCES["qdrop-dino"](args, "1")
+    script, argv = calls[-1]
+    assert script == "bench_ptq_mmdet.py" and argv[argv.index("--config") + 1] == "dino_cspnext_synthetic"
+    assert argv[argv.index("--variants") + 1] == "qdrop"
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "raw" / "qdrop-dino" / "seed1")
+
+
+def test_joined_source_rows_sit_among_the_rows_they_join_in_bits_and_method_order(monkeypatch):
+    """qdrop-dino's rows go into ptq-dino's part of the table (by bits, then --ptq-methods' order), seeds averaged
+    across the two units; a source nobody joins keeps its own row order."""
+    def source(methods, bits_first=True):
+        def rows(args, seed):
+            pairs = [(b, m) for b in ("w8a8", "w4a4") for m in methods] if bits_first else \
+                [(b, m) for m in methods for b in ("w8a8", "w4a4")]
+            return {"name": seed}, [bench_run.accuracy_row("MMDetection", "DINO", b, m, seed, 0.04 + int(seed) / 100,
+                                                           0.08) for b, m in pairs]
+        return rows
+
+    monkeypatch.setitem(bench_run.SOURCES, "ptq-dino", source(["PTQ minmax", "PTQ adaround", "PTQ taskq"]))
+    monkeypatch.setitem(bench_run.SOURCES, "qdrop-dino", source(["PTQ qdrop"]))
+    monkeypatch.setitem(bench_run.SOURCES, "qat-dino", source(["QAT LSQ", "CR-QAT"], bits_first=False))
+    args = type("Args", (), {"sources": "qat-dino:0,ptq-dino,qdrop-dino", "seeds": "0,1",
+                             "ptq_methods": "minmax,mse,adaround,qdrop,taskq"})()
+    _, _, rows, extra, _ = bench_run.accuracy(args)
+    assert [(r["bits"], r["method"]) for r in rows] == [
+        ("W8A8", "QAT LSQ"), ("W4A4", "QAT LSQ"), ("W8A8", "CR-QAT"), ("W4A4", "CR-QAT"),
+        *[(b, f"PTQ {m}") for b in ("W8A8", "W4A4") for m in ("minmax", "adaround", "qdrop", "taskq")]]
+    qdrop = next(r for r in rows if r["method"] == "PTQ qdrop")
+    assert qdrop["seeds"] == "0,1" and qdrop["map50_95"] == pytest.approx(0.045) and qdrop["kept_max"] == 0.625
+    assert [c["name"] for c in extra["commands"]] == ["0", "0", "1", "0", "1"]
 
 
 def test_a_source_can_have_its_own_seeds():
