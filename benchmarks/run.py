@@ -73,8 +73,9 @@ SIZES = {
         ("dino_qat_bits", str, "w8a8", "w8a8", "bit widths of the qat-dino source (the slim DINO's W8A8 QAT rows)"),
         ("dino_qat_variants", str, "plain,crqat", "plain",
          "bench_fisher_mmdet.py variants of the qat-dino source (plain: LSQ QAT, crqat: CR-QAT)"),
-        ("lightning_methods", str, "qat,ptq,crqat", "qat",
-         "bench_lightning.py --accuracy methods per bit width (qat: LSQ; ptq: the <bits>-ptq preset; crqat: CR-QAT)"),
+        ("lightning_methods", str, "qat,ptq,taskq,crqat,crqat-fisher", "qat",
+         "bench_lightning.py --accuracy methods per bit width (qat: LSQ; ptq: the <bits>-ptq preset; taskq: the "
+         "<bits>-taskq preset; crqat: CR-QAT; crqat-fisher: the <bits>-fisher preset with CR-QAT, 4-bit only)"),
         # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
         ("fisher_bits", str, "w4a8,w4a4", "w4a8", "bit widths of the bench_fisher*.py studies"),
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
@@ -243,14 +244,20 @@ def label_of(row: dict, keys: list[str]) -> str:
 
 
 # ================================================================================================ accuracy
+BITS_ORDER = ("w8a8", "w4a8", "w4a4")
 QAT_METHODS = {"plain": "QAT LSQ", "curriculum": "QAT + curriculum", "distillation": "QAT + distillation",
                "both": "CR-QAT (curriculum + distillation)"}
 FISHER_METHODS = {"plain": "Fisher study: plain QAT", "mp": "QAT + Fisher mixed precision",
                   "reg": "QAT + Fisher-trace regulariser", "both": "QAT + Fisher mixed precision + regulariser",
                   "crqat": "Fisher study: CR-QAT", "crqat-fisher": "CR-QAT + Fisher mixed precision + regulariser"}
-# bench_lightning.py --accuracy: the example's recipe name of each method at one bit width, and the row's method
-LIGHTNING_METHODS = {"qat": ("{}", QAT_METHODS["plain"]), "ptq": ("{}-ptq", "PTQ mse (preset)"),
-                     "crqat": ("{}+crqat", QAT_METHODS["both"])}
+# bench_lightning.py --accuracy: the example's recipe name of each method at one bit width, the row's method, and
+# the widths it has a preset for
+LIGHTNING_METHODS = {"qat": ("{}", QAT_METHODS["plain"], BITS_ORDER),
+                     "ptq": ("{}-ptq", "PTQ mse (preset)", BITS_ORDER),
+                     "taskq": ("{}-taskq", "PTQ taskq", BITS_ORDER),
+                     "crqat": ("{}+crqat", QAT_METHODS["both"], BITS_ORDER),
+                     # the Fisher presets are 4-bit ones, as in the fisher sources
+                     "crqat-fisher": ("{}-fisher+crqat", FISHER_METHODS["crqat-fisher"], ("w4a8", "w4a4"))}
 
 
 def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_95, float_map, **extra) -> dict:
@@ -340,7 +347,8 @@ def qat_mmdet_runs(args, seed):
 def lightning_runs(args, seed):
     path = args.out / "raw" / "lightning" / f"seed{seed}.json"
     method_of = {LIGHTNING_METHODS[m][0].format(bits): (bits, LIGHTNING_METHODS[m][1])
-                 for m in chosen(args, "accuracy", "lightning_methods", LIGHTNING_METHODS) for bits in split(args.bits)}
+                 for m in chosen(args, "accuracy", "lightning_methods", LIGHTNING_METHODS) for bits in split(args.bits)
+                 if bits in LIGHTNING_METHODS[m][2]}
     ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
         "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
         *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *method_of],
@@ -396,7 +404,6 @@ def source_seeds(args) -> list[tuple[str, list[str]]]:
 
 # a source whose rows belong in another's part of the table (a unit of its own only so the other's runs are reused)
 ROWS_JOIN = {"qdrop-dino": "ptq-dino"}
-BITS_ORDER = ("w8a8", "w4a8", "w4a4")
 
 
 def accuracy(args):

@@ -19,7 +19,7 @@ def ptq(model: nn.Module, batches: Iterable[Any], recipe: Any = "w8a8-ptq", *,
         forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None, family: Optional[DetectorFamily] = None,
         progress: bool = True):
     """Quantize a float ``model`` post-training, in place: convert with ``recipe`` (a PTQ preset such as
-    ``w8a8-ptq``, ``w4a8-ptq``, ``w4a8-taskq``, ``w4a4-taskq``, a YAML path or a dict with ``mode: ptq``),
+    ``w8a8-ptq``, ``w4a8-ptq``, ``w8a8-taskq``, ``w4a8-taskq``, ``w4a4-taskq``, a YAML path or a dict with ``mode: ptq``),
     calibrate on ``batches`` and, if the recipe says so, reconstruct block by block. All or nothing: on an error
     the model is left float.
 
@@ -35,7 +35,7 @@ def ptq(model: nn.Module, batches: Iterable[Any], recipe: Any = "w8a8-ptq", *,
     recipe = load_recipe(recipe)
     if recipe.mode != "ptq":
         raise RecipeError(f"detq_hooks.ptq needs a post-training recipe (`mode: ptq`), {recipe.name!r} is {recipe.mode!r}; "
-                          "use a PTQ preset (w8a8-ptq, w4a8-ptq, w4a4-ptq, w4a8-taskq, w4a4-taskq)")
+                          "use a PTQ preset (w8a8-ptq, w4a8-ptq, w4a4-ptq, w8a8-taskq, w4a8-taskq, w4a4-taskq)")
     session = QuantSession(recipe, family=family)
     session.convert(model, training=False)
     try:

@@ -122,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             if load_recipe(kv["detq"]).mode != "ptq":
                 raise RecipeError(f"detq ptq: recipe {kv['detq']!r} is quantization-aware training; give a PTQ recipe "
-                                  "(w8a8-ptq, w4a8-ptq, w4a4-ptq, w4a8-taskq, w4a4-taskq or `mode: ptq`)")
+                                  "(w8a8-ptq, w4a8-ptq, w4a4-ptq, w8a8-taskq, w4a8-taskq, w4a4-taskq or `mode: ptq`)")
             train_ultralytics(kv)
         except (RecipeError, ValueError) as e:
             print(f"detq ptq: {e}", file=sys.stderr)

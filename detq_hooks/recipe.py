@@ -716,6 +716,7 @@ PRESETS: dict[str, dict] = {
     "w4a4-ptq": _preset(4, 4, "ptq", num_batches=16),
     # Block reconstruction (QDrop) with TASKQ's sparse outliers, detection-aware task regularisation and head-wise
     # reconstruction units; `ptq.method: adaround | qdrop` for the baselines, `ptq.<part>: false` for ablations.
+    "w8a8-taskq": {**_preset(8, 8, "ptq", num_batches=16), "name": "w8a8-taskq", "ptq": {"method": "taskq"}},
     "w4a8-taskq": {**_preset(4, 8, "ptq", num_batches=16), "name": "w4a8-taskq", "ptq": {"method": "taskq"}},
     "w4a4-taskq": {**_preset(4, 4, "ptq", num_batches=16), "name": "w4a4-taskq", "ptq": {"method": "taskq"}},
     # Fisher-aware: mixed precision at the named average weight width (pinned 8-bit layers included) and the

@@ -547,6 +547,13 @@ def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_mis
                         ("w4a4", "PTQ mse (preset)"), ("w8a8", "CR-QAT (curriculum + distillation)"),
                         ("w4a4", "CR-QAT (curriculum + distillation)")}
     assert got[("w4a4", "CR-QAT (curriculum + distillation)")]["kept"] == pytest.approx(0.06 / 0.04)
+    # TASKQ at every width; CR-QAT + Fisher only where a Fisher preset exists (4-bit weights)
+    args.lightning_methods = "taskq,crqat-fisher"
+    ran, rows = bench_run.lightning_runs(args, "0")
+    assert asked["recipes"] == ["w8a8-taskq", "w4a4-taskq", "w4a4-fisher+crqat"]
+    assert [(r["bits"], r["method"]) for r in rows] == [
+        ("w8a8", "PTQ taskq"), ("w4a4", "PTQ taskq"), ("w4a4", bench_run.FISHER_METHODS["crqat-fisher"])]
+    args.lightning_methods = "qat,ptq,crqat"
     monkeypatch.setattr(bench_run, "run_script", lambda *a, **k: fake_run(*a, drop="w4a4-ptq"))
     with pytest.raises(suite.ScriptFailed, match="no result for w4a4-ptq"):
         bench_run.lightning_runs(args, "0")

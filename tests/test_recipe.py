@@ -11,6 +11,11 @@ def test_presets_and_bits():
     assert not r.quantization.activation.symmetric and not r.quantization.activation.per_channel
     assert r.quantization.first_layer_bits == 8 and r.quantization.prediction_layer_bits == 8
     assert load_recipe("w8a8-ptq").mode == "ptq"
+    # TASKQ at every width: the 4-bit presets' reconstruction on the 8-bit conversion
+    for bits in ("w8a8", "w4a8", "w4a4"):
+        taskq, ptq = load_recipe(f"{bits}-taskq"), load_recipe(f"{bits}-ptq")
+        assert (taskq.mode, taskq.ptq.method, taskq.calibration.num_batches) == ("ptq", "taskq", 16)
+        assert taskq.quantization == ptq.quantization
 
 
 def test_dict_roundtrip_and_override(tmp_path):
