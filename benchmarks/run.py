@@ -56,7 +56,8 @@ YOLO_SIZES = [
 SIZES = {
     "accuracy": YOLO_SIZES + [
         ("sources", str,
-         "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,qat-dino:0,ptq-dino,qdrop-dino,lightning", "ptq,qat",
+         "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,crqat-rtmdet,qat-dino:0,ptq-dino,qdrop-dino,"
+         "lightning", "ptq,qat",
          "which scripts run; name:0+1 gives one source its own seeds"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
@@ -68,7 +69,7 @@ SIZES = {
         ("dino_ptq_methods", str, "minmax,mse,adaround,taskq", "minmax",
          "bench_ptq_mmdet.py variants of the ptq-dino source (QDrop is the qdrop-dino source's, a unit of its own)"),
         ("dino_crqat_variants", str, "crqat,crqat-fisher", "crqat",
-         "bench_fisher_mmdet.py variants of the crqat-dino source (CR-QAT, CR-QAT + Fisher on the slim DINO)"),
+         "bench_fisher_mmdet.py variants of the crqat-dino and crqat-rtmdet sources (CR-QAT, CR-QAT + Fisher)"),
         # one seed by default (qat-dino:0 in --sources): the suite asks two for the 4-bit rows only
         ("dino_qat_bits", str, "w8a8", "w8a8", "bit widths of the qat-dino source (the slim DINO's W8A8 QAT rows)"),
         ("dino_qat_variants", str, "plain,crqat", "plain",
@@ -308,19 +309,22 @@ def fisher_runs(args, seed):
                               float_map, critical_map50_95=r["critical_map50_95"]) for r in data["rows"]]
 
 
-def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None, methods=None):
+DINO = "DINO (CSPNeXt-tiny)"
+
+
+def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None, methods=None, model=DINO, extra=()):
     """``bench_fisher_mmdet.py`` (the slim DINO) at ``bits`` (default ``--fisher-bits``) with ``variants`` (default
     ``--fisher-mmdet-variants``); ``crqat-dino`` is the same script with ``--dino-crqat-variants``, a unit of its
     own so that the Fisher study's runs are reused as they are, and ``qat-dino`` with ``--dino-qat-variants`` at
     ``--dino-qat-bits`` (W8A8, which the 4-bit Fisher study leaves out); ``methods`` names each variant's row
-    (default: the Fisher study's names)."""
+    (default: the Fisher study's names). ``crqat-rtmdet`` runs it on another ``model`` (``extra``: its config)."""
     variants = args.fisher_mmdet_variants if variants is None else variants
     methods = FISHER_METHODS if methods is None else methods
     bits = args.fisher_bits if bits is None else bits
     out = args.out / "raw" / name / f"seed{seed}"
     # its own sizes (DINO, 160 px, 256 / 64 images); the regulariser every 12 steps as in the presets
     ran = run_logged(args, f"{name}_seed{seed}", "bench_fisher_mmdet.py", [
-        "--bits", bits, "--variants", variants, "--seeds", seed, "--reg-every", 12, "--out", out,
+        "--bits", bits, "--variants", variants, "--seeds", seed, "--reg-every", 12, "--out", out, *extra,
         *flags(args, ["threads"])], output=out / "results.json", threads_matter=False)
     data = read_json(out / "results.json", ran)
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
@@ -328,7 +332,7 @@ def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None,
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]
-    return ran, [accuracy_row("MMDetection", "DINO (CSPNeXt-tiny)", r["bits"], methods[r["variant"]], seed,
+    return ran, [accuracy_row("MMDetection", model, r["bits"], methods[r["variant"]], seed,
                               r["map50_95"], float_map, critical_map50_95=r["critical_map50_95"])
                  for r in data["rows"]]
 
@@ -371,6 +375,9 @@ SOURCES = {  # name -> rows of one seed
     "qat-mmdet": qat_mmdet_runs,
     "fisher-mmdet": fisher_mmdet_runs,
     "crqat-dino": lambda a, s: fisher_mmdet_runs(a, s, "crqat-dino", a.dino_crqat_variants),
+    # the same CR-QAT + Fisher study on RTMDet-tiny, from the 40-epoch float model ptq-mmdet uses (cached)
+    "crqat-rtmdet": lambda a, s: fisher_mmdet_runs(a, s, "crqat-rtmdet", a.dino_crqat_variants, model="RTMDet-tiny",
+                                                   extra=["--config", "rtmdet_tiny_synthetic", "--float-epochs", 40]),
     "qat-dino": lambda a, s: fisher_mmdet_runs(a, s, "qat-dino", a.dino_qat_variants, a.dino_qat_bits,
                                                {"plain": QAT_METHODS["plain"], "crqat": QAT_METHODS["both"]}),
     "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,

@@ -455,6 +455,12 @@ def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch
     assert script == "bench_fisher_mmdet.py" and argv[argv.index("--variants") + 1] == "crqat,crqat-fisher"
     assert ran["name"] == "crqat-dino_seed1" and argv[argv.index("--out") + 1] == str(tmp_path / "raw" / "crqat-dino" / "seed1")
     assert [r["method"] for r in rows] == [bench_run.FISHER_METHODS[v] for v in ("crqat", "crqat-fisher")] * 2
+    # crqat-rtmdet: the same study on RTMDet-tiny's config, from its 40-epoch float model, a unit of its own
+    ran, rows = bench_run.SOURCES["crqat-rtmdet"](args, "0")
+    script, argv = calls[-1]
+    assert argv[argv.index("--config") + 1] == "rtmdet_tiny_synthetic"
+    assert argv[argv.index("--float-epochs") + 1] == "40"
+    assert ran["name"] == "crqat-rtmdet_seed0" and {r["model"] for r in rows} == {"RTMDet-tiny"}
     # qat-dino: the same script at W8A8 (which the 4-bit Fisher study leaves out), LSQ and CR-QAT, a unit of its own
     ran, rows = bench_run.SOURCES["qat-dino"](args, "0")
     script, argv = calls[-1]

@@ -190,6 +190,32 @@ def test_mmdet_detr_fisher_recipe_critical_metrics_and_resume(tmp_path):
     assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation
 
 
+def test_mmdet_fisher_mixed_precision_reaches_the_ema_copy_and_resumes(tmp_path):
+    """RTMDet's config keeps MMDetection's EMAHook, whose averaged copy is made before calibration: the plan's
+    per-layer bits must reach that copy too (it used to be refused as a checkpoint of other bits), be saved in
+    ``ema_state_dict`` and come back on resume."""
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmcv.ops")
+    from mmengine.runner import Runner
+
+    from detq_hooks import quantized_layers
+    from test_mmdet import hook_recipe, load_cfg
+
+    work = tmp_path / "rtmdet"
+    runner, synth, recipe, _, plan = _mmdet_fisher_run(tmp_path, "rtmdet_tiny_synthetic_w4a8.py", work, epochs=2)
+    ema = next(h for h in runner.hooks if type(h).__name__ == "EMAHook").ema_model.module
+    assert {n: m.weight_quantizer.bits for n, m in quantized_layers(ema)} == plan.allocation
+    saved = torch.load(work / "epoch_1.pth", map_location="cpu", weights_only=False)
+    two_bit = next(n for n, b in plan.allocation.items() if b == 2)
+    assert int(saved["ema_state_dict"][f"module.{two_bit}.weight_quantizer.bits_state"]) == 2
+    resumed = Runner.from_cfg(hook_recipe(load_cfg("rtmdet_tiny_synthetic_w4a8.py", synth, tmp_path / "resume",
+                                                   epochs=2, resume=True, load_from=str(work / "epoch_1.pth")), recipe))
+    resumed.train()
+    ema = next(h for h in resumed.hooks if type(h).__name__ == "EMAHook").ema_model.module
+    assert {n: m.weight_quantizer.bits for n, m in quantized_layers(ema)} == plan.allocation
+    assert {n: m.weight_quantizer.bits for n, m in quantized_layers(resumed.model)} == plan.allocation
+
+
 def _train_batch(runner):
     """One preprocessed training batch as ``model.loss`` receives it: (inputs, data_samples)."""
     batch = runner.model.data_preprocessor(next(iter(runner.train_dataloader)), True)
