@@ -337,6 +337,12 @@ def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None,
                  for r in data["rows"]]
 
 
+def dino_ptq_runs(args, seed, name, methods):
+    """``bench_ptq_mmdet.py`` on the slim DINO's config with ``methods``."""
+    return ptq_runs(args, name, "bench_ptq_mmdet.py", "MMDetection", DINO, seed, ["--config", "dino_cspnext_synthetic"],
+                    methods)
+
+
 def qat_mmdet_runs(args, seed):
     path = args.out / "raw" / "qat-mmdet" / f"seed{seed}.json"
     ran = run_logged(args, f"qat-mmdet_seed{seed}", "bench_crqat_mmdet.py", [
@@ -380,11 +386,9 @@ SOURCES = {  # name -> rows of one seed
                                                    extra=["--config", "rtmdet_tiny_synthetic", "--float-epochs", 40]),
     "qat-dino": lambda a, s: fisher_mmdet_runs(a, s, "qat-dino", a.dino_qat_variants, a.dino_qat_bits,
                                                {"plain": QAT_METHODS["plain"], "crqat": QAT_METHODS["both"]}),
-    "ptq-dino": lambda a, s: ptq_runs(a, "ptq-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)", s,
-                                      ["--config", "dino_cspnext_synthetic"], a.dino_ptq_methods),
+    "ptq-dino": lambda a, s: dino_ptq_runs(a, s, "ptq-dino", a.dino_ptq_methods),
     # QDrop on the DINO came after ptq-dino's runs: its own unit keeps those reusable; its rows join ptq-dino's
-    "qdrop-dino": lambda a, s: ptq_runs(a, "qdrop-dino", "bench_ptq_mmdet.py", "MMDetection", "DINO (CSPNeXt-tiny)",
-                                        s, ["--config", "dino_cspnext_synthetic"], "qdrop"),
+    "qdrop-dino": lambda a, s: dino_ptq_runs(a, s, "qdrop-dino", "qdrop"),
     "lightning": lightning_runs,
 }
 

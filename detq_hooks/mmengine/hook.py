@@ -331,10 +331,10 @@ class DetQHook(Hook):
         # EMAHook copied the model in its before_run, before calibration; its first update copies again, but a
         # validation before that update (or a test run) would otherwise see uncalibrated ranges. The copy takes
         # the model's plan first: Fisher mixed precision set per-layer bits after the copy was made.
+        entry = self.session.state(model, include_teacher=False)
         for ema in self._averaging_wrappers(runner):
             if set(ema.module.state_dict()) == set(model.state_dict()):
-                self.session.apply_plan(ema.module, self.session.state(model, include_teacher=False),
-                                        source="the model being trained")
+                self.session.apply_plan(ema.module, entry, source="the model being trained")
                 ema.module.load_state_dict(model.state_dict())
             else:  # calibration changed the structure (TASKQ's sparse outlier quantizers): copy the model anew
                 ema.module = copy.deepcopy(model).requires_grad_(False)
