@@ -689,6 +689,12 @@ class FisherRegularizer(LossTerm):
             session or adapter through :meth:`set_progress`.
         hvp: ``auto``, ``double`` or ``finite_difference``.
         epsilon: the finite-difference step.
+        max_share: the penalty of one step is at most this multiple of the step's task loss (the trainer's own
+            loss, which the adapters pass as ``ctx.task_loss``; the critical loss of the batch where none is
+            given); a larger one is scaled down, its gradient with it (the factor is logged as
+            ``fisher_reg_scale``). The trace is not normalised: ``‖∇L‖²`` grows with the loss's scale and the
+            number of weights, and on a model whose first trace is thousands of times its loss a fixed λ lets one
+            step wreck the weights. ``None``: no cap.
 
     Example:
         >>> term = FisherRegularizer(lambda ctx: loss_fn(ctx.model, ctx.batch), weight=0.01)  # doctest: +SKIP
@@ -698,7 +704,8 @@ class FisherRegularizer(LossTerm):
     name = "fisher_reg"
 
     def __init__(self, critical_loss: Callable[[StepContext], torch.Tensor], *, weight: float = 1e-2, every: int = 1,
-                 warmup: float = 0.0, hvp: str = "auto", epsilon: float = 1e-3) -> None:
+                 warmup: float = 0.0, hvp: str = "auto", epsilon: float = 1e-3,
+                 max_share: Optional[float] = None) -> None:
         if not callable(critical_loss):
             raise FisherError(f"`critical_loss` must be a callable ctx -> scalar, got {type(critical_loss).__name__}")
         if hvp not in ("auto", "double", "finite_difference"):
@@ -711,17 +718,24 @@ class FisherRegularizer(LossTerm):
             raise FisherError(f"`fisher_regularizer.warmup` = {warmup!r} must be in [0, 1]")
         if not (isinstance(epsilon, (int, float)) and epsilon > 0):
             raise FisherError(f"`fisher_regularizer.epsilon` = {epsilon!r} must be > 0")
+        if max_share is not None and not (isinstance(max_share, (int, float)) and not isinstance(max_share, bool)
+                                          and max_share > 0):
+            raise FisherError(f"`fisher_regularizer.max_share` = {max_share!r} must be a number > 0 or null")
+        self.max_share = None if max_share is None else float(max_share)
         self.critical_loss, self.weight, self.every = critical_loss, float(weight), every
         self.warmup, self.hvp, self.epsilon = float(warmup), hvp, float(epsilon)
         self.progress = 0.0
         self.calls = 0
         self.method: Optional[str] = None if hvp == "auto" else hvp
         self.last_trace: Optional[float] = None
+        self.last_loss: Optional[float] = None  # the critical loss the last trace was measured on
+        self.last_scale = 1.0
+        self.last_task_loss: Optional[float] = None  # what the trainer gave as the step's task loss
 
     @classmethod
     def from_recipe(cls, section, critical_loss: Callable[[StepContext], torch.Tensor]) -> "FisherRegularizer":
         return cls(critical_loss, weight=section.weight, every=section.every, warmup=section.warmup,
-                   hvp=section.hvp, epsilon=section.epsilon)
+                   hvp=section.hvp, epsilon=section.epsilon, max_share=section.max_share)
 
     def check(self, model: nn.Module) -> None:
         """Before training: the model has quantized weights to regularise (raises :class:`FisherError`)."""
@@ -744,7 +758,19 @@ class FisherRegularizer(LossTerm):
         trace = self.trace(ctx, weights)
         self.last_trace = float(trace.detach())
         ctx.logs[self.name + "_trace"] = self.last_trace
-        return {self.name: lam * trace}
+        self.last_task_loss = ctx.task_loss
+        self.last_scale = self._cap(lam * self.last_trace, ctx.task_loss)
+        if self.max_share is not None:
+            ctx.logs[self.name + "_scale"] = self.last_scale
+        return {self.name: (lam * self.last_scale) * trace}
+
+    def _cap(self, penalty: float, task_loss: Optional[float]) -> float:
+        """The factor that keeps ``penalty`` at most ``max_share`` times the task loss (1 when it is)."""
+        yardstick = task_loss if task_loss is not None else self.last_loss
+        if self.max_share is None or yardstick is None or penalty <= 0:
+            return 1.0
+        limit = self.max_share * abs(yardstick)
+        return 1.0 if penalty <= limit else limit / penalty
 
     def trace(self, ctx: StepContext, weights: Optional[list[nn.Parameter]] = None) -> torch.Tensor:
         """``‖∇_θ L_crit‖²`` over the quantized weights, differentiable (its gradient is ``2·H·g``)."""
@@ -786,6 +812,7 @@ class FisherRegularizer(LossTerm):
     def _double(self, ctx: StepContext, weights: list[nn.Parameter]) -> torch.Tensor:
         with quantizer_mode("reference"):
             loss = self.critical_loss(ctx)
+        self.last_loss = float(loss.detach())
         grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
         return sum(g.pow(2).sum() for g in grads if g is not None)
 
@@ -795,6 +822,8 @@ class FisherRegularizer(LossTerm):
         def gradient_at() -> list[torch.Tensor]:
             with torch.enable_grad(), replay:
                 loss = self.critical_loss(ctx)
+                if replay.passes == 0:  # the first pass is at the current weights
+                    self.last_loss = float(loss.detach())
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
             return [torch.zeros_like(w) if g is None else g.detach() for w, g in zip(weights, grads)]
 

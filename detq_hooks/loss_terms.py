@@ -35,6 +35,8 @@ class StepContext:
         recorded: the taps recorded during this step's forward.
         stage: the curriculum stage index (``None`` without a curriculum).
         outputs: the trainer's own step output where it has one.
+        task_loss: the trainer's own loss of this step, detached, in the units the terms are added in (``None``
+            where the adapter does not know it): a yardstick for terms whose scale is not the loss's own.
     """
 
     model: nn.Module
@@ -43,6 +45,7 @@ class StepContext:
     stage: Optional[int] = None
     outputs: Any = None
     logs: dict[str, float] = field(default_factory=dict)
+    task_loss: Optional[float] = None
 
 
 class LossTerm:

@@ -510,6 +510,9 @@ class FisherRegularizerSection(_Section):
         hvp: ``auto`` (double backprop where the ops allow it, else finite difference), ``double`` or
             ``finite_difference``.
         epsilon: the finite-difference step along the normalised gradient.
+        max_share: cap of one step's penalty as a multiple of the step's task loss (the trace is not normalised,
+            so a fixed λ can outweigh the task loss many times over): by default the regulariser never weighs more
+            than the task loss; ``null``: no cap.
     """
 
     enabled: bool = False
@@ -518,6 +521,7 @@ class FisherRegularizerSection(_Section):
     warmup: float = 0.1
     hvp: str = "auto"
     epsilon: float = 1e-3
+    max_share: Optional[float] = 1.0
 
     _path = "fisher_regularizer"
 
@@ -528,6 +532,8 @@ class FisherRegularizerSection(_Section):
         _check_number("fisher_regularizer.warmup", self.warmup, low=0.0, high=1.0)
         _check_choice("fisher_regularizer.hvp", self.hvp, HVP_METHODS)
         _check_number("fisher_regularizer.epsilon", self.epsilon, low=0.0, low_open=True)
+        if self.max_share is not None:
+            _check_number("fisher_regularizer.max_share", self.max_share, low=0.0, low_open=True)
 
 
 PTQ_METHODS = ("calibration", "adaround", "qdrop", "taskq")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -564,13 +564,18 @@ class QuantSession:
         for term in self.terms:
             term.prefetch(batch, self.stage)
 
-    def loss_terms(self, model: nn.Module, batch: Any, outputs: Any = None) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Any, outputs: Any = None,
+                   task_loss: Optional[Union[torch.Tensor, float]] = None) -> dict[str, torch.Tensor]:
         """The extra loss terms of this step (call inside the trainer's forward/loss, after the model ran on
-        ``batch``); their sum goes into the loss. Names starting with ``_`` are not for logging."""
+        ``batch``); their sum goes into the loss. Names starting with ``_`` are not for logging. ``task_loss``: the
+        trainer's own loss of the step, in the units the terms' sum is added in (the Fisher regulariser's
+        ``max_share`` caps against it)."""
         if not self.terms:
             return {}
         recorded = self._recorder.recorded if self._recorder is not None else _EMPTY
-        ctx = StepContext(model, batch, recorded, self.stage, outputs)
+        if isinstance(task_loss, torch.Tensor):
+            task_loss = float(task_loss.detach().float().sum())
+        ctx = StepContext(model, batch, recorded, self.stage, outputs, task_loss=task_loss)
         out: dict[str, torch.Tensor] = {}
         try:
             for term in self.terms:

@@ -81,6 +81,8 @@ def test_fisher_presets_and_sections():
     ({"critical": {"merge": "sum"}}, r"`critical.merge` = 'sum'"),
     ({"fisher_regularizer": {"hvp": "exact"}}, r"`fisher_regularizer.hvp` = 'exact'"),
     ({"fisher_regularizer": {"every": 0}}, r"`fisher_regularizer.every` = 0"),
+    ({"fisher_regularizer": {"max_share": 0}}, r"`fisher_regularizer.max_share` = 0 must be a number > 0"),
+    ({"fisher_regularizer": {"max_share": "1"}}, r"`fisher_regularizer.max_share` = '1' must be a number"),
     ({"mode": "ptq", "fisher_regularizer": {"enabled": True}}, r"`fisher_regularizer.enabled` needs `mode: qat`"),
 ])
 def test_fisher_recipe_errors_name_field_and_value(bad, match):
@@ -485,6 +487,48 @@ def test_regulariser_schedule_every_k_and_warmup():
     assert skipped.item() == 0.0 and not skipped.requires_grad
     term.set_progress(0.9)
     assert term(ctx_for(net, batch))["fisher_reg"].item() == pytest.approx(2.0 * term.last_trace, rel=1e-6)
+
+
+@pytest.mark.parametrize("hvp", ["double", "finite_difference"])
+def test_regulariser_cap_scales_penalty_and_gradient_to_the_task_loss(hvp):
+    net = mlp()
+    batch = data(1)[0]
+    loss = lambda ctx: mse(ctx.model, ctx.batch)
+
+    def step(max_share, task_loss):
+        term = FisherRegularizer(loss, weight=50.0, hvp=hvp, max_share=max_share)
+        net.zero_grad()
+        ctx = StepContext(model=net, batch=batch, recorded=None, task_loss=task_loss)
+        value = term(ctx)["fisher_reg"]
+        value.backward()
+        return term, ctx, value.item(), torch.cat([m.weight.grad.flatten() for _, m in quantized_layers(net)])
+
+    raw, _, raw_value, raw_grad = step(None, 0.2)
+    assert raw_value == pytest.approx(50.0 * raw.last_trace, rel=1e-6) and raw_value > 0.2 and raw.last_scale == 1.0
+    # above the cap: the penalty is max_share x the task loss, the gradient scaled by the same factor
+    capped, ctx, value, grad = step(0.5, 0.2)
+    assert value == pytest.approx(0.1, rel=1e-6) and capped.last_task_loss == 0.2
+    assert capped.last_scale == pytest.approx(0.1 / raw_value, rel=1e-6)
+    assert ctx.logs["fisher_reg_scale"] == capped.last_scale
+    torch.testing.assert_close(grad, raw_grad * capped.last_scale, rtol=1e-5, atol=1e-9)
+    # below the cap: exactly the uncapped term
+    loose, _, value, grad = step(1e6, 0.2)
+    assert loose.last_scale == 1.0 and value == raw_value and torch.equal(grad, raw_grad)
+    # no task loss from the trainer: the critical loss of the batch is the yardstick
+    bare, _, value, _ = step(0.5, None)
+    assert bare.last_loss == pytest.approx(mse(net, batch).item(), rel=1e-5)
+    assert value == pytest.approx(0.5 * bare.last_loss, rel=1e-5)
+
+
+def test_session_passes_the_task_loss_to_the_terms():
+    assert load_recipe("w4a4-fisher").fisher_regularizer.max_share == 1.0  # the presets' default cap
+    net, session = session_mlp({"preset": "w4a8", "fisher_regularizer": {"enabled": True, "weight": 50.0,
+                                                                         "warmup": 0.0, "max_share": 0.5}})
+    term = session.add_fisher_regularizer(net, lambda ctx: mse(ctx.model, ctx.batch))
+    session.start_training(net)
+    terms = session.loss_terms(net, data(1)[0], task_loss=torch.tensor([0.1, 0.3]))  # a loss vector is summed
+    assert term.last_task_loss == pytest.approx(0.4) and terms["fisher_reg"].item() == pytest.approx(0.2, rel=1e-6)
+    assert session.last_terms["fisher_reg_scale"] < 1.0
 
 
 def test_regulariser_changes_the_weights_and_lowers_the_trace():

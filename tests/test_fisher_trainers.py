@@ -22,6 +22,15 @@ FISHER = {"preset": "w4a8-fisher", "critical": {"classes": CRITICAL}, "calibrati
 # warm-up 0.1: the first step adds nothing, later ones do (each trainer passes the progress of its budget)
 
 
+def assert_task_loss_reached_the_regulariser(term, trainer_task_loss: float, penalty: float) -> None:
+    """The adapter gave the regulariser the step's task loss in the units the penalty is added in, and the
+    recipe's default cap (``max_share: 1``) held the penalty to it."""
+    assert term.max_share == 1.0 and term.last_task_loss == pytest.approx(trainer_task_loss, rel=1e-4)
+    assert 0 < penalty <= term.last_task_loss * (1 + 1e-5)
+    if term.last_scale < 1.0:
+        assert penalty == pytest.approx(term.last_task_loss, rel=1e-5)
+
+
 def free_bits(layers: dict) -> list[int]:
     return [v["weight_bits"] for v in layers.values() if v.get("role", "body") not in ("first", "prediction")]
 
@@ -66,12 +75,19 @@ def test_ultralytics_fisher_recipe_end_to_end_and_resume(ds, tmp_path):
         seen["metrics"] = dict(trainer.metrics)
         raise Interrupt
 
+    def step_end(trainer):  # loss_items: per-image losses; detq's own entries are the logged terms
+        term = trainer.detq_session.terms[-1]
+        task = sum(float(v) for k, v in trainer.loss_items.items() if k not in trainer.detq_session.log_names())
+        seen["step"] = (term, task, trainer.detq_session.last_terms["fisher_reg"])
+
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_train_start", at_start)
+    model.add_callback("on_train_batch_end", step_end)
     model.add_callback("on_model_save", interrupt)
     with pytest.raises(Interrupt):
         model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=FISHER, epochs=2, project=str(tmp_path),
                     name="fisher", **common)
+    assert_task_loss_reached_the_regulariser(*seen["step"])
     # mixed precision ran after calibration: really mixed, within the budget counted over every quantized weight
     plan = seen["plan"]
     assert plan is not None and plan.used <= 4.0 and seen["avg"] == pytest.approx(plan.used, abs=1e-9)
@@ -149,6 +165,7 @@ def _mmdet_fisher_run(tmp_path, config, work, epochs=1):
     """A real MMDetection run of ``config`` (96 px, 8 images) with the Fisher recipe; checks the mixed-precision
     plan, the regulariser's trace and critical AP in the validation output. Returns (runner, synth, recipe,
     validation metrics, plan)."""
+    from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
     from test_mmdet import hook_recipe, load_cfg  # the shrunk configs of the MMDetection tests
@@ -157,8 +174,17 @@ def _mmdet_fisher_run(tmp_path, config, work, epochs=1):
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
     recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
     runner = Runner.from_cfg(hook_recipe(load_cfg(config, synth, work, epochs=epochs), recipe))
+    steps = []
+
+    class LastStep(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            steps.append((float(outputs["loss"]), float(outputs["loss_fisher_reg"])))
+
+    runner.register_hook(LastStep(), priority="LOWEST")
     runner.train()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
+    total, penalty = steps[-1]
+    assert_task_loss_reached_the_regulariser(hook.session.terms[-1], total - penalty, penalty)
     plan = hook.session.last_mixed_precision
     assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
     assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
@@ -298,6 +324,14 @@ def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
             return None  # no detections returned: the callback runs the quantized model itself
 
     recipe = {**FISHER, "critical": {"classes": ["a", "b"]}}
+    steps = []
+
+    class LastStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            cb = next(c for c in trainer.callbacks if isinstance(c, DetQCallback))
+            penalty = cb.last_loss_terms["fisher_reg"]
+            steps.append((cb.session.terms[-1], float(loss) - penalty, penalty))
 
     def fit(ckpt_path=None, epochs=2):
         torch.manual_seed(0)
@@ -305,12 +339,13 @@ def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
                              callbacks=[cb, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1,
-                                                                         filename="{epoch}")])
+                                                                         filename="{epoch}"), LastStep()])
         module = FCOSWithVal()
         trainer.fit(module, det_loader(), det_loader(n=4), ckpt_path=ckpt_path)
         return trainer, cb, module
 
     trainer, cb, module = fit()
+    assert_task_loss_reached_the_regulariser(*steps[-1])
     plan = cb.session.last_mixed_precision
     assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
     assert "fisher_reg" in cb.last_loss_terms and cb.session.terms[-1].last_trace > 0

@@ -455,10 +455,11 @@ class DetQCallback(Callback):
             return pl_module.distillation_inputs(batch)
         return (fn or _default_distillation_inputs)(pl_module, batch)
 
-    def _loss_terms(self, pl_module, batch, out) -> Optional[torch.Tensor]:
+    def _loss_terms(self, pl_module, batch, out, task_loss=None) -> Optional[torch.Tensor]:
         if not self.session.terms or self._module is not pl_module:
             return None
-        terms = self.session.loss_terms(self.quantized_model(pl_module), self._family_batch(pl_module, batch), out)
+        terms = self.session.loss_terms(self.quantized_model(pl_module), self._family_batch(pl_module, batch), out,
+                                        task_loss=task_loss)
         for k, v in self.session.last_terms.items():
             _log(pl_module, f"detq/{k}", float(v))
         return torch.stack([t.float() for t in terms.values()]).sum() if terms else None
@@ -471,7 +472,7 @@ class DetQCallback(Callback):
                 "DetQCallback: training_step must return a loss tensor or a dict with a 'loss' tensor to receive "
                 f"the auxiliary loss terms; it returned {type(out).__name__}"
             )
-        total = self._loss_terms(pl_module, batch, out)
+        total = self._loss_terms(pl_module, batch, out, task_loss=out if isinstance(out, torch.Tensor) else out["loss"])
         if total is None:
             return out
         if isinstance(out, torch.Tensor):
@@ -504,7 +505,7 @@ class DetQCallback(Callback):
             # Manual optimization: the terms join the first backward of the step (after the forward ran).
             if callback.session.terms and not callback._step_terms_done and callback._step is not None:
                 callback._step_terms_done = True
-                total = callback._loss_terms(module_self, callback._step[1], None)
+                total = callback._loss_terms(module_self, callback._step[1], None, task_loss=loss)
                 if total is not None:
                     loss = loss + total.to(loss.dtype)
             return cls.manual_backward(module_self, loss, *args, **kwargs)

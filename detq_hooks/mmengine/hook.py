@@ -64,6 +64,13 @@ def mmdet_forward(model: nn.Module, batch: Any) -> Any:
     return model(inputs, samples, mode="tensor")
 
 
+def _loss_sum(value: Any) -> float:
+    """A loss entry as MMEngine's ``parse_losses`` counts it: a tensor's mean, or the sum of a list's means."""
+    if isinstance(value, (list, tuple)):
+        return sum(float(v.detach().float().mean()) for v in value)
+    return float(value.detach().float().mean())
+
+
 def family_batch(model: nn.Module, batch: Any) -> tuple:
     """A dataloader batch as the MMDetection family reads it: ``(inputs, data_samples)`` after the model's data
     preprocessor (what ``forward(mode="loss")`` receives)."""
@@ -251,7 +258,8 @@ class DetQHook(Hook):
         def forward(inputs, data_samples=None, mode="tensor", **kwargs):
             out = original(inputs, data_samples, mode=mode, **kwargs)
             if mode == "loss":
-                for name, value in session.loss_terms(model, (inputs, data_samples)).items():
+                task = sum(_loss_sum(v) for k, v in out.items() if "loss" in k)  # what MMEngine's parse_losses sums
+                for name, value in session.loss_terms(model, (inputs, data_samples), task_loss=task).items():
                     out["loss_" + name.lstrip("_")] = value
             return out
 

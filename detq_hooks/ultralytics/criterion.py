@@ -34,7 +34,7 @@ class DetQCriterion:
             if len(batch.get("gt_groups", ())) != self.images.shape[0]:
                 raise RuntimeError("detq: the images stored for this loss call do not belong to its batch")
             batch = {**batch, "img": self.images}
-        terms = self.session.loss_terms(self.model, batch, preds)
+        terms = self.session.loss_terms(self.model, batch, preds, task_loss=_task_loss(out, batch))
         if isinstance(out, dict):  # RT-DETR: a dict of losses (the model sums its values), called with dn_* kwargs
             return {**out, **{f"detq_{name.lstrip('_')}": t.float().reshape(()) for name, t in terms.items()}}
         loss, items = out
@@ -48,6 +48,14 @@ class DetQCriterion:
         for name in self.session.log_names():
             items[_item_name(name)] = torch.tensor(logged.get(name, 0.0), device=loss.device)
         return loss, items
+
+
+def _task_loss(out, batch) -> float:
+    """The criterion's loss in the units detq's terms are added in: RT-DETR's dict is summed as it is; the loss
+    vector of the other models is already multiplied by the batch size, and so are the terms below."""
+    if isinstance(out, dict):
+        return float(sum(v.detach().float().sum() for v in out.values() if isinstance(v, torch.Tensor)))
+    return float(out[0].detach().float().sum()) / max(int(batch["img"].shape[0]), 1)
 
 
 def _item_name(name: str) -> str:
