@@ -3,6 +3,7 @@ checkpoint, printing the task loss and the regulariser's last trace after each s
 the suite's lightning unit's outputs (not committed: `python benchmarks/run.py accuracy --sources lightning:0` first).
 
     python benchmarks/results/lightning_fisher_split/probe.py benchmarks/results/lightning_fisher_split/reg_crqat.yaml
+    python benchmarks/results/lightning_fisher_split/probe.py benchmarks/results/lightning_fisher_split/reg_capped_crqat.yaml
 """
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ class Watch(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         cb = next(c for c in trainer.callbacks if isinstance(c, DetQCallback))
         terms = cb.session.terms
-        tr = [t.last_trace for t in terms if hasattr(t, "last_trace")]
+        # the outputs from before the cap (probe_reg_*.txt) printed the trace alone; since then the tuple
+        # (trace, critical loss, cap factor, max_share) of the last regulariser step
+        tr = [(t.last_trace, t.last_loss, round(t.last_scale, 5), t.max_share) for t in terms if hasattr(t, "last_trace")]
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         w = sum(float(p.detach().abs().sum()) for p in pl_module.parameters())
         print(f"step {trainer.global_step:3d} loss {float(loss):9.4f} trace {tr} |w|1 {w:.4g}", flush=True)
