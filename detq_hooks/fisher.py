@@ -758,8 +758,8 @@ class FisherRegularizer(LossTerm):
         trace = self.trace(ctx, weights)
         self.last_trace = float(trace.detach())
         ctx.logs[self.name + "_trace"] = self.last_trace
-        self.last_task_loss = ctx.task_loss
-        self.last_scale = self._cap(lam * self.last_trace, ctx.task_loss)
+        self.last_task_loss = None if ctx.task_loss is None else float(ctx.task_loss)
+        self.last_scale = self._cap(lam * self.last_trace, self.last_task_loss)
         if self.max_share is not None:
             ctx.logs[self.name + "_scale"] = self.last_scale
         return {self.name: (lam * self.last_scale) * trace}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,8 +35,9 @@ class StepContext:
         recorded: the taps recorded during this step's forward.
         stage: the curriculum stage index (``None`` without a curriculum).
         outputs: the trainer's own step output where it has one.
-        task_loss: the trainer's own loss of this step, detached, in the units the terms are added in (``None``
-            where the adapter does not know it): a yardstick for terms whose scale is not the loss's own.
+        task_loss: the trainer's own loss of this step, detached (a scalar tensor, read only by a term that needs
+            it), in the units the terms are added in (``None`` where the adapter does not know it): a yardstick
+            for terms whose scale is not the loss's own.
     """
 
     model: nn.Module
@@ -45,7 +46,7 @@ class StepContext:
     stage: Optional[int] = None
     outputs: Any = None
     logs: dict[str, float] = field(default_factory=dict)
-    task_loss: Optional[float] = None
+    task_loss: Optional[Union[torch.Tensor, float]] = None
 
 
 class LossTerm:

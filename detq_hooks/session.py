@@ -573,8 +573,8 @@ class QuantSession:
         if not self.terms:
             return {}
         recorded = self._recorder.recorded if self._recorder is not None else _EMPTY
-        if isinstance(task_loss, torch.Tensor):
-            task_loss = float(task_loss.detach().float().sum())
+        if isinstance(task_loss, torch.Tensor):  # a detached scalar; the term that needs it reads it
+            task_loss = task_loss.detach().float().sum()
         ctx = StepContext(model, batch, recorded, self.stage, outputs, task_loss=task_loss)
         out: dict[str, torch.Tensor] = {}
         try:

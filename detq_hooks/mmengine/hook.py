@@ -29,6 +29,7 @@ import copy
 import importlib
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from mmengine.hooks import Hook
@@ -64,11 +65,12 @@ def mmdet_forward(model: nn.Module, batch: Any) -> Any:
     return model(inputs, samples, mode="tensor")
 
 
-def _loss_sum(value: Any) -> float:
-    """A loss entry as MMEngine's ``parse_losses`` counts it: a tensor's mean, or the sum of a list's means."""
+def _loss_sum(value: Any) -> torch.Tensor:
+    """A loss entry as MMEngine's ``parse_losses`` counts it: a tensor's mean, or the sum of a list's means.
+    Detached and left on its device: only a term that needs the value reads it (no sync per loss key)."""
     if isinstance(value, (list, tuple)):
-        return sum(float(v.detach().float().mean()) for v in value)
-    return float(value.detach().float().mean())
+        return sum(v.detach().float().mean() for v in value)
+    return value.detach().float().mean()
 
 
 def family_batch(model: nn.Module, batch: Any) -> tuple:

@@ -50,12 +50,12 @@ class DetQCriterion:
         return loss, items
 
 
-def _task_loss(out, batch) -> float:
+def _task_loss(out, batch) -> torch.Tensor:
     """The criterion's loss in the units detq's terms are added in: RT-DETR's dict is summed as it is; the loss
     vector of the other models is already multiplied by the batch size, and so are the terms below."""
     if isinstance(out, dict):
-        return float(sum(v.detach().float().sum() for v in out.values() if isinstance(v, torch.Tensor)))
-    return float(out[0].detach().float().sum()) / max(int(batch["img"].shape[0]), 1)
+        return sum(v.detach().float().sum() for v in out.values() if isinstance(v, torch.Tensor))
+    return out[0].detach().float().sum() / max(int(batch["img"].shape[0]), 1)
 
 
 def _item_name(name: str) -> str:
