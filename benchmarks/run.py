@@ -57,7 +57,7 @@ SIZES = {
     "accuracy": YOLO_SIZES + [
         ("sources", str,
          "ptq,qat,fisher,ptq-mmdet,qat-mmdet,fisher-mmdet,crqat-dino,crqat-rtmdet,qat-dino:0,ptq-dino,qdrop-dino,"
-         "lightning", "ptq,qat",
+         "lightning,ptq-lightning", "ptq,qat",
          "which scripts run; name:0+1 gives one source its own seeds"),
         ("bits", str, "w8a8,w4a8,w4a4", "w4a8", "bit widths"),
         ("seeds", str, "0,1", "0", "seeds; the table shows the mean and min–max over them"),
@@ -77,6 +77,9 @@ SIZES = {
         ("lightning_methods", str, "qat,ptq,taskq,crqat,crqat-fisher", "qat",
          "bench_lightning.py --accuracy methods per bit width (qat: LSQ; ptq: the <bits>-ptq preset; taskq: the "
          "<bits>-taskq preset; crqat: CR-QAT; crqat-fisher: the <bits>-fisher preset with CR-QAT, 4-bit only)"),
+        ("lightning_ptq_methods", str, "minmax,adaround,qdrop", "minmax",
+         "bench_lightning.py --accuracy PTQ baselines of the ptq-lightning source (<bits>-ptq with that calibration "
+         "or reconstruction method)"),
         # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
         ("fisher_bits", str, "w4a8,w4a4", "w4a8", "bit widths of the bench_fisher*.py studies"),
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
@@ -254,11 +257,15 @@ FISHER_METHODS = {"plain": "Fisher study: plain QAT", "mp": "QAT + Fisher mixed 
 # bench_lightning.py --accuracy: the example's recipe name of each method at one bit width, the row's method, and
 # the widths it has a preset for
 LIGHTNING_METHODS = {"qat": ("{}", QAT_METHODS["plain"], BITS_ORDER),
-                     "ptq": ("{}-ptq", "PTQ mse (preset)", BITS_ORDER),
+                     # the <bits>-ptq preset calibrates with MSE, as bench_ptq*.py's mse variant
+                     "ptq": ("{}-ptq", "PTQ mse", BITS_ORDER),
                      "taskq": ("{}-taskq", "PTQ taskq", BITS_ORDER),
                      "crqat": ("{}+crqat", QAT_METHODS["both"], BITS_ORDER),
                      # the Fisher presets are 4-bit ones, as in the fisher sources
                      "crqat-fisher": ("{}-fisher+crqat", FISHER_METHODS["crqat-fisher"], ("w4a8", "w4a4"))}
+# the ptq-lightning source: the PTQ baselines the lightning source's runs came without (examples/lightning_fcos.py
+# names them <bits>-ptq+<method>), a unit of its own so those runs are reused; its rows join the lightning source's
+LIGHTNING_PTQ_METHODS = {m: (f"{{}}-ptq+{m}", f"PTQ {m}", BITS_ORDER) for m in ("minmax", "adaround", "qdrop")}
 
 
 def accuracy_row(trainer: str, model: str, bits: str, method: str, seed, map50_95, float_map, **extra) -> dict:
@@ -354,13 +361,16 @@ def qat_mmdet_runs(args, seed):
                               float_map) for r in data["rows"]]
 
 
-def lightning_runs(args, seed):
-    path = args.out / "raw" / "lightning" / f"seed{seed}.json"
-    method_of = {LIGHTNING_METHODS[m][0].format(bits): (bits, LIGHTNING_METHODS[m][1])
-                 for m in chosen(args, "accuracy", "lightning_methods", LIGHTNING_METHODS) for bits in split(args.bits)
-                 if bits in LIGHTNING_METHODS[m][2]}
-    ran = run_logged(args, f"lightning_seed{seed}", "bench_lightning.py", [
-        "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / "lightning" / f"seed{seed}",
+def lightning_runs(args, seed, name="lightning", option="lightning_methods", methods=None):
+    """``bench_lightning.py --accuracy`` (the example's float training, then each recipe from the float weights)
+    with the ``--<option>`` methods of ``methods`` (default: ``LIGHTNING_METHODS``)."""
+    methods = LIGHTNING_METHODS if methods is None else methods
+    path = args.out / "raw" / name / f"seed{seed}.json"
+    method_of = {methods[m][0].format(bits): (bits, methods[m][1])
+                 for m in chosen(args, "accuracy", option, methods) for bits in split(args.bits)
+                 if bits in methods[m][2]}
+    ran = run_logged(args, f"{name}_seed{seed}", "bench_lightning.py", [
+        "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / name / f"seed{seed}",
         *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *method_of],
         output=path, threads_matter=False)
     data = read_json(path, ran)
@@ -390,6 +400,9 @@ SOURCES = {  # name -> rows of one seed
     # QDrop on the DINO came after ptq-dino's runs: its own unit keeps those reusable; its rows join ptq-dino's
     "qdrop-dino": lambda a, s: dino_ptq_runs(a, s, "qdrop-dino", "qdrop"),
     "lightning": lightning_runs,
+    # the same float training (deterministic on one machine: the lightning source's float model again), then the
+    # PTQ baselines
+    "ptq-lightning": lambda a, s: lightning_runs(a, s, "ptq-lightning", "lightning_ptq_methods", LIGHTNING_PTQ_METHODS),
 }
 
 ACCURACY_COLUMNS = [
@@ -414,7 +427,7 @@ def source_seeds(args) -> list[tuple[str, list[str]]]:
 
 
 # a source whose rows belong in another's part of the table (a unit of its own only so the other's runs are reused)
-ROWS_JOIN = {"qdrop-dino": "ptq-dino"}
+ROWS_JOIN = {"qdrop-dino": "ptq-dino", "ptq-lightning": "lightning"}
 
 
 def accuracy(args):

@@ -208,13 +208,27 @@ class StepTimer(pl.Callback):
         return 1000 * ts[len(ts) // 2] if ts else float("nan")
 
 
+# the `+<method>` of a `-ptq` preset: calibration methods set the activation ranges, the others reconstruct blocks
+PTQ_EXTRAS = {"minmax": {"calibration": {"method": "minmax"}}, "percentile": {"calibration": {"method": "percentile"}},
+              "mse": {"calibration": {"method": "mse"}}, "adaround": {"ptq": {"method": "adaround"}},
+              "qdrop": {"ptq": {"method": "qdrop"}}, "taskq": {"ptq": {"method": "taskq"}}}
+QAT_EXTRAS = {"crqat": (True, True), "cur": (True, False), "kd": (False, True)}
+
+
 def recipe_spec(name: str):
     """``w4a8`` (a preset), ``w4a4+crqat`` (curriculum + distillation), ``+cur`` (curriculum only),
-    ``+kd`` (distillation only), or a recipe YAML path."""
+    ``+kd`` (distillation only), ``w4a4-ptq+adaround`` (a PTQ preset with another method: minmax, percentile, mse,
+    adaround, qdrop, taskq), or a recipe YAML path."""
     base, _, extra = name.partition("+")
     if not extra:
         return base
-    cur, kd = {"crqat": (True, True), "cur": (True, False), "kd": (False, True)}[extra]
+    if base.endswith("-ptq"):
+        if extra not in PTQ_EXTRAS:
+            raise SystemExit(f"recipe {name!r}: after a -ptq preset, '+' takes one of {', '.join(PTQ_EXTRAS)}")
+        return {"preset": base, **PTQ_EXTRAS[extra]}
+    if extra not in QAT_EXTRAS:
+        raise SystemExit(f"recipe {name!r}: '+' takes one of {', '.join(QAT_EXTRAS)} (or a PTQ method after a -ptq preset)")
+    cur, kd = QAT_EXTRAS[extra]
     return {"preset": base, "curriculum": {"enabled": cur}, "distillation": {"enabled": kd}}
 
 
@@ -261,7 +275,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--qat-lr", type=float, default=0.002)
     p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"],
-                   help="presets, optionally with +crqat / +cur / +kd (e.g. w4a4+crqat), or recipe YAML paths")
+                   help="presets, optionally with +crqat / +cur / +kd (e.g. w4a4+crqat) or, after a -ptq preset, a PTQ method "
+                        "(e.g. w4a4-ptq+adaround), or recipe YAML paths")
     p.add_argument("--calibration-batches", type=int, default=4)
     p.add_argument("--limit-train-batches", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -282,10 +297,11 @@ def main(argv=None) -> list[dict]:
     fmap = rows[0]["mAP"]
     print(f"\nFCOS-{args.backbone} on synthetic COCO ({args.num_train} train / {args.num_val} val, {args.imgsz}px); "
           f"float {args.float_epochs} epochs, QAT {args.qat_epochs} epochs from float")
-    print(f"{'model':<8} {'mAP50-95':>9} {'mAP50':>7} {'of float':>9} {'step ms':>8} {'train s':>8}")
+    width = max(8, *(len(r["recipe"]) for r in rows))
+    print(f"{'model':<{width}} {'mAP50-95':>9} {'mAP50':>7} {'of float':>9} {'step ms':>8} {'train s':>8}")
     for r in rows:
         frac = r["mAP"] / fmap if fmap > 0 else float("nan")
-        print(f"{r['recipe']:<8} {r['mAP']:>9.4f} {r['mAP50']:>7.4f} {frac:>9.2f} {r['step_ms']:>8.1f} {r['train_s']:>8.1f}")
+        print(f"{r['recipe']:<{width}} {r['mAP']:>9.4f} {r['mAP50']:>7.4f} {frac:>9.2f} {r['step_ms']:>8.1f} {r['train_s']:>8.1f}")
     return rows
 
 

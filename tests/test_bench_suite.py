@@ -549,8 +549,8 @@ def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_mis
     ran, rows = bench_run.lightning_runs(args, "0")
     assert asked["recipes"] == ["w8a8", "w4a4", "w8a8-ptq", "w4a4-ptq", "w8a8+crqat", "w4a4+crqat"]
     got = {(r["bits"], r["method"]): r for r in rows}
-    assert set(got) == {("w8a8", "QAT LSQ"), ("w4a4", "QAT LSQ"), ("w8a8", "PTQ mse (preset)"),
-                        ("w4a4", "PTQ mse (preset)"), ("w8a8", "CR-QAT (curriculum + distillation)"),
+    assert set(got) == {("w8a8", "QAT LSQ"), ("w4a4", "QAT LSQ"), ("w8a8", "PTQ mse"),
+                        ("w4a4", "PTQ mse"), ("w8a8", "CR-QAT (curriculum + distillation)"),
                         ("w4a4", "CR-QAT (curriculum + distillation)")}
     assert got[("w4a4", "CR-QAT (curriculum + distillation)")]["kept"] == pytest.approx(0.06 / 0.04)
     # TASKQ at every width; CR-QAT + Fisher only where a Fisher preset exists (4-bit weights)
@@ -559,6 +559,14 @@ def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_mis
     assert asked["recipes"] == ["w8a8-taskq", "w4a4-taskq", "w4a4-fisher+crqat"]
     assert [(r["bits"], r["method"]) for r in rows] == [
         ("w8a8", "PTQ taskq"), ("w4a4", "PTQ taskq"), ("w4a4", bench_run.FISHER_METHODS["crqat-fisher"])]
+    # the ptq-lightning source: the PTQ baselines, named <bits>-ptq+<method>, in a folder of their own
+    args.lightning_ptq_methods = "minmax,qdrop"
+    ran, rows = bench_run.SOURCES["ptq-lightning"](args, "0")
+    assert asked["recipes"] == ["w8a8-ptq+minmax", "w4a4-ptq+minmax", "w8a8-ptq+qdrop", "w4a4-ptq+qdrop"]
+    assert [(r["bits"], r["method"]) for r in rows] == [
+        ("w8a8", "PTQ minmax"), ("w4a4", "PTQ minmax"), ("w8a8", "PTQ qdrop"), ("w4a4", "PTQ qdrop")]
+    assert (tmp_path / "raw" / "ptq-lightning" / "seed0.json").is_file()
+    assert bench_run.ROWS_JOIN["ptq-lightning"] == "lightning"
     args.lightning_methods = "qat,ptq,crqat"
     monkeypatch.setattr(bench_run, "run_script", lambda *a, **k: fake_run(*a, drop="w4a4-ptq"))
     with pytest.raises(suite.ScriptFailed, match="no result for w4a4-ptq"):

@@ -25,6 +25,31 @@ def test_lightning_fcos_example(tmp_path):
     assert rows == ["float", "w8a8", "w4a8"], out[-2000:]
 
 
+def test_lightning_fcos_recipe_names_reach_the_recipe(monkeypatch):
+    """The example's recipe names (the accuracy suite's Lightning rows): a -ptq preset with +<method> runs that
+    calibration or reconstruction method, +crqat turns on curriculum and distillation, and a wrong '+' is refused."""
+    pytest.importorskip("lightning")
+    from detq_hooks.recipe import load_recipe
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from lightning_fcos import recipe_spec
+
+    minmax = load_recipe(recipe_spec("w4a4-ptq+minmax"))
+    assert (minmax.mode, minmax.calibration.method, minmax.ptq.method) == ("ptq", "minmax", "calibration")
+    assert minmax.quantization.activation.bits == 4 and minmax.calibration.num_batches == 16
+    preset = load_recipe(recipe_spec("w4a4-ptq"))
+    assert (preset.calibration.method, preset.ptq.method) == ("mse", "calibration")
+    for method in ("adaround", "qdrop", "taskq"):
+        recipe = load_recipe(recipe_spec(f"w8a8-ptq+{method}"))
+        assert (recipe.mode, recipe.ptq.method, recipe.quantization.weight.bits) == ("ptq", method, 8)
+    crqat = load_recipe(recipe_spec("w4a8+crqat"))
+    assert crqat.curriculum.enabled and crqat.distillation.enabled and crqat.mode == "qat"
+    with pytest.raises(SystemExit, match=r"'w4a4-ptq\+awq'.*minmax, percentile, mse, adaround, qdrop, taskq"):
+        recipe_spec("w4a4-ptq+awq")
+    with pytest.raises(SystemExit, match=r"'w4a4\+adaround'.*crqat, cur, kd"):
+        recipe_spec("w4a4+adaround")
+
+
 def test_ultralytics_example(tmp_path):
     pytest.importorskip("ultralytics")
     out = run([str(EXAMPLES / "ultralytics_qat.py"), "--epochs", "1", "--imgsz", "64", "--out", str(tmp_path / "run")], tmp_path)
