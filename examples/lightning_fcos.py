@@ -208,24 +208,25 @@ class StepTimer(pl.Callback):
         return 1000 * ts[len(ts) // 2] if ts else float("nan")
 
 
-# the `+<method>` of a `-ptq` preset: calibration methods set the activation ranges, the others reconstruct blocks
-PTQ_EXTRAS = {"minmax": {"calibration": {"method": "minmax"}}, "percentile": {"calibration": {"method": "percentile"}},
-              "mse": {"calibration": {"method": "mse"}}, "adaround": {"ptq": {"method": "adaround"}},
-              "qdrop": {"ptq": {"method": "qdrop"}}, "taskq": {"ptq": {"method": "taskq"}}}
 QAT_EXTRAS = {"crqat": (True, True), "cur": (True, False), "kd": (False, True)}
 
 
 def recipe_spec(name: str):
     """``w4a8`` (a preset), ``w4a4+crqat`` (curriculum + distillation), ``+cur`` (curriculum only),
-    ``+kd`` (distillation only), ``w4a4-ptq+adaround`` (a PTQ preset with another method: minmax, percentile, mse,
-    adaround, qdrop, taskq), or a recipe YAML path."""
+    ``+kd`` (distillation only), ``w4a4-ptq+adaround`` (a PTQ preset with another method: any calibration method
+    or block reconstruction the recipe knows), or a recipe YAML path."""
     base, _, extra = name.partition("+")
     if not extra:
         return base
     if base.endswith("-ptq"):
-        if extra not in PTQ_EXTRAS:
-            raise SystemExit(f"recipe {name!r}: after a -ptq preset, '+' takes one of {', '.join(PTQ_EXTRAS)}")
-        return {"preset": base, **PTQ_EXTRAS[extra]}
+        from detq_hooks.recipe import CALIBRATORS, PTQ_METHODS
+
+        # a calibration method sets the activation ranges; the other PTQ methods reconstruct blocks after it
+        ptq_extras = {**{m: {"calibration": {"method": m}} for m in CALIBRATORS},
+                      **{m: {"ptq": {"method": m}} for m in PTQ_METHODS if m != "calibration"}}
+        if extra not in ptq_extras:
+            raise SystemExit(f"recipe {name!r}: after a -ptq preset, '+' takes one of {', '.join(ptq_extras)}")
+        return {"preset": base, **ptq_extras[extra]}
     if extra not in QAT_EXTRAS:
         raise SystemExit(f"recipe {name!r}: '+' takes one of {', '.join(QAT_EXTRAS)} (or a PTQ method after a -ptq preset)")
     cur, kd = QAT_EXTRAS[extra]

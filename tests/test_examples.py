@@ -44,7 +44,9 @@ def test_lightning_fcos_recipe_names_reach_the_recipe(monkeypatch):
         assert (recipe.mode, recipe.ptq.method, recipe.quantization.weight.bits) == ("ptq", method, 8)
     crqat = load_recipe(recipe_spec("w4a8+crqat"))
     assert crqat.curriculum.enabled and crqat.distillation.enabled and crqat.mode == "qat"
-    with pytest.raises(SystemExit, match=r"'w4a4-ptq\+awq'.*minmax, percentile, mse, adaround, qdrop, taskq"):
+    entropy = load_recipe(recipe_spec("w4a8-ptq+entropy"))  # every calibration method the recipe knows
+    assert (entropy.calibration.method, entropy.ptq.method) == ("entropy", "calibration")
+    with pytest.raises(SystemExit, match=r"'w4a4-ptq\+awq'.*minmax, percentile, mse, entropy, adaround, qdrop, taskq"):
         recipe_spec("w4a4-ptq+awq")
     with pytest.raises(SystemExit, match=r"'w4a4\+adaround'.*crqat, cur, kd"):
         recipe_spec("w4a4+adaround")
