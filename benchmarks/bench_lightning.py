@@ -130,6 +130,10 @@ def main(argv=None):
     accuracy.add_argument("--float-epochs", type=int, default=40)
     accuracy.add_argument("--qat-epochs", type=int, default=4)
     accuracy.add_argument("--seed", type=int, default=0, help="data and training seed")
+    accuracy.add_argument("--ptq-images", type=int, default=64,
+                          help="training images that calibrate and reconstruct the PTQ recipes (-ptq, -taskq; whole "
+                               "batches, rounded up), as many as bench_ptq*.py give; QAT recipes calibrate on the "
+                               "example's 4 batches")
     accuracy.add_argument("--out", default="/tmp/detq_bench_lightning_accuracy")
     args = p.parse_args(argv)
     if args.accuracy:
@@ -166,6 +170,7 @@ def accuracy_rows(args) -> list[dict]:
                                str(args.imgsz), "--batch-size", str(args.batch_size), "--backbone", args.backbone,
                                "--fpn-channels", str(args.fpn_channels), "--float-epochs", str(args.float_epochs),
                                "--qat-epochs", str(args.qat_epochs), "--seed", str(args.seed), "--out", args.out,
+                               "--ptq-calibration-batches", str(-(-args.ptq_images // args.batch_size)),
                                "--root", f"{args.out}/data", "--recipes", *args.recipes])
     float_map = runs[0]["mAP"]
     rows = [{"recipe": r["recipe"], "seed": args.seed, "map50_95": r["mAP"], "map50": r["mAP50"],

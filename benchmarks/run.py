@@ -83,7 +83,8 @@ SIZES = {
         # the Fisher presets are 4-bit ones (w4a8-fisher, w4a4-fisher): no W8A8 study
         ("fisher_bits", str, "w4a8,w4a4", "w4a8", "bit widths of the bench_fisher*.py studies"),
         ("qat_epochs", int, SCRIPT_DEFAULT, 1, "QAT epochs (Ultralytics, Lightning)"),
-        ("ptq_images", int, SCRIPT_DEFAULT, 16, "calibration images (PTQ)"),
+        ("ptq_images", int, SCRIPT_DEFAULT, 16, "calibration images of every PTQ row (bench_ptq*.py, and the "
+         "Lightning sources' -ptq / -taskq recipes; QAT calibrates on the scripts' own)"),
         ("ptq_iterations", int, SCRIPT_DEFAULT, 4, "reconstruction iterations per block (PTQ)"),
         ("threads", int, SCRIPT_DEFAULT, 1, "torch threads of each script"),
     ],
@@ -371,7 +372,7 @@ def lightning_runs(args, seed, name="lightning", option="lightning_methods", met
                  if bits in methods[m][2]}
     ran = run_logged(args, f"{name}_seed{seed}", "bench_lightning.py", [
         "--accuracy", "--seed", seed, "--json", path, "--out", args.out / "raw" / name / f"seed{seed}",
-        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs"]), "--recipes", *method_of],
+        *flags(args, ["imgsz", "num_train", "num_val", "float_epochs", "qat_epochs", "ptq_images"]), "--recipes", *method_of],
         output=path, threads_matter=False)
     data = read_json(path, ran)
     missing = sorted(set(method_of) - {r["recipe"] for r in data["rows"]})

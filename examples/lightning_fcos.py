@@ -233,6 +233,16 @@ def recipe_spec(name: str):
     return {"preset": base, "curriculum": {"enabled": cur}, "distillation": {"enabled": kd}}
 
 
+def calibration_batches(spec, args) -> int:
+    """``--ptq-calibration-batches`` for a post-training recipe (it calibrates and reconstructs on them, so it
+    sees as many images as a PTQ user gives it), ``--calibration-batches`` for QAT (ranges to start from)."""
+    from detq_hooks.recipe import load_recipe
+
+    if args.ptq_calibration_batches is not None and load_recipe(spec).mode == "ptq":
+        return args.ptq_calibration_batches
+    return args.calibration_batches
+
+
 def run(recipe: Optional[str], data: SynthCocoData, epochs: int, args, init_state: Optional[dict] = None,
         out_dir: Path = Path("."), extra_callbacks=()) -> dict[str, Any]:
     from detq_hooks.lightning import DetQCallback
@@ -246,8 +256,8 @@ def run(recipe: Optional[str], data: SynthCocoData, epochs: int, args, init_stat
     timer = StepTimer()
     callbacks = [timer, *extra_callbacks]
     if recipe is not None:
-        callbacks.insert(0, DetQCallback(recipe=recipe_spec(recipe), target="model",
-                                         calibration_batches=args.calibration_batches))
+        spec = recipe_spec(recipe)
+        callbacks.insert(0, DetQCallback(recipe=spec, target="model", calibration_batches=calibration_batches(spec, args)))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False,
                          enable_checkpointing=False, num_sanity_val_steps=0, check_val_every_n_epoch=max(1, epochs),
                          enable_progress_bar=args.progress, enable_model_summary=False, default_root_dir=out_dir,
@@ -278,7 +288,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"],
                    help="presets, optionally with +crqat / +cur / +kd (e.g. w4a4+crqat) or, after a -ptq preset, a PTQ method "
                         "(e.g. w4a4-ptq+adaround), or recipe YAML paths")
-    p.add_argument("--calibration-batches", type=int, default=4)
+    p.add_argument("--calibration-batches", type=int, default=4, help="training batches that calibrate a QAT recipe")
+    p.add_argument("--ptq-calibration-batches", type=int, default=None,
+                   help="training batches that calibrate (and reconstruct) a PTQ recipe (-ptq, -taskq presets); "
+                        "default: --calibration-batches")
     p.add_argument("--limit-train-batches", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/detq_lightning_fcos")

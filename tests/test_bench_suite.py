@@ -535,6 +535,7 @@ def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_mis
     def fake_run(script, args, log, env=None, drop=None):
         recipes = args[args.index("--recipes") + 1:]
         asked["recipes"] = recipes
+        asked["ptq_images"] = args[args.index("--ptq-images") + 1] if "--ptq-images" in args else None
         rows = [{"recipe": "float", "map50_95": 0.04}] + [
             {"recipe": r, "map50_95": 0.01 * (i + 1)} for i, r in enumerate(recipes) if r != drop]
         path = Path(args[args.index("--json") + 1])
@@ -545,9 +546,10 @@ def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_mis
     monkeypatch.setattr(bench_run, "run_script", fake_run)
     args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False, "bits": "w8a8,w4a4",
                              "lightning_methods": "qat,ptq,crqat", "imgsz": None, "num_train": None, "num_val": None,
-                             "float_epochs": None, "qat_epochs": None})()
+                             "float_epochs": None, "qat_epochs": None, "ptq_images": None})()
     ran, rows = bench_run.lightning_runs(args, "0")
     assert asked["recipes"] == ["w8a8", "w4a4", "w8a8-ptq", "w4a4-ptq", "w8a8+crqat", "w4a4+crqat"]
+    assert asked["ptq_images"] is None  # the script's default (64, as bench_ptq*.py's)
     got = {(r["bits"], r["method"]): r for r in rows}
     assert set(got) == {("w8a8", "QAT LSQ"), ("w4a4", "QAT LSQ"), ("w8a8", "PTQ mse"),
                         ("w4a4", "PTQ mse"), ("w8a8", "CR-QAT (curriculum + distillation)"),
@@ -560,9 +562,10 @@ def test_lightning_source_names_each_recipe_by_bits_and_method_and_refuses_a_mis
     assert [(r["bits"], r["method"]) for r in rows] == [
         ("w8a8", "PTQ taskq"), ("w4a4", "PTQ taskq"), ("w4a4", bench_run.FISHER_METHODS["crqat-fisher"])]
     # the ptq-lightning source: the PTQ baselines, named <bits>-ptq+<method>, in a folder of their own
-    args.lightning_ptq_methods = "minmax,qdrop"
+    args.lightning_ptq_methods, args.ptq_images = "minmax,qdrop", 32  # --ptq-images reaches the Lightning script
     ran, rows = bench_run.SOURCES["ptq-lightning"](args, "0")
     assert asked["recipes"] == ["w8a8-ptq+minmax", "w4a4-ptq+minmax", "w8a8-ptq+qdrop", "w4a4-ptq+qdrop"]
+    assert asked["ptq_images"] == "32"
     assert [(r["bits"], r["method"]) for r in rows] == [
         ("w8a8", "PTQ minmax"), ("w4a4", "PTQ minmax"), ("w8a8", "PTQ qdrop"), ("w4a4", "PTQ qdrop")]
     assert (tmp_path / "raw" / "ptq-lightning" / "seed0.json").is_file()

@@ -32,7 +32,14 @@ def test_lightning_fcos_recipe_names_reach_the_recipe(monkeypatch):
     from detq_hooks.recipe import load_recipe
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    from lightning_fcos import recipe_spec
+    from lightning_fcos import calibration_batches, recipe_spec
+
+    # --ptq-calibration-batches calibrates the post-training recipes only; QAT keeps --calibration-batches
+    args = type("Args", (), {"calibration_batches": 4, "ptq_calibration_batches": 16})()
+    assert [calibration_batches(recipe_spec(name), args) for name in
+            ("w4a4-ptq+qdrop", "w8a8-taskq", "w4a8-ptq", "w4a8", "w4a4+crqat", "w4a4-fisher")] == [16, 16, 16, 4, 4, 4]
+    args.ptq_calibration_batches = None
+    assert calibration_batches(recipe_spec("w4a4-ptq+qdrop"), args) == 4
 
     minmax = load_recipe(recipe_spec("w4a4-ptq+minmax"))
     assert (minmax.mode, minmax.calibration.method, minmax.ptq.method) == ("ptq", "minmax", "calibration")
