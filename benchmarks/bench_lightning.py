@@ -18,7 +18,9 @@ synthetic COCO data, then QAT with each recipe from the float weights, COCO mAP5
     python benchmarks/bench_lightning.py --accuracy [--float-epochs 40 --qat-epochs 4 --seed 0 --json out.json]
 
 (40 float epochs: at 6 the FCOS trained from scratch reached mAP50-95 0.013, too little for "kept" to mean
-anything; at 40, 0.040 in about 5 minutes on 2 threads.)
+anything; at 40, 0.040 in about 5 minutes on 2 threads.) The post-training recipes (``-ptq``, ``-taskq``)
+calibrate and reconstruct on ``--ptq-images`` training images (64, as ``bench_ptq*.py``); QAT recipes start from
+ranges calibrated on the example's 4 batches.
 """
 
 from __future__ import annotations

@@ -148,6 +148,7 @@ SAME_RUNS_AS = {
         "a model that detects nothing scores mAP 0 instead of failing (CocoMetric returns no metrics then)",
     ("bench_fisher_mmdet.py", "c249aff78ea9e7f9", "23a6046f3cea8d77"):
         "the float model from _mmdet.cached_float_model: the same two cached trainings, called from one helper",
+    ("bench_lightning.py", "2e37f4ce4e244450", "7b004f1fe249c771"): "the docstring names --ptq-images",
 }
 
 
