@@ -233,12 +233,13 @@ def recipe_spec(name: str):
     return {"preset": base, "curriculum": {"enabled": cur}, "distillation": {"enabled": kd}}
 
 
-def calibration_batches(spec, args) -> int:
-    """``--ptq-calibration-batches`` for a post-training recipe (it calibrates and reconstructs on them, so it
-    sees as many images as a PTQ user gives it), ``--calibration-batches`` for QAT (ranges to start from)."""
+def calibration_batches(spec, args) -> Optional[int]:
+    """``--ptq-calibration-batches`` for a post-training recipe (it calibrates and reconstructs on them), or
+    ``None`` (the recipe's own ``calibration.num_batches``) when not given; ``--calibration-batches`` for QAT
+    (ranges to start from)."""
     from detq_hooks.recipe import load_recipe
 
-    if args.ptq_calibration_batches is not None and load_recipe(spec).mode == "ptq":
+    if load_recipe(spec).mode == "ptq":
         return args.ptq_calibration_batches
     return args.calibration_batches
 
@@ -291,7 +292,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--calibration-batches", type=int, default=4, help="training batches that calibrate a QAT recipe")
     p.add_argument("--ptq-calibration-batches", type=int, default=None,
                    help="training batches that calibrate (and reconstruct) a PTQ recipe (-ptq, -taskq presets); "
-                        "default: --calibration-batches")
+                        "default: the recipe's calibration.num_batches (16 in the presets)")
     p.add_argument("--limit-train-batches", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/detq_lightning_fcos")

@@ -38,8 +38,8 @@ def test_lightning_fcos_recipe_names_reach_the_recipe(monkeypatch):
     args = type("Args", (), {"calibration_batches": 4, "ptq_calibration_batches": 16})()
     assert [calibration_batches(recipe_spec(name), args) for name in
             ("w4a4-ptq+qdrop", "w8a8-taskq", "w4a8-ptq", "w4a8", "w4a4+crqat", "w4a4-fisher")] == [16, 16, 16, 4, 4, 4]
-    args.ptq_calibration_batches = None
-    assert calibration_batches(recipe_spec("w4a4-ptq+qdrop"), args) == 4
+    args.ptq_calibration_batches = None  # not given: the recipe's own calibration.num_batches
+    assert calibration_batches(recipe_spec("w4a4-ptq+qdrop"), args) is None
 
     minmax = load_recipe(recipe_spec("w4a4-ptq+minmax"))
     assert (minmax.mode, minmax.calibration.method, minmax.ptq.method) == ("ptq", "minmax", "calibration")
