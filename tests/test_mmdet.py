@@ -319,13 +319,15 @@ def _train_recording_terms(cfg):
                                ("head", ["bbox_head"])]),
     ("dino_r18_synthetic.py", [("backbone", ["backbone"]), ("neck", ["neck", "encoder", "decoder", "query_embedding",
                                                                      "memory_trans_fc", "memory_trans_norm",
-                                                                     "dn_query_generator", ""]),
+                                                                     "dn_query_generator", "",
+                                                                     "bbox_head.reg_branches", "bbox_head.cls_branches.3"]),
                                ("head", ["bbox_head"])]),
 ])
 def test_curriculum_stages_of_mmdet_detectors(synth, tmp_path, config, expected):
-    """Backbone / neck (with a DETR's transformer and the detector's own parameters) / head. Two stages for DETRs
-    (the head with the transformer) were measured on the slim DINO and kept less with CR-QAT alone at W4A4; a recipe
-    names them where wanted (README)."""
+    """Backbone / neck (with a DETR's transformer, the detector's own parameters and the head branches the
+    transformer calls: DINO's box refinement and its encoder-proposal scoring, branch ``num_layers`` = 3) / head.
+    Two stages for DETRs (the whole head with the transformer) were measured on the slim DINO and kept less with
+    CR-QAT alone at W4A4; a recipe names them where wanted (README)."""
     from mmdet.registry import MODELS
 
     from detq_hooks.curriculum import assign_parameters
@@ -335,6 +337,54 @@ def test_curriculum_stages_of_mmdet_detectors(synth, tmp_path, config, expected)
     stages = MMDetFamily().stages(model)
     assert [(s.name, s.prefixes) for s in stages] == expected
     assign_parameters(model, stages)  # every parameter in exactly one stage, or a RecipeError
+
+
+MMDET_DETRS = {  # MMDetection's own DETR configs, on a ResNet-18 (its channels into the neck)
+    "deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py": [128, 256, 512],
+    "deformable_detr/deformable-detr_r50_16xb2-50e_coco.py": [128, 256, 512],
+    "dab_detr/dab-detr_r50_8xb2-50e_coco.py": [512],
+    "ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py": [128, 256, 512],
+}
+
+
+@pytest.mark.parametrize("config", ["rtmdet_tiny_synthetic.py", "detr_r18_synthetic.py", "dino_r18_synthetic.py",
+                                    *MMDET_DETRS])
+def test_every_layer_is_in_the_curriculum_stage_of_its_first_call(synth, tmp_path, config):
+    """The curriculum trains stages in data-flow order, so no module may first run before a module of an earlier
+    stage has: DINO's decoder calls the head's box branches (reference-point refinement) and scores the encoder's
+    proposals with the head's last branch pair; in the head stage they stayed float and frozen while the decoder
+    that calls them trained, and with Fisher mixed precision switched to 2 bits late (README, "DINO")."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+
+    from detq_hooks.detectors.mmdet import MMDetFamily
+
+    init_default_scope("mmdet")
+    cfg = load_cfg(config if config.endswith("_synthetic.py") else "dino_r18_synthetic.py", synth, tmp_path)
+    if config in MMDET_DETRS:  # the synthetic data's pipeline, MMDetection's model
+        (tmp_path / "cfg.py").write_text(f"_base_ = ['mmdet::{config}']\n")
+        model_cfg = Config.fromfile(str(tmp_path / "cfg.py")).model
+        model_cfg.backbone.update(depth=18, init_cfg=None)
+        model_cfg.neck.in_channels = MMDET_DETRS[config]
+        model_cfg.bbox_head.num_classes = cfg.model.bbox_head.num_classes
+        model_cfg.num_queries = 50  # two-stage models pick their queries among the encoder's 85 tokens at 64 px
+        cfg.model = model_cfg
+    model = MODELS.build(copy.deepcopy(cfg.model))
+    model.init_weights()
+    stages = MMDetFamily().stages(model)
+    first_calls = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: first_calls.append(name))
+               for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    batch = model.data_preprocessor(next(iter(Runner.build_dataloader(cfg.train_dataloader))), True)
+    model.loss(batch["inputs"], batch["data_samples"])
+    for h in handles:
+        h.remove()
+    order = list(dict.fromkeys(first_calls))
+    stage_of = [next(i for i, s in enumerate(stages) if s.contains(n)) for n in order]
+    late = [(n, stages[i].name) for k, (n, i) in enumerate(zip(order, stage_of)) if i > min(stage_of[k:])]
+    assert not late, f"first called before a module of an earlier stage: {late[:5]}"
+    assert len(order) > 20 and stage_of[0] == 0 and stage_of[-1] == len(stages) - 1
 
 
 def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(synth, tmp_path):

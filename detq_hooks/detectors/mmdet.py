@@ -4,7 +4,8 @@ the DETR family), and MMEngine models laid out the same way.
 * Prediction layers: the heads' final class/box convs (``conv_cls``, ``retina_reg``, ``rtm_cls.<i>``, ...) and
   the last layer of each DETR ``cls_branches``/``reg_branches`` MLP. Float-only: TOOD's task-decomposition
   ``reduction_conv`` (its weight is applied with ``bmm``; the conv's forward never runs).
-* Stages: ``backbone`` / neck (with a transformer's encoder, decoder and query embeddings) / head.
+* Stages: ``backbone`` / neck (with a transformer's encoder, decoder and query embeddings, and the head branches
+  the transformer calls: DINO's box refinement, a two-stage DETR's proposal scoring) / head.
 * Head outputs, dense heads: per-level outputs flattened to (B, A, C) logits and boxes decoded by the head's
   own ``bbox_coder`` at its priors; the classifier's inputs as region embeddings; its weight rows as class
   anchors (per level where each level has its own classifier, as in RTMDet). DETR heads: the last decoder
@@ -85,6 +86,13 @@ class MMDetFamily(DetectorFamily):
         middle = [n for n in children if n not in first and n not in head]
         if any(True for _ in model.parameters(recurse=False)):
             middle.append("")  # parameters the detector holds itself (Deformable DETR's level_embed): they feed the encoder
+        if head and middle:
+            # head branches the transformer calls itself join it: a layer trains in the stage of its first call
+            called = self._head_layers_called_by_transformer(model)
+            middle += called
+            in_head = [n for n, _ in model.named_parameters() if n.split(".")[0] in head]
+            if in_head and all(any(n.startswith(c + ".") for c in called) for n in in_head):
+                head = []  # the transformer calls the whole head (two-stage Deformable DETR with shared branches)
         stages = []
         if first:
             stages.append(Stage("backbone", first, outputs=["backbone"]))
@@ -93,6 +101,38 @@ class MMDetFamily(DetectorFamily):
         if head:
             stages.append(Stage("head", head))
         return stages if len(stages) >= 2 else None
+
+    def _head_layers_called_by_transformer(self, model: nn.Module) -> list[str]:
+        """The DETR head's branches that run inside the transformer, before the head's own forward: the box branches
+        refining each decoder layer's reference points (Deformable DETR with box refinement, DINO, DDQ; DAB-DETR's
+        ``fc_reg``), the branches scoring a two-stage model's encoder proposals (index ``num_layers``) and DDQ's
+        classifiers of the inner decoder layers and auxiliary box branches, which its decoder calls to select
+        distinct queries. Left in the head
+        stage they would stay float and frozen while the decoder that calls them trains (README, "DINO")."""
+        if not self._is_detr(model):
+            return []
+        head = model.bbox_head
+        kinds = {c.__name__ for c in type(model).__mro__}
+        names = []
+        if getattr(model, "with_box_refine", False) or "DDQDETR" in kinds:
+            names.append("bbox_head.reg_branches")
+        layers = getattr(getattr(model, "decoder", None), "num_layers", None)
+        for branches in ("cls_branches", "reg_branches") if getattr(model, "as_two_stage", False) else ():
+            container = getattr(head, branches, None)
+            if isinstance(container, nn.ModuleList) and layers is not None and layers < len(container):
+                # a branch shared across layers (no box refinement) goes by its first name, as its parameters do
+                first = next(i for i, m in enumerate(container) if m is container[layers])
+                names.append(f"bbox_head.{branches}.{first}")
+        if "DABDETR" in kinds:
+            names.append("bbox_head.fc_reg")
+        classifiers = getattr(head, "cls_branches", None)
+        if "DDQDETR" in kinds and isinstance(classifiers, nn.ModuleList) and layers is not None:
+            # its decoder scores layers 0..L-2 for the distinct-query selection; the last branch scores dense proposals
+            names += [f"bbox_head.cls_branches.{i}" for i in (*range(layers - 1), len(classifiers) - 1)]
+            names.append("bbox_head.aux_reg_branches")
+        modules = dict(head.named_modules(prefix="bbox_head"))
+        found = [n for n in dict.fromkeys(names) if n in modules]
+        return [n for n in found if not any(n.startswith(f + ".") for f in found)]  # the widest name covers its items
 
     def reconstruction_blocks(self, model: nn.Module) -> list[str]:
         """Children of the backbone, neck and head, with containers (``ModuleList`` of levels or convs)
