@@ -107,8 +107,8 @@ class MMDetFamily(DetectorFamily):
         refining each decoder layer's reference points (Deformable DETR with box refinement, DINO, DDQ; DAB-DETR's
         ``fc_reg``), the branches scoring a two-stage model's encoder proposals (index ``num_layers``) and DDQ's
         classifiers of the inner decoder layers and auxiliary box branches, which its decoder calls to select
-        distinct queries. Left in the head
-        stage they would stay float and frozen while the decoder that calls them trains (README, "DINO")."""
+        distinct queries. Left in the head stage they would stay float and frozen while the decoder that calls them
+        trains (README, "DINO")."""
         if not self._is_detr(model):
             return []
         head = model.bbox_head
