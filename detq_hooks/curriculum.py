@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -186,19 +187,65 @@ class CurriculumSchedule:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
-        return {"current": self.current, "stages": [s.name for s in self.stages], "boundaries": list(self.boundaries)}
+        # The prefixes are saved too: a stage's name says nothing of which layers it holds, and a resumed run
+        # must freeze and quantize the same layers as the run that wrote the checkpoint.
+        return {"current": self.current, "stages": [s.name for s in self.stages], "boundaries": list(self.boundaries),
+                "prefixes": [list(s.prefixes) for s in self.stages], "outputs": [list(s.outputs) for s in self.stages]}
 
     def load_state_dict(self, state: dict, model: Optional[nn.Module] = None) -> None:
+        """Resume the saved stage. Raises :class:`RecipeError` when the checkpoint's curriculum differs from this
+        run's: other stage names or boundaries, or the same names holding other parameters (a recipe whose
+        ``curriculum.stages`` changed, or a detector family whose default stages changed between versions)."""
         names = [s.name for s in self.stages]
         if state.get("stages") != names or [float(b) for b in state.get("boundaries", [])] != self.boundaries:
             raise RecipeError(
                 f"the checkpoint's curriculum (stages {state.get('stages')}, boundaries {state.get('boundaries')}) "
                 f"differs from this run's (stages {names}, boundaries {self.boundaries})"
             )
-        if model is not None and state.get("current", -1) >= 0:
-            self.apply(model, int(state["current"]))
+        current = int(state.get("current", -1))
+        if state.get("prefixes") is not None:
+            self._check_same_assignment(state["prefixes"], state.get("outputs"), model)
+        elif 0 <= current < len(self.stages) - 1:
+            warnings.warn(
+                f"the checkpoint's curriculum state (stage {current + 1}/{len(self.stages)}, "
+                f"{self.stages[current].name!r}) does not record which layers each stage holds (written before "
+                "detq-hooks saved it); resuming with this run's stages, which may freeze other layers than the run "
+                "that wrote it",
+                stacklevel=2,
+            )
+        if model is not None and current >= 0:
+            self.apply(model, current)
         else:
-            self.current = int(state.get("current", -1))
+            self.current = current
+
+    def _check_same_assignment(self, saved_prefixes: Sequence[Sequence[str]],
+                               saved_outputs: Optional[Sequence[Sequence[str]]], model: Optional[nn.Module]) -> None:
+        saved = [Stage(s.name, list(p)) for s, p in zip(self.stages, saved_prefixes)]
+        if model is None:  # nothing to compare the assignments on: the prefixes themselves must agree
+            if [list(p) for p in saved_prefixes] == [list(s.prefixes) for s in self.stages]:
+                return
+            moved = [f"{s.name}: {p} in the checkpoint, {s.prefixes} now" for s, p in zip(self.stages, saved_prefixes)
+                     if list(p) != list(s.prefixes)]
+        else:
+            # Different prefixes that select the same parameters are the same curriculum.
+            try:
+                theirs = assign_parameters(model, saved)
+            except RecipeError as err:
+                raise RecipeError(f"the checkpoint's curriculum stages do not fit this model: {err}") from None
+            ours = self._param_stage or assign_parameters(model, self.stages)
+            if theirs == ours:
+                return
+            moved = [f"{n} ({self.stages[theirs[n]].name} in the checkpoint, {self.stages[ours[n]].name} now)"
+                     for n in ours if theirs.get(n) != ours[n]]
+        recipe = [{"name": s.name, "modules": list(p)} for s, p in zip(self.stages, saved_prefixes)]
+        for spec, outputs in zip(recipe, saved_outputs or []):
+            if outputs:
+                spec["outputs"] = list(outputs)
+        raise RecipeError(
+            f"the checkpoint's curriculum stages hold other layers than this run's ({len(moved)} differ, e.g. "
+            f"{moved[:3]}); to resume the run as it was, give its stages in the recipe: "
+            f"curriculum.stages = {recipe}"
+        )
 
 
 def _force_eval(module: nn.Module, args) -> None:

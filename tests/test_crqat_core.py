@@ -102,6 +102,34 @@ def test_schedule_state_resumes_the_same_stage():
         CurriculumSchedule(STAGES, [0.5]).load_state_dict(state, model2)
 
 
+def test_resume_refuses_stages_that_hold_other_layers():
+    """Same stage names and boundaries but other layers per stage (a changed recipe, or a family whose default
+    stages changed between versions): resuming must not silently freeze other layers."""
+    model, _ = _student_and_teacher()
+    sched = CurriculumSchedule(STAGES, [1 / 3])
+    sched.update(model, 0.0)
+    state = sched.state_dict()
+    assert state["prefixes"] == [["backbone"], ["neck", "cls_head", "box_head", "pool_fc"]]
+    # Other prefixes selecting the same parameters are the same curriculum.
+    same = [Stage("backbone", ["backbone.*", "re:^backbone$"]), Stage("neck+head", ["neck", "cls_head", "box_head", "pool_fc"])]
+    resumed = CurriculumSchedule(same, [1 / 3])
+    resumed.load_state_dict(state, copy.deepcopy(model))
+    assert resumed.current == 0
+    moved = [Stage("backbone", ["backbone", "neck"]), Stage("neck+head", ["cls_head", "box_head", "pool_fc"])]
+    other = copy.deepcopy(model)
+    before = {n: q.enabled for n, q in other.named_modules() if n.endswith("_quantizer")}
+    with pytest.raises(RecipeError, match=r"hold other layers than this run's \(\d+ differ, e\.g\. \['neck\.[^']* \(neck\+head "
+                       r"in the checkpoint, backbone now\)'.*curriculum\.stages = \[\{'name': 'backbone', 'modules': \['backbone'\]"):
+        CurriculumSchedule(moved, [1 / 3]).load_state_dict(state, other)
+    assert {n: q.enabled for n, q in other.named_modules() if n.endswith("_quantizer")} == before  # nothing applied
+    with pytest.raises(RecipeError, match=r"neck\+head: \['neck', 'cls_head', 'box_head', 'pool_fc'\] in the checkpoint"):
+        CurriculumSchedule(moved, [1 / 3]).load_state_dict(state)  # no model: the prefixes themselves must agree
+    # A checkpoint written before the prefixes were saved resumes mid-curriculum with a warning, not silently.
+    old = {k: v for k, v in state.items() if k not in ("prefixes", "outputs")}
+    with pytest.warns(UserWarning, match=r"stage 1/2, 'backbone'\) does not record which layers each stage holds"):
+        CurriculumSchedule(moved, [1 / 3]).load_state_dict(old, copy.deepcopy(model))
+
+
 def test_stage_matching_errors():
     model, _ = _student_and_teacher()
     with pytest.raises(RecipeError, match="matches no parameter"):

@@ -21,6 +21,7 @@ from detq_hooks.evaluation import coco_evaluate
 from detq_hooks.fisher import FisherError, FisherRegularizer
 from detq_hooks.fisher_report import ap_drop_table, bits_table, save_ap_drop_plot, save_bits_plot
 from detq_hooks.loss_terms import StepContext
+from detq_hooks.quantizers import quantizer_mode
 from detq_hooks.ranges import calibrate_weight_quantizer
 from detq_hooks.recipe import RecipeError, load_recipe
 from detq_hooks.session import QuantSession
@@ -626,6 +627,43 @@ def test_session_fisher_regulariser_term_and_critical_classes():
     assert s.critical_class_ids(net, ["person", "car", "dog"]) == [0, 2]
     with pytest.raises(FisherError, match=r"'dog' but the trainer gives no class names"):
         s.critical_class_ids(net)  # the generic family knows no class names
+
+
+def test_regulariser_leaves_out_the_curriculum_stages_still_frozen():
+    """In curriculum stage 1 the later stages are float and frozen: the penalty is the trace over the first
+    stage's weights only, and its gradient there is that trace's Hessian-vector product, with no push from the
+    frozen stages' gradient norm (the curriculum's gradient hooks zero their gradients inside the penalty's own
+    `autograd.grad` too)."""
+    stages = [{"name": "first", "modules": ["0"]}, {"name": "rest", "modules": ["2", "4", "6"]}]
+    net, session = session_mlp({"preset": "w4a8-fisher", "curriculum": {"enabled": True, "stages": stages,
+                                                                       "boundaries": [0.5]}})
+    term = session.add_fisher_regularizer(net, lambda ctx: mse(ctx.model, ctx.batch))
+    term.every = 1
+    session.start_training(net)
+    batch = data(1)[0]
+    first = net[0].weight
+
+    def by_hand(weights):  # the trace and its gradient on `first`, as the term computes them (eval, reference)
+        net.eval()
+        with quantizer_mode("reference"):
+            grads = torch.autograd.grad(mse(net, batch), weights, create_graph=True)
+            trace = sum(g.pow(2).sum() for g in grads)
+            (hv,) = torch.autograd.grad(trace, [first])
+        net.train()
+        return trace.item(), hv
+
+    full_trace = by_hand([m.weight for _, m in quantized_layers(net)])[0]
+    session.before_step(net, 0.2)  # stage 1 of 2, λ past the 10 % warm-up
+    net.zero_grad()
+    penalty = session.loss_terms(net, batch)["fisher_reg"]
+    penalty.backward()
+    trace, hv = by_hand([first])
+    assert term.last_trace == pytest.approx(trace, rel=1e-5) and full_trace > 1.5 * trace
+    torch.testing.assert_close(first.grad, term.weight * term.last_scale * hv, rtol=1e-4, atol=1e-7)
+    assert all(float(net[i].weight.grad.abs().max()) == 0.0 for i in (2, 4, 6))  # the curriculum's hooks
+    session.before_step(net, 0.9)  # last stage: every quantized weight
+    session.loss_terms(net, batch)
+    assert term.last_trace == pytest.approx(by_hand([m.weight for _, m in quantized_layers(net)])[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("hvp", ["double", "finite_difference"])
