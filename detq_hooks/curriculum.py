@@ -192,10 +192,20 @@ class CurriculumSchedule:
         return {"current": self.current, "stages": [s.name for s in self.stages], "boundaries": list(self.boundaries),
                 "prefixes": [list(s.prefixes) for s in self.stages], "outputs": [list(s.outputs) for s in self.stages]}
 
-    def load_state_dict(self, state: dict, model: Optional[nn.Module] = None) -> None:
-        """Resume the saved stage. Raises :class:`RecipeError` when the checkpoint's curriculum differs from this
-        run's: other stage names or boundaries, or the same names holding other parameters (a recipe whose
-        ``curriculum.stages`` changed, or a detector family whose default stages changed between versions)."""
+    def load_state_dict(self, state: dict, model: Optional[nn.Module] = None, *, check: bool = True) -> None:
+        """Resume the saved stage (after :meth:`check_state`, unless the caller ran it: ``check=False``)."""
+        if check:
+            self.check_state(state, model)
+        current = int(state.get("current", -1))
+        if model is not None and current >= 0:
+            self.apply(model, current)
+        else:
+            self.current = current
+
+    def check_state(self, state: dict, model: Optional[nn.Module] = None) -> None:
+        """Raises :class:`RecipeError` when the checkpoint's curriculum differs from this run's: other stage
+        names or boundaries, or the same names holding other parameters (a recipe whose ``curriculum.stages``
+        changed, or a detector family whose default stages changed between versions). Changes nothing."""
         names = [s.name for s in self.stages]
         if state.get("stages") != names or [float(b) for b in state.get("boundaries", [])] != self.boundaries:
             raise RecipeError(
@@ -211,12 +221,8 @@ class CurriculumSchedule:
                 f"{self.stages[current].name!r}) does not record which layers each stage holds (written before "
                 "detq-hooks saved it); resuming with this run's stages, which may freeze other layers than the run "
                 "that wrote it",
-                stacklevel=2,
+                stacklevel=3,
             )
-        if model is not None and current >= 0:
-            self.apply(model, current)
-        else:
-            self.current = current
 
     def _check_same_assignment(self, saved_prefixes: Sequence[Sequence[str]],
                                saved_outputs: Optional[Sequence[Sequence[str]]], model: Optional[nn.Module]) -> None:

@@ -649,12 +649,15 @@ class QuantSession:
         entry = read_state(entry, source=source)
         if entry is None:
             return
-        if entry.get("quantizer_state"):
-            load_quantizer_state(model, entry["quantizer_state"])
-        if resume and self.schedule is not None:
+        resume_curriculum = resume and self.schedule is not None
+        if resume_curriculum:  # checked before anything is loaded
             if entry.get("curriculum") is None:
                 raise CheckpointMismatchError(f"{source} has no curriculum state but this run's recipe has a curriculum")
-            self.schedule.load_state_dict(entry["curriculum"], model)
+            self.schedule.check_state(entry["curriculum"], model)
+        if entry.get("quantizer_state"):
+            load_quantizer_state(model, entry["quantizer_state"])
+        if resume_curriculum:
+            self.schedule.load_state_dict(entry["curriculum"], model, check=False)
         if self.teacher is not None and not self.recipe.distillation.teacher and (resume or entry.get("teacher")):
             saved = entry.get("teacher")
             if saved is None:

@@ -378,6 +378,25 @@ def test_before_the_last_stage_the_teacher_runs_only_as_far_as_the_started_stage
     assert set(session.last_terms) >= {"distill_pkd_stage1", "distill_relational", "distill_logit", "distill_box"}
 
 
+def test_session_resume_with_stages_that_moved_is_refused_before_anything_is_loaded():
+    """A checkpoint whose stages hold other layers (here the neck moved into the first stage) is refused by the
+    session before its quantizer state is copied: the model's quantizers keep their values and flags."""
+    module, session, batch = _point_detector_session()
+    session.start_training(module, progress=0.0)
+    entry = session.state(module, quantizer_state=True)
+    entry["curriculum"]["prefixes"][0].append("detector.neck")
+    entry["curriculum"]["prefixes"][1].remove("detector.neck")
+    for k, v in entry["quantizer_state"].items():
+        entry["quantizer_state"][k] = v * 2 if torch.is_tensor(v) and v.is_floating_point() else v
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flags = [q.enabled for n, q in module.named_modules() if n.endswith("_quantizer")]
+    with pytest.raises(RecipeError, match=r"hold other layers than this run's \(\d+ differ, e\.g\. \['detector\.neck\."
+                                          r"[^']* \(backbone in the checkpoint, neck_head now\)'"):
+        session.load_state(module, entry)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+    assert [q.enabled for n, q in module.named_modules() if n.endswith("_quantizer")] == flags
+
+
 def test_the_teacher_runs_whole_when_a_distilled_module_runs_twice_per_forward():
     """A stage output module called twice per forward (a shared block) is read at its last call: the teacher
     is not cut short after the first one."""
