@@ -344,6 +344,9 @@ MMDET_DETRS = {  # MMDetection's own DETR configs, on a ResNet-18 (its channels 
     "deformable_detr/deformable-detr_r50_16xb2-50e_coco.py": [128, 256, 512],
     "dab_detr/dab-detr_r50_8xb2-50e_coco.py": [512],
     "ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py": [128, 256, 512],
+    # two-stage without box refinement (no such config ships): its branches are one shared pair, which scores the
+    # encoder's proposals, so the transformer calls the whole head and the family drops the head stage
+    "deformable_detr/deformable-detr_r50_16xb2-50e_coco.py+as_two_stage": [128, 256, 512],
 }
 
 
@@ -363,8 +366,11 @@ def test_every_layer_is_in_the_curriculum_stage_of_its_first_call(synth, tmp_pat
     init_default_scope("mmdet")
     cfg = load_cfg(config if config.endswith("_synthetic.py") else "dino_r18_synthetic.py", synth, tmp_path)
     if config in MMDET_DETRS:  # the synthetic data's pipeline, MMDetection's model
-        (tmp_path / "cfg.py").write_text(f"_base_ = ['mmdet::{config}']\n")
+        path, _, flag = config.partition("+")
+        (tmp_path / "cfg.py").write_text(f"_base_ = ['mmdet::{path}']\n")
         model_cfg = Config.fromfile(str(tmp_path / "cfg.py")).model
+        if flag:
+            model_cfg[flag] = True
         model_cfg.backbone.update(depth=18, init_cfg=None)
         model_cfg.neck.in_channels = MMDET_DETRS[config]
         model_cfg.bbox_head.num_classes = cfg.model.bbox_head.num_classes
@@ -385,6 +391,8 @@ def test_every_layer_is_in_the_curriculum_stage_of_its_first_call(synth, tmp_pat
     late = [(n, stages[i].name) for k, (n, i) in enumerate(zip(order, stage_of)) if i > min(stage_of[k:])]
     assert not late, f"first called before a module of an earlier stage: {late[:5]}"
     assert len(order) > 20 and stage_of[0] == 0 and stage_of[-1] == len(stages) - 1
+    if config.endswith("+as_two_stage"):
+        assert [s.name for s in stages] == ["backbone", "neck"]
 
 
 def test_crqat_on_dino_stages_cover_the_detector_and_query_terms_are_distilled(synth, tmp_path):
