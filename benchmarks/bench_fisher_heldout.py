@@ -13,7 +13,9 @@ plain QAT of the same bits and seed) are paired: every model is scored on the sa
         --out benchmarks/results/fisher_heldout]
 
 ``--study`` is a study's ``--out`` folder, or a folder of them (``seed0/``, ``seed1/`` as the suite writes them);
-the study's own settings are read from its ``results.json``. The goal (issue: Fisher-aware quantization): critical
+the study's own settings are read from its ``results.json``. Studies of several regulariser weights (``--reg-weight``)
+are scored side by side: their regularised variants are named with their λ (``both λ=0.003``), and a recipe that two
+studies share (``plain``, ``crqat``: no λ) is scored once. The goal (issue: Fisher-aware quantization): critical
 mAP at 4 bits within 3 % of float where plain QAT loses clearly more, overall mAP not lower than plain QAT.
 Results: ``<out>/heldout.json``, ``<out>/heldout.md``, ``<out>/heldout.png``.
 """
@@ -89,14 +91,23 @@ def main(argv=None) -> int:
     finetune = studies[0] / "runs" / "float_finetune" / "weights" / "best.pt"
     if finetune.is_file():
         models["float_finetune"] = finetune
-    rows = []
+    rows, seen = [], set()
+    reg_weight = {study: json.loads((study / "results.json").read_text())["config"].get("reg_weight")
+                  for study in studies}
     for study in studies:
         for r in json.loads((study / "results.json").read_text())["rows"]:
+            variant = r["variant"]
+            if len(set(reg_weight.values())) > 1 and variant in REGULARISED:  # studies of several λ, side by side
+                variant = f"{variant} λ={float(reg_weight[study]):g}"
+            if (r["bits"], variant, r["seed"]) in seen:  # the same recipe and seed in another study: scored once
+                continue
+            seen.add((r["bits"], variant, r["seed"]))
             best = study / "runs" / r["run"] / "weights" / "best.pt"
             if not best.is_file():
                 raise SystemExit(f"{best} is missing: the study's trained models are needed (nothing is retrained)")
-            models[r["run"]] = best
-            rows.append({"run": r["run"], "bits": r["bits"], "variant": r["variant"], "seed": r["seed"],
+            name = r["run"] if r["run"] not in models else f"{study.name}/{r['run']}"
+            models[name] = best
+            rows.append({"run": name, "bits": r["bits"], "variant": variant, "seed": r["seed"],
                          "study_map50_95": r["map50_95"], "study_critical_map50_95": r["critical_map50_95"]})
 
     matches = {}
@@ -154,6 +165,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 FISHER_VARIANTS = ("mp", "reg", "both", "crqat-fisher")
+REGULARISED = ("reg", "both", "crqat-fisher")  # the variants whose recipe holds the study's λ
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -163,7 +175,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     overall mAP is not clearly below plain's (that difference's interval reaches 0)."""
     lines = []
     for r in rows:
-        if r["variant"] not in FISHER_VARIANTS or "critical_vs_plain" not in r:
+        if r["variant"].split(" ")[0] not in FISHER_VARIANTS or "critical_vs_plain" not in r:
             continue
         plain = next(p for p in rows if p["variant"] == "plain" and (p["bits"], p["seed"]) == (r["bits"], r["seed"]))
         applies = plain["critical_kept_ci"][1] < GOAL_KEPT

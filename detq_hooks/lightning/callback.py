@@ -312,8 +312,7 @@ class DetQCallback(Callback):
             self.last_calibration = run(model, batches(), fwd, family_batch=lambda b: self._family_batch(pl_module, b))
             plan = self.last_calibration.mixed_precision
             if plan is not None:
-                rank_zero_info(f"DetQCallback: Fisher mixed precision: {plan.used:.3f} average weight bits (budget "
-                               f"{plan.budget}), bits {sorted(set(plan.allocation.values()))} over {len(plan.allocation)} layers")
+                rank_zero_info(f"DetQCallback: Fisher mixed precision: {plan.summary()}")
         finally:
             pl_module.train(was)
 

@@ -333,9 +333,7 @@ class DetQHook(Hook):
         result = run(model, loader, mmdet_forward, family_batch=lambda batch: family_batch(model, batch))
         if result.mixed_precision is not None:
             plan = result.mixed_precision
-            runner.logger.info(f"DetQHook: Fisher mixed precision: {plan.used:.3f} average weight bits (budget "
-                               f"{plan.budget}), bits {sorted(set(plan.allocation.values()))} over "
-                               f"{len(plan.allocation)} layers")
+            runner.logger.info(f"DetQHook: Fisher mixed precision: {plan.summary()}")
         runner.logger.info(f"DetQHook: calibrated {len(result.ranges)} activation ranges on {result.num_batches} "
                            f"batches ({result.method})")
         # EMAHook copied the model in its before_run, before calibration; its first update copies again, but a

@@ -373,8 +373,7 @@ class _DetQMixin:
             model, self.train_loader, forward, progress=True, family_batch=lambda b: self.preprocess_batch(dict(b)))
         plan = res.mixed_precision
         if plan is not None and RANK in {-1, 0}:
-            LOGGER.info(f"detq: Fisher mixed precision: {plan.used:.3f} average weight bits (budget {plan.budget}), "
-                        f"bits {sorted(set(plan.allocation.values()))} over {len(plan.allocation)} layers")
+            LOGGER.info(f"detq: Fisher mixed precision: {plan.summary()}")
         if RANK in {-1, 0}:
             LOGGER.info(f"detq: calibrated {len(res.ranges)} activation ranges on {res.num_batches} training batches ({res.method})")
         return res
