@@ -6,9 +6,7 @@ feeds) instead of the family's three: ``bench_fisher_mmdet.py`` with each recipe
 Every ``bench_fisher_mmdet.py`` argument applies; a variant ending in ``-2st`` is that variant with two stages.
 Two more variants take CR-QAT + Fisher apart: ``crqat-mp`` (CR-QAT with Fisher mixed precision only) and
 ``crqat-reg`` (CR-QAT with the Fisher-trace regulariser only), each also with ``-2st``. It measured why CR-QAT +
-Fisher broke on the slim DINO (README, Results, "DINO, `crqat-dino`"). A variant ending in ``-sw`` (``crqat-fisher-sw``,
-``crqat-mp-sw``) turns on ``mixed_precision.stage_weighting``: each layer's Fisher error counts by the share of the
-training it gets quantized under the curriculum.
+Fisher broke on the slim DINO (README, Results, "DINO, `crqat-dino`").
 """
 import sys
 from pathlib import Path
@@ -25,12 +23,6 @@ ABLATIONS = {"crqat-mp": "fisher_regularizer", "crqat-reg": "mixed_precision"}  
 
 
 def variant_recipe(bits, variant, critical, avg_bits, reg_weight, reg_every):
-    weighted = variant.endswith("-sw")
-    if weighted:
-        recipe = variant_recipe(bits, variant[:-3], critical, avg_bits, reg_weight, reg_every)
-        recipe["mixed_precision"] = dict(recipe["mixed_precision"], stage_weighting=True)
-        recipe["name"] = f"{bits}-{variant}"
-        return recipe
     two = variant.endswith("-2st")
     base = variant[:-4] if two else variant
     recipe = _variant_recipe(bits, "crqat-fisher" if base in ABLATIONS else base, critical, avg_bits, reg_weight,

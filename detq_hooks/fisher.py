@@ -466,16 +466,11 @@ class MixedPrecisionPlan:
     used: float
     objective: float
     uniform_objective: dict[int, float] = field(default_factory=dict)  # Σ Ω at each uniform width (free layers)
-    layer_weights: dict[str, float] = field(default_factory=dict)  # factors on Ωᵢ other than 1 (stage weighting)
 
     def summary(self) -> str:
         """One line for the trainers' logs: ``3.979 average weight bits (budget …), bits [2, 4, 8] over 87 layers``."""
-        line = (f"{self.used:.3f} average weight bits (budget {self.budget}), bits {sorted(set(self.allocation.values()))} "
+        return (f"{self.used:.3f} average weight bits (budget {self.budget}), bits {sorted(set(self.allocation.values()))} "
                 f"over {len(self.allocation)} layers")
-        if self.layer_weights:
-            factors = sorted(set(round(w, 3) for w in self.layer_weights.values()))
-            line += f"; stage-weighted: {len(self.layer_weights)} layers' error x{factors}"
-        return line
 
 
 def plan_mixed_precision(
@@ -488,12 +483,10 @@ def plan_mixed_precision(
     macs: Optional[Mapping[str, int]] = None,
     method: Optional[str] = None,
     p: Optional[float] = None,
-    layer_weights: Optional[Mapping[str, float]] = None,
 ) -> MixedPrecisionPlan:
     """Fisher-aware bits for a converted model (the model is not changed; :func:`apply_bits` applies them).
 
-    ``Ωᵢ(b) = tr Fᵢ·‖Q_b(Wᵢ) − Wᵢ‖²``, times ``layer_weights[i]`` where given (default 1; see
-    :func:`stage_weights`). Layers the recipe pins (role ``first`` / ``prediction``) keep their
+    ``Ωᵢ(b) = tr Fᵢ·‖Q_b(Wᵢ) − Wᵢ‖²``. Layers the recipe pins (role ``first`` / ``prediction``) keep their
     bits and count in the budget, as do layers a recipe rule gives ``weight_bits``; ``pinned`` adds more.
     ``size_mb`` counts every other parameter at fp32.
     """
@@ -530,38 +523,13 @@ def plan_mixed_precision(
                       "random weights with BatchNorms never trained, or batches without the critical classes); bits "
                       "are allocated by quantization error alone", stacklevel=2)
         floor = 1.0
-    factors = {n: float(w) for n, w in (layer_weights or {}).items() if float(w) != 1.0}
-    unknown = [n for n in factors if n not in layers]
-    if unknown:
-        raise FisherError(f"`layer_weights` names {unknown[0]!r}, which is not a quantized layer")
-    if any(not (w > 0 and math.isfinite(w)) for w in factors.values()):
-        raise FisherError(f"`layer_weights` must be finite and > 0, got {factors}")
-    omega = {n: {b: max(float(traces[n]), floor) * factors.get(n, 1.0) * e for b, e in errs.items()}
-             for n, errs in errors.items()}
+    omega = {n: {b: max(float(traces[n]), floor) * e for b, e in errs.items()} for n, errs in errors.items()}
     quantized_weight_ids = {id(m.weight) for m in layers.values()}
     fixed_bits = 32 * sum(t.numel() for t in model.parameters() if id(t) not in quantized_weight_ids)
     alloc = allocate_bits(omega, sizes, cands, budget, pins, macs=macs, fixed_bits=fixed_bits)
     uniform = {b: sum(o[b] for o in omega.values()) for b in cands}
     return MixedPrecisionPlan(alloc.bits, {n: float(traces[n]) for n in layers}, errors, sizes, pins, dict(budget),
-                              alloc.used, alloc.objective, uniform, {n: w for n, w in factors.items() if n in errors})
-
-
-def stage_weights(model: nn.Module, stages, boundaries: Sequence[float]) -> dict[str, float]:
-    """Per quantized layer, ``1 / (fraction of the budget it trains quantized)`` under a curriculum: a layer of the
-    stage that starts at fraction ``s`` of the budget gets ``1 / (1 − s)`` (the first stage 1; with three equal
-    stages 1, 1.5 and 3). Bits below the uniform width need training to recover from, and a curriculum gives its
-    last stages the fewest steps, at the schedule's lowest learning rates; weighting their error by the time they
-    lack steers the narrow widths to the layers that train longest. Without a curriculum every factor is 1."""
-    from .curriculum import assign_parameters
-
-    owner = assign_parameters(model, stages)
-    starts = [0.0, *[float(b) for b in boundaries]]
-    out = {}
-    for name, module in quantized_layers(model):
-        stage = owner.get(f"{name}.weight" if name else "weight")
-        if stage is not None and starts[stage] > 0:
-            out[name] = 1.0 / max(1.0 - starts[stage], 1e-6)
-    return out
+                              alloc.used, alloc.objective, uniform)
 
 
 def apply_bits(model: nn.Module, allocation: Mapping[str, int], *, method: Optional[str] = None,
@@ -647,12 +615,10 @@ def mixed_precision_from_recipe(
     *,
     macs: Optional[Mapping[str, int]] = None,
     apply: bool = True,
-    layer_weights: Optional[Mapping[str, float]] = None,
 ) -> MixedPrecisionPlan:
     """The recipe's ``mixed_precision`` on a converted model: estimate the traces (``estimator``,
     ``num_batches``), solve for the bits and (``apply``) set them. ``loss_fn`` is the recipe's ``objective``
-    (see :func:`sensitivity_loss`); ``layer_weights`` scale each layer's objective (``stage_weighting``). Nothing
-    is applied when any step fails."""
+    (see :func:`sensitivity_loss`). Nothing is applied when any step fails."""
     if section.budget is None:
         raise FisherError("`mixed_precision.budget` is missing")
     _quantized_weights(model, "mixed precision")
@@ -663,8 +629,7 @@ def mixed_precision_from_recipe(
         traces = fisher_traces(model, batches, loss_fn, num_batches=section.num_batches)
     if "bops_ratio" in section.budget and macs is None:
         raise FisherError("a `bops_ratio` budget needs `macs` (see layer_macs)")
-    plan = plan_mixed_precision(model, traces, budget=section.budget, candidates=section.candidates, macs=macs,
-                                layer_weights=layer_weights)
+    plan = plan_mixed_precision(model, traces, budget=section.budget, candidates=section.candidates, macs=macs)
     if apply:
         apply_bits(model, plan.allocation)
     return plan

@@ -450,9 +450,6 @@ class MixedPrecisionSection(_Section):
         num_batches: calibration batches of the Fisher estimate.
         estimator: ``empirical`` (mean ‖∇_W ℓ‖²) or ``hutchinson`` (E[vᵀHv], Rademacher v).
         hutchinson_samples: probe vectors per batch for ``hutchinson``.
-        stage_weighting: with a curriculum, each layer's ``Ωᵢ`` counts ``1 / (fraction of the budget it trains
-            quantized)`` (1, 1.5, 3 for three equal stages), so the narrow widths go to the stages that train
-            longest; without a curriculum it changes nothing.
     The layers the recipe pins (``quantization.first_layer_bits`` / ``prediction_layer_bits``) keep their bits.
     """
 
@@ -463,7 +460,6 @@ class MixedPrecisionSection(_Section):
     num_batches: int = 8
     estimator: str = "empirical"
     hutchinson_samples: int = 1
-    stage_weighting: bool = False
 
     _path = "mixed_precision"
 
@@ -484,7 +480,6 @@ class MixedPrecisionSection(_Section):
         _check_positive_int("mixed_precision.num_batches", self.num_batches)
         _check_choice("mixed_precision.estimator", self.estimator, FISHER_ESTIMATORS)
         _check_positive_int("mixed_precision.hutchinson_samples", self.hutchinson_samples)
-        _check_type("mixed_precision.stage_weighting", self.stage_weighting, bool)
 
 
 def check_budget(budget: Any, where: str = "mixed_precision.budget") -> tuple[str, float]:

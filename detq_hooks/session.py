@@ -422,18 +422,8 @@ class QuantSession:
         with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
             batches = (tree_map(_ordinary_tensor, b) for b in batches)  # lazily: a loader is read only as far as needed
             self.last_mixed_precision = mixed_precision_from_recipe(model, batches, loss_fn, self.recipe.mixed_precision,
-                                                                    macs=macs, layer_weights=self._stage_weights(model))
+                                                                    macs=macs)
         return self.last_mixed_precision
-
-    def _stage_weights(self, model: nn.Module) -> Optional[dict[str, float]]:
-        """``mixed_precision.stage_weighting``: each layer's share of the training it gets quantized, from the
-        curriculum this session planned at :meth:`convert` (``None``: no weighting)."""
-        cur = self.recipe.curriculum
-        if not (self.recipe.mixed_precision.stage_weighting and cur.enabled and self.stages):
-            return None
-        from .fisher import stage_weights
-
-        return stage_weights(model, self.stages, cur.boundaries_for(len(self.stages)))
 
     def add_fisher_regularizer(self, model: nn.Module,
                                critical_loss: Optional[Callable[[StepContext], torch.Tensor]] = None):

@@ -611,6 +611,9 @@ def test_session_mixed_precision_from_the_recipe_and_its_bad_budgets():
     s3.recipe.mixed_precision.budget = {"avg_weight_bits": 2.947369}  # the budget it names is feasible
     assert s3.mixed_precision(net3, data(2), mse).allocation == {"0": 8, "2": 2, "4": 2, "6": 8}
     assert QuantSession("w4a8").mixed_precision(net3, data(1), mse) is None  # not enabled: nothing done
+    # the line each trainer logs
+    assert s3.last_mixed_precision.summary() == ("2.947 average weight bits (budget {'avg_weight_bits': 2.947369}), "
+                                                 "bits [2, 8] over 4 layers")
 
 
 def test_session_fisher_regulariser_term_and_critical_classes():
@@ -664,45 +667,6 @@ def test_regulariser_leaves_out_the_curriculum_stages_still_frozen():
     session.before_step(net, 0.9)  # last stage: every quantized weight
     session.loss_terms(net, batch)
     assert term.last_trace == pytest.approx(by_hand([m.weight for _, m in quantized_layers(net)])[0], rel=1e-5)
-
-
-def test_stage_weighting_counts_each_layer_by_the_training_it_gets_quantized():
-    """``mixed_precision.stage_weighting``: under a curriculum of three equal stages each layer's objective counts
-    1, 1.5 and 3 (1 / the fraction of the budget it trains quantized); the solver then gives the narrow width to the
-    first stage's layer where the unweighted plan gave it to the last stage's; without a curriculum it is a no-op."""
-    stages = [{"name": "a", "modules": ["0"]}, {"name": "b", "modules": ["2"]}, {"name": "c", "modules": ["4", "6"]}]
-    recipe = {"preset": "w4a8-fisher", "curriculum": {"enabled": True, "stages": stages},
-              "mixed_precision": {"stage_weighting": True}}
-    net, session = session_mlp(recipe, calibrate=False)
-    weights = session._stage_weights(net)
-    assert weights == {"2": pytest.approx(1.5), "4": pytest.approx(3.0), "6": pytest.approx(3.0)}
-    assert fisher.stage_weights(net, session.stages, [0.5, 0.75]) == {"2": 2.0, "4": 4.0, "6": 4.0}
-
-    # the free layers "2" and "4" (16x16 each) with "4" the more sensitive by less than the weighting's 2x
-    errors = {n: {b: fisher.quantization_error(m, b) for b in (2, 4, 8)} for n, m in quantized_layers(net)}
-    traces = {n: 1.0 for n in errors}
-    traces["2"] = 1.5 * errors["4"][2] / errors["2"][2]  # Ω₂(2) is 1.5x Ω₄(2): unweighted, "4" takes 2 bits
-    budget = {"avg_weight_bits": (96 * 8 + 256 * 2 + 256 * 8) / 608}  # of {2, 8}: one free layer at 2 bits, one at 8
-    plain = fisher.plan_mixed_precision(net, traces, budget=budget, candidates=(2, 8))
-    weighted = fisher.plan_mixed_precision(net, traces, budget=budget, candidates=(2, 8), layer_weights=weights)
-    assert (plain.allocation["2"], plain.allocation["4"]) == (8, 2)
-    assert (weighted.allocation["2"], weighted.allocation["4"]) == (2, 8)
-    assert weighted.layer_weights == pytest.approx({"2": 1.5, "4": 3.0}) and plain.layer_weights == {}  # free layers'
-    with pytest.raises(FisherError, match=r"`layer_weights` names 'head', which is not a quantized layer"):
-        fisher.plan_mixed_precision(net, traces, budget=budget, layer_weights={"head": 2.0})
-    with pytest.raises(FisherError, match=r"`layer_weights` must be finite and > 0"):
-        fisher.plan_mixed_precision(net, traces, budget=budget, layer_weights={"2": 0.0})
-
-    # through the session's calibration: the plan it makes is the weighted one
-    net2, s2 = session_mlp({**recipe, "mixed_precision": {"stage_weighting": True, "budget": budget, "candidates": [2, 8]}})
-    assert s2.last_mixed_precision.layer_weights == pytest.approx({"2": 1.5, "4": 3.0})
-    assert s2.last_mixed_precision.summary().endswith("over 4 layers; stage-weighted: 2 layers' error x[1.5, 3.0]")
-    # no curriculum, or the option off: no weighting
-    assert session_mlp({"preset": "w4a8-fisher", "mixed_precision": {"stage_weighting": True}},
-                       calibrate=False)[1]._stage_weights(net) is None
-    assert session_mlp({**recipe, "mixed_precision": {"stage_weighting": False}}, calibrate=False)[1]._stage_weights(net) is None
-    with pytest.raises(RecipeError, match=r"`mixed_precision.stage_weighting` = 'yes'"):
-        load_recipe({"preset": "w4a8-fisher", "mixed_precision": {"stage_weighting": "yes"}})
 
 
 @pytest.mark.parametrize("hvp", ["double", "finite_difference"])

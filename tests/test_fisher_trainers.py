@@ -114,39 +114,6 @@ def test_ultralytics_fisher_recipe_end_to_end_and_resume(ds, tmp_path):
     assert "metrics/critical_mAP50-95(B)" in header and "fisher_reg" in header
 
 
-def test_ultralytics_stage_weighted_mixed_precision_under_the_curriculum(ds, tmp_path):
-    """``mixed_precision.stage_weighting`` in a real Ultralytics run: the plan made after calibration weights the
-    free layers of YOLO's second curriculum stage (neck and head, quantized from 1/3 of the budget) by 1.5 and the
-    backbone's by 1, with the model's own module names."""
-    pytest.importorskip("ultralytics")
-    from ultralytics import YOLO
-
-    from detq_hooks.curriculum import assign_parameters
-    from detq_hooks.ultralytics import DetQTrainer
-
-    seen = {}
-
-    def at_start(trainer):
-        session = trainer.detq_session
-        seen.update(plan=session.last_mixed_precision, stages=[s.name for s in session.stages],
-                    owner=assign_parameters(trainer.model, session.stages))
-        raise Interrupt
-
-    recipe = {**FISHER, "curriculum": {"enabled": True}, "fisher_regularizer": {"enabled": False},
-              "mixed_precision": {"num_batches": 2, "stage_weighting": True}}
-    model = YOLO("yolo11n.yaml")
-    model.add_callback("on_train_start", at_start)
-    with pytest.raises(Interrupt):
-        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=recipe, epochs=1, imgsz=64, batch=8, amp=False,
-                    plots=False, workers=0, device="cpu", verbose=False, project=str(tmp_path), name="sw")
-    plan, owner = seen["plan"], seen["owner"]
-    assert seen["stages"] == ["backbone", "neck_head"] and plan.used <= 4.0
-    free = [n for n in plan.allocation if n not in plan.pinned]
-    later = {n for n in free if owner[f"{n}.weight"] == 1}
-    assert later and len(later) < len(free)  # both stages hold free layers
-    assert set(plan.layer_weights) == later and all(w == pytest.approx(1.5) for w in plan.layer_weights.values())
-
-
 def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
     """RT-DETR (a query head: critical positives by Hungarian matching): the Fisher plan is made from nonzero
     traces, the regulariser's trace is measured, critical mAP is reported."""
