@@ -68,11 +68,12 @@ def main(argv=None) -> int:
 
     started = time.time()
     studies = studies_under(a.study)
-    settings = json.loads((studies[0] / "results.json").read_text())
+    results = {study: json.loads((study / "results.json").read_text()) for study in studies}
+    settings = results[studies[0]]
     cfg, critical = settings["config"], settings["critical"]
     imgsz, num_train, num_val = int(cfg["imgsz"]), int(cfg["num_train"]), int(cfg["num_val"])
     for study in studies[1:]:
-        other = json.loads((study / "results.json").read_text())
+        other = results[study]
         if other["critical"] != critical or any(other["config"][k] != cfg[k] for k in ("imgsz", "num_train", "num_val")):
             raise SystemExit(f"{study} and {studies[0]} are studies of different settings; pass one of them")
 
@@ -92,10 +93,9 @@ def main(argv=None) -> int:
     if finetune.is_file():
         models["float_finetune"] = finetune
     rows, seen = [], set()
-    reg_weight = {study: json.loads((study / "results.json").read_text())["config"].get("reg_weight")
-                  for study in studies}
+    reg_weight = {study: results[study]["config"].get("reg_weight") for study in studies}
     for study in studies:
-        for r in json.loads((study / "results.json").read_text())["rows"]:
+        for r in results[study]["rows"]:
             variant = r["variant"]
             if len(set(reg_weight.values())) > 1 and variant in REGULARISED:  # studies of several λ, side by side
                 variant = f"{variant} λ={float(reg_weight[study]):g}"
