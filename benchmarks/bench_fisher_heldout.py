@@ -164,7 +164,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-FISHER_VARIANTS = ("mp", "reg", "both", "crqat-fisher")
+FISHER_VARIANTS = ("mp", "reg", "both", "crqat-fisher", "crit")  # the critical-category methods the goal judges
 REGULARISED = ("reg", "both", "crqat-fisher")  # the variants whose recipe holds the study's λ
 
 
