@@ -425,6 +425,38 @@ def test_fisher_mmdet_source_normalises_the_committed_study_and_refuses_a_partia
         bench_run.fisher_mmdet_runs(args, "0")
 
 
+def test_fisher_mmdet_reg_unit_and_a_study_that_ran_more_variants_is_reused_for_fewer(monkeypatch, tmp_path):
+    """The regulariser's variants are a unit of their own (fisher-mmdet-reg); fisher-mmdet reuses a study that
+    ran every variant (its first runs) for the variants it asks now, keeping only their rows."""
+    study = json.loads((REPO / "benchmarks" / "results" / "fisher_mmdet" / "results.json").read_text())
+    calls = []
+
+    def fake_run(script, args, log, env=None):
+        calls.append([str(a) for a in args])
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{**study["rows"][0], "bits": b, "variant": v} for b in args[args.index("--bits") + 1].split(",")
+                for v in args[args.index("--variants") + 1].split(",")]
+        (out / "results.json").write_text(json.dumps({**study, "rows": rows}))
+        return 1.0
+
+    monkeypatch.setattr(bench_run, "run_script", fake_run)
+    args = type("Args", (), {"out": tmp_path, "threads": 1, "resume": False, "fisher_bits": "w4a8,w4a4",
+                             "fisher_mmdet_variants": "plain,mp,reg,both", "fisher_mmdet_reg_variants": "reg,both"})()
+    bench_run.fisher_mmdet_runs(args, "0")  # the first runs: every variant
+    args.resume, args.fisher_mmdet_variants = True, "plain,mp"
+    ran, rows = bench_run.fisher_mmdet_runs(args, "0")
+    assert len(calls) == 1 and ran["reused"]
+    assert [r["method"] for r in rows] == [bench_run.FISHER_METHODS[v] for v in ("plain", "mp")] * 2
+    ran, rows = bench_run.SOURCES["fisher-mmdet-reg"](args, "0")
+    assert len(calls) == 2 and calls[-1][calls[-1].index("--variants") + 1] == "reg,both"
+    assert ran["name"] == "fisher-mmdet-reg_seed0" and "reused" not in ran
+    assert [r["method"] for r in rows] == [bench_run.FISHER_METHODS[v] for v in ("reg", "both")] * 2
+    args.fisher_mmdet_variants = "plain,crqat"  # an item the record did not run: run again
+    bench_run.fisher_mmdet_runs(args, "0")
+    assert len(calls) == 3
+
+
 def test_dino_sources_run_their_own_units_of_the_mmdetection_scripts(monkeypatch, tmp_path):
     """crqat-dino: bench_fisher_mmdet.py with the CR-QAT variants, in a unit of its own (the Fisher study's runs
     stay reusable); qat-dino: the same script at W8A8; ptq-dino: bench_ptq_mmdet.py on the slim DINO config."""
@@ -594,6 +626,9 @@ def test_fisher_study_variants_are_the_recipes_they_name():
     assert on("both") == (False, False, True, True)
     assert on("crqat") == (True, True, False, False)
     assert on("crqat-fisher") == (True, True, True, True)
+    assert on("crit") == (False, False, False, False)
+    assert load_recipe(bench_fisher.variant_recipe("w4a4", "crit", ["star"], 4.0, 0.01, 12, 2.0)).critical.loss_weight == 2.0
+    assert load_recipe(bench_fisher.variant_recipe("w4a4", "plain", ["star"], 4.0, 0.01, 12, 2.0)).critical.loss_weight == 0
     r = load_recipe(bench_fisher.variant_recipe("w4a4", "crqat-fisher", ["star"], 4.02, 0.01, 12))
     assert r.mixed_precision.budget == {"avg_weight_bits": 4.02} and r.fisher_regularizer.every == 12
     with pytest.raises(SystemExit, match="unknown variant 'fisher'"):
