@@ -137,10 +137,14 @@ def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
         seen["trace"] = trainer.detq_session.terms[-1].last_trace
         seen["metrics"] = dict(trainer.metrics)
 
+    def step_end(trainer):  # RT-DETR's loss is a dict: the critical term joins it as its own entry
+        seen.setdefault("critical_loss", []).append(trainer.detq_session.last_terms["critical_loss"])
+
     model = RTDETR(rtdetr_tiny_yaml(tmp_path / "rtdetr-tiny.yaml"))
     model.add_callback("on_train_start", at_start)
     model.add_callback("on_fit_epoch_end", at_end)
-    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=FISHER, epochs=1, project=str(tmp_path), name="rtdetr",
+    model.add_callback("on_train_batch_end", step_end)
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=WEIGHTED, epochs=1, project=str(tmp_path), name="rtdetr",
                 imgsz=64, batch=8, amp=False, plots=False, workers=0, device="cpu", verbose=False, exist_ok=True, seed=0,
                 nbs=8, warmup_epochs=0)
     plan = seen["plan"]
@@ -148,6 +152,7 @@ def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
     assert sum(t > 0 for t in plan.traces.values()) > len(plan.traces) // 2, plan.traces
     assert seen["trace"] is not None and seen["trace"] > 0
     assert "metrics/critical_mAP50-95(B)" in seen["metrics"]
+    assert len(seen["critical_loss"]) == 2 and min(seen["critical_loss"]) > 0
 
 
 def test_ultralytics_unknown_critical_class_fails_before_training(ds, tmp_path):
