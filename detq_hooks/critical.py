@@ -155,9 +155,6 @@ class CriticalObjective:
         return cls_loss + self.box_weight * box_loss
 
 
-__all__ = ["CriticalObjective", "CriticalLossTerm", "assign_to_ground_truth", "generalized_iou", "OBJECTIVES"]
-
-
 class CriticalLossTerm(LossTerm):
     """``β·L_crit`` added to every QAT step's loss (recipe ``critical.loss_weight``): the critical-category
     objective on the head outputs the step's own forward produced (recorded by the session, no second forward),
@@ -180,3 +177,6 @@ class CriticalLossTerm(LossTerm):
         head = family.head_outputs(ctx.model, ctx.recorded, ctx.batch)
         targets = family.targets(ctx.model, ctx.recorded, ctx.batch)
         return {self.name: self.weight * self.objective.loss(head, targets, "critical")}
+
+
+__all__ = ["CriticalObjective", "CriticalLossTerm", "assign_to_ground_truth", "generalized_iou", "OBJECTIVES"]
