@@ -6,8 +6,7 @@ data's rarest classes as the critical set.
         --num-train 256 --num-val 64 --qat-epochs 6 --bits w4a8,w4a4 --variants plain,mp,reg,both
         --critical star,checker --seeds 0 --out benchmarks/results/fisher]
 
-``--variants plain,crit`` weights the critical classes in the training loss instead (``critical.loss_weight``,
-``--crit-weight``). ``--variants plain,crqat,crqat-fisher`` is the CR-QAT + Fisher study: CR-QAT (curriculum + distillation from the
+``--variants plain,crqat,crqat-fisher`` is the CR-QAT + Fisher study: CR-QAT (curriculum + distillation from the
 float teacher) with and without both Fisher methods, beside plain QAT, on the same float model and budget.
 
 Every run starts from the same float ``best.pt``; fractions kept are of the better of it and its float fine-tune
@@ -36,19 +35,15 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 from detq_hooks import fisher_report  # noqa: E402
 
 
-VARIANTS = ("plain", "mp", "reg", "both", "crqat", "crqat-fisher", "crit")
+VARIANTS = ("plain", "mp", "reg", "both", "crqat", "crqat-fisher")
 
 
-def variant_recipe(bits: str, variant: str, critical: list[str], avg_bits: float, reg_weight: float, reg_every: int,
-                   crit_weight: float = 1.0) -> dict:
+def variant_recipe(bits: str, variant: str, critical: list[str], avg_bits: float, reg_weight: float, reg_every: int) -> dict:
     """``plain`` (LSQ QAT), ``mp`` / ``reg`` / ``both`` (Fisher mixed precision, regulariser, both), ``crqat``
-    (curriculum + distillation), ``crqat-fisher`` (CR-QAT with both Fisher methods) and ``crit`` (plain QAT with
-    ``crit_weight·L_crit`` added to every step's loss: ``critical.loss_weight``)."""
+    (curriculum + distillation) and ``crqat-fisher`` (CR-QAT with both Fisher methods)."""
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
     recipe = {"preset": bits, "name": f"{bits}-{variant}", "critical": {"classes": critical}}
-    if variant == "crit":
-        recipe["critical"]["loss_weight"] = crit_weight
     if variant in ("crqat", "crqat-fisher"):
         recipe.update(curriculum={"enabled": True}, distillation={"enabled": True})
     if variant in ("mp", "both", "crqat-fisher"):
@@ -172,7 +167,6 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--critical", default="star,checker", help="critical class names (default: the two rarest)")
     p.add_argument("--reg-weight", type=float, default=0.01)
     p.add_argument("--reg-every", type=int, default=12, help="regulariser every N steps (the presets' 12)")
-    p.add_argument("--crit-weight", type=float, default=1.0, help="critical.loss_weight of the crit variant")
     p.add_argument("--seeds", default="0")
 
 
@@ -214,7 +208,7 @@ def main(argv=None) -> int:
         avg = plain_average_bits(ref.checkpoint, bits)
         for variant in a.variants.split(","):
             for seed in [int(s) for s in a.seeds.split(",")]:
-                recipe = variant_recipe(bits, variant, critical, avg, a.reg_weight, a.reg_every, a.crit_weight)
+                recipe = variant_recipe(bits, variant, critical, avg, a.reg_weight, a.reg_every)
                 label = f"{bits}_{variant}_s{seed}"
                 r = run(ref.checkpoint, ds, a.imgsz, a.qat_epochs, a.out.resolve() / "runs", label, recipe, seed)
                 res, plan = r.pop("eval"), r.pop("plan")

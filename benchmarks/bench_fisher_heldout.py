@@ -14,9 +14,8 @@ plain QAT of the same bits and seed) are paired: every model is scored on the sa
 
 ``--study`` is a study's ``--out`` folder, or a folder of them (``seed0/``, ``seed1/`` as the suite writes them);
 the study's own settings are read from its ``results.json``. Studies of several regulariser weights (``--reg-weight``)
-are scored side by side: their regularised variants are named with their λ (``both λ=0.003``), as the ``crit``
-variant with its ``--crit-weight`` (``crit β=0.3``), and a recipe that two studies share (``plain``, ``crqat``: no
-λ) is scored once. The goal (issue: Fisher-aware quantization): critical
+are scored side by side: their regularised variants are named with their λ (``both λ=0.003``), and a recipe that two
+studies share (``plain``, ``crqat``: no λ) is scored once. The goal (issue: Fisher-aware quantization): critical
 mAP at 4 bits within 3 % of float where plain QAT loses clearly more, overall mAP not lower than plain QAT.
 Results: ``<out>/heldout.json``, ``<out>/heldout.md``, ``<out>/heldout.png``.
 """
@@ -95,14 +94,11 @@ def main(argv=None) -> int:
         models["float_finetune"] = finetune
     rows, seen = [], set()
     reg_weight = {study: results[study]["config"].get("reg_weight") for study in studies}
-    crit_weight = {study: results[study]["config"].get("crit_weight", 1.0) for study in studies}
     for study in studies:
         for r in results[study]["rows"]:
             variant = r["variant"]
             if len(set(reg_weight.values())) > 1 and variant in REGULARISED:  # studies of several λ, side by side
                 variant = f"{variant} λ={float(reg_weight[study]):g}"
-            if len(set(crit_weight.values())) > 1 and variant == "crit":  # and of several critical loss weights
-                variant = f"{variant} β={float(crit_weight[study]):g}"
             if (r["bits"], variant, r["seed"]) in seen:  # the same recipe and seed in another study: scored once
                 continue
             seen.add((r["bits"], variant, r["seed"]))
@@ -168,7 +164,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-FISHER_VARIANTS = ("mp", "reg", "both", "crqat-fisher", "crit")  # the critical-category methods the goal judges
+FISHER_VARIANTS = ("mp", "reg", "both", "crqat-fisher")
 REGULARISED = ("reg", "both", "crqat-fisher")  # the variants whose recipe holds the study's λ
 
 

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         avg = plain_average_bits(a.config, float_ckpt, bits)
         for variant in a.variants.split(","):
             for seed in [int(s) for s in a.seeds.split(",")]:
-                recipe = variant_recipe(bits, variant, critical, avg, a.reg_weight, a.reg_every, a.crit_weight)
+                recipe = variant_recipe(bits, variant, critical, avg, a.reg_weight, a.reg_every)
                 label = f"{bits}_{variant}_s{seed}"
                 r = fine_tune(label, recipe, seed)
                 res, plan = r.pop("eval"), r.pop("plan")

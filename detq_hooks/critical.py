@@ -24,7 +24,6 @@ from torch import nn
 
 from .distill import Assignment, HeadOutputs, hungarian_match, task_aligned_positives
 from .fisher import FisherError, critical_box_mask, critical_logits, critical_targets
-from .loss_terms import LossTerm, StepContext
 from .recording import Recorder
 
 OBJECTIVES = ("critical", "all", "mix")
@@ -155,28 +154,4 @@ class CriticalObjective:
         return cls_loss + self.box_weight * box_loss
 
 
-class CriticalLossTerm(LossTerm):
-    """``β·L_crit`` added to every QAT step's loss (recipe ``critical.loss_weight``): the critical-category
-    objective on the head outputs the step's own forward produced (recorded by the session, no second forward),
-    so the critical classes get gradient beyond their share of the trainer's loss. The session builds it; the
-    trainers only add its value, as every loss term's."""
-
-    name = "critical_loss"
-
-    def __init__(self, objective: CriticalObjective, weight: float) -> None:
-        if objective.critical_ids is None:
-            raise FisherError("`critical.loss_weight` needs `critical.classes`: with every class critical the "
-                              "critical objective is the full one, which the trainer's loss already is")
-        self.objective, self.weight = objective, float(weight)
-
-    def taps(self, model: nn.Module):
-        return self.objective.family.head_taps(model)
-
-    def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        family = self.objective.family
-        head = family.head_outputs(ctx.model, ctx.recorded, ctx.batch)
-        targets = family.targets(ctx.model, ctx.recorded, ctx.batch)
-        return {self.name: self.weight * self.objective.loss(head, targets, "critical")}
-
-
-__all__ = ["CriticalObjective", "CriticalLossTerm", "assign_to_ground_truth", "generalized_iou", "OBJECTIVES"]
+__all__ = ["CriticalObjective", "assign_to_ground_truth", "generalized_iou", "OBJECTIVES"]

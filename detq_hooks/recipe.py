@@ -413,14 +413,11 @@ class CriticalSection(_Section):
         alpha: the sensitivity objective ``alpha·L_all + L_crit`` when ``mixed_precision.objective`` is ``mix``.
         merge: how softmax heads merge the non-critical logits into "other": ``logsumexp`` (keeps the
             probability mass) or ``max``.
-        loss_weight: β of ``β·L_crit`` added to every QAT step's loss (the critical objective on the step's own
-            head outputs; 0: off). Needs ``classes``.
     """
 
     classes: list = field(default_factory=list)
     alpha: float = 1.0
     merge: str = "logsumexp"
-    loss_weight: float = 0.0
 
     _path = "critical"
 
@@ -436,10 +433,6 @@ class CriticalSection(_Section):
             seen.add(c)
         _check_number("critical.alpha", self.alpha, low=0.0)
         _check_choice("critical.merge", self.merge, MERGE_METHODS)
-        _check_number("critical.loss_weight", self.loss_weight, low=0.0)
-        if self.loss_weight > 0 and not self.classes:
-            raise RecipeError("`critical.loss_weight` needs `critical.classes`: with no class named every class is "
-                              "critical, and the critical objective is the trainer's own loss")
 
 
 @dataclass(kw_only=True)
@@ -676,8 +669,6 @@ class Recipe(_Section):
             raise RecipeError("`mode` = 'ptq' calibrates without training; `curriculum`/`distillation` need `mode: qat`")
         if self.mode == "ptq" and self.fisher_regularizer.enabled:
             raise RecipeError("`mode` = 'ptq' calibrates without training; `fisher_regularizer.enabled` needs `mode: qat`")
-        if self.mode == "ptq" and self.critical.loss_weight > 0:
-            raise RecipeError("`mode` = 'ptq' calibrates without training; `critical.loss_weight` needs `mode: qat`")
         if self.mode == "qat" and self.ptq.reconstructs:
             raise RecipeError(f"`ptq.method` = {self.ptq.method!r} is post-training quantization; it needs `mode: ptq`")
         if self.quantization.shared_activations and (self.curriculum.enabled or self.ptq.reconstructs):

@@ -337,13 +337,9 @@ class QuantSession:
         """The critical objective of the Fisher methods the recipe turns on (``None`` if none is), checked before
         the model is touched: the critical class names exist, the family reads the head."""
         mp, reg = self.recipe.mixed_precision.enabled, self.recipe.fisher_regularizer.enabled and training
-        weighted = self.recipe.critical.loss_weight > 0 and training
-        if not (mp or reg or weighted):
+        if not (mp or reg):
             return None
         if self.critical_loss is not None:
-            if weighted:
-                raise RecipeError("`critical.loss_weight` weights the detector family's critical objective on the "
-                                  "step's head outputs; a session given its own `critical_loss` has none to weight")
             user = self.critical_loss
             return lambda m, b, which="critical": user(m, b)
         from .critical import CriticalObjective
@@ -353,7 +349,7 @@ class QuantSession:
         try:
             objective.check(model)
         except UnsupportedDetectorError as err:
-            what = "fisher_regularizer" if reg else "mixed_precision" if mp else "critical.loss_weight"
+            what = "fisher_regularizer" if reg else "mixed_precision"
             raise UnsupportedDetectorError(
                 f"`{what}` needs the critical-category objective, read from the detection head: {err}") from None
         return objective
@@ -447,19 +443,6 @@ class QuantSession:
         self.add_loss_term(term)
         return term
 
-    def add_critical_loss(self, model: nn.Module):
-        """Register the recipe's ``critical.loss_weight·L_crit`` as a loss term (the family's critical objective
-        on the step's own head outputs); :meth:`start_training` does. ``None`` when the weight is 0."""
-        from .critical import CriticalLossTerm
-
-        weight = self.recipe.critical.loss_weight
-        if weight <= 0:
-            return None
-        objective = self.objective or self._plan_fisher(model, self.family or family_for(model, self._family_arg), True)
-        term = CriticalLossTerm(objective, weight)
-        self.add_loss_term(term)
-        return term
-
     # ================================================================== 2. optimizer
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
         """Quantizer parameters into their own group (no weight decay, ``quantizer_lr_scale`` × base lr)."""
@@ -548,8 +531,6 @@ class QuantSession:
                     "started from (or resume from a checkpoint of the distillation run)"
                 )
             self.teacher.to(device if device is not None else next(model.parameters()).device)
-        if self.recipe.critical.loss_weight > 0 and not any(t.name == "critical_loss" for t in self.terms):
-            self.add_critical_loss(model)
         if self.recipe.fisher_regularizer.enabled and not any(t.name == "fisher_reg" for t in self.terms):
             self.add_fisher_regularizer(model)
         self._remove_recorder()

@@ -626,9 +626,6 @@ def test_fisher_study_variants_are_the_recipes_they_name():
     assert on("both") == (False, False, True, True)
     assert on("crqat") == (True, True, False, False)
     assert on("crqat-fisher") == (True, True, True, True)
-    assert on("crit") == (False, False, False, False)
-    assert load_recipe(bench_fisher.variant_recipe("w4a4", "crit", ["star"], 4.0, 0.01, 12, 2.0)).critical.loss_weight == 2.0
-    assert load_recipe(bench_fisher.variant_recipe("w4a4", "plain", ["star"], 4.0, 0.01, 12, 2.0)).critical.loss_weight == 0
     r = load_recipe(bench_fisher.variant_recipe("w4a4", "crqat-fisher", ["star"], 4.02, 0.01, 12))
     assert r.mixed_precision.budget == {"avg_weight_bits": 4.02} and r.fisher_regularizer.every == 12
     with pytest.raises(SystemExit, match="unknown variant 'fisher'"):

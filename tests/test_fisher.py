@@ -85,9 +85,6 @@ def test_fisher_presets_and_sections():
     ({"fisher_regularizer": {"max_share": 0}}, r"`fisher_regularizer.max_share` = 0 must be a number > 0"),
     ({"fisher_regularizer": {"max_share": "1"}}, r"`fisher_regularizer.max_share` = '1' must be a number"),
     ({"mode": "ptq", "fisher_regularizer": {"enabled": True}}, r"`fisher_regularizer.enabled` needs `mode: qat`"),
-    ({"critical": {"classes": ["car"], "loss_weight": -1}}, r"`critical.loss_weight` = -1 must be a number >= 0"),
-    ({"critical": {"loss_weight": 0.5}}, r"`critical.loss_weight` needs `critical.classes`"),
-    ({"mode": "ptq", "critical": {"classes": ["car"], "loss_weight": 0.5}}, r"`critical.loss_weight` needs `mode: qat`"),
 ])
 def test_fisher_recipe_errors_name_field_and_value(bad, match):
     with pytest.raises(RecipeError, match=match):
@@ -814,55 +811,3 @@ def test_critical_objective_on_a_softmax_query_head_uses_hungarian_positives():
     q = a.positives[0] & (a.labels[0] == 1)
     box = (1 - generalized_iou(boxes[0][q], gts[0][0][a.gt_index[0][q]])).mean()
     assert float(loss) == pytest.approx(float(ce + box), rel=1e-6)
-
-
-class _ReadsHeadOf:
-    """A detector family as the critical loss term asks it: the head outputs and ground truth of a batch that
-    holds them already (the trainer-level tests run the real families)."""
-
-    def head_taps(self, model):
-        from detq_hooks.recording import Taps
-
-        return Taps(outputs=["0"])
-
-    def head_outputs(self, model, recorded, batch):
-        return batch["head"]
-
-    def targets(self, model, recorded, batch):
-        return batch["targets"]
-
-
-def test_critical_loss_term_is_the_weighted_critical_objective_of_the_step():
-    from detq_hooks.critical import CriticalLossTerm, CriticalObjective
-
-    head = _dense_head()
-    gts = ([torch.tensor([[2.0, 2, 30, 30], [34, 34, 62, 62]]), torch.tensor([[10.0, 10, 50, 40]])],
-           [torch.tensor([0, 3]), torch.tensor([1])])
-    objective = CriticalObjective(_ReadsHeadOf(), [0, 1])
-    term = CriticalLossTerm(objective, 0.5)
-    out = term(StepContext(model=None, batch={"head": head, "targets": gts}, recorded=None))
-    assert list(out) == ["critical_loss"] == term.log_names()
-    expected = objective.loss(head, gts, "critical")
-    assert out["critical_loss"].item() == pytest.approx(0.5 * expected.item(), rel=1e-6) and expected.item() > 0
-    # its gradient is β times the critical objective's: on the critical scores and the max non-critical one,
-    # the boxes of critical ground truths only
-    g_term = torch.autograd.grad(out["critical_loss"], [head.cls_logits, head.boxes])
-    g_crit = torch.autograd.grad(objective.loss(head, gts, "critical"), [head.cls_logits, head.boxes])
-    for a, b in zip(g_term, g_crit):
-        torch.testing.assert_close(a, 0.5 * b)
-    with pytest.raises(FisherError, match=r"`critical.loss_weight` needs `critical.classes`"):
-        CriticalLossTerm(CriticalObjective(_ReadsHeadOf(), None), 0.5)
-
-
-def test_session_adds_the_critical_loss_term_only_when_weighted():
-    recipe = {"preset": "w4a8", "critical": {"classes": [0], "loss_weight": 0.25}}
-    with pytest.raises(RecipeError, match=r"a session given its own `critical_loss` has none to weight"):
-        session_mlp(recipe)  # before the model is touched
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
-    with pytest.raises(dq.UnsupportedDetectorError, match=r"`critical.loss_weight` needs the critical-category objective"):
-        QuantSession(recipe).convert(net)  # no family reads this model's head
-    assert list(quantized_layers(net)) == []
-    net, session = session_mlp("w4a8")
-    session.start_training(net)
-    assert session.log_names() == []

@@ -20,8 +20,6 @@ CRITICAL = ["circle", "ring"]  # frequent enough to have ground truth in a tiny 
 FISHER = {"preset": "w4a8-fisher", "critical": {"classes": CRITICAL}, "calibration": {"num_batches": 2},
           "mixed_precision": {"num_batches": 2}, "fisher_regularizer": {"every": 1, "warmup": 0.1, "weight": 1.0}}
 # warm-up 0.1: the first step adds nothing, later ones do (each trainer passes the progress of its budget)
-# the same with the critical classes weighted in every step's loss (critical.loss_weight)
-WEIGHTED = {**FISHER, "critical": {"classes": CRITICAL, "loss_weight": 0.5}}
 
 
 def assert_task_loss_reached_the_regulariser(term, trainer_task_loss: float, penalty: float) -> None:
@@ -81,14 +79,13 @@ def test_ultralytics_fisher_recipe_end_to_end_and_resume(ds, tmp_path):
         term = trainer.detq_session.terms[-1]
         task = sum(float(v) for k, v in trainer.loss_items.items() if k not in trainer.detq_session.log_names())
         seen["step"] = (term, task, trainer.detq_session.last_terms["fisher_reg"])
-        seen.setdefault("critical_loss", []).append(trainer.detq_session.last_terms["critical_loss"])
 
     model = YOLO("yolo11n.yaml")
     model.add_callback("on_train_start", at_start)
     model.add_callback("on_train_batch_end", step_end)
     model.add_callback("on_model_save", interrupt)
     with pytest.raises(Interrupt):
-        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=WEIGHTED, epochs=2, project=str(tmp_path),
+        model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=FISHER, epochs=2, project=str(tmp_path),
                     name="fisher", **common)
     assert_task_loss_reached_the_regulariser(*seen["step"])
     # mixed precision ran after calibration: really mixed, within the budget counted over every quantized weight
@@ -114,9 +111,7 @@ def test_ultralytics_fisher_recipe_end_to_end_and_resume(ds, tmp_path):
     again.train(resume=True, trainer=DetQTrainer)
     assert resumed["plan"] is None and resumed["bits"] == seen["bits"]
     header = (tmp_path / "fisher" / "results.csv").read_text().splitlines()[0]
-    assert "metrics/critical_mAP50-95(B)" in header and "fisher_reg" in header and "critical_loss" in header
-    # the critical classes' weighted loss joined every step (there are critical objects in each batch)
-    assert len(seen["critical_loss"]) == 2 and min(seen["critical_loss"]) > 0  # 16 images, batch 8, one epoch
+    assert "metrics/critical_mAP50-95(B)" in header and "fisher_reg" in header
 
 
 def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
@@ -137,14 +132,10 @@ def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
         seen["trace"] = trainer.detq_session.terms[-1].last_trace
         seen["metrics"] = dict(trainer.metrics)
 
-    def step_end(trainer):  # RT-DETR's loss is a dict: the critical term joins it as its own entry
-        seen.setdefault("critical_loss", []).append(trainer.detq_session.last_terms["critical_loss"])
-
     model = RTDETR(rtdetr_tiny_yaml(tmp_path / "rtdetr-tiny.yaml"))
     model.add_callback("on_train_start", at_start)
     model.add_callback("on_fit_epoch_end", at_end)
-    model.add_callback("on_train_batch_end", step_end)
-    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=WEIGHTED, epochs=1, project=str(tmp_path), name="rtdetr",
+    model.train(data=str(ds.yolo_yaml), trainer=DetQTrainer, detq=FISHER, epochs=1, project=str(tmp_path), name="rtdetr",
                 imgsz=64, batch=8, amp=False, plots=False, workers=0, device="cpu", verbose=False, exist_ok=True, seed=0,
                 nbs=8, warmup_epochs=0)
     plan = seen["plan"]
@@ -152,7 +143,6 @@ def test_ultralytics_rtdetr_fisher_recipe_reads_its_queries(ds, tmp_path):
     assert sum(t > 0 for t in plan.traces.values()) > len(plan.traces) // 2, plan.traces
     assert seen["trace"] is not None and seen["trace"] > 0
     assert "metrics/critical_mAP50-95(B)" in seen["metrics"]
-    assert len(seen["critical_loss"]) == 2 and min(seen["critical_loss"]) > 0
 
 
 def test_ultralytics_unknown_critical_class_fails_before_training(ds, tmp_path):
@@ -182,20 +172,19 @@ def _mmdet_fisher_run(tmp_path, config, work, epochs=1):
     from detq_hooks.tools.data import make_synthetic_dataset
 
     synth = make_synthetic_dataset(tmp_path / "synth", num_train=8, num_val=4, imgsz=96, seed=0)
-    recipe = {**WEIGHTED, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
+    recipe = {**FISHER, "calibration": {"num_batches": 1}, "mixed_precision": {"num_batches": 1}}
     runner = Runner.from_cfg(hook_recipe(load_cfg(config, synth, work, epochs=epochs), recipe))
     steps = []
 
     class LastStep(Hook):
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            steps.append((float(outputs["loss"]), float(outputs["loss_fisher_reg"]), float(outputs["loss_critical_loss"])))
+            steps.append((float(outputs["loss"]), float(outputs["loss_fisher_reg"])))
 
     runner.register_hook(LastStep(), priority="LOWEST")
     runner.train()
     hook = next(h for h in runner.hooks if type(h).__name__ == "DetQHook")
-    total, penalty, critical = steps[-1]
-    assert_task_loss_reached_the_regulariser(hook.session.terms[-1], total - penalty - critical, penalty)
-    assert critical > 0 and critical == pytest.approx(hook.session.last_terms["critical_loss"], rel=1e-5)
+    total, penalty = steps[-1]
+    assert_task_loss_reached_the_regulariser(hook.session.terms[-1], total - penalty, penalty)
     plan = hook.session.last_mixed_precision
     assert plan is not None and plan.used <= 4.0 and len(set(plan.allocation.values())) >= 2
     assert hook.session.terms[-1].name == "fisher_reg" and hook.session.terms[-1].last_trace > 0
@@ -334,16 +323,15 @@ def test_lightning_fcos_fisher_recipe_critical_metrics_and_resume(tmp_path):
         def test_step(self, batch, batch_idx):
             return None  # no detections returned: the callback runs the quantized model itself
 
-    recipe = {**FISHER, "critical": {"classes": ["a", "b"], "loss_weight": 0.5}}
+    recipe = {**FISHER, "critical": {"classes": ["a", "b"]}}
     steps = []
 
     class LastStep(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             cb = next(c for c in trainer.callbacks if isinstance(c, DetQCallback))
-            penalty, critical = cb.last_loss_terms["fisher_reg"], cb.last_loss_terms["critical_loss"]
-            assert critical > 0
-            steps.append((cb.session.terms[-1], float(loss) - penalty - critical, penalty))
+            penalty = cb.last_loss_terms["fisher_reg"]
+            steps.append((cb.session.terms[-1], float(loss) - penalty, penalty))
 
     def fit(ckpt_path=None, epochs=2):
         torch.manual_seed(0)
