@@ -411,7 +411,7 @@ SOURCES = {  # name -> rows of one seed
     "ptq-mmdet": lambda a, s: ptq_runs(a, "ptq-mmdet", "bench_ptq_mmdet.py", "MMDetection", "RTMDet-tiny", s),
     "qat-mmdet": qat_mmdet_runs,
     "fisher-mmdet": fisher_mmdet_runs,
-    # the regulariser's variants in a unit of their own: they were rerun when the penalty got its cap (9d7d025),
+    # the regulariser's variants in a unit of their own, to be rerun alone since the penalty got its cap (9d7d025),
     # which changes nothing in the plain and mixed-precision runs
     "fisher-mmdet-reg": lambda a, s: fisher_mmdet_runs(a, s, "fisher-mmdet-reg", a.fisher_mmdet_reg_variants),
     "crqat-dino": lambda a, s: fisher_mmdet_runs(a, s, "crqat-dino", a.dino_crqat_variants),
