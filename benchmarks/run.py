@@ -353,10 +353,11 @@ def fisher_mmdet_runs(args, seed, name="fisher-mmdet", variants=None, bits=None,
         "--bits", bits, "--variants", variants, "--seeds", seed, "--reg-every", 12, "--out", out, *extra,
         *flags(args, ["threads"])], output=out / "results.json", threads_matter=False, list_flag="--variants")
     data = read_json(out / "results.json", ran)
+    asked = split(variants)
     # a reused study may have run more variants than asked (fisher-mmdet's first runs had the regulariser's too)
-    data["rows"] = [r for r in data["rows"] if r["variant"] in split(variants)]
+    data["rows"] = [r for r in data["rows"] if r["variant"] in asked]
     got = {(r["bits"], r["variant"]) for r in data["rows"]}  # it writes after every run: a cut-off study is partial
-    missing = [f"{b} {v}" for b in split(bits) for v in split(variants) if (b, v) not in got]
+    missing = [f"{b} {v}" for b in split(bits) for v in asked if (b, v) not in got]
     if missing:
         raise suite.ScriptFailed(f"bench_fisher_mmdet.py: no result for {', '.join(missing)} (see {ran['log']})")
     float_map = data["float"]["map50_95"]
