@@ -100,6 +100,16 @@ _LAST_CALL: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDiction
 # (``_ConvRecomputed``); a switch for benchmarks and tests
 _SKIP_ZERO_TANGENTS = True
 _SHARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# the recomputed-weight convolution on a quantized input as the compiled node (``conv2d_recomputed_weight``) rather than
+# ``_ConvRecomputed``: the same arithmetic without the Python Function's interpreter time; a switch for tests
+_COMPILED_CONV = True
+
+
+def _backward_count() -> int:
+    """Backward passes so far through the layers that quantize their weight again there: ``_ConvRecomputed`` and
+    ``_LinearRecomputedWeight`` (Python) and the compiled ``conv2d_recomputed_weight`` node."""
+    ops = quantizers._kernel_ops()
+    return _BACKWARDS.value + (ops.backward_count() if ops is not None else 0)
 
 
 def _weight_args(layer) -> tuple:
@@ -390,10 +400,11 @@ class QuantModuleMixin:
             return False
         if self in _SHARED:  # type: ignore[operator]
             return False
-        if _LAST_CALL.get(self) == _BACKWARDS.value:  # a second call before any backward: a shared layer
+        count = _backward_count()
+        if _LAST_CALL.get(self) == count:  # a second call before any backward: a shared layer
             _SHARED.add(self)  # type: ignore[arg-type]
             return False
-        _LAST_CALL[self] = _BACKWARDS.value  # type: ignore[index]
+        _LAST_CALL[self] = count  # type: ignore[index]
         return True
 
     def _input_bounds_if_kept(self, input: torch.Tensor) -> Optional[tuple[float, float, float]]:
@@ -447,6 +458,12 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
         constant_input = input_bounds is not None and input.grad_fn is None
         x = None if constant_input else self._quantize_input(input)  # None: _ConvRecomputed quantizes the image
         recomputes_weight = self._recomputes_weight(input)  # reads x's dtype and device only: input's
+        if recomputes_weight and input_bounds is None and _COMPILED_CONV:
+            # the common case (a quantized input, kept as any convolution keeps its input) as one compiled node
+            (scale, zero_point), (qmin, qmax, _, grad_factor, floor) = _weight_args(self)
+            return quantizers._kernel_ops().conv2d_recomputed_weight(
+                x, self.weight, scale, zero_point, self.bias, qmin, qmax, grad_factor, floor, self.stride,
+                self.padding, self.dilation, self.groups)
         if recomputes_weight or input_bounds is not None:
             if recomputes_weight:
                 weight, (scale_zp, fixed) = self.weight, _weight_args(self)

@@ -605,14 +605,21 @@ def _recompute_pair(kind, bits, seed=0):
     return make(), make()
 
 
-def _train_grads(layer, x, monkeypatch, recompute: bool, channels_last=False):
+# the graph nodes of a convolution that quantizes its weight again in backward: the compiled one (a quantized input)
+# and the Python Function (an input kept in float: a ReLU's output or the image batch; or the compiled node switched off)
+COMPILED_CONV_NODE = "torch::autograd::CppNode<(anonymous namespace)::ConvRecomputedWeight>"
+RECOMPUTED_CONV_NODES = ("_ConvRecomputedBackward", COMPILED_CONV_NODE)
+
+
+def _train_grads(layer, x, monkeypatch, recompute: bool, channels_last=False, compiled=True):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", recompute)
+    monkeypatch.setattr(M, "_COMPILED_CONV", compiled)
     x = x.clone()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     y = layer(x)
-    node = type(y.grad_fn).__name__
+    node = y.grad_fn.name()
     torch.relu_(y)  # an in-place op on the output (a transformer's ReLU or dropout): refused if it were a view
     (y.square().sum() + y.sum()).backward()
     return y, [x.grad] + [p.grad for p in layer.parameters()], node
@@ -623,18 +630,25 @@ def _train_grads(layer, x, monkeypatch, recompute: bool, channels_last=False):
 def test_layer_that_quantizes_its_weight_again_in_backward_gives_the_same_gradients(kind, bits, monkeypatch):
     """Training keeps the parameter (held anyway) instead of the quantized weight and quantizes it again in the
     backward: outputs and every gradient (input, weight, bias, weight and input step sizes) are bit for bit those of
-    the layer that keeps the quantized weight; channels-last inputs too."""
+    the layer that keeps the quantized weight; channels-last inputs too. A convolution does it twice: as the compiled
+    node (the default) and as the Python Function, which must agree with each other bit for bit as well."""
     (a, x), (b, _) = _recompute_pair(kind, bits)
+    (c, _), _ = _recompute_pair(kind, bits)
     for channels_last in ([False, True] if kind != "linear" else [False]):
-        for layer in (a, b):
+        for layer in (a, b, c):
             layer.zero_grad()
         ya, ga, node_a = _train_grads(a, x, monkeypatch, True, channels_last)
         yb, gb, node_b = _train_grads(b, x, monkeypatch, False, channels_last)
-        assert node_a in ("_ConvRecomputedBackward", "_LinearRecomputedWeightBackward") and "Recomputed" not in node_b
-        assert torch.equal(ya, yb)
-        assert len(ga) == len(gb) and all(g is not None for g in ga)
-        for g1, g2 in zip(ga, gb):
-            assert torch.equal(g1, g2)
+        yc, gc, node_c = _train_grads(c, x, monkeypatch, True, channels_last, compiled=False)
+        if kind == "linear":
+            assert node_a == node_c == "_LinearRecomputedWeightBackward"
+        else:
+            assert node_a == COMPILED_CONV_NODE and node_c == "_ConvRecomputedBackward"
+        assert "Recomputed" not in node_b
+        assert torch.equal(ya, yb) and torch.equal(yc, yb)
+        assert len(ga) == len(gb) == len(gc) and all(g is not None for g in ga + gc)
+        for g1, g2, g3 in zip(ga, gb, gc):
+            assert torch.equal(g1, g2) and torch.equal(g3, g2)
 
 
 def test_recomputing_layer_keeps_no_weight_sized_tensor_for_backward(monkeypatch):
@@ -674,12 +688,12 @@ def test_shared_layer_and_gradient_accumulation(monkeypatch):
     for _ in range(3):  # accumulation: one level per backward
         for x in xs:
             y = conv(x)
-            assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"
+            assert y.grad_fn.name() == COMPILED_CONV_NODE
             y.square().sum().backward()
     assert conv not in M._SHARED
     conv.zero_grad()
-    nodes = [type(conv(x).grad_fn).__name__ for x in xs]
-    assert nodes[0] == "_ConvRecomputedBackward" and set(nodes[1:]) == {"ConvolutionBackward0"}
+    nodes = [conv(x).grad_fn.name() for x in xs]
+    assert nodes[0] == COMPILED_CONV_NODE and set(nodes[1:]) == {"ConvolutionBackward0"}
     assert conv in M._SHARED
     conv.zero_grad()
     sum(conv(x).square().sum() for x in xs).backward()
@@ -689,13 +703,14 @@ def test_shared_layer_and_gradient_accumulation(monkeypatch):
     torch.testing.assert_close(conv.weight_quantizer.scale.grad, ref.weight_quantizer.scale.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_recomputing_layer_with_a_frozen_weight_and_refusing_a_double_backward(monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_recomputing_layer_with_a_frozen_weight_and_refusing_a_double_backward(compiled, monkeypatch):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", True)
     (a, x), (b, _) = _recompute_pair("conv", 4)
     for layer in (a, b):
         layer.weight.requires_grad_(False)  # a frozen curriculum stage: the step sizes still learn
-    ga = _train_grads(a, x, monkeypatch, True)[1]
-    gb = _train_grads(b, x, monkeypatch, False)[1]
+    ga = _train_grads(a, x, monkeypatch, True, compiled=compiled)[1]
+    gb = _train_grads(b, x, monkeypatch, False, compiled=compiled)[1]
     assert a.weight.grad is None and b.weight.grad is None
     for g1, g2 in zip(ga, gb):
         assert (g1 is None and g2 is None) or torch.equal(g1, g2)
@@ -703,7 +718,7 @@ def test_recomputing_layer_with_a_frozen_weight_and_refusing_a_double_backward(m
     a.weight.requires_grad_(True)
     xr = x.clone().requires_grad_()
     y = a(xr)
-    assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"
+    assert y.grad_fn.name() == RECOMPUTED_CONV_NODES[compiled]
     with pytest.raises(RuntimeError, match="no double backward.*quantizer_mode\\('reference'\\)"):
         torch.autograd.grad(y.square().sum(), a.weight, create_graph=True)
 
@@ -714,7 +729,7 @@ def test_recomputing_layer_leaves_autocast_to_the_ordinary_path(monkeypatch):
     x = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
-    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_ConvRecomputedBackward"
+    assert y.dtype == torch.bfloat16 and y.grad_fn.name() not in RECOMPUTED_CONV_NODES
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and conv.weight.grad is not None
 
@@ -756,9 +771,9 @@ def test_keep_quantized_weights_switch():
         from detq_hooks.modules import QuantConv2d
         conv = QuantConv2d.from_float(nn.Conv2d(4, 4, 3), weight_spec=dict(bits=4, symmetric=True), input_spec=None)
         conv.weight_quantizer.initialize_from(conv.weight)
-        print("NODE", type(conv(torch.randn(1, 4, 5, 5)).grad_fn).__name__)
+        print("NODE", conv(torch.randn(1, 4, 5, 5)).grad_fn.name())
     """)
-    for value, node in (("1", "ConvolutionBackward0"), ("0", "_ConvRecomputedBackward")):
+    for value, node in (("1", "ConvolutionBackward0"), ("0", COMPILED_CONV_NODE)):
         env = dict(os.environ, PYTHONPATH=str(ROOT), DETQ_KEEP_QUANTIZED_WEIGHTS=value)
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]

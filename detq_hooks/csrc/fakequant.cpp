@@ -15,6 +15,8 @@
 // in chunk order, so the result does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
@@ -891,6 +893,94 @@ at::Tensor fq_per_channel_autograd(const at::Tensor& x, const at::Tensor& scale,
   return PerChannelFQ::apply(x, scale, zero_point, qmin, qmax, axis, grad_factor, floor);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// conv2d(x, Q(w)) keeping the weight parameter (held anyway) rather than Q(w) for backward, and quantizing it again
+// there (the same kernel on the same values: Q(w) bit for bit): the common case of modules.py's _ConvRecomputed
+// (x is the already quantized input, kept as any convolution keeps its input), as one C++ node. The Python Function
+// cost about 90 us per layer and step in interpreter time (forward and backward), as much as the weight kernels.
+// Each backward counts in `recomputed_backwards` (modules.py tells a layer called twice before any backward, a
+// shared one, from that count).
+std::atomic<int64_t> recomputed_backwards{0};
+
+int64_t backward_count() { return recomputed_backwards.load(std::memory_order_relaxed); }
+
+class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeight> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const at::Tensor& zero_point, const std::optional<at::Tensor>& bias, int64_t qmin, int64_t qmax,
+                            double grad_factor, double floor, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            std::vector<int64_t> dilation, int64_t groups) {
+    const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
+    at::Tensor out = at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
+    ctx->save_for_backward({x, weight, scale, zero_point});
+    ctx->saved_data["qmin"] = qmin;
+    ctx->saved_data["qmax"] = qmax;
+    ctx->saved_data["gf"] = grad_factor;
+    ctx->saved_data["floor"] = floor;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined() ? bias->size(0) : int64_t(-1);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    // as modules.py's _no_double_backward: this backward is not itself differentiable
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "a quantized layer's memory-saving backward has no double backward; run it under "
+                "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
+                "DETQ_KEEP_QUANTIZED_WEIGHTS=1");
+    recomputed_backwards.fetch_add(1, std::memory_order_relaxed);
+    variable_list out(13);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &scale = saved[2], &zero_point = saved[3];
+    const int64_t qmin = ctx->saved_data["qmin"].toInt(), qmax = ctx->saved_data["qmax"].toInt();
+    const double floor = ctx->saved_data["floor"].toDouble();
+    const at::Tensor wc = weight.contiguous();
+    const at::Tensor wq = per_channel_q_fwd(wc, scale, zero_point, qmin, qmax, 0, floor, false)[0];
+    const int64_t bias_size = ctx->saved_data["bias"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(1), need_s = ctx->needs_input_grad(2), need_z = ctx->needs_input_grad(3);
+    const bool need_b = bias_size >= 0 && ctx->needs_input_grad(4);
+    const std::vector<int64_t> bias_sizes{bias_size};
+    auto [gx, gwq, gb] = at::convolution_backward(
+        grad, x, wq, need_b ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(c10::nullopt),
+        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+        ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(),
+        {need_x, need_w || need_s || need_z, need_b});
+    if (need_x) out[0] = gx;
+    if (gwq.defined() && (need_w || need_s || need_z)) {
+      auto r = per_channel_q_bwd(gwq, wc, scale, zero_point, qmin, qmax, 0, ctx->saved_data["gf"].toDouble(), floor,
+                                 need_w);
+      if (need_w) out[1] = r[0];
+      if (need_s) out[2] = r[1].reshape(scale.sizes());
+      if (need_z) out[3] = r[2].reshape(zero_point.sizes());
+    }
+    if (need_b) out[4] = gb;
+    return out;
+  }
+};
+
+at::Tensor conv2d_recomputed_weight_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                             const at::Tensor& zero_point, const std::optional<at::Tensor>& bias,
+                                             int64_t qmin, int64_t qmax, double grad_factor, double floor,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             int64_t groups) {
+  return ConvRecomputedWeight::apply(x, weight, scale, zero_point, bias, qmin, qmax,
+                                     grad_factor, floor, stride.vec(), padding.vec(), dilation.vec(), groups);
+}
+
+at::Tensor conv2d_recomputed_weight_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                        const at::Tensor& zero_point, const std::optional<at::Tensor>& bias, int64_t qmin,
+                                        int64_t qmax, double, double floor, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
+  return at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(detq_fq, m) {
@@ -907,6 +997,8 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("per_channel_q_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float floor, bool need_state) -> Tensor[]");
   m.def("per_channel_bwd(Tensor grad, Tensor state, Tensor scale, Tensor lo, Tensor hi, int axis, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_q_bwd(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor, bool need_x) -> Tensor[]");
+  m.def("conv2d_recomputed_weight(Tensor x, Tensor weight, Tensor scale, Tensor zero_point, Tensor? bias, int qmin, int qmax, float grad_factor, float floor, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("backward_count() -> int", &backward_count);
 }
 
 TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
@@ -926,10 +1018,12 @@ TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("per_channel_q_bwd", &per_channel_q_bwd);
   m.impl("fq_per_tensor", &fq_per_tensor_cpu);
   m.impl("fq_per_channel", &fq_per_channel_cpu);
+  m.impl("conv2d_recomputed_weight", &conv2d_recomputed_weight_cpu);
 }
 
 // Registered for the Autograd key: these record their own graph node (PerTensorFQ / PerChannelFQ above).
 TORCH_LIBRARY_IMPL(detq_fq, Autograd, m) {
   m.impl("fq_per_tensor", &fq_per_tensor_autograd);
   m.impl("fq_per_channel", &fq_per_channel_autograd);
+  m.impl("conv2d_recomputed_weight", &conv2d_recomputed_weight_autograd);
 }
