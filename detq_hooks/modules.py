@@ -458,12 +458,13 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
         constant_input = input_bounds is not None and input.grad_fn is None
         x = None if constant_input else self._quantize_input(input)  # None: _ConvRecomputed quantizes the image
         recomputes_weight = self._recomputes_weight(input)  # reads x's dtype and device only: input's
-        if recomputes_weight and input_bounds is None and _COMPILED_CONV:
-            # the common case (a quantized input, kept as any convolution keeps its input) as one compiled node
+        if recomputes_weight and not constant_input and _COMPILED_CONV:
+            # an input with its own autograd history (quantized, or a ReLU's output kept in float) as one compiled node
             (scale, zero_point), (qmin, qmax, _, grad_factor, floor) = _weight_args(self)
             return quantizers._kernel_ops().conv2d_recomputed_weight(
                 x, self.weight, scale, zero_point, self.bias, qmin, qmax, grad_factor, floor, self.stride,
-                self.padding, self.dilation, self.groups)
+                self.padding, self.dilation, self.groups, None if input_bounds is None else input,
+                () if input_bounds is None else input_bounds)
         if recomputes_weight or input_bounds is not None:
             if recomputes_weight:
                 weight, (scale_zp, fixed) = self.weight, _weight_args(self)

@@ -761,7 +761,7 @@ def test_recomputing_layers_under_activation_checkpointing(reentrant, monkeypatc
         for a, b in zip(checkpointed.parameters(), plain.parameters()):
             assert torch.equal(a.grad, b.grad)
     assert not any(c in M._SHARED for c in checkpointed)
-    assert type(plain[2](torch.relu(x.requires_grad_())).grad_fn).__name__ == "_ConvRecomputedBackward"
+    assert plain[2](torch.relu(x.requires_grad_())).grad_fn.name() == COMPILED_CONV_NODE
 
 
 def test_keep_quantized_weights_switch():
@@ -796,15 +796,17 @@ def _relu_stack(act_bits, w_bits, channels_last):
     return layers, x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _relu_stack_step(monkeypatch, keep, inplace, act_bits=8, w_bits=4, channels_last=False, shared_last=False):
+def _relu_stack_step(monkeypatch, keep, inplace, act_bits=8, w_bits=4, channels_last=False, shared_last=False,
+                     compiled=True):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", keep)
+    monkeypatch.setattr(M, "_COMPILED_CONV", compiled)
     monkeypatch.setattr(M, "_SHARED", __import__("weakref").WeakSet())
     layers, x = _relu_stack(act_bits, w_bits, channels_last)
     h = layers[0](x)  # the image batch: outside autograd, held by the caller
-    nodes = [type(h.grad_fn).__name__]
+    nodes = [h.grad_fn.name()]
     for c in layers[1:] + (layers[-1:] if shared_last else []):
         h = c(torch.relu_(h) if inplace else torch.relu(h))
-        nodes.append(type(h.grad_fn).__name__)
+        nodes.append(h.grad_fn.name())
     (h.square().sum() + h.sum()).backward()
     return h, [(n, p.grad) for c in layers for n, p in c.named_parameters()], nodes
 
@@ -812,14 +814,17 @@ def _relu_stack_step(monkeypatch, keep, inplace, act_bits=8, w_bits=4, channels_
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("act_bits,w_bits", [(8, 8), (8, 4), (4, 4), (2, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_layer_keeping_its_float_relu_input_gives_the_same_gradients(inplace, act_bits, w_bits, channels_last,
+@pytest.mark.parametrize("compiled", [True, False])
+def test_layer_keeping_its_float_relu_input_gives_the_same_gradients(inplace, act_bits, w_bits, channels_last, compiled,
                                                                      monkeypatch):
     """A convolution whose input is a ReLU's output (kept by the ReLU's node) or the image batch keeps that float
     input for backward and quantizes it again there: outputs and every gradient (weights, biases, weight and input
-    step sizes and offsets) are bit for bit those of the layer that keeps its quantized input."""
-    ya, ga, nodes_a = _relu_stack_step(monkeypatch, True, inplace, act_bits, w_bits, channels_last)
+    step sizes and offsets) are bit for bit those of the layer that keeps its quantized input. The layers after a
+    ReLU run as the compiled node, or (switched off) as the Python Function; the image layer is always the latter."""
+    ya, ga, nodes_a = _relu_stack_step(monkeypatch, True, inplace, act_bits, w_bits, channels_last, compiled=compiled)
     yb, gb, nodes_b = _relu_stack_step(monkeypatch, False, inplace, act_bits, w_bits, channels_last)
-    assert nodes_a == ["_ConvRecomputedBackward"] * 3 and nodes_b == ["ConvolutionBackward0"] * 3
+    assert nodes_a == ["_ConvRecomputedBackward"] + [RECOMPUTED_CONV_NODES[compiled]] * 2
+    assert nodes_b == ["ConvolutionBackward0"] * 3
     assert torch.equal(ya, yb)
     assert [n for n, _ in ga] == [n for n, _ in gb] and len(ga) == 12  # weight, bias, the two step sizes
     for i, ((name, g1), (_, g2)) in enumerate(zip(ga, gb)):
@@ -864,7 +869,7 @@ def test_layer_on_the_image_learns_its_input_range_without_an_input_gradient(kin
             conv = make()
             with quantizer_mode("reference" if path == "reference" else "fused"):
                 y = conv(x)
-                assert (type(y.grad_fn).__name__ == "_ConvRecomputedBackward") == (path == "ours")
+                assert (y.grad_fn.name() == "_ConvRecomputedBackward") == (path == "ours")
                 (y.square().sum() + y.sum()).backward()
             grads[path] = (y.detach(), {n: p.grad for n, p in conv.named_parameters()})
         (y_ours, g_ours), (y_ord, g_ord), (_, g_ref) = grads["ours"], grads["ordinary"], grads["reference"]
@@ -937,7 +942,8 @@ def test_shared_layer_keeping_its_relu_input_matches_the_reference(monkeypatch):
     """A layer called again before backward (FCOS's shared head) takes its cached quantized weight and still keeps
     the ReLU's output rather than its quantized input; gradients equal the reference arithmetic's."""
     _, ga, nodes = _relu_stack_step(monkeypatch, True, False, shared_last=True)
-    assert nodes == ["_ConvRecomputedBackward"] * 4
+    # the image layer, then compiled nodes; the shared layer's second call: its cached weight, the Python Function
+    assert nodes == ["_ConvRecomputedBackward", COMPILED_CONV_NODE, COMPILED_CONV_NODE, "_ConvRecomputedBackward"]
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", False)
     layers, x = _relu_stack(8, 4, False)
     with quantizer_mode("reference"):
@@ -975,7 +981,7 @@ def test_layer_keeping_its_relu_input_refuses_a_changed_input_and_a_double_backw
     layers, x = _relu_stack(8, 4, False)
     a = torch.relu(layers[0](x))
     y = layers[1](a)
-    assert type(y.grad_fn).__name__ == "_ConvRecomputedBackward"
+    assert y.grad_fn.name() == COMPILED_CONV_NODE
     a.mul_(2)  # changed after the convolution read it: as for a float convolution, backward refuses
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
@@ -985,7 +991,7 @@ def test_layer_keeping_its_relu_input_refuses_a_changed_input_and_a_double_backw
         torch.autograd.grad(y.square().sum(), layers[1].weight, create_graph=True)
     with quantizer_mode("reference"):  # what the Fisher methods run: the ordinary path, double backward allowed
         y = layers[1](torch.relu(layers[0](x)))
-    assert type(y.grad_fn).__name__ == "ConvolutionBackward0"
+    assert y.grad_fn.name() == "ConvolutionBackward0"
     g, = torch.autograd.grad(y.square().sum(), layers[1].weight, create_graph=True)
     assert g.requires_grad
 

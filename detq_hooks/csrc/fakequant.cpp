@@ -895,8 +895,10 @@ at::Tensor fq_per_channel_autograd(const at::Tensor& x, const at::Tensor& scale,
 
 // ---------------------------------------------------------------------------------------------------------------
 // conv2d(x, Q(w)) keeping the weight parameter (held anyway) rather than Q(w) for backward, and quantizing it again
-// there (the same kernel on the same values: Q(w) bit for bit): the common case of modules.py's _ConvRecomputed
-// (x is the already quantized input, kept as any convolution keeps its input), as one C++ node. The Python Function
+// there (the same kernel on the same values: Q(w) bit for bit): modules.py's _ConvRecomputed for an input that has
+// its own autograd history, as one C++ node. x is the quantized input; it is kept as any convolution keeps its input,
+// or, with `kept` (the float tensor x was quantized from, which a ReLU's node keeps anyway) and its quantizer's
+// bounds, `kept` is kept instead and x computed again in backward by the same per-tensor kernel (bit for bit). The Python Function
 // cost about 90 us per layer and step in interpreter time (forward and backward), as much as the weight kernels.
 // Each backward counts in `recomputed_backwards` (modules.py tells a layer called twice before any backward, a
 // shared one, from that count).
@@ -909,10 +911,12 @@ class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeig
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                             const at::Tensor& zero_point, const std::optional<at::Tensor>& bias, int64_t qmin, int64_t qmax,
                             double grad_factor, double floor, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                            std::vector<int64_t> dilation, int64_t groups) {
+                            std::vector<int64_t> dilation, int64_t groups, const std::optional<at::Tensor>& kept,
+                            std::vector<double> input_bounds) {
     const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
     at::Tensor out = at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
-    ctx->save_for_backward({x, weight, scale, zero_point});
+    ctx->save_for_backward({kept.has_value() ? *kept : x, weight, scale, zero_point});
+    ctx->saved_data["input_bounds"] = input_bounds;
     ctx->saved_data["qmin"] = qmin;
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["gf"] = grad_factor;
@@ -932,11 +936,14 @@ class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeig
                 "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
                 "DETQ_KEEP_QUANTIZED_WEIGHTS=1");
     recomputed_backwards.fetch_add(1, std::memory_order_relaxed);
-    variable_list out(13);
+    variable_list out(15);
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &scale = saved[2], &zero_point = saved[3];
+    const at::Tensor &weight = saved[1], &scale = saved[2], &zero_point = saved[3];
+    const std::vector<double> in_bounds = ctx->saved_data["input_bounds"].toDoubleVector();
+    const at::Tensor x = in_bounds.empty() ? saved[0]
+                                           : per_tensor_fwd(saved[0], in_bounds[0], in_bounds[1], in_bounds[2], false)[0];
     const int64_t qmin = ctx->saved_data["qmin"].toInt(), qmax = ctx->saved_data["qmax"].toInt();
     const double floor = ctx->saved_data["floor"].toDouble();
     const at::Tensor wc = weight.contiguous();
@@ -968,15 +975,22 @@ at::Tensor conv2d_recomputed_weight_autograd(const at::Tensor& x, const at::Tens
                                              const at::Tensor& zero_point, const std::optional<at::Tensor>& bias,
                                              int64_t qmin, int64_t qmax, double grad_factor, double floor,
                                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                             int64_t groups) {
-  return ConvRecomputedWeight::apply(x, weight, scale, zero_point, bias, qmin, qmax,
-                                     grad_factor, floor, stride.vec(), padding.vec(), dilation.vec(), groups);
+                                             int64_t groups, const std::optional<at::Tensor>& kept,
+                                             at::ArrayRef<double> input_bounds) {
+  TORCH_CHECK(kept.has_value() == (input_bounds.size() == 3), "detq conv2d_recomputed_weight: a kept input needs its "
+              "quantizer's (scale, lo, hi), and only it");
+  // the kept tensor is data, not an input of this node: x carries the gradient to the quantizer that made it
+  return ConvRecomputedWeight::apply(x, weight, scale, zero_point, bias, qmin, qmax, grad_factor, floor, stride.vec(),
+                                     padding.vec(), dilation.vec(), groups,
+                                     kept.has_value() ? std::optional<at::Tensor>(kept->detach()) : std::nullopt,
+                                     input_bounds.vec());
 }
 
 at::Tensor conv2d_recomputed_weight_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                         const at::Tensor& zero_point, const std::optional<at::Tensor>& bias, int64_t qmin,
                                         int64_t qmax, double, double floor, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        const std::optional<at::Tensor>&, at::ArrayRef<double>) {
   const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
   return at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
 }
@@ -997,7 +1011,7 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("per_channel_q_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float floor, bool need_state) -> Tensor[]");
   m.def("per_channel_bwd(Tensor grad, Tensor state, Tensor scale, Tensor lo, Tensor hi, int axis, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_q_bwd(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor, bool need_x) -> Tensor[]");
-  m.def("conv2d_recomputed_weight(Tensor x, Tensor weight, Tensor scale, Tensor zero_point, Tensor? bias, int qmin, int qmax, float grad_factor, float floor, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("conv2d_recomputed_weight(Tensor x, Tensor weight, Tensor scale, Tensor zero_point, Tensor? bias, int qmin, int qmax, float grad_factor, float floor, int[] stride, int[] padding, int[] dilation, int groups, Tensor? kept=None, float[] input_bounds=[]) -> Tensor");
   m.def("backward_count() -> int", &backward_count);
 }
 
