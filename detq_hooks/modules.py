@@ -100,9 +100,10 @@ _LAST_CALL: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDiction
 # (``_ConvRecomputed``); a switch for benchmarks and tests
 _SKIP_ZERO_TANGENTS = True
 _SHARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-# the recomputed-weight convolution on a quantized input as the compiled node (``conv2d_recomputed_weight``) rather than
-# ``_ConvRecomputed``: the same arithmetic without the Python Function's interpreter time; a switch for tests
-_COMPILED_CONV = True
+# the recomputed-weight layers as compiled nodes (``conv2d_recomputed_weight``, ``linear_recomputed_weight``) rather than
+# ``_ConvRecomputed`` / ``_LinearRecomputedWeight``: the same arithmetic without the Python Functions' interpreter time
+# (about 90 us per layer and step); a switch for tests
+_COMPILED_NODES = True
 
 
 def _backward_count() -> int:
@@ -458,7 +459,7 @@ class QuantConv2d(QuantModuleMixin, nn.Conv2d):
         constant_input = input_bounds is not None and input.grad_fn is None
         x = None if constant_input else self._quantize_input(input)  # None: _ConvRecomputed quantizes the image
         recomputes_weight = self._recomputes_weight(input)  # reads x's dtype and device only: input's
-        if recomputes_weight and not constant_input and _COMPILED_CONV:
+        if recomputes_weight and not constant_input and _COMPILED_NODES:
             # an input with its own autograd history (quantized, or a ReLU's output kept in float) as one compiled node
             (scale, zero_point), (qmin, qmax, _, grad_factor, floor) = _weight_args(self)
             return quantizers._kernel_ops().conv2d_recomputed_weight(
@@ -493,6 +494,10 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
         x = self._quantize_input(input)
         if self._recomputes_weight(x):
             scale_zp, fixed = _weight_args(self)
+            if _COMPILED_NODES:  # the same arithmetic as one compiled node
+                qmin, qmax, _, grad_factor, floor = fixed
+                return quantizers._kernel_ops().linear_recomputed_weight(x, self.weight, *scale_zp, self.bias, qmin,
+                                                                          qmax, grad_factor, floor)
             return _LinearRecomputedWeight.apply(x, self.weight, *scale_zp, self.bias, fixed)
         return F.linear(x, self.quantized_weight(), self.bias)
 

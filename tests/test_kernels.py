@@ -609,11 +609,12 @@ def _recompute_pair(kind, bits, seed=0):
 # and the Python Function (an input kept in float: a ReLU's output or the image batch; or the compiled node switched off)
 COMPILED_CONV_NODE = "torch::autograd::CppNode<(anonymous namespace)::ConvRecomputedWeight>"
 RECOMPUTED_CONV_NODES = ("_ConvRecomputedBackward", COMPILED_CONV_NODE)
+COMPILED_LINEAR_NODE = "torch::autograd::CppNode<(anonymous namespace)::LinearRecomputedWeight>"
 
 
 def _train_grads(layer, x, monkeypatch, recompute: bool, channels_last=False, compiled=True):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", recompute)
-    monkeypatch.setattr(M, "_COMPILED_CONV", compiled)
+    monkeypatch.setattr(M, "_COMPILED_NODES", compiled)
     x = x.clone()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -630,8 +631,8 @@ def _train_grads(layer, x, monkeypatch, recompute: bool, channels_last=False, co
 def test_layer_that_quantizes_its_weight_again_in_backward_gives_the_same_gradients(kind, bits, monkeypatch):
     """Training keeps the parameter (held anyway) instead of the quantized weight and quantizes it again in the
     backward: outputs and every gradient (input, weight, bias, weight and input step sizes) are bit for bit those of
-    the layer that keeps the quantized weight; channels-last inputs too. A convolution does it twice: as the compiled
-    node (the default) and as the Python Function, which must agree with each other bit for bit as well."""
+    the layer that keeps the quantized weight; channels-last inputs too. Each layer does it twice: as the compiled node
+    (the default) and as the Python Function, which must agree with each other bit for bit as well."""
     (a, x), (b, _) = _recompute_pair(kind, bits)
     (c, _), _ = _recompute_pair(kind, bits)
     for channels_last in ([False, True] if kind != "linear" else [False]):
@@ -641,7 +642,7 @@ def test_layer_that_quantizes_its_weight_again_in_backward_gives_the_same_gradie
         yb, gb, node_b = _train_grads(b, x, monkeypatch, False, channels_last)
         yc, gc, node_c = _train_grads(c, x, monkeypatch, True, channels_last, compiled=False)
         if kind == "linear":
-            assert node_a == node_c == "_LinearRecomputedWeightBackward"
+            assert node_a == COMPILED_LINEAR_NODE and node_c == "_LinearRecomputedWeightBackward"
         else:
             assert node_a == COMPILED_CONV_NODE and node_c == "_ConvRecomputedBackward"
         assert "Recomputed" not in node_b
@@ -799,7 +800,7 @@ def _relu_stack(act_bits, w_bits, channels_last):
 def _relu_stack_step(monkeypatch, keep, inplace, act_bits=8, w_bits=4, channels_last=False, shared_last=False,
                      compiled=True):
     monkeypatch.setattr(M, "_RECOMPUTE_WEIGHTS", keep)
-    monkeypatch.setattr(M, "_COMPILED_CONV", compiled)
+    monkeypatch.setattr(M, "_COMPILED_NODES", compiled)
     monkeypatch.setattr(M, "_SHARED", __import__("weakref").WeakSet())
     layers, x = _relu_stack(act_bits, w_bits, channels_last)
     h = layers[0](x)  # the image batch: outside autograd, held by the caller

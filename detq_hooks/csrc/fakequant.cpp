@@ -15,6 +15,9 @@
 // in chunk order, so the result does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -995,6 +998,79 @@ at::Tensor conv2d_recomputed_weight_cpu(const at::Tensor& x, const at::Tensor& w
   return at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
 }
 
+// linear(x, Q(w)) keeping the weight parameter rather than Q(w) for backward: modules.py's _LinearRecomputedWeight as
+// one C++ node, the same ATen calls in the same order (outputs and gradients bit for bit). The product is written
+// into a fresh tensor of the output's shape (not a view of a 2-D product: an in-place op after it must be allowed).
+class LinearRecomputedWeight : public torch::autograd::Function<LinearRecomputedWeight> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const at::Tensor& zero_point, const std::optional<at::Tensor>& bias, int64_t qmin,
+                            int64_t qmax, double grad_factor, double floor) {
+    const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(wq.size(0));
+    at::Tensor out = at::empty(shape, x.options());
+    const at::Tensor flat = x.reshape({-1, x.size(-1)});
+    at::Tensor out2d = out.view({-1, wq.size(0)});
+    if (bias.has_value() && bias->defined()) {
+      at::addmm_out(out2d, *bias, flat, wq.t());
+    } else {
+      at::mm_out(out2d, flat, wq.t());
+    }
+    ctx->save_for_backward({x, weight, scale, zero_point});
+    ctx->saved_data["qmin"] = qmin;
+    ctx->saved_data["qmax"] = qmax;
+    ctx->saved_data["gf"] = grad_factor;
+    ctx->saved_data["floor"] = floor;
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "a quantized layer's memory-saving backward has no double backward; run it under "
+                "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
+                "DETQ_KEEP_QUANTIZED_WEIGHTS=1");
+    recomputed_backwards.fetch_add(1, std::memory_order_relaxed);
+    variable_list out(9);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &scale = saved[2], &zero_point = saved[3];
+    const int64_t qmin = ctx->saved_data["qmin"].toInt(), qmax = ctx->saved_data["qmax"].toInt();
+    const double floor = ctx->saved_data["floor"].toDouble();
+    const at::Tensor wc = weight.contiguous();
+    const at::Tensor wq = per_channel_q_fwd(wc, scale, zero_point, qmin, qmax, 0, floor, false)[0];
+    const bool need_w = ctx->needs_input_grad(1), need_s = ctx->needs_input_grad(2), need_z = ctx->needs_input_grad(3);
+    const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4);
+    if (ctx->needs_input_grad(0)) out[0] = grad.matmul(wq);
+    const at::Tensor flat = grad.reshape({-1, grad.size(-1)});
+    if (need_w || need_s || need_z) {
+      const at::Tensor gwq = flat.t().mm(x.reshape({-1, x.size(-1)}));
+      auto r = per_channel_q_bwd(gwq, wc, scale, zero_point, qmin, qmax, 0, ctx->saved_data["gf"].toDouble(), floor,
+                                 need_w);
+      if (need_w) out[1] = r[0];
+      if (need_s) out[2] = r[1].reshape(scale.sizes());
+      if (need_z) out[3] = r[2].reshape(zero_point.sizes());
+    }
+    if (need_b) out[4] = flat.sum(0);
+    return out;
+  }
+};
+
+at::Tensor linear_recomputed_weight_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                             const at::Tensor& zero_point, const std::optional<at::Tensor>& bias,
+                                             int64_t qmin, int64_t qmax, double grad_factor, double floor) {
+  return LinearRecomputedWeight::apply(x, weight, scale, zero_point, bias, qmin, qmax, grad_factor, floor);
+}
+
+at::Tensor linear_recomputed_weight_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                        const at::Tensor& zero_point, const std::optional<at::Tensor>& bias,
+                                        int64_t qmin, int64_t qmax, double, double floor) {
+  const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
+  return at::linear(x, wq, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(detq_fq, m) {
@@ -1012,6 +1088,7 @@ TORCH_LIBRARY(detq_fq, m) {
   m.def("per_channel_bwd(Tensor grad, Tensor state, Tensor scale, Tensor lo, Tensor hi, int axis, float grad_factor, bool need_x) -> Tensor[]");
   m.def("per_channel_q_bwd(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, float grad_factor, float floor, bool need_x) -> Tensor[]");
   m.def("conv2d_recomputed_weight(Tensor x, Tensor weight, Tensor scale, Tensor zero_point, Tensor? bias, int qmin, int qmax, float grad_factor, float floor, int[] stride, int[] padding, int[] dilation, int groups, Tensor? kept=None, float[] input_bounds=[]) -> Tensor");
+  m.def("linear_recomputed_weight(Tensor x, Tensor weight, Tensor scale, Tensor zero_point, Tensor? bias, int qmin, int qmax, float grad_factor, float floor) -> Tensor");
   m.def("backward_count() -> int", &backward_count);
 }
 
@@ -1033,6 +1110,7 @@ TORCH_LIBRARY_IMPL(detq_fq, CPU, m) {
   m.impl("fq_per_tensor", &fq_per_tensor_cpu);
   m.impl("fq_per_channel", &fq_per_channel_cpu);
   m.impl("conv2d_recomputed_weight", &conv2d_recomputed_weight_cpu);
+  m.impl("linear_recomputed_weight", &linear_recomputed_weight_cpu);
 }
 
 // Registered for the Autograd key: these record their own graph node (PerTensorFQ / PerChannelFQ above).
@@ -1040,4 +1118,5 @@ TORCH_LIBRARY_IMPL(detq_fq, Autograd, m) {
   m.impl("fq_per_tensor", &fq_per_tensor_autograd);
   m.impl("fq_per_channel", &fq_per_channel_autograd);
   m.impl("conv2d_recomputed_weight", &conv2d_recomputed_weight_autograd);
+  m.impl("linear_recomputed_weight", &linear_recomputed_weight_autograd);
 }
