@@ -909,6 +909,55 @@ std::atomic<int64_t> recomputed_backwards{0};
 
 int64_t backward_count() { return recomputed_backwards.load(std::memory_order_relaxed); }
 
+// The weight quantizer's arguments, kept by both compiled nodes' forwards for their backwards.
+void save_weight_arguments(AutogradContext* ctx, int64_t qmin, int64_t qmax, double grad_factor, double floor) {
+  ctx->saved_data["qmin"] = qmin;
+  ctx->saved_data["qmax"] = qmax;
+  ctx->saved_data["gf"] = grad_factor;
+  ctx->saved_data["floor"] = floor;
+}
+
+// What both compiled nodes' backwards start from: the refusal of a double backward (as modules.py's
+// _no_double_backward), the count, then the saved tensors (input, weight, scale, zero point) and Q(w) again from the
+// parameter. The count comes first: unpacking may rerun the forward (non-reentrant activation checkpointing), which
+// must then not take this layer for one called twice before a backward.
+struct WeightAgain {
+  variable_list saved;
+  at::Tensor weight, scale, zero_point, wq;
+};
+WeightAgain weight_again(AutogradContext* ctx) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "a quantized layer's memory-saving backward has no double backward; run it under "
+              "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
+              "DETQ_KEEP_QUANTIZED_WEIGHTS=1");
+  recomputed_backwards.fetch_add(1, std::memory_order_relaxed);
+  WeightAgain w;
+  w.saved = ctx->get_saved_variables();
+  w.weight = w.saved[1].contiguous();
+  w.scale = w.saved[2];
+  w.zero_point = w.saved[3];
+  w.wq = per_channel_q_fwd(w.weight, w.scale, w.zero_point, ctx->saved_data["qmin"].toInt(),
+                           ctx->saved_data["qmax"].toInt(), 0, ctx->saved_data["floor"].toDouble(), false)[0];
+  return w;
+}
+
+// The weight quantizer's backward from the gradient of Q(w): the gradients of weight, scale and zero point into
+// out[1..3], where the node's inputs want them.
+void weight_gradients(AutogradContext* ctx, const WeightAgain& w, const at::Tensor& grad_wq, variable_list& out) {
+  const bool need_w = ctx->needs_input_grad(1), need_s = ctx->needs_input_grad(2), need_z = ctx->needs_input_grad(3);
+  if (!grad_wq.defined() || !(need_w || need_s || need_z)) return;
+  auto r = per_channel_q_bwd(grad_wq, w.weight, w.scale, w.zero_point, ctx->saved_data["qmin"].toInt(),
+                             ctx->saved_data["qmax"].toInt(), 0, ctx->saved_data["gf"].toDouble(),
+                             ctx->saved_data["floor"].toDouble(), need_w);
+  if (need_w) out[1] = r[0];
+  if (need_s) out[2] = r[1].reshape(w.scale.sizes());
+  if (need_z) out[3] = r[2].reshape(w.zero_point.sizes());
+}
+
+bool wants_weight_gradients(AutogradContext* ctx) {
+  return ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
+}
+
 class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeight> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -920,10 +969,7 @@ class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeig
     at::Tensor out = at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
     ctx->save_for_backward({kept.has_value() ? *kept : x, weight, scale, zero_point});
     ctx->saved_data["input_bounds"] = input_bounds;
-    ctx->saved_data["qmin"] = qmin;
-    ctx->saved_data["qmax"] = qmax;
-    ctx->saved_data["gf"] = grad_factor;
-    ctx->saved_data["floor"] = floor;
+    save_weight_arguments(ctx, qmin, qmax, grad_factor, floor);
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
@@ -933,42 +979,25 @@ class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeig
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
-    // as modules.py's _no_double_backward: this backward is not itself differentiable
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "a quantized layer's memory-saving backward has no double backward; run it under "
-                "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
-                "DETQ_KEEP_QUANTIZED_WEIGHTS=1");
-    recomputed_backwards.fetch_add(1, std::memory_order_relaxed);
     variable_list out(15);
     const at::Tensor& grad = grads[0];
+    const WeightAgain w = weight_again(ctx);
+    const variable_list& saved = w.saved;
     if (!grad.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &weight = saved[1], &scale = saved[2], &zero_point = saved[3];
     const std::vector<double> in_bounds = ctx->saved_data["input_bounds"].toDoubleVector();
     const at::Tensor x = in_bounds.empty() ? saved[0]
                                            : per_tensor_fwd(saved[0], in_bounds[0], in_bounds[1], in_bounds[2], false)[0];
-    const int64_t qmin = ctx->saved_data["qmin"].toInt(), qmax = ctx->saved_data["qmax"].toInt();
-    const double floor = ctx->saved_data["floor"].toDouble();
-    const at::Tensor wc = weight.contiguous();
-    const at::Tensor wq = per_channel_q_fwd(wc, scale, zero_point, qmin, qmax, 0, floor, false)[0];
     const int64_t bias_size = ctx->saved_data["bias"].toInt();
     const bool need_x = ctx->needs_input_grad(0);
-    const bool need_w = ctx->needs_input_grad(1), need_s = ctx->needs_input_grad(2), need_z = ctx->needs_input_grad(3);
     const bool need_b = bias_size >= 0 && ctx->needs_input_grad(4);
     const std::vector<int64_t> bias_sizes{bias_size};
     auto [gx, gwq, gb] = at::convolution_backward(
-        grad, x, wq, need_b ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(c10::nullopt),
+        grad, x, w.wq, need_b ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(c10::nullopt),
         ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
         ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(),
-        {need_x, need_w || need_s || need_z, need_b});
+        {need_x, wants_weight_gradients(ctx), need_b});
     if (need_x) out[0] = gx;
-    if (gwq.defined() && (need_w || need_s || need_z)) {
-      auto r = per_channel_q_bwd(gwq, wc, scale, zero_point, qmin, qmax, 0, ctx->saved_data["gf"].toDouble(), floor,
-                                 need_w);
-      if (need_w) out[1] = r[0];
-      if (need_s) out[2] = r[1].reshape(scale.sizes());
-      if (need_z) out[3] = r[2].reshape(zero_point.sizes());
-    }
+    weight_gradients(ctx, w, gwq, out);
     if (need_b) out[4] = gb;
     return out;
   }
@@ -1018,42 +1047,22 @@ class LinearRecomputedWeight : public torch::autograd::Function<LinearRecomputed
       at::mm_out(out2d, flat, wq.t());
     }
     ctx->save_for_backward({x, weight, scale, zero_point});
-    ctx->saved_data["qmin"] = qmin;
-    ctx->saved_data["qmax"] = qmax;
-    ctx->saved_data["gf"] = grad_factor;
-    ctx->saved_data["floor"] = floor;
+    save_weight_arguments(ctx, qmin, qmax, grad_factor, floor);
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "a quantized layer's memory-saving backward has no double backward; run it under "
-                "detq_hooks.quantizers.quantizer_mode('reference') (as the Fisher methods do) or set "
-                "DETQ_KEEP_QUANTIZED_WEIGHTS=1");
-    recomputed_backwards.fetch_add(1, std::memory_order_relaxed);
     variable_list out(9);
     const at::Tensor& grad = grads[0];
+    const WeightAgain w = weight_again(ctx);
+    const variable_list& saved = w.saved;
     if (!grad.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &scale = saved[2], &zero_point = saved[3];
-    const int64_t qmin = ctx->saved_data["qmin"].toInt(), qmax = ctx->saved_data["qmax"].toInt();
-    const double floor = ctx->saved_data["floor"].toDouble();
-    const at::Tensor wc = weight.contiguous();
-    const at::Tensor wq = per_channel_q_fwd(wc, scale, zero_point, qmin, qmax, 0, floor, false)[0];
-    const bool need_w = ctx->needs_input_grad(1), need_s = ctx->needs_input_grad(2), need_z = ctx->needs_input_grad(3);
-    const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4);
-    if (ctx->needs_input_grad(0)) out[0] = grad.matmul(wq);
+    const at::Tensor& x = saved[0];
+    if (ctx->needs_input_grad(0)) out[0] = grad.matmul(w.wq);
     const at::Tensor flat = grad.reshape({-1, grad.size(-1)});
-    if (need_w || need_s || need_z) {
-      const at::Tensor gwq = flat.t().mm(x.reshape({-1, x.size(-1)}));
-      auto r = per_channel_q_bwd(gwq, wc, scale, zero_point, qmin, qmax, 0, ctx->saved_data["gf"].toDouble(), floor,
-                                 need_w);
-      if (need_w) out[1] = r[0];
-      if (need_s) out[2] = r[1].reshape(scale.sizes());
-      if (need_z) out[3] = r[2].reshape(zero_point.sizes());
-    }
-    if (need_b) out[4] = flat.sum(0);
+    if (wants_weight_gradients(ctx)) weight_gradients(ctx, w, flat.t().mm(x.reshape({-1, x.size(-1)})), out);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4)) out[4] = flat.sum(0);
     return out;
   }
 };
