@@ -108,7 +108,8 @@ _COMPILED_NODES = True
 
 def _backward_count() -> int:
     """Backward passes so far through the layers that quantize their weight again there: ``_ConvRecomputed`` and
-    ``_LinearRecomputedWeight`` (Python) and the compiled ``conv2d_recomputed_weight`` node."""
+    ``_LinearRecomputedWeight`` (Python) and the compiled ``conv2d_recomputed_weight`` / ``linear_recomputed_weight``
+    nodes."""
     ops = quantizers._kernel_ops()
     return _BACKWARDS.value + (ops.backward_count() if ops is not None else 0)
 

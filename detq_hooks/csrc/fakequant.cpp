@@ -16,13 +16,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/generated/Functions.h>
@@ -901,13 +901,20 @@ at::Tensor fq_per_channel_autograd(const at::Tensor& x, const at::Tensor& scale,
 // there (the same kernel on the same values: Q(w) bit for bit): modules.py's _ConvRecomputed for an input that has
 // its own autograd history, as one C++ node. x is the quantized input; it is kept as any convolution keeps its input,
 // or, with `kept` (the float tensor x was quantized from, which a ReLU's node keeps anyway) and its quantizer's
-// bounds, `kept` is kept instead and x computed again in backward by the same per-tensor kernel (bit for bit). The Python Function
-// cost about 90 us per layer and step in interpreter time (forward and backward), as much as the weight kernels.
+// bounds, `kept` is kept instead and x computed again in backward by the same per-tensor kernel (bit for bit). The
+// Python Function cost about 90 us per layer and step in interpreter time (forward and backward), as much as the
+// weight kernels.
 // Each backward counts in `recomputed_backwards` (modules.py tells a layer called twice before any backward, a
 // shared one, from that count).
 std::atomic<int64_t> recomputed_backwards{0};
 
 int64_t backward_count() { return recomputed_backwards.load(std::memory_order_relaxed); }
+
+// Q(w) of a convolution's or linear layer's weight (output channels on axis 0), without autograd.
+at::Tensor quantized_weight(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
+                            int64_t qmin, int64_t qmax, double floor) {
+  return fq_per_channel_cpu(weight, scale, zero_point, qmin, qmax, 0, 0.0, floor);
+}
 
 // The weight quantizer's arguments, kept by both compiled nodes' forwards for their backwards.
 void save_weight_arguments(AutogradContext* ctx, int64_t qmin, int64_t qmax, double grad_factor, double floor) {
@@ -936,8 +943,8 @@ WeightAgain weight_again(AutogradContext* ctx) {
   w.weight = w.saved[1].contiguous();
   w.scale = w.saved[2];
   w.zero_point = w.saved[3];
-  w.wq = per_channel_q_fwd(w.weight, w.scale, w.zero_point, ctx->saved_data["qmin"].toInt(),
-                           ctx->saved_data["qmax"].toInt(), 0, ctx->saved_data["floor"].toDouble(), false)[0];
+  w.wq = quantized_weight(w.weight, w.scale, w.zero_point, ctx->saved_data["qmin"].toInt(),
+                          ctx->saved_data["qmax"].toInt(), ctx->saved_data["floor"].toDouble());
   return w;
 }
 
@@ -965,7 +972,7 @@ class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeig
                             double grad_factor, double floor, std::vector<int64_t> stride, std::vector<int64_t> padding,
                             std::vector<int64_t> dilation, int64_t groups, const std::optional<at::Tensor>& kept,
                             std::vector<double> input_bounds) {
-    const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
+    const at::Tensor wq = quantized_weight(weight, scale, zero_point, qmin, qmax, floor);
     at::Tensor out = at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
     ctx->save_for_backward({kept.has_value() ? *kept : x, weight, scale, zero_point});
     ctx->saved_data["input_bounds"] = input_bounds;
@@ -982,11 +989,10 @@ class ConvRecomputedWeight : public torch::autograd::Function<ConvRecomputedWeig
     variable_list out(15);
     const at::Tensor& grad = grads[0];
     const WeightAgain w = weight_again(ctx);
-    const variable_list& saved = w.saved;
     if (!grad.defined()) return out;
     const std::vector<double> in_bounds = ctx->saved_data["input_bounds"].toDoubleVector();
-    const at::Tensor x = in_bounds.empty() ? saved[0]
-                                           : per_tensor_fwd(saved[0], in_bounds[0], in_bounds[1], in_bounds[2], false)[0];
+    const at::Tensor x = in_bounds.empty() ? w.saved[0]
+                                           : per_tensor_fwd(w.saved[0], in_bounds[0], in_bounds[1], in_bounds[2], false)[0];
     const int64_t bias_size = ctx->saved_data["bias"].toInt();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_b = bias_size >= 0 && ctx->needs_input_grad(4);
@@ -1023,8 +1029,8 @@ at::Tensor conv2d_recomputed_weight_cpu(const at::Tensor& x, const at::Tensor& w
                                         int64_t qmax, double, double floor, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                         const std::optional<at::Tensor>&, at::ArrayRef<double>) {
-  const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
-  return at::convolution(x, wq, bias, stride, padding, dilation, false, {0, 0}, groups);
+  return at::convolution(x, quantized_weight(weight, scale, zero_point, qmin, qmax, floor), bias, stride, padding,
+                         dilation, false, {0, 0}, groups);
 }
 
 // linear(x, Q(w)) keeping the weight parameter rather than Q(w) for backward: modules.py's _LinearRecomputedWeight as
@@ -1035,7 +1041,7 @@ class LinearRecomputedWeight : public torch::autograd::Function<LinearRecomputed
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                             const at::Tensor& zero_point, const std::optional<at::Tensor>& bias, int64_t qmin,
                             int64_t qmax, double grad_factor, double floor) {
-    const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
+    const at::Tensor wq = quantized_weight(weight, scale, zero_point, qmin, qmax, floor);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(wq.size(0));
     at::Tensor out = at::empty(shape, x.options());
@@ -1056,9 +1062,8 @@ class LinearRecomputedWeight : public torch::autograd::Function<LinearRecomputed
     variable_list out(9);
     const at::Tensor& grad = grads[0];
     const WeightAgain w = weight_again(ctx);
-    const variable_list& saved = w.saved;
     if (!grad.defined()) return out;
-    const at::Tensor& x = saved[0];
+    const at::Tensor& x = w.saved[0];
     if (ctx->needs_input_grad(0)) out[0] = grad.matmul(w.wq);
     const at::Tensor flat = grad.reshape({-1, grad.size(-1)});
     if (wants_weight_gradients(ctx)) weight_gradients(ctx, w, flat.t().mm(x.reshape({-1, x.size(-1)})), out);
@@ -1076,8 +1081,7 @@ at::Tensor linear_recomputed_weight_autograd(const at::Tensor& x, const at::Tens
 at::Tensor linear_recomputed_weight_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                         const at::Tensor& zero_point, const std::optional<at::Tensor>& bias,
                                         int64_t qmin, int64_t qmax, double, double floor) {
-  const at::Tensor wq = per_channel_q_fwd(weight.contiguous(), scale, zero_point, qmin, qmax, 0, floor, false)[0];
-  return at::linear(x, wq, bias);
+  return at::linear(x, quantized_weight(weight, scale, zero_point, qmin, qmax, floor), bias);
 }
 
 }  // namespace
